@@ -1,0 +1,98 @@
+"""Read-only access to an HF safetensors checkpoint: keys, lazy tensors, fingerprints.
+
+Patches are tied to the exact checkpoint bytes of the weights they modify, so fingerprints are
+taken from the files (not from a model in memory, whose dtype may differ from the checkpoint's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import MemitError
+
+# Config keys that describe how a config was saved rather than the model it describes.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype",
+                         "_model_name_or_path"}
+
+
+def tensor_fingerprint(t: torch.Tensor) -> str:
+    """SHA-256 over dtype, shape and the raw bytes of a tensor (bf16-safe: hashed as bytes)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def config_fingerprint(config: dict) -> str:
+    canonical = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local checkpoint dir, or an HF hub id resolved through the local HF cache / download."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or model.startswith((".", "/")) or model.count("/") != 1:
+        raise MemitError(f"model {model!r} is not a checkpoint directory (nor an HF hub id 'org/name')")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # offline, unknown repo, ...: one message either way
+        raise MemitError(f"could not fetch model {model!r} from the HF hub ({e}); pass a local checkpoint dir") from e
+
+
+class Checkpoint:
+    def __init__(self, model: str | Path):
+        self.path = resolve_model_path(str(model))
+        if not (self.path / "config.json").is_file():
+            raise MemitError(f"{self.path} has no config.json: not an HF checkpoint directory")
+        self._files = self._weight_files()
+
+    def _weight_files(self) -> dict[str, Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {k: self.path / f for k, f in weight_map.items()}
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise MemitError(f"{self.path} has no *.safetensors weights (only safetensors checkpoints are read)")
+        out = {}
+        for f in files:
+            with safe_open(f, "pt") as st:
+                out.update({k: f for k in st.keys()})
+        return out
+
+    @cached_property
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text())
+
+    @property
+    def architecture(self) -> str:
+        return (self.config.get("architectures") or [self.config.get("model_type", "?")])[0]
+
+    @property
+    def config_sha256(self) -> str:
+        return config_fingerprint(self.config)
+
+    def keys(self) -> list[str]:
+        return sorted(self._files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self._files:
+            raise MemitError(f"{self.path} has no weight named {name!r}")
+        with safe_open(self._files[name], "pt") as st:
+            return st.get_tensor(name)
+
+    def fingerprint(self, name: str) -> str:
+        return tensor_fingerprint(self.tensor(name))

@@ -1,0 +1,53 @@
+"""The `memit-vllm` command line. Each command is a thin shell over the library."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .errors import MemitError
+
+
+class _Group(click.Group):
+    """Turns MemitError into a one-line message and exit code 2 (traceback only with --debug)."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except MemitError as e:
+            if ctx.find_root().params.get("debug"):
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.version_option(package_name="memit-vllm")
+def main(debug: bool) -> None:
+    """Edit facts in a language model with MEMIT and serve the edits with vLLM."""
+
+
+@main.group()
+def model() -> None:
+    """The embedded default models."""
+
+
+@model.command("prepare")
+@click.argument("name")
+def model_prepare(name: str) -> None:
+    """Build (once) the checkpoint dir of a known model NAME and print its path last."""
+    from .default_models import prepare
+
+    click.echo(str(prepare(name)))
+
+
+@model.command("list")
+def model_list() -> None:
+    """List the known default models."""
+    from .default_models import KNOWN_MODELS
+
+    for spec in KNOWN_MODELS.values():
+        click.echo(f"{spec.name}\t{spec.description}")

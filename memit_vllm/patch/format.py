@@ -1,0 +1,243 @@
+"""The patch file: a safetensors file of fp32 weight deltas plus the metadata that ties it to its base.
+
+Tensors are keyed by HF checkpoint parameter names and stored in that parameter's checkpoint layout,
+so `W_checkpoint + delta` is the edited weight. Metadata values are strings (safetensors' rule); the
+structured ones hold JSON. The writer is our own (a few lines) so that the bytes are deterministic:
+sorted header keys, no map-order randomness, identical patch for identical inputs.
+See docs/patch-format.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from ..cache import atomic_path
+from .errors import (CorruptPatchError, MissingMetadataError, NonFiniteError, NotAPatchError,
+                     PatchError, UnsupportedVersionError)
+
+FORMAT_NAME = "memit-vllm.patch"
+FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors limit
+
+# metadata key -> does it hold JSON
+_FIELDS = {
+    "format": False, "format_version": False, "patch_id": False, "name": False, "version": False,
+    "created": False, "tool_version": False, "base": True, "base_weights": True, "hparams": True,
+    "stats": True, "requests": True, "parents": True,
+}
+_REQUIRED = ("format", "format_version", "patch_id", "base", "base_weights", "requests")
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """Which model a patch applies to. The per-weight fingerprints are the binding check."""
+
+    name_or_path: str
+    architecture: str
+    config_sha256: str
+
+    def to_dict(self) -> dict:
+        return {"name_or_path": self.name_or_path, "architecture": self.architecture,
+                "config_sha256": self.config_sha256}
+
+
+def _created_now() -> str:
+    # SOURCE_DATE_EPOCH (the reproducible-builds convention) pins the timestamp, and with it the bytes.
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    now = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch else datetime.now(timezone.utc)
+    return now.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _LazyTensors(Mapping):
+    """Tensors of a patch on disk, read one at a time when asked for."""
+
+    def __init__(self, path: Path, names: list[str]):
+        self._path, self._names = path, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        try:
+            with safe_open(self._path, "pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CorruptPatchError(f"{self._path}: tensor {name!r} cannot be read ({e})") from e
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+@dataclass
+class Patch:
+    """A set of weight deltas and what they mean. `deltas` may be lazy (read from disk on access)."""
+
+    deltas: Mapping[str, torch.Tensor]
+    base: BaseModel
+    base_weights: dict[str, str]  # parameter name -> tensor_fingerprint of the base weight
+    requests: list[dict]
+    hparams: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+    name: str = ""
+    version: str = ""
+    parents: list[str] = field(default_factory=list)
+    created: str = field(default_factory=_created_now)
+    tool_version: str = ""
+    path: Path | None = None  # where it was loaded from, if anywhere
+
+    def __post_init__(self):
+        if not self.tool_version:
+            from .. import __version__
+
+            self.tool_version = __version__
+
+    # -- identity -----------------------------------------------------------------------------
+    def _content_metadata(self) -> dict[str, str]:
+        meta = {
+            "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "name": self.name,
+            "version": self.version, "tool_version": self.tool_version, "base": self.base.to_dict(),
+            "base_weights": self.base_weights, "hparams": self.hparams, "stats": self.stats,
+            "requests": self.requests, "parents": self.parents,
+        }
+        return {k: json.dumps(v, sort_keys=True) if _FIELDS[k] else v for k, v in meta.items()}
+
+    @property
+    def patch_id(self) -> str:
+        """Content hash over tensors and metadata (not the creation time): same content, same id."""
+        h = hashlib.sha256()
+        for k, v in sorted(self._content_metadata().items()):
+            h.update(f"{k}={v}\n".encode())
+        for name in sorted(self.deltas):
+            t = self.deltas[name].contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return "mp1-" + h.hexdigest()[:32]
+
+    @property
+    def layers(self) -> list[str]:
+        return sorted(self.deltas)
+
+    def metadata(self) -> dict[str, str]:
+        return {**self._content_metadata(), "patch_id": self.patch_id, "created": self.created}
+
+    # -- writing ------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write atomically (temp file + rename): a reader never sees half a patch."""
+        tensors = {}
+        for name in sorted(self.deltas):
+            t = self.deltas[name].detach().to("cpu", torch.float32).contiguous()
+            if not torch.isfinite(t).all():
+                raise NonFiniteError(f"delta {name!r} holds NaN or Inf; refusing to write {path}")
+            tensors[name] = t
+        header: dict = {"__metadata__": self.metadata()}
+        offset = 0
+        for name, t in tensors.items():
+            n = t.numel() * 4
+            header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(struct.pack("<Q", len(raw)))
+                f.write(raw)
+                for t in tensors.values():
+                    f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return Path(path)
+
+
+def _read_header(path: Path) -> dict:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptPatchError(f"{path}: {size} bytes is too short for a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CorruptPatchError(f"{path}: header length {n} does not fit the file ({size} bytes); truncated?")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptPatchError(f"{path}: header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise CorruptPatchError(f"{path}: header is not a JSON object")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = info["data_offsets"]
+            dtype, shape = info["dtype"], info["shape"]
+            numel = 1
+            for d in shape:
+                numel *= int(d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptPatchError(f"{path}: header entry {name!r} is malformed") from e
+        if dtype != "F32":
+            raise CorruptPatchError(f"{path}: delta {name!r} is {dtype}; patches hold F32 deltas")
+        if stop - begin != numel * 4 or begin < 0:
+            raise CorruptPatchError(f"{path}: delta {name!r} has byte range {begin}..{stop} for shape {shape}")
+        end = max(end, stop)
+    if 8 + n + end != size:
+        raise CorruptPatchError(f"{path}: data section is {size - 8 - n} bytes, header describes {end}; truncated?")
+    return header
+
+
+def load_patch(path: str | os.PathLike, verify_content: bool = False) -> Patch:
+    """Open a patch: metadata now, tensors lazily. `verify_content` also re-hashes the id and checks values."""
+    path = Path(path)
+    if not path.is_file():
+        raise PatchError(f"patch file {path} does not exist")
+    header = _read_header(path)
+    meta = header.get("__metadata__")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise NotAPatchError(f"{path} is a safetensors file but not a memit-vllm patch (no format={FORMAT_NAME!r})")
+    missing = [k for k in _REQUIRED if k not in meta]
+    if missing:
+        raise MissingMetadataError(f"{path}: metadata lacks {', '.join(missing)}")
+    try:
+        version = int(meta["format_version"])
+    except ValueError as e:
+        raise MissingMetadataError(f"{path}: format_version {meta['format_version']!r} is not an integer") from e
+    if version > FORMAT_VERSION or version < 1:
+        raise UnsupportedVersionError(
+            f"{path}: format version {version}; this memit-vllm reads versions 1..{FORMAT_VERSION} (upgrade memit-vllm)")
+    parsed = {}
+    for k, is_json in _FIELDS.items():
+        if is_json and k in meta:
+            try:
+                parsed[k] = json.loads(meta[k])
+            except (TypeError, json.JSONDecodeError) as e:
+                raise MissingMetadataError(f"{path}: metadata field {k!r} is not valid JSON") from e
+    try:
+        base = BaseModel(**parsed["base"])
+    except TypeError as e:
+        raise MissingMetadataError(f"{path}: metadata field 'base' lacks name_or_path/architecture/config_sha256") from e
+    names = sorted(k for k in header if k != "__metadata__")
+    if set(names) != set(parsed["base_weights"]):
+        raise MissingMetadataError(f"{path}: base_weights must list exactly the patched tensors")
+    patch = Patch(
+        deltas=_LazyTensors(path, names), base=base, base_weights=parsed["base_weights"],
+        requests=parsed["requests"], hparams=parsed.get("hparams", {}), stats=parsed.get("stats", {}),
+        name=meta.get("name", ""), version=meta.get("version", ""), parents=parsed.get("parents", []),
+        created=meta.get("created", ""), tool_version=meta.get("tool_version", ""), path=path,
+    )
+    if verify_content:
+        for name in names:
+            if not torch.isfinite(patch.deltas[name]).all():
+                raise NonFiniteError(f"{path}: delta {name!r} holds NaN or Inf")
+        if patch.patch_id != meta["patch_id"]:
+            raise CorruptPatchError(f"{path}: content does not match its patch id {meta['patch_id']} (modified?)")
+    return patch

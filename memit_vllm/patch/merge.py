@@ -1,0 +1,86 @@
+"""Applying patches to base weights: the one routine the offline `apply` and the vLLM loader share.
+
+Every patch binds to the base checkpoint's own weights (fingerprints), so a stack P1..Pn is checked
+weight by weight against the same base and merged as W + d1 + ... + dn in fp32, then cast back to
+the weight's dtype once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..checkpoint import Checkpoint, tensor_fingerprint
+from .errors import BaseMismatchError, NonFiniteError, PatchError, ShapeMismatchError
+from .format import Patch
+
+
+class PatchSet:
+    """An ordered stack of patches for one base model."""
+
+    def __init__(self, patches: Sequence[Patch]):
+        if not patches:
+            raise PatchError("no patches given")
+        self.patches = list(patches)
+        first = self.patches[0]
+        for p in self.patches[1:]:
+            if p.base.architecture != first.base.architecture:
+                raise BaseMismatchError(
+                    f"{_label(p)} is for {p.base.architecture}, {_label(first)} for {first.base.architecture}: "
+                    "patches in one stack must share a base model")
+        self.names = sorted({n for p in self.patches for n in p.deltas})
+
+    def touches(self, name: str) -> bool:
+        return any(name in p.deltas for p in self.patches)
+
+    def check_model(self, architecture: str, config_sha256: str | None = None) -> None:
+        for p in self.patches:
+            if p.base.architecture != architecture:
+                raise BaseMismatchError(
+                    f"{_label(p)} was made for {p.base.architecture} ({p.base.name_or_path}), "
+                    f"not {architecture}: use a patch made for this model")
+
+    def check_names(self, names: set[str] | Sequence[str]) -> None:
+        missing = [n for n in self.names if n not in set(names)]
+        if missing:
+            raise BaseMismatchError(
+                f"the model has no weight {missing[0]!r} that {_label(self._owner(missing[0]))} patches: "
+                "the patch was made for another model")
+
+    def merge(self, name: str, base: torch.Tensor) -> torch.Tensor:
+        """Check every patch touching `name` against `base`, then return base + deltas in base.dtype."""
+        fingerprint = None
+        out = None
+        for p in self.patches:
+            if name not in p.deltas:
+                continue
+            fingerprint = fingerprint or tensor_fingerprint(base)
+            if p.base_weights.get(name) != fingerprint:
+                raise BaseMismatchError(
+                    f"{_label(p)}: weight {name!r} differs from the base the patch was made for "
+                    f"(fingerprint {fingerprint[:12]} != {str(p.base_weights.get(name))[:12]}): "
+                    "use a patch made for this exact checkpoint")
+            delta = p.deltas[name]
+            if tuple(delta.shape) != tuple(base.shape):
+                raise ShapeMismatchError(
+                    f"{_label(p)}: delta {name!r} has shape {tuple(delta.shape)}, the weight {tuple(base.shape)}")
+            if not torch.isfinite(delta).all():
+                raise NonFiniteError(f"{_label(p)}: delta {name!r} holds NaN or Inf")
+            out = (base.to(torch.float32) if out is None else out) + delta.to(torch.float32)
+        return base if out is None else out.to(base.dtype)
+
+    def validate(self, checkpoint: Checkpoint) -> None:
+        """Full check against a checkpoint on disk (reads each touched weight once)."""
+        self.check_model(checkpoint.architecture)
+        self.check_names(set(checkpoint.keys()))
+        for name in self.names:
+            self.merge(name, checkpoint.tensor(name))
+
+    def _owner(self, name: str) -> Patch:
+        return next(p for p in self.patches if name in p.deltas)
+
+
+def _label(p: Patch) -> str:
+    where = f" ({p.path})" if p.path else ""
+    return f"patch {p.name or p.patch_id}{where}"
