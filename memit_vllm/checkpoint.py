@@ -76,7 +76,14 @@ class Checkpoint:
 
     @property
     def architecture(self) -> str:
-        return (self.config.get("architectures") or [self.config.get("model_type", "?")])[0]
+        """The model class, e.g. LlamaForCausalLM. A config without `architectures` (the prepared SmolLM2)
+        gets the class transformers (and vLLM) would pick for its model_type, so both spellings agree."""
+        if self.config.get("architectures"):
+            return self.config["architectures"][0]
+        model_type = self.config.get("model_type", "?")
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, model_type)
 
     @property
     def config_sha256(self) -> str:
@@ -84,6 +91,10 @@ class Checkpoint:
 
     def keys(self) -> list[str]:
         return sorted(self._files)
+
+    def weight_files(self) -> list[Path]:
+        """The safetensors files that hold the weights (the shards an index names, or all of them)."""
+        return sorted(set(self._files.values()))
 
     def __contains__(self, name: str) -> bool:
         return name in self._files
@@ -96,3 +107,4 @@ class Checkpoint:
 
     def fingerprint(self, name: str) -> str:
         return tensor_fingerprint(self.tensor(name))
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator, Mapping
@@ -33,8 +34,11 @@ MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors limit
 _FIELDS = {
     "format": False, "format_version": False, "patch_id": False, "name": False, "version": False,
     "created": False, "tool_version": False, "base": True, "base_weights": True, "hparams": True,
-    "stats": True, "requests": True, "parents": True,
+    "covariance": True, "stats": True, "requests": True, "parents": True,
 }
+# JSON field -> the type its value must have (checked on load, so consumers can trust it)
+_JSON_TYPES = {"base": dict, "base_weights": dict, "hparams": dict, "covariance": dict, "stats": dict,
+               "requests": list, "parents": list}
 _REQUIRED = ("format", "format_version", "patch_id", "base", "base_weights", "requests")
 
 
@@ -89,6 +93,7 @@ class Patch:
     base_weights: dict[str, str]  # parameter name -> tensor_fingerprint of the base weight
     requests: list[dict]
     hparams: dict = field(default_factory=dict)
+    covariance: dict = field(default_factory=dict)  # where C_l came from: corpus identity, token count
     stats: dict = field(default_factory=dict)
     name: str = ""
     version: str = ""
@@ -108,19 +113,21 @@ class Patch:
         meta = {
             "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "name": self.name,
             "version": self.version, "tool_version": self.tool_version, "base": self.base.to_dict(),
-            "base_weights": self.base_weights, "hparams": self.hparams, "stats": self.stats,
+            "base_weights": self.base_weights, "hparams": self.hparams, "covariance": self.covariance,
+            "stats": self.stats,
             "requests": self.requests, "parents": self.parents,
         }
         return {k: json.dumps(v, sort_keys=True) if _FIELDS[k] else v for k, v in meta.items()}
 
     @property
     def patch_id(self) -> str:
-        """Content hash over tensors and metadata (not the creation time): same content, same id."""
+        """Content hash over tensors (as stored: fp32) and metadata, not the creation time: same content,
+        same id, before and after a save."""
         h = hashlib.sha256()
         for k, v in sorted(self._content_metadata().items()):
             h.update(f"{k}={v}\n".encode())
         for name in sorted(self.deltas):
-            t = self.deltas[name].contiguous()
+            t = _stored(self.deltas[name])
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return "mp1-" + h.hexdigest()[:32]
@@ -137,7 +144,7 @@ class Patch:
         """Write atomically (temp file + rename): a reader never sees half a patch."""
         tensors = {}
         for name in sorted(self.deltas):
-            t = self.deltas[name].detach().to("cpu", torch.float32).contiguous()
+            t = _stored(self.deltas[name])
             if not torch.isfinite(t).all():
                 raise NonFiniteError(f"delta {name!r} holds NaN or Inf; refusing to write {path}")
             tensors[name] = t
@@ -158,7 +165,13 @@ class Patch:
         return Path(path)
 
 
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """A delta as the file holds it: fp32, CPU, contiguous."""
+    return t.detach().to("cpu", torch.float32).contiguous()
+
+
 def _read_header(path: Path) -> dict:
+    """Parse and check the header as strictly as safetensors does, so lazy reads cannot fail later."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -167,29 +180,36 @@ def _read_header(path: Path) -> dict:
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or 8 + n > size:
             raise CorruptPatchError(f"{path}: header length {n} does not fit the file ({size} bytes); truncated?")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptPatchError(f"{path}: header is not valid JSON ({e})") from e
-    if not isinstance(header, dict):
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptPatchError(f"{path}: header is not valid JSON ({e})") from e
+    if not raw.startswith(b"{") or not isinstance(header, dict):
         raise CorruptPatchError(f"{path}: header is not a JSON object")
-    end = 0
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CorruptPatchError(f"{path}: __metadata__ must map strings to strings")
+    ranges = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
         try:
-            begin, stop = info["data_offsets"]
-            dtype, shape = info["dtype"], info["shape"]
-            numel = 1
-            for d in shape:
-                numel *= int(d)
+            dtype, shape, (begin, stop) = info["dtype"], info["shape"], info["data_offsets"]
+            if not all(type(x) is int and x >= 0 for x in (*shape, begin, stop)):
+                raise ValueError("negative or non-integer")
         except (KeyError, TypeError, ValueError) as e:
-            raise CorruptPatchError(f"{path}: header entry {name!r} is malformed") from e
+            raise CorruptPatchError(f"{path}: header entry {name!r} is malformed ({e})") from e
         if dtype != "F32":
             raise CorruptPatchError(f"{path}: delta {name!r} is {dtype}; patches hold F32 deltas")
-        if stop - begin != numel * 4 or begin < 0:
+        if stop - begin != math.prod(shape) * 4:
             raise CorruptPatchError(f"{path}: delta {name!r} has byte range {begin}..{stop} for shape {shape}")
-        end = max(end, stop)
+        ranges.append((begin, stop, name))
+    end = 0
+    for begin, stop, name in sorted(ranges):
+        if begin != end:
+            raise CorruptPatchError(f"{path}: delta {name!r} starts at byte {begin}, expected {end} (overlap or gap)")
+        end = stop
     if 8 + n + end != size:
         raise CorruptPatchError(f"{path}: data section is {size - 8 - n} bytes, header describes {end}; truncated?")
     return header
@@ -219,18 +239,24 @@ def load_patch(path: str | os.PathLike, verify_content: bool = False) -> Patch:
         if is_json and k in meta:
             try:
                 parsed[k] = json.loads(meta[k])
-            except (TypeError, json.JSONDecodeError) as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise MissingMetadataError(f"{path}: metadata field {k!r} is not valid JSON") from e
+            if not isinstance(parsed[k], _JSON_TYPES[k]):
+                raise MissingMetadataError(f"{path}: metadata field {k!r} is not a JSON {_JSON_TYPES[k].__name__}")
     try:
         base = BaseModel(**parsed["base"])
+        if not all(isinstance(v, str) for v in base.to_dict().values()):
+            raise TypeError("non-string value")
     except TypeError as e:
-        raise MissingMetadataError(f"{path}: metadata field 'base' lacks name_or_path/architecture/config_sha256") from e
+        raise MissingMetadataError(
+            f"{path}: metadata field 'base' must hold strings name_or_path, architecture, config_sha256") from e
     names = sorted(k for k in header if k != "__metadata__")
-    if set(names) != set(parsed["base_weights"]):
-        raise MissingMetadataError(f"{path}: base_weights must list exactly the patched tensors")
+    if set(names) != set(parsed["base_weights"]) or not all(isinstance(v, str) for v in parsed["base_weights"].values()):
+        raise MissingMetadataError(f"{path}: base_weights must map exactly the patched tensors to fingerprints")
     patch = Patch(
         deltas=_LazyTensors(path, names), base=base, base_weights=parsed["base_weights"],
-        requests=parsed["requests"], hparams=parsed.get("hparams", {}), stats=parsed.get("stats", {}),
+        requests=parsed["requests"], hparams=parsed.get("hparams", {}), covariance=parsed.get("covariance", {}),
+        stats=parsed.get("stats", {}),
         name=meta.get("name", ""), version=meta.get("version", ""), parents=parsed.get("parents", []),
         created=meta.get("created", ""), tool_version=meta.get("tool_version", ""), path=path,
     )

@@ -25,10 +25,15 @@ class PatchSet:
         self.patches = list(patches)
         first = self.patches[0]
         for p in self.patches[1:]:
-            if p.base.architecture != first.base.architecture:
+            if (p.base.architecture, p.base.config_sha256) != (first.base.architecture, first.base.config_sha256):
                 raise BaseMismatchError(
-                    f"{_label(p)} is for {p.base.architecture}, {_label(first)} for {first.base.architecture}: "
-                    "patches in one stack must share a base model")
+                    f"{_label(p)} is for {p.base.architecture} ({p.base.name_or_path}), {_label(first)} for "
+                    f"{first.base.architecture} ({first.base.name_or_path}): patches in one stack must share a base model")
+            for name in set(p.deltas) & set(first.deltas):
+                if p.base_weights[name] != first.base_weights[name]:
+                    raise BaseMismatchError(
+                        f"{_label(p)} and {_label(first)} were made for different base weights {name!r}: "
+                        "patches in one stack must share a base model")
         self.names = sorted({n for p in self.patches for n in p.deltas})
 
     def touches(self, name: str) -> bool:
@@ -65,6 +70,9 @@ class PatchSet:
             if tuple(delta.shape) != tuple(base.shape):
                 raise ShapeMismatchError(
                     f"{_label(p)}: delta {name!r} has shape {tuple(delta.shape)}, the weight {tuple(base.shape)}")
+            if not base.is_floating_point():
+                raise ShapeMismatchError(
+                    f"{_label(p)}: weight {name!r} is {base.dtype}; patches add to floating-point weights only")
             if not torch.isfinite(delta).all():
                 raise NonFiniteError(f"{_label(p)}: delta {name!r} holds NaN or Inf")
             out = (base.to(torch.float32) if out is None else out) + delta.to(torch.float32)
