@@ -1,0 +1,43 @@
+"""`memit-vllm eval`: the click shell over `run.evaluate` and the report (heavy imports deferred)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .data import FORMATS, ZSRE_TARGETS
+
+
+@click.command("eval")
+@click.option("--model", "model", required=True, help="Checkpoint dir, HF hub id, or a default model name.")
+@click.option("--patch", "patches", multiple=True, help="Patch file to merge (repeat to stack, in order).")
+@click.option("--data", required=True, help="CounterFact (full or EasyEdit layout) or zsRE JSON file.")
+@click.option("--n", type=click.IntRange(min=1), default=None, help="Use the first N records (default: all).")
+@click.option("--format", "fmt", type=click.Choice(("auto", *FORMATS)), default="auto", show_default=True,
+              help="Data layout; auto detects it from the first record.")
+@click.option("--zsre-target", type=click.Choice(ZSRE_TARGETS), default="answers", show_default=True,
+              help="zsRE target: answers[0] (the MEMIT code) or alt (the editing toolkits).")
+@click.option("--fluency", is_flag=True, help="Also measure GE on greedy 100-token generations (slow).")
+@click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[PATH]",
+              help="Write every metric as JSON to PATH, or to stdout (instead of the table) without PATH.")
+@click.option("--plot", "plot_out", default=None, metavar="PNG", help="Write a before/after bar chart.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Sequences per forward pass.")
+@click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
+def eval_command(model, patches, data, n, fmt, zsre_target, fluency, json_out, plot_out, batch_size, device):
+    """Score a model on CounterFact or zsRE before and after its patches (memit-reference.md section 5)."""
+    from .report import format_table, plot, write_json
+    from .run import evaluate
+
+    result = evaluate(model, data, patches, n=n, fmt=fmt, zsre_target=zsre_target, fluency=fluency,
+                      batch_size=batch_size, device=device, progress=sys.stderr.isatty())
+    if plot_out:
+        plot(result, plot_out)
+    if json_out == "-":
+        click.echo(json.dumps(result, indent=2))
+        return
+    if json_out:
+        write_json(result, json_out)
+    click.echo(format_table(result))

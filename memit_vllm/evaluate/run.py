@@ -1,0 +1,94 @@
+"""One evaluation: score the data set on the base model, merge the patches, score again."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import MemitError
+from ..patch.merge import PatchSet
+from .data import CounterFactRecord, ZsreRecord, read_dataset
+from .metrics import COUNTERFACT_METRICS, ZSRE_METRICS, CounterFactScores, counterfact_metrics, zsre_metrics
+
+
+def measure_counterfact(scorer, records: Sequence[CounterFactRecord], fluency: bool = False) -> dict[str, float]:
+    """All comparisons of all records go to the scorer at once, so it can batch across records."""
+    pairs: list[tuple[str, str]] = []
+    spans = []  # per record: slices of `pairs` for rewrite, paraphrase, neighborhood (new, true interleaved)
+    for r in records:
+        groups = [([r.rewrite_prompt], r.target_true), (r.paraphrase_prompts, r.target_true),
+                  (r.neighborhood_prompts, r.neighborhood_true)]
+        record_spans = []
+        for prompts, true in groups:
+            start = len(pairs)
+            for prompt in prompts:
+                pairs += [(prompt, r.target_new), (prompt, true)]
+            record_spans.append((start, len(pairs)))
+        spans.append(record_spans)
+    nll = [s.nll for s in scorer.score(pairs, desc="counterfact")]
+
+    def comparisons(span):
+        start, stop = span
+        return [(nll[i], nll[i + 1]) for i in range(start, stop, 2)]
+
+    generations = None
+    if fluency:
+        texts = scorer.generate([p for r in records for p in r.generation_prompts], desc="fluency")
+        generations, at = [], 0
+        for r in records:
+            generations.append(texts[at:at + len(r.generation_prompts)])
+            at += len(r.generation_prompts)
+    scores = [CounterFactScores(rewrite=comparisons(rw)[0], paraphrase=comparisons(pp), neighborhood=comparisons(nb),
+                                generations=generations[i] if generations else None)
+              for i, (rw, pp, nb) in enumerate(spans)]
+    return counterfact_metrics(scores)
+
+
+def measure_zsre(scorer, records: Sequence[ZsreRecord]) -> dict[str, float]:
+    n = len(records)
+    pairs = ([(r.src, r.target) for r in records] + [(r.rephrase, r.target) for r in records]
+             + [(r.loc, r.loc_ans) for r in records])
+    acc = [s.acc for s in scorer.score(pairs, desc="zsre")]
+    return zsre_metrics(acc[:n], acc[n:2 * n], acc[2 * n:])
+
+
+def evaluate(model: str, data: str | Path, patches: Sequence[str | Path] = (), n: int | None = None,
+             fmt: str = "auto", zsre_target: str = "answers", fluency: bool = False, batch_size: int = 16,
+             device: str | None = None, progress: bool = False) -> dict:
+    """Metrics before (and, with patches, after) as one JSON-ready dict; see README "Evaluation"."""
+    import torch
+
+    from .patching import apply_patches, load_model, load_patches, patch_info, resolve_model
+    from .scoring import TransformersScorer
+
+    # Everything cheap and checkable goes first: a bad input fails before minutes of scoring.
+    fmt, records = read_dataset(data, n, fmt, zsre_target)
+    if fluency and not all(isinstance(r, CounterFactRecord) and r.generation_prompts for r in records):
+        raise MemitError("fluency needs generation_prompts: only the full CounterFact format has them")
+    checkpoint = resolve_model(model)
+    loaded = load_patches(patches)
+    if loaded:
+        PatchSet(loaded).validate(checkpoint)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    hf_model, tokenizer = load_model(checkpoint, device)
+    scorer = TransformersScorer(hf_model, tokenizer, batch_size=batch_size, progress=progress)
+
+    def measure():
+        if fmt == "zsre":
+            return measure_zsre(scorer, records)
+        return measure_counterfact(scorer, records, fluency)
+
+    descriptions = ZSRE_METRICS if fmt == "zsre" else COUNTERFACT_METRICS
+    result = {
+        "model": model, "model_path": str(checkpoint.path), "architecture": checkpoint.architecture,
+        "data": str(Path(data).resolve()), "format": fmt, "n": len(records), "backend": "transformers",
+        "device": device, "patches": [patch_info(p) for p in loaded], "fluency": fluency,
+        **({"zsre_target": zsre_target} if fmt == "zsre" else {}),
+        "before": measure(),
+    }
+    if loaded:
+        apply_patches(hf_model, checkpoint, loaded)
+        result["after"] = measure()
+        result["delta"] = {k: result["after"][k] - v for k, v in result["before"].items()}
+    result["metrics"] = {k: v for k, v in descriptions.items() if k in result["before"]}
+    return result

@@ -1,0 +1,104 @@
+"""Teacher-forced target scoring and greedy generation on a transformers model.
+
+A target is scored after its prompt by feeding prompt ids + target ids as one sequence. Prompt and
+target are tokenized separately and the ids concatenated, so the target's token boundaries are the
+same whatever the prompt ends with (the MEMIT convention). Many sequences go in one forward, right
+padded: positions then count from 0 in every row, and the target's logits sit at fixed offsets.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    nll: float  # mean per-token negative log-likelihood of the target
+    acc: float  # fraction of target tokens that are the top-1 prediction (teacher forced)
+
+
+def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
+    """Prompt ids (with the BOS the tokenizer adds, if any) and ids of " " + target (never a BOS)."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+    if target_ids and tokenizer.bos_token_id is not None and target_ids[0] == tokenizer.bos_token_id:
+        target_ids = target_ids[1:]
+    if not prompt_ids or not target_ids:
+        raise ValueError(f"empty tokenization for prompt {prompt!r} / target {target!r}")
+    return prompt_ids, target_ids
+
+
+class TransformersScorer:
+    """Scores (prompt, target) pairs with an in-memory HF causal LM, fp32, no grad, batched."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 16, progress: bool = True):
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.progress = batch_size, progress
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, disable=not self.progress, file=sys.stderr, leave=False)
+
+    @torch.no_grad()
+    def score(self, pairs: Sequence[tuple[str, str]], desc: str = "scoring") -> list[TargetScore]:
+        unique = list(dict.fromkeys(pairs))  # neighbourhood prompts repeat across records
+        encoded = [encode_pair(self.tokenizer, p, t) for p, t in unique]
+        # Longest first: rows of similar length share a batch, so little padding is computed.
+        order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+        results: dict[int, TargetScore] = {}
+        with self._bar(len(order), desc) as bar:
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                for i, s in zip(batch, self._score_batch([encoded[i] for i in batch])):
+                    results[i] = s
+                bar.update(len(batch))
+        by_pair = {unique[i]: s for i, s in results.items()}
+        return [by_pair[p] for p in pairs]
+
+    def _score_batch(self, encoded: list[tuple[list[int], list[int]]]) -> list[TargetScore]:
+        seqs = [p + t for p, t in encoded]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, :len(s)] = torch.tensor(s)
+            mask[row, :len(s)] = 1
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+        out = []
+        for row, (p, t) in enumerate(encoded):
+            # Logits at position j predict token j+1: the target's tokens are predicted from p-1 .. p+len(t)-2.
+            step = logits[row, len(p) - 1:len(p) + len(t) - 1].float()
+            target = torch.tensor(t, device=step.device)
+            logp = torch.log_softmax(step, dim=-1).gather(1, target[:, None])[:, 0]
+            out.append(TargetScore(nll=-logp.mean().item(), acc=(step.argmax(-1) == target).float().mean().item()))
+        return out
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 100, desc: str = "generating") -> list[str]:
+        """Greedy continuations, returned with their prompt (the text the MEMIT code measures)."""
+        unique = list(dict.fromkeys(prompts))
+        texts = {}
+        with self._bar(len(unique), desc) as bar:
+            for start in range(0, len(unique), self.batch_size):
+                batch = unique[start:start + self.batch_size]
+                encoded = [self.tokenizer(p)["input_ids"] for p in batch]
+                width = max(map(len, encoded))
+                # Left padding here: generation appends at the right end of every row.
+                ids = torch.tensor([[self.pad_id] * (width - len(e)) + e for e in encoded], device=self.device)
+                mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=self.device)
+                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                          do_sample=False, temperature=None, top_p=None, top_k=None,
+                                          pad_token_id=self.pad_id)
+                for p, e, seq in zip(batch, encoded, out):
+                    texts[p] = p + self.tokenizer.decode(seq[width:], skip_special_tokens=True)
+                bar.update(len(batch))
+        return [texts[p] for p in prompts]
