@@ -23,6 +23,17 @@ PLUGIN = "memit_vllm"  # our entry-point name in vllm.general_plugins and vllm.e
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
 
+def refuse_quantized(config: dict) -> None:
+    """Dense deltas cannot be added to quantized weights: point to the route that works for them."""
+    quant = config.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise MemitError(
+            f"the checkpoint is pre-quantized ({method}): dense patch deltas cannot be merged into quantized "
+            "weights. Serve the unquantized checkpoint with the patch, or serve the edit as a LoRA adapter on "
+            "the MLP down-projections (a patch of n facts is a rank-n LoRA) with --enable-lora")
+
+
 def server_command(model: str, patches: list[str], vllm_args: list[str]) -> list[str]:
     """The vLLM server command line; a `--model-loader-extra-config` among `vllm_args` is merged."""
     extra, rest = {}, []
@@ -74,5 +85,8 @@ def serve(model: str, patches: tuple[str, ...], vllm_args: tuple[str, ...]) -> N
     paths = [str(Path(p).resolve()) for p in patches]
     for p in paths:
         load_patch(p)
+    config = Path(model, "config.json")
+    if config.is_file():
+        refuse_quantized(json.loads(config.read_text()))
     cmd = server_command(model, paths, list(vllm_args))
     os.execve(cmd[0], cmd, server_env(dict(os.environ)))

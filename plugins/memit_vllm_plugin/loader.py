@@ -25,8 +25,10 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader import DefaultModelLoader
 
 from memit_vllm.checkpoint import Checkpoint
+from memit_vllm.errors import MemitError
 from memit_vllm.patch import PatchError
 from memit_vllm.patch.merge import PatchSet
+from memit_vllm.serve import refuse_quantized
 
 from .patches import PATCHES_KEY, describe, load_patches
 
@@ -43,7 +45,7 @@ class MemitModelLoader(DefaultModelLoader):
         extra = dict(load_config.model_loader_extra_config or {})
         try:
             self.patches = PatchSet(load_patches(extra))
-        except PatchError as e:
+        except MemitError as e:
             raise MemitLoadError(f"memit-vllm: {e}") from e
         # The parent accepts only its own extra-config keys and known load formats.
         extra.pop(PATCHES_KEY)
@@ -70,15 +72,13 @@ class MemitModelLoader(DefaultModelLoader):
             if unseen:
                 raise PatchError(f"weight {unseen[0]!r} (and {len(unseen) - 1} more patched weights) never streamed "
                                  "from the checkpoint, so the patch could not be applied")
-        except PatchError as e:
+        except MemitError as e:
             raise MemitLoadError(f"memit-vllm: {e}; refusing to serve a model without its patches") from e
         logger.info("memit: merged %d patch(es) into %d weights", len(self.patches.patches), len(seen))
 
     def _check_before_loading(self, model_config: ModelConfig) -> None:
         hf_config = model_config.hf_config
-        quant = getattr(hf_config, "quantization_config", None)
-        if quant is not None:
-            raise PatchError(quantized_message(quant))
+        refuse_quantized(hf_config.to_dict())
         folder, files, use_safetensors, _ = self._prepare_weights(
             model_config.model, None, model_config.revision, fall_back_to_pt=True, allow_patterns_overrides=None)
         if not use_safetensors:
@@ -96,9 +96,3 @@ class MemitModelLoader(DefaultModelLoader):
                 names.update(st.keys())
         self.patches.check_names(names)
 
-
-def quantized_message(quant) -> str:
-    method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
-    return (f"the checkpoint is pre-quantized ({method}): dense patch deltas cannot be merged into quantized "
-            "weights. Serve the unquantized checkpoint with the patch, or serve the edit as a LoRA adapter on "
-            "the MLP down-projections (a patch of n facts is a rank-n LoRA) with --enable-lora")
