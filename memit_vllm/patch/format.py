@@ -114,8 +114,7 @@ class Patch:
             "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "name": self.name,
             "version": self.version, "tool_version": self.tool_version, "base": self.base.to_dict(),
             "base_weights": self.base_weights, "hparams": self.hparams, "covariance": self.covariance,
-            "stats": self.stats,
-            "requests": self.requests, "parents": self.parents,
+            "stats": self.stats, "requests": self.requests, "parents": self.parents,
         }
         return {k: json.dumps(v, sort_keys=True) if _FIELDS[k] else v for k, v in meta.items()}
 
