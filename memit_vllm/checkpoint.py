@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from functools import cached_property
 from pathlib import Path
 
@@ -108,3 +109,25 @@ class Checkpoint:
     def fingerprint(self, name: str) -> str:
         return tensor_fingerprint(self.tensor(name))
 
+
+def weights_sha256(ckpt: Checkpoint, cache: Path) -> str:
+    """SHA-256 of all weight files' contents; per-file digests are remembered by (path, size, mtime)."""
+    from .cache import sha256_file
+
+    index_path = cache / "file-hashes.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        index = {}
+    h = hashlib.sha256(ckpt.config_sha256.encode())
+    for f in ckpt.weight_files():
+        st = f.stat()
+        key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in index:
+            index[key] = sha256_file(f)
+        h.update(index[key].encode())
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = index_path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(index))
+    os.replace(tmp, index_path)
+    return h.hexdigest()

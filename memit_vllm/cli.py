@@ -57,3 +57,4 @@ def model_list() -> None:
 from .serve import serve; main.add_command(serve)  # noqa: E402,E702
 from .evaluate.command import eval_command; main.add_command(eval_command)  # noqa: E402,E702
 from .patch.commands import PATCH_COMMANDS; [main.add_command(c) for c in PATCH_COMMANDS]  # noqa: E402,E702
+from .editor.command import make_patch_command; main.add_command(make_patch_command)  # noqa: E402,E702

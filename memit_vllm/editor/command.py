@@ -1,0 +1,70 @@
+"""`memit-vllm make-patch`: requests + checkpoint -> patch file (flag names are a user contract)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict
+
+import click
+
+from ..errors import MemitError
+
+
+def _layers(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        if "-" in value and "," not in value:
+            a, b = value.split("-")
+            return list(range(int(a), int(b) + 1))
+        return [int(x) for x in value.split(",")]
+    except ValueError as e:
+        raise MemitError(f"--layers {value!r}: expected a list like 4,5,6,7,8 or a range like 4-8") from e
+
+
+@click.command("make-patch")
+@click.option("--model", required=True, help="HF checkpoint dir (or hub id) to edit.")
+@click.option("--requests", "requests_path", required=True, type=click.Path(),
+              help="Edit requests: CounterFact/EasyEdit/zsRE JSON, or our JSON/JSONL/CSV records.")
+@click.option("--out", required=True, type=click.Path(), help="Patch file to write.")
+@click.option("--hparams", type=click.Path(), help="Hyperparameters (JSON/YAML, reference key names).")
+@click.option("--layers", help="Layers to edit, e.g. 4,5,6,7,8 or 4-8.")
+@click.option("--lambda", "mom2_update_weight", type=float, help="mom2_update_weight (lambda).")
+@click.option("--stats-corpus", help="Covariance corpus: a .txt/.jsonl file, self:N, or an HF dataset name.")
+@click.option("--stats-tokens", type=int, help="Token budget for the covariance (default: the whole corpus).")
+@click.option("--stats-dtype", type=click.Choice(["float32", "float64"]), help="Covariance product precision.")
+@click.option("--cache-dir", type=click.Path(), help="Cache dir (default $MEMIT_VLLM_CACHE or XDG cache).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--name", default="", help="Patch name label.")
+@click.option("--version", "version_", default="", help="Patch version label.")
+@click.option("--limit", type=int, help="Use only the first N requests of the file.")
+@click.option("--zsre-target", type=click.Choice(["answers", "alt"]), default="answers", show_default=True,
+              help="zsRE: edit toward answers[0] (as MEMIT's code) or alt (as the toolkits).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
+def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_weight, stats_corpus, stats_tokens,
+                       stats_dtype, cache_dir, seed, name, version_, limit, zsre_target, as_json):
+    """Compute MEMIT z vectors and layer deltas for the edit requests and write a patch file."""
+    from .memit import edit
+    from .requests import load_requests
+
+    requests = load_requests(requests_path, limit=limit, zsre_target=zsre_target)
+    with warnings.catch_warnings(record=True):  # they are in the report, printed below
+        warnings.simplefilter("always")
+        result = edit(model, requests, hparams=hparams, layers=_layers(layers), mom2_update_weight=mom2_update_weight,
+                      stats_corpus=stats_corpus, stats_tokens=stats_tokens, stats_dtype=stats_dtype,
+                      cache_dir=cache_dir, seed=seed, name=name, version=version_, zsre_target=zsre_target,
+                      progress=not as_json)
+    path = result.patch.save(out)
+    report = {"patch": str(path), "patch_id": result.patch.patch_id, **asdict(result.report)}
+    if as_json:
+        click.echo(json.dumps(report, indent=1))
+        return
+    r = result.report
+    for w in r.warnings:
+        click.echo(f"warning: {w}", err=True)
+    click.echo(f"{r.n_edits} edits, layers {r.layers} ({r.hparams_source})")
+    click.echo(f"z: mean P(target) {r.z_target_prob:.3f} after {r.z_steps:.1f} steps; residual delivered per "
+               f"layer: " + ", ".join(f"{l}: {v:.2f}" for l, v in r.delivered.items()))
+    click.echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))
+    click.echo(f"wrote {path} ({result.patch.patch_id})")

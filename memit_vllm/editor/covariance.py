@@ -1,0 +1,191 @@
+"""Second moments C_l = E[k k^T] of the down-projection inputs, for all edited layers in ONE pass.
+
+The reference makes one corpus pass per layer; here one forward per batch feeds every edited layer
+and stops after the deepest one. Sums are accumulated in float64 (products in float32 unless
+mom2_dtype is float64) and cached on disk per layer, keyed by model content, corpus identity, token
+budget and dtype, so a second make-patch (or one with other layers) reuses what was computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..cache import atomic_path
+from ..errors import MemitError
+from .arch import EditableModel
+from .prompts import pad_id, pad_right
+from .trace import capture
+
+SELF_OPENERS = ["The", "In", "A", "It", "When", "This", "One", "There", "After", "We", "As", "For", "If",
+                "On", "At", "Many", "Some", "Today", "Our", "His"]
+MAX_SEQ = 512
+BATCH_TOKENS = 8192
+
+
+@dataclass
+class Corpus:
+    identity: str  # what the cache key says about the corpus
+    texts: Callable[[], Iterator[str]]
+    description: str
+
+
+def _file_corpus(path: Path) -> Corpus:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def texts():
+        if path.suffix == ".jsonl":
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+                if line.strip():
+                    try:
+                        yield json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise MemitError(f"{path} line {i + 1}: expected a JSON object with a 'text' field") from e
+        else:  # plain text: one document per blank-line separated block
+            for block in path.read_text(encoding="utf-8").split("\n\n"):
+                if block.strip():
+                    yield block.strip()
+
+    return Corpus(f"file:{digest}", texts, f"{path} (sha256 {digest[:12]})")
+
+
+def _hf_corpus(spec: str) -> Corpus:
+    name, _, config = spec.partition(":")
+    if name in ("wikitext-103", "wikitext"):
+        name, config = "wikitext", config or "wikitext-103-raw-v1"
+    try:
+        import datasets
+    except ImportError as e:
+        raise MemitError(f"--stats-corpus {spec!r} needs the `datasets` package (pip install datasets), "
+                         "or give a local .txt/.jsonl file or self:N") from e
+
+    def texts():
+        try:
+            ds = datasets.load_dataset(name, config or None, split="train", streaming=True)
+        except Exception as e:
+            raise MemitError(f"cannot load dataset {spec!r} ({e}); offline? use a local file or self:N") from e
+        for rec in ds:
+            if rec.get("text", "").strip():
+                yield rec["text"]
+
+    return Corpus(f"hf:{name}:{config}", texts, f"HF dataset {name} ({config})")
+
+
+def resolve_corpus(source: str | None, em: EditableModel, tok, seed: int) -> Corpus:
+    """A local .txt/.jsonl file, `self:N` (text sampled from the model), or an HF dataset name."""
+    if source is None:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        try:
+            import datasets  # noqa: F401
+            source = "self:1000" if offline else "wikitext-103"
+        except ImportError:
+            source = "self:1000"
+    if source.startswith("self:"):
+        try:
+            n = int(source[5:])
+        except ValueError as e:
+            raise MemitError(f"--stats-corpus {source!r}: expected self:N with N an integer") from e
+        return Corpus(f"self:{n}:seed{seed}", lambda: _sample_self(em, tok, n, seed),
+                      f"{n} sequences sampled from the model (seed {seed})")
+    path = Path(source)
+    if path.exists():
+        if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
+            raise MemitError(f"--stats-corpus {source}: local corpora are .txt or .jsonl files")
+        return _file_corpus(path)
+    if source.startswith((".", "/", "~")) or source.endswith((".txt", ".jsonl")):
+        raise MemitError(f"--stats-corpus {source}: no such file")
+    return _hf_corpus(source)
+
+
+@torch.no_grad()
+def _sample_self(em: EditableModel, tok, n: int, seed: int, batch: int = 32, new_tokens: int = 128):
+    torch.manual_seed(seed)
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for start in range(0, n, batch):
+            openers = [SELF_OPENERS[i % len(SELF_OPENERS)] for i in range(start, min(n, start + batch))]
+            enc = tok(openers, return_tensors="pt", padding=True)
+            out = em.model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                    max_new_tokens=new_tokens, pad_token_id=pad_id(tok))
+            yield from tok.batch_decode(out, skip_special_tokens=True)
+    finally:
+        tok.padding_side = side
+
+
+def _cache_file(cache: Path, model_sha: str, corpus: Corpus, budget: int | None, dtype: str, layer: int) -> Path:
+    key = hashlib.sha256(f"{corpus.identity}|{budget}|{dtype}".encode()).hexdigest()[:24]
+    return cache / "stats" / model_sha[:24] / key / f"layer{layer}.safetensors"
+
+
+def _batches(tok, corpus: Corpus, budget: int | None) -> Iterator[list[list[int]]]:
+    """Token id sequences in batches of about BATCH_TOKENS, stopping exactly at the budget."""
+    used, batch, width = 0, [], 0
+    for text in corpus.texts():
+        ids = tok(text, truncation=True, max_length=MAX_SEQ)["input_ids"]
+        if budget is not None:
+            ids = ids[: budget - used]
+        if not ids:
+            continue
+        used += len(ids)
+        if batch and max(width, len(ids)) * (len(batch) + 1) > BATCH_TOKENS:
+            yield batch
+            batch, width = [], 0
+        batch.append(ids)
+        width = max(width, len(ids))
+        if budget is not None and used >= budget:
+            break
+    if batch:
+        yield batch
+
+
+def layer_covariances(em: EditableModel, tok, layers: list[int], corpus: Corpus, model_sha: str,
+                      budget: int | None, dtype: str, cache: Path, progress: bool = True) -> tuple[dict, dict]:
+    """C_l (float64) for each layer, from the cache where present; one corpus pass for the rest."""
+    out, info = {}, {}
+    todo = []
+    for layer in layers:
+        f = _cache_file(cache, model_sha, corpus, budget, dtype, layer)
+        if f.is_file():
+            t = load_file(f)
+            out[layer] = t["mom2_sum"] / t["count"].item()
+            info[layer] = {"tokens": int(t["count"].item()), "cached": True}
+        else:
+            todo.append(layer)
+    if not todo:
+        return out, info
+
+    acc_dtype = torch.float64 if dtype == "float64" else torch.float32
+    sums = {l: torch.zeros(em.d_ff, em.d_ff, dtype=torch.float64) for l in todo}
+    count, start = 0, time.monotonic()
+    bar = tqdm(total=budget, desc="covariance", unit="tok", unit_scale=True, disable=not progress)
+    for batch in _batches(tok, corpus, budget):
+        ids, mask = pad_right(batch, pad_id(tok))
+        got = capture(em, ids, mask, keys=todo)
+        real = mask.bool()
+        for l in todo:
+            k = got.keys[l][real].to(acc_dtype)
+            sums[l] += (k.T @ k).to(torch.float64)
+        n = int(real.sum())
+        count += n
+        bar.update(n)
+    bar.close()
+    if count == 0:
+        raise MemitError(f"covariance corpus {corpus.description} yielded no tokens")
+    seconds = time.monotonic() - start
+    for l in todo:
+        with atomic_path(_cache_file(cache, model_sha, corpus, budget, dtype, l)) as tmp:
+            save_file({"mom2_sum": sums[l], "count": torch.tensor([count], dtype=torch.float64)}, str(tmp),
+                      metadata={"corpus": corpus.identity, "budget": str(budget), "dtype": dtype})
+        out[l] = sums[l] / count
+        info[l] = {"tokens": count, "cached": False, "seconds": round(seconds, 2)}
+    return out, info

@@ -1,0 +1,113 @@
+"""MEMIT hyperparameters: reference names, published presets, and defaults derived for other models.
+
+Why derive: lambda (`mom2_update_weight`) trades edit strength against preserving the key
+distribution C = E[k k^T]. For one edit with key k, the update delivers a fraction s/(1+s) of the
+residual, where s = k^T (lambda C)^-1 k. Under the corpus distribution E[k^T C^-1 k] = d_ff, so s
+scales as d_ff / lambda: lambda must scale with d_ff, not be copied from a 6B model. The published
+settings sit at lambda/d_ff = 0.9 (GPT-J: 15000/16384), 1.05 (Llama-3-8B), 3.1 (GPT-2 XL); with
+lambda = 15000 on SmolLM2 (d_ff 1536, ratio 9.8) most of each residual is never delivered.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..errors import MemitError
+
+# Keys of the reference implementations' hparams files that name modules; we derive those from the
+# architecture, so they are accepted and ignored.
+_REFERENCE_ONLY_KEYS = {
+    "rewrite_module_tmp", "layer_module_tmp", "mlp_module_tmp", "attn_module_tmp", "ln_f_module",
+    "lm_head_module", "fact_token", "layer_selection", "v_loss_layer", "mom2_adjustment", "mom2_dataset",
+    "mom2_n_samples", "alg_name", "model_name", "device", "stats_dir", "model_parallel", "batch_size",
+    "max_length",
+}
+
+
+@dataclass
+class HParams:
+    layers: list[int]
+    mom2_update_weight: float  # lambda
+    v_num_grad_steps: int = 25
+    v_lr: float = 0.5
+    v_weight_decay: float = 0.5
+    clamp_norm_factor: float = 0.75
+    kl_factor: float = 0.0625
+    v_early_stop_loss: float = 0.05
+    context_template_length: int = 10
+    context_template_seeds: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
+    mom2_n_tokens: int | None = None  # covariance token budget; None: the whole corpus
+    mom2_dtype: str = "float32"  # accumulation of the outer products: float32 or float64
+    z_batch_edits: int = 16  # edits optimised together (memory/speed only; results do not depend on it)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def replace(self, **overrides) -> "HParams":
+        unknown = set(overrides) - {f.name for f in fields(self)}
+        if unknown:
+            raise MemitError(f"unknown hyperparameters {sorted(unknown)}; known: {sorted(f.name for f in fields(self))}")
+        merged = {**self.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
+        if merged["mom2_dtype"] not in ("float32", "float64"):
+            raise MemitError(f"mom2_dtype must be float32 or float64, not {merged['mom2_dtype']!r}")
+        return HParams(**merged)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Settings published (or measured, see docs) for one model size; matched by type and depth."""
+
+    model_type: str
+    n_layers: int
+    layers: list[int]
+    mom2_update_weight: float
+    v_lr: float = 0.5
+    source: str = ""
+
+
+# lambda / d_ff for models without a preset: see the module docstring and docs/hyperparameters.md.
+LAMBDA_PER_DFF = 1.0
+
+PRESETS = [
+    Preset("gpt2", 48, [13, 14, 15, 16, 17], 20000, 0.5, "MEMIT paper, GPT-2 XL"),
+    Preset("gptj", 28, [3, 4, 5, 6, 7, 8], 15000, 0.5, "MEMIT paper, GPT-J 6B"),
+    Preset("llama", 32, [4, 5, 6, 7, 8], 15000, 0.1, "MEMIT reference, Llama-3-8B"),
+]
+
+
+def derived_layers(n_layers: int) -> list[int]:
+    """Five consecutive early-middle layers (the published choices sit at 11-35% of depth)."""
+    count = min(5, max(1, n_layers // 6)) if n_layers >= 12 else min(2, n_layers)
+    start = min(round(0.13 * n_layers), n_layers - count)
+    return list(range(start, start + count))
+
+
+def default_hparams(model_type: str, n_layers: int, d_ff: int) -> tuple[HParams, str]:
+    """Preset for a known model size, else derived defaults; also says where they came from."""
+    for p in PRESETS:
+        if p.model_type == model_type and p.n_layers == n_layers:
+            return HParams(layers=list(p.layers), mom2_update_weight=p.mom2_update_weight, v_lr=p.v_lr), p.source
+    hp = HParams(layers=derived_layers(n_layers), mom2_update_weight=LAMBDA_PER_DFF * d_ff)
+    return hp, f"derived: layers at 13% of depth, lambda = {LAMBDA_PER_DFF} x d_ff ({d_ff})"
+
+
+def load_hparams_file(path: str | Path) -> dict:
+    """A JSON or YAML file in the reference's format (module-template keys are ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MemitError(f"hparams file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:
+        raise MemitError(f"hparams file {path} cannot be parsed: {e}") from e
+    if not isinstance(data, dict):
+        raise MemitError(f"hparams file {path} must hold a mapping of names to values")
+    return {k: v for k, v in data.items() if k not in _REFERENCE_ONLY_KEYS}

@@ -1,0 +1,198 @@
+"""MEMIT end to end (paper eqs. 14-16): targets z at the last edited layer, then one closed-form
+update per layer, each re-measuring keys and residuals on the model with earlier updates applied.
+
+    Delta_l = R_l K_l^T (lambda C_l + K_l K_l^T)^-1,   R_l = (z - h^L) / (layers left)
+
+solved in float64 with `torch.linalg.solve` (never an explicit inverse).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..cache import cache_dir as default_cache_dir
+from ..checkpoint import Checkpoint, weights_sha256
+from ..errors import MemitError
+from ..patch import BaseModel, Patch
+from .arch import EditableModel, arch_spec
+from .covariance import layer_covariances, resolve_corpus
+from .hparams import HParams, default_hparams, load_hparams_file
+from .prompts import context_templates, encode, pad_id, pad_right, target_ids
+from .requests import EditRequest, load_requests, validate_requests, _record
+from .targets import compute_targets
+from .trace import capture
+
+KEY_BATCH_PROMPTS = 256
+
+
+@dataclass
+class EditReport:
+    """What a run did and cost: for --json and benchmarks (not stored in the patch: not reproducible)."""
+
+    n_edits: int
+    layers: list[int]
+    hparams_source: str
+    seconds: dict = field(default_factory=dict)  # stats / z / update / total
+    z_target_prob: float = 0.0  # mean P(target) reached by the z optimisation
+    z_steps: float = 0.0
+    delivered: dict = field(default_factory=dict)  # layer -> fraction of the residual the update delivered
+    covariance: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EditResult:
+    patch: Patch
+    report: EditReport
+
+
+def _as_requests(requests, zsre_target: str) -> list[EditRequest]:
+    if isinstance(requests, (str, Path)):
+        return load_requests(requests, zsre_target=zsre_target)
+    out = [r if isinstance(r, EditRequest) else _record(r, f"request {i}", zsre_target)
+           for i, r in enumerate(requests)]
+    return validate_requests(out)
+
+
+def _hparams(em: EditableModel, hparams, overrides: dict) -> tuple[HParams, str]:
+    hp, source = default_hparams(em.model.config.model_type, em.n_layers, em.d_ff)
+    if isinstance(hparams, HParams):
+        hp, source = hparams, "given"
+    elif hparams is not None:
+        values = hparams if isinstance(hparams, dict) else load_hparams_file(hparams)
+        hp, source = hp.replace(**values), f"{hparams if not isinstance(hparams, dict) else 'dict'} over {source}"
+    return hp.replace(**overrides), source
+
+
+@torch.no_grad()
+def _already_predicted(em: EditableModel, tok, requests: list[EditRequest]) -> list[int]:
+    """Indices of requests whose new target is already the greedy continuation."""
+    seqs, spans = [], []
+    for r in requests:
+        enc, tgt = encode(tok, "{}", r), target_ids(tok, r.target_new)
+        seqs.append(enc.ids + tgt)
+        spans.append((len(enc.ids), tgt))
+    hits = []
+    for start in range(0, len(seqs), KEY_BATCH_PROMPTS):
+        ids, mask = pad_right(seqs[start : start + KEY_BATCH_PROMPTS], pad_id(tok))
+        logits = em.model(input_ids=ids, attention_mask=mask).logits
+        for j in range(ids.shape[0]):
+            n, tgt = spans[start + j]
+            if logits[j, n - 1 : n - 1 + len(tgt)].argmax(-1).tolist() == tgt:
+                hits.append(start + j)
+    return hits
+
+
+@torch.no_grad()
+def keys_and_outputs(em: EditableModel, tok, requests: list[EditRequest], groups: list[list[str]], layer: int,
+                     out_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys at `layer` (averaged within, then across template groups) and layer `out_layer`'s output
+    at the subject's last token of the bare prompt, for every request: [n, d_ff], [n, d_model]."""
+    flat = [t for g in groups for t in g]
+    encs = [encode(tok, t, r) for r in requests for t in flat]
+    keys, outs = [], []
+    for start in range(0, len(encs), KEY_BATCH_PROMPTS):
+        part = encs[start : start + KEY_BATCH_PROMPTS]
+        ids, mask = pad_right([e.ids for e in part], pad_id(tok))
+        got = capture(em, ids, mask, outputs=[out_layer], keys=[layer])
+        at = torch.arange(len(part)), torch.tensor([e.lookup for e in part])
+        keys.append(got.keys[layer][at])
+        outs.append(got.outputs[out_layer][at])
+    k = torch.cat(keys).view(len(requests), len(flat), -1)
+    h = torch.cat(outs).view(len(requests), len(flat), -1)
+    bounds, pos = [], 0
+    for g in groups:
+        bounds.append((pos, pos + len(g)))
+        pos += len(g)
+    k_avg = torch.stack([k[:, a:b].mean(1) for a, b in bounds]).mean(0)
+    return k_avg, h[:, 0]  # template 0 is the bare "{}"
+
+
+def edit(model: str | Path, requests, *, hparams=None, layers: list[int] | None = None,
+         mom2_update_weight: float | None = None,
+         stats_corpus: str | None = None, stats_tokens: int | None = None, stats_dtype: str | None = None,
+         cache_dir: str | Path | None = None, seed: int = 0, name: str = "", version: str = "",
+         zsre_target: str = "answers", progress: bool = True) -> EditResult:
+    """Compute a MEMIT patch for `requests` on the checkpoint `model`; see make_patch."""
+    t0 = time.monotonic()
+    requests = _as_requests(requests, zsre_target)
+    ckpt = Checkpoint(model)
+    arch_spec(ckpt.config.get("model_type", "?"))  # unsupported architectures fail before loading
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(ckpt.path)
+    hf = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    em = EditableModel(hf, ckpt.keys())
+    hp, hp_source = _hparams(em, hparams, {"layers": layers, "mom2_update_weight": mom2_update_weight,
+                                           "mom2_n_tokens": stats_tokens, "mom2_dtype": stats_dtype})
+    em.check_layers(hp.layers)
+    report = EditReport(len(requests), hp.layers, hp_source)
+    for i in _already_predicted(em, tok, requests):
+        msg = f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}"
+        report.warnings.append(msg)
+        warnings.warn(msg, stacklevel=2)
+
+    # Covariance statistics (cached).
+    t = time.monotonic()
+    corpus = resolve_corpus(stats_corpus, em, tok, seed)
+    model_sha = weights_sha256(ckpt, cache)
+    covs, report.covariance = layer_covariances(em, tok, hp.layers, corpus, model_sha, hp.mom2_n_tokens,
+                                                hp.mom2_dtype, cache, progress)
+    report.seconds["stats"] = time.monotonic() - t
+
+    # Targets z at the last edited layer.
+    t = time.monotonic()
+    groups = context_templates(hf, tok, hp.context_template_seeds, hp.context_template_length, seed)
+    z_layer = hp.layers[-1]
+    targets = compute_targets(em, tok, requests, [t for g in groups for t in g], z_layer, hp, progress)
+    report.z_target_prob = float(targets.target_prob.mean())
+    report.z_steps = float(targets.steps.float().mean())
+    report.seconds["z"] = time.monotonic() - t
+
+    # One update per layer, residuals re-measured on the model as updated so far.
+    t = time.monotonic()
+    deltas = {}
+    for i, layer in enumerate(tqdm(hp.layers, desc="layer updates", disable=not progress)):
+        k, h = keys_and_outputs(em, tok, requests, groups, layer, z_layer)
+        K = k.T.double()  # [d_ff, n]
+        R = (targets.z - h).T.double() / (len(hp.layers) - i)  # [d_model, n]
+        A = hp.mom2_update_weight * covs[layer] + K @ K.T
+        update = R @ torch.linalg.solve(A, K).T  # [d_model, d_ff]
+        report.delivered[layer] = float((update @ K).norm() / R.norm().clamp(min=1e-12))
+        update = update.float()
+        em.add_to_weight(layer, update)
+        deltas[em.param_name(layer)] = em.to_checkpoint_layout(update).contiguous()
+    report.seconds["update"] = time.monotonic() - t
+    report.seconds["total"] = time.monotonic() - t0
+
+    patch = Patch(
+        deltas=deltas,
+        base=BaseModel(str(model), ckpt.architecture, ckpt.config_sha256),
+        base_weights={n: ckpt.fingerprint(n) for n in deltas},
+        requests=[r.to_dict() for r in requests],
+        hparams={**hp.to_dict(), "seed": seed, "source": hp_source, "context_templates": groups},
+        covariance={"corpus": corpus.identity, "description": corpus.description,
+               "tokens": {str(l): report.covariance[l]["tokens"] for l in hp.layers}, "dtype": hp.mom2_dtype},
+        name=name, version=version,
+    )
+    return EditResult(patch, report)
+
+
+def make_patch(model: str | Path, requests, **kwargs) -> Patch:
+    """MEMIT patch for `requests` (a file path, EditRequests, or request dicts) on checkpoint `model`.
+
+    Keyword arguments: hparams (HParams, dict or JSON/YAML file), layers, mom2_update_weight, stats_corpus (file, self:N or
+    HF dataset), stats_tokens, stats_dtype, cache_dir, seed, name, version, zsre_target, progress.
+    """
+    return edit(model, requests, **kwargs).patch

@@ -1,0 +1,79 @@
+"""Prompts as MEMIT sees them: context templates, token ids, and the subject's last token.
+
+The subject's last token is found from the tokenizer's character offsets on the exact text the
+model sees (BOS included), not by tokenizing the prefix separately: that trick in the reference
+code is off by one on tokenizers that add BOS. Targets are tokenized on their own and appended
+as ids, so target positions are exact whatever the tokenizer does at the boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .requests import EditRequest
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: list[int]
+    lookup: int  # index of the subject's last token
+
+
+def split_prompt(prompt: str) -> tuple[str, str]:
+    pre, post = prompt.split("{}", 1)
+    unescape = lambda s: s.replace("{{", "{").replace("}}", "}")  # noqa: E731
+    return unescape(pre), unescape(post)
+
+
+def encode(tok, template: str, request: EditRequest) -> Encoded:
+    """Tokenize `template` (holding "{}" for the request prompt) with the subject filled in."""
+    pre, post = split_prompt(request.prompt)
+    ctx_pre, ctx_post = template.split("{}", 1)
+    start = len(ctx_pre) + len(pre)
+    text = ctx_pre + pre + request.subject + post + ctx_post
+    end = start + len(request.subject)
+    enc = tok(text, return_offsets_mapping=True)
+    hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
+    if not hits:
+        raise ValueError(f"subject {request.subject!r} maps to no token in {text!r}")
+    return Encoded(list(enc["input_ids"]), hits[-1])
+
+
+def target_ids(tok, target: str) -> list[int]:
+    ids = tok(target, add_special_tokens=False)["input_ids"]
+    if ids and tok.bos_token_id is not None and ids[0] == tok.bos_token_id:
+        ids = ids[1:]
+    return ids
+
+
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+
+@torch.no_grad()
+def context_templates(model, tok, seeds: list[str], length: int, seed: int) -> list[list[str]]:
+    """[["{}"], [one short sampled prefix per seed word + ". {}"]], as the reference builds them."""
+    if not seeds:
+        return [["{}"]]
+    torch.manual_seed(seed)
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        batch = tok(seeds, return_tensors="pt", padding=True)
+        out = model.generate(**batch, do_sample=True, top_k=5, max_new_tokens=length, pad_token_id=pad_id(tok))
+    finally:
+        tok.padding_side = side
+    texts = tok.batch_decode(out, skip_special_tokens=True)
+    return [["{}"], [t.replace("{", " ").replace("}", " ") + ". {}" for t in texts]]

@@ -1,0 +1,159 @@
+"""The target vectors z_i (MEMIT eq. 16), many edits at a time.
+
+For each edit, delta_i is optimised (Adam, fp32) so that adding it to layer L's output at the
+subject's last token makes the model say the new target after every context-templated prompt,
+while the KL term on "{subject} is a" keeps the subject's other properties. The loss, clamp, weight
+decay and early stop are the reference's, per edit. Two things make it fast, neither changes a result:
+- edits share a batch: each delta_i only touches its own prompts, so the gradient of the summed
+  loss w.r.t. delta_i is that of loss_i, and Adam keeps separate state per edit (one parameter
+  tensor each; a finished edit's grad is None, so Adam leaves it alone);
+- layers 0..L are run once: their activations do not depend on delta, so every step starts at L+1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .arch import EditableModel
+from .hparams import HParams
+from .prompts import encode, pad_id, pad_right, target_ids
+from .requests import EditRequest
+from .trace import capture, resume_after
+
+KL_PROMPT = "{} is a"
+
+
+@dataclass
+class _Rows:
+    """The prompts of a batch of edits, flattened: rewriting prompts then one KL prompt per edit."""
+
+    ids: torch.Tensor  # [P, T]
+    mask: torch.Tensor
+    edit: torch.Tensor  # [P] edit index within the batch
+    lookup: torch.Tensor  # [P] subject's last token
+    is_kl: torch.Tensor  # [P] bool
+    tgt_row: torch.Tensor  # [N] per target token: its row, position and token id
+    tgt_pos: torch.Tensor
+    tgt_id: torch.Tensor
+    tgt_len: torch.Tensor  # [P] number of target tokens of each rewriting prompt (0 for KL rows)
+    first_row: torch.Tensor  # [E] the bare-prompt row of each edit (h_init is read there)
+
+
+def _build_rows(tok, requests: list[EditRequest], templates: list[str]) -> _Rows:
+    seqs, edit, lookup, is_kl, tgt_len = [], [], [], [], []
+    tgt_row, tgt_pos, tgt_id, first_row = [], [], [], []
+    for e, r in enumerate(requests):
+        tgt = target_ids(tok, r.target_new)
+        first_row.append(len(seqs))
+        for t in templates:
+            enc = encode(tok, t, r)
+            row = len(seqs)
+            seqs.append(enc.ids + tgt[:-1])
+            for j, tid in enumerate(tgt):
+                tgt_row.append(row), tgt_pos.append(len(enc.ids) - 1 + j), tgt_id.append(tid)
+            edit.append(e), lookup.append(enc.lookup), is_kl.append(False), tgt_len.append(len(tgt))
+    for e, r in enumerate(requests):
+        enc = encode(tok, "{}", replace(r, prompt=KL_PROMPT))
+        seqs.append(enc.ids)
+        edit.append(e), lookup.append(enc.lookup), is_kl.append(True), tgt_len.append(0)
+    ids, mask = pad_right(seqs, pad_id(tok))
+    t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)  # noqa: E731
+    return _Rows(ids, mask, t(edit), t(lookup), t(is_kl, torch.bool), t(tgt_row), t(tgt_pos), t(tgt_id),
+                 t(tgt_len), t(first_row))
+
+
+@dataclass
+class TargetResult:
+    z: torch.Tensor  # [n, d_model] fp32: h_init + delta
+    delta_norm: torch.Tensor  # [n]
+    final_loss: torch.Tensor  # [n] the last loss evaluated for each edit
+    target_prob: torch.Tensor  # [n] exp(-NLL), mean over prompts, at that last evaluation
+    steps: torch.Tensor  # [n] optimiser steps taken
+
+
+def compute_targets(em: EditableModel, tok, requests: list[EditRequest], templates: list[str], layer: int,
+                    hp: HParams, progress: bool = True) -> TargetResult:
+    """z for every request at `layer`, optimised in batches of hp.z_batch_edits edits."""
+    parts = []
+    bar = tqdm(total=len(requests), desc="z vectors", unit="edit", disable=not progress)
+    for start in range(0, len(requests), hp.z_batch_edits):
+        chunk = requests[start : start + hp.z_batch_edits]
+        parts.append(_optimise(em, tok, chunk, templates, layer, hp))
+        bar.update(len(chunk))
+    bar.close()
+    return TargetResult(*(torch.cat([getattr(p, f) for p in parts]) for f in TargetResult.__dataclass_fields__))
+
+
+def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams) -> TargetResult:
+    rows = _build_rows(tok, requests, templates)
+    n, P = len(requests), rows.ids.shape[0]
+    got = capture(em, rows.ids, rows.mask, outputs=[layer])
+    h_layer, tuple_len = got.outputs[layer], got.tuple_len[layer]
+    h_init = h_layer[rows.first_row, rows.lookup[rows.first_row]]  # [n, d]
+    max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
+    lm_head = em.model.get_output_embeddings()
+
+    deltas = [torch.zeros(h_init.shape[1], requires_grad=True) for _ in range(n)]
+    opt = torch.optim.Adam(deltas, lr=hp.v_lr)
+    active = torch.ones(n, dtype=torch.bool)
+    kl_init = None
+    final_loss, target_prob = torch.zeros(n), torch.zeros(n)
+    steps = torch.zeros(n, dtype=torch.long)
+    n_rewrite = torch.zeros(n).index_add_(0, rows.edit[~rows.is_kl], torch.ones(int((~rows.is_kl).sum())))
+
+    for it in range(hp.v_num_grad_steps):
+        sel = active[rows.edit].nonzero().squeeze(1)  # rows of the edits still optimising
+        local = torch.full((P,), -1, dtype=torch.long)
+        local[sel] = torch.arange(len(sel))
+        delta = torch.stack(deltas)  # [n, d]
+        add = torch.zeros(len(sel), *h_layer.shape[1:]).index_put(
+            (torch.arange(len(sel)), rows.lookup[sel]), delta[rows.edit[sel]])
+        with resume_after(em, layer, h_layer[sel] + add, tuple_len):
+            out = em.model.base_model(input_ids=rows.ids[sel], attention_mask=rows.mask[sel],
+                                      use_cache=False).last_hidden_state
+
+        # NLL of the target tokens, mean over tokens of a prompt, then over an edit's prompts.
+        keep = active[rows.edit[rows.tgt_row]]
+        t_row, t_pos, t_id = rows.tgt_row[keep], rows.tgt_pos[keep], rows.tgt_id[keep]
+        logp = torch.log_softmax(lm_head(out[local[t_row], t_pos]), dim=-1).gather(1, t_id[:, None]).squeeze(1)
+        prompt_nll = torch.zeros(P).index_add(0, t_row, -logp) / rows.tgt_len.clamp(min=1)
+        prompt_prob = torch.zeros(P).index_add(0, t_row, logp.detach()) / rows.tgt_len.clamp(min=1)
+        rewrite = ~rows.is_kl
+        nll = torch.zeros(n).index_add(0, rows.edit[rewrite], prompt_nll[rewrite]) / n_rewrite
+        prob = torch.zeros(n).index_add(0, rows.edit[rewrite], prompt_prob[rewrite].exp()) / n_rewrite
+
+        # KL(P_now || P_init) at the subject's last token of "{subject} is a".
+        kl_rows = rows.is_kl.nonzero().squeeze(1)
+        kl_rows = kl_rows[active[rows.edit[kl_rows]]]
+        kl_logp = torch.log_softmax(lm_head(out[local[kl_rows], rows.lookup[kl_rows]]), dim=-1)
+        if kl_init is None:
+            kl_init = kl_logp.detach().clone()  # every edit is active at step 0, in edit order
+        init = kl_init[rows.edit[kl_rows]]
+        kl = torch.zeros(n).index_add(0, rows.edit[kl_rows], (kl_logp.exp() * (kl_logp - init)).sum(1))
+
+        decay = hp.v_weight_decay * delta.norm(dim=1) / h_init.norm(dim=1) ** 2
+        loss = nll + hp.kl_factor * kl + decay
+
+        final_loss = torch.where(active, loss.detach(), final_loss)
+        target_prob = torch.where(active, prob, target_prob)
+        active &= loss.detach() >= hp.v_early_stop_loss
+        if it == hp.v_num_grad_steps - 1 or not active.any():
+            break
+        opt.zero_grad(set_to_none=True)
+        loss[active].sum().backward()
+        for e in (~active).nonzero().squeeze(1).tolist():
+            deltas[e].grad = None  # finished: Adam skips it and its state
+        opt.step()
+        steps += active.long()
+        with torch.no_grad():
+            for e in active.nonzero().squeeze(1).tolist():
+                norm = deltas[e].norm()
+                if norm > max_norm[e]:
+                    deltas[e].mul_(max_norm[e] / norm)
+
+    delta = torch.stack([d.detach() for d in deltas])
+    return TargetResult(h_init + delta, delta.norm(dim=1), final_loss, target_prob, steps)

@@ -1,0 +1,92 @@
+"""Reading and short-circuiting a transformers model's layers, architecture-agnostically.
+
+- `capture` runs a forward and records layer outputs and down-projection inputs, stopping after the
+  last layer anyone needs (the rest of the model is not computed).
+- `resume_after` makes layers 0..L return a given hidden state, so a forward only computes the
+  layers above L: MEMIT's z optimisation edits the output of layer L, and everything below it is
+  the same at every step.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from .arch import EditableModel
+
+
+class _Stop(Exception):
+    pass
+
+
+def _hidden(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@dataclass
+class Captured:
+    outputs: dict[int, torch.Tensor]  # layer -> its output hidden states [B, T, d_model]
+    keys: dict[int, torch.Tensor]  # layer -> down-projection input [B, T, d_ff]
+    tuple_len: dict[int, int]  # layer -> length of its tuple output (0 for a bare tensor)
+
+
+@torch.no_grad()
+def capture(em: EditableModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+            outputs: list[int] = (), keys: list[int] = (), all_layers: bool = False) -> Captured:
+    """One forward recording the requested layer outputs and down-projection inputs."""
+    got = Captured({}, {}, {})
+    last = max([*outputs, *keys, -1]) if not all_layers else em.n_layers - 1
+    handles = []
+
+    def on_layer(i):
+        def hook(module, args, output):
+            got.tuple_len[i] = len(output) if isinstance(output, tuple) else 0
+            if i in outputs:
+                got.outputs[i] = _hidden(output).detach().clone()
+            if i == last:
+                raise _Stop
+        return hook
+
+    def on_down_proj(i):
+        def hook(module, args):
+            got.keys[i] = args[0].detach().clone()
+        return hook
+
+    try:
+        for i in range(last + 1):
+            handles.append(em.layers[i].register_forward_hook(on_layer(i)))
+        for i in keys:
+            handles.append(em.down_proj(i).register_forward_pre_hook(on_down_proj(i)))
+        try:
+            em.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _Stop:
+            pass
+    finally:
+        for h in handles:
+            h.remove()
+    return got
+
+
+@contextmanager
+def resume_after(em: EditableModel, layer: int, hidden: torch.Tensor, tuple_len: int):
+    """Within the block, layers 0..`layer` do no work and layer `layer` outputs `hidden`."""
+
+    def wrap(h):
+        return (h,) + (None,) * (tuple_len - 1) if tuple_len else h
+
+    def passthrough(*args, **kwargs):
+        return wrap(args[0] if args else kwargs["hidden_states"])
+
+    def emit(*args, **kwargs):
+        return wrap(hidden)
+
+    stubs = [em.layers[i] for i in range(layer + 1)]
+    for i, module in enumerate(stubs):
+        module.forward = emit if i == layer else passthrough
+    try:
+        yield
+    finally:
+        for module in stubs:
+            del module.forward
