@@ -26,13 +26,21 @@ from .data import FORMATS, ZSRE_TARGETS
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True,
               help="Sequences per forward pass.")
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
-def eval_command(model, patches, data, n, fmt, zsre_target, fluency, json_out, plot_out, batch_size, device):
+@click.option("--backend", type=click.Choice(("transformers", "vllm")), default="transformers", show_default=True,
+              help="Score in memory (transformers) or through running vLLM servers (--server, --base-server).")
+@click.option("--server", default=None, metavar="URL",
+              help="vllm backend: a server serving MODEL with exactly the --patch stack (e.g. `memit-vllm serve`).")
+@click.option("--base-server", default=None, metavar="URL",
+              help="vllm backend: a server serving MODEL without patches, for the 'before' column.")
+def eval_command(model, patches, data, n, fmt, zsre_target, fluency, json_out, plot_out, batch_size, device,
+                 backend, server, base_server):
     """Score a model on CounterFact or zsRE before and after its patches (memit-reference.md section 5)."""
     from .report import format_table, plot, write_json
     from .run import evaluate
 
     result = evaluate(model, data, patches, n=n, fmt=fmt, zsre_target=zsre_target, fluency=fluency,
-                      batch_size=batch_size, device=device, progress=sys.stderr.isatty())
+                      batch_size=batch_size, device=device, progress=sys.stderr.isatty(),
+                      backend=backend, server=server, base_server=base_server)
     if plot_out:
         plot(result, plot_out)
     if json_out == "-":

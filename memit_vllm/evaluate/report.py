@@ -13,7 +13,7 @@ def _title(result: dict) -> str:
 
 
 def format_table(result: dict) -> str:
-    columns = ["before"] + (["after", "delta"] if "after" in result else [])
+    columns = [c for c in ("before", "after", "delta") if c in result]
     width = max(map(len, result["metrics"]))
     lines = [_title(result), f"{'metric':<{width}}  " + "  ".join(f"{c:>8}" for c in columns)]
     for name, meaning in result["metrics"].items():
@@ -36,7 +36,7 @@ def plot(result: dict, path: str | Path) -> Path:
     names = list(result["metrics"])
     panels = [p for p in ([n for n in names if not n.endswith("_magnitude") and n != "GE"],
                           [n for n in names if n.endswith("_magnitude")], [n for n in names if n == "GE"]) if p]
-    series = [("before", "#8c8c8c")] + ([("after", "#1f77b4")] if "after" in result else [])
+    series = [(c, color) for c, color in (("before", "#8c8c8c"), ("after", "#1f77b4")) if c in result]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 + 1.3 * len(names), 4),
                              gridspec_kw={"width_ratios": [len(p) for p in panels]}, squeeze=False)
     bar = 0.8 / len(series)

@@ -1,4 +1,4 @@
-"""One evaluation: score the data set on the base model, merge the patches, score again."""
+"""One evaluation: score the data set before and after the patches, in memory or through servers."""
 
 from __future__ import annotations
 
@@ -54,12 +54,16 @@ def measure_zsre(scorer, records: Sequence[ZsreRecord]) -> dict[str, float]:
 
 def evaluate(model: str, data: str | Path, patches: Sequence[str | Path] = (), n: int | None = None,
              fmt: str = "auto", zsre_target: str = "answers", fluency: bool = False, batch_size: int = 16,
-             device: str | None = None, progress: bool = False) -> dict:
-    """Metrics before (and, with patches, after) as one JSON-ready dict; see README "Evaluation"."""
-    import torch
+             device: str | None = None, progress: bool = False, backend: str = "transformers",
+             server: str | None = None, base_server: str | None = None) -> dict:
+    """Metrics before and/or after the patches as one JSON-ready dict; see README "Evaluation".
 
-    from .patching import apply_patches, load_model, load_patches, patch_info, resolve_model
-    from .scoring import TransformersScorer
+    backend "transformers" scores the base model, merges the patches in memory and scores again.
+    backend "vllm" scores through running servers: `server` must serve exactly `patches` (checked
+    by patch id), and gives "after" (or "before" without patches); `base_server`, serving no
+    patches, gives "before" when patches are given (without it there is no "before").
+    """
+    from .patching import load_patches, patch_info, resolve_model
 
     # Everything cheap and checkable goes first: a bad input fails before minutes of scoring.
     fmt, records = read_dataset(data, n, fmt, zsre_target)
@@ -69,11 +73,8 @@ def evaluate(model: str, data: str | Path, patches: Sequence[str | Path] = (), n
     loaded = load_patches(patches)
     if loaded:
         PatchSet(loaded).validate(checkpoint)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    hf_model, tokenizer = load_model(checkpoint, device)
-    scorer = TransformersScorer(hf_model, tokenizer, batch_size=batch_size, progress=progress)
 
-    def measure():
+    def measure(scorer):
         if fmt == "zsre":
             return measure_zsre(scorer, records)
         return measure_counterfact(scorer, records, fluency)
@@ -81,14 +82,46 @@ def evaluate(model: str, data: str | Path, patches: Sequence[str | Path] = (), n
     descriptions = ZSRE_METRICS if fmt == "zsre" else COUNTERFACT_METRICS
     result = {
         "model": model, "model_path": str(checkpoint.path), "architecture": checkpoint.architecture,
-        "data": str(Path(data).resolve()), "format": fmt, "n": len(records), "backend": "transformers",
-        "device": device, "patches": [patch_info(p) for p in loaded], "fluency": fluency,
+        "data": str(Path(data).resolve()), "format": fmt, "n": len(records), "backend": backend,
+        "patches": [patch_info(p) for p in loaded], "fluency": fluency,
         **({"zsre_target": zsre_target} if fmt == "zsre" else {}),
-        "before": measure(),
     }
-    if loaded:
-        apply_patches(hf_model, checkpoint, loaded)
-        result["after"] = measure()
+    if backend == "transformers":
+        import torch
+
+        from .patching import apply_patches, load_model
+        from .scoring import TransformersScorer
+
+        result["device"] = device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        hf_model, tokenizer = load_model(checkpoint, device)
+        scorer = TransformersScorer(hf_model, tokenizer, batch_size=batch_size, progress=progress)
+        result["before"] = measure(scorer)
+        if loaded:
+            apply_patches(hf_model, checkpoint, loaded)
+            result["after"] = measure(scorer)
+    elif backend == "vllm":
+        from transformers import AutoTokenizer
+
+        from .served import ServedScorer
+
+        if not server:
+            raise MemitError("the vllm backend needs --server URL (e.g. of `memit-vllm serve M --memit-patch P`)")
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+        phases = [("after" if loaded else "before", server, [p.patch_id for p in loaded])]
+        if base_server and loaded:
+            phases.insert(0, ("before", base_server, []))
+        for phase, url, expected in phases:
+            scorer = ServedScorer(url, tokenizer, batch_size=batch_size, progress=progress)
+            served = scorer.served_patch_ids()
+            if served != expected:
+                raise MemitError(f"the server at {url} serves patches {served or 'none'}, but the {phase} "
+                                 f"scores need {expected or 'none'}: start it with exactly those patches")
+            result[f"{phase}_server"] = url
+            result[phase] = measure(scorer)
+    else:
+        raise MemitError(f"unknown backend {backend!r}; expected transformers or vllm")
+    if "before" in result and "after" in result:
         result["delta"] = {k: result["after"][k] - v for k, v in result["before"].items()}
-    result["metrics"] = {k: v for k, v in descriptions.items() if k in result["before"]}
+    shown = result.get("before", result.get("after"))
+    result["metrics"] = {k: v for k, v in descriptions.items() if k in shown}
     return result

@@ -9,7 +9,7 @@ padded: positions then count from 0 in every row, and the target's logits sit at
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +33,19 @@ def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], list[in
     return prompt_ids, target_ids
 
 
+def map_batched(items: Sequence, batch_size: int, bar, fn: Callable[[list], list], key=None) -> list:
+    """`fn` over the distinct items (repeats are common: shared neighbour prompts), `batch_size` at a
+    time in `key` order, ticking `bar`; results come back in the order and multiplicity of `items`."""
+    unique = sorted(dict.fromkeys(items), key=key) if key else list(dict.fromkeys(items))
+    results = {}
+    with bar:
+        for start in range(0, len(unique), batch_size):
+            batch = unique[start:start + batch_size]
+            results.update(zip(batch, fn(batch)))
+            bar.update(len(batch))
+    return [results[i] for i in items]
+
+
 class TransformersScorer:
     """Scores (prompt, target) pairs with an in-memory HF causal LM, fp32, no grad, batched."""
 
@@ -50,19 +63,11 @@ class TransformersScorer:
 
     @torch.no_grad()
     def score(self, pairs: Sequence[tuple[str, str]], desc: str = "scoring") -> list[TargetScore]:
-        unique = list(dict.fromkeys(pairs))  # neighbourhood prompts repeat across records
-        encoded = [encode_pair(self.tokenizer, p, t) for p, t in unique]
+        encoded = {pair: encode_pair(self.tokenizer, *pair) for pair in pairs}
         # Longest first: rows of similar length share a batch, so little padding is computed.
-        order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
-        results: dict[int, TargetScore] = {}
-        with self._bar(len(order), desc) as bar:
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                for i, s in zip(batch, self._score_batch([encoded[i] for i in batch])):
-                    results[i] = s
-                bar.update(len(batch))
-        by_pair = {unique[i]: s for i, s in results.items()}
-        return [by_pair[p] for p in pairs]
+        return map_batched(pairs, self.batch_size, self._bar(len(encoded), desc),
+                           lambda batch: self._score_batch([encoded[p] for p in batch]),
+                           key=lambda pair: -sum(map(len, encoded[pair])))
 
     def _score_batch(self, encoded: list[tuple[list[int], list[int]]]) -> list[TargetScore]:
         seqs = [p + t for p, t in encoded]
@@ -85,20 +90,15 @@ class TransformersScorer:
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 100, desc: str = "generating") -> list[str]:
         """Greedy continuations, returned with their prompt (the text the MEMIT code measures)."""
-        unique = list(dict.fromkeys(prompts))
-        texts = {}
-        with self._bar(len(unique), desc) as bar:
-            for start in range(0, len(unique), self.batch_size):
-                batch = unique[start:start + self.batch_size]
-                encoded = [self.tokenizer(p)["input_ids"] for p in batch]
-                width = max(map(len, encoded))
-                # Left padding here: generation appends at the right end of every row.
-                ids = torch.tensor([[self.pad_id] * (width - len(e)) + e for e in encoded], device=self.device)
-                mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=self.device)
-                out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                          do_sample=False, temperature=None, top_p=None, top_k=None,
-                                          pad_token_id=self.pad_id)
-                for p, e, seq in zip(batch, encoded, out):
-                    texts[p] = p + self.tokenizer.decode(seq[width:], skip_special_tokens=True)
-                bar.update(len(batch))
-        return [texts[p] for p in prompts]
+        return map_batched(prompts, self.batch_size, self._bar(len(set(prompts)), desc),
+                           lambda batch: self._generate_batch(batch, max_new_tokens))
+
+    def _generate_batch(self, batch: list[str], max_new_tokens: int) -> list[str]:
+        encoded = [self.tokenizer(p)["input_ids"] for p in batch]
+        width = max(map(len, encoded))
+        # Left padding here: generation appends at the right end of every row.
+        ids = torch.tensor([[self.pad_id] * (width - len(e)) + e for e in encoded], device=self.device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=self.device)
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=self.pad_id)
+        return [p + self.tokenizer.decode(seq[width:], skip_special_tokens=True) for p, seq in zip(batch, out)]

@@ -1,0 +1,79 @@
+"""Scoring through a served model's OpenAI-compatible API (vLLM), for `eval --backend vllm`.
+
+The same token ids as the transformers backend go to /v1/completions as token-id prompts with
+`echo` and `logprobs=1`, so the server returns every prompt token's log-probability and its top-1
+token: NLL and top-1 accuracy follow without re-tokenizing on the server. Plain HTTP (urllib), no
+vLLM import: the server is a separate process, e.g. `memit-vllm serve M --memit-patch P`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from ..errors import MemitError
+from .scoring import TargetScore, encode_pair, map_batched
+
+
+class ServedScorer:
+    def __init__(self, url: str, tokenizer, batch_size: int = 16, progress: bool = False, timeout: float = 600):
+        self.url, self.tokenizer = url.rstrip("/"), tokenizer
+        self.batch_size, self.progress, self.timeout = batch_size, progress, timeout
+        self.model = self._request("/v1/models")["data"][0]["id"]
+
+    def _request(self, route: str, body: dict | None = None) -> dict:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + route, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            raise MemitError(f"{self.url}{route} answered {e.code}: {e.read()[:300]!r}") from e
+        except OSError as e:
+            raise MemitError(f"cannot reach the server at {self.url} ({e}); is it running?") from e
+
+    def served_patch_ids(self) -> list[str]:
+        """Patch ids the server merged (GET /memit/patches); a plain vLLM server has none."""
+        try:
+            return [p["id"] for p in self._request("/memit/patches")["patches"]]
+        except MemitError as e:
+            if " answered 404" in str(e):
+                return []
+            raise
+
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, disable=not self.progress, file=sys.stderr, leave=False)
+
+    def score(self, pairs: Sequence[tuple[str, str]], desc: str = "scoring") -> list[TargetScore]:
+        return map_batched(pairs, self.batch_size, self._bar(len(set(pairs)), desc), self._score_batch)
+
+    def _score_batch(self, pairs: list[tuple[str, str]]) -> list[TargetScore]:
+        encoded = [encode_pair(self.tokenizer, p, t) for p, t in pairs]
+        out = self._request("/v1/completions", {
+            "model": self.model, "prompt": [p + t for p, t in encoded], "max_tokens": 0, "echo": True,
+            "logprobs": 1, "temperature": 0, "return_tokens_as_token_ids": True})
+        choices = sorted(out["choices"], key=lambda c: c["index"])
+        return [_target_score(c["logprobs"], len(p), t) for c, (p, t) in zip(choices, encoded)]
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int = 100, desc: str = "generating") -> list[str]:
+        """Greedy continuations with their prompt, like the transformers backend."""
+        def batch_texts(batch: list[str]) -> list[str]:
+            out = self._request("/v1/completions", {"model": self.model, "prompt": batch,
+                                                     "max_tokens": max_new_tokens, "temperature": 0})
+            return [batch[c["index"]] + c["text"] for c in sorted(out["choices"], key=lambda c: c["index"])]
+
+        return map_batched(prompts, self.batch_size, self._bar(len(set(prompts)), desc), batch_texts)
+
+
+def _target_score(logprobs: dict, prompt_len: int, target: list[int]) -> TargetScore:
+    """Entry j of the echoed logprobs is token j's log-probability and the top-1 candidates before it."""
+    span = range(prompt_len, prompt_len + len(target))
+    nll = -sum(logprobs["token_logprobs"][j] for j in span) / len(target)
+    hits = sum(max(logprobs["top_logprobs"][j].items(), key=lambda kv: kv[1])[0] == f"token_id:{t}"
+               for j, t in zip(span, target))
+    return TargetScore(nll=nll, acc=hits / len(target))
