@@ -13,6 +13,7 @@ raises, which stops the engine, so a half-patched model is never served.
 from __future__ import annotations
 
 import copy
+import time
 from collections.abc import Generator
 from pathlib import Path
 
@@ -56,6 +57,8 @@ class MemitModelLoader(DefaultModelLoader):
 
     def get_all_weights(self, model_config: ModelConfig,
                         model: nn.Module) -> Generator[tuple[str, torch.Tensor], None, None]:
+        # Our own time (checks + merging), excluding vLLM's reading and loading: the cost of a patch.
+        start = time.perf_counter()
         try:
             self._check_before_loading(model_config)
             for p in self.patches.patches:
@@ -63,9 +66,12 @@ class MemitModelLoader(DefaultModelLoader):
                 logger.info("memit patch %s: name=%r version=%r facts=%d layers=%s (%s)", info["id"], info["name"],
                             info["version"], info["facts"], info["layers"], info["path"])
             seen = set()
+            spent = time.perf_counter() - start
             for name, tensor in super().get_all_weights(model_config, model):
                 if self.patches.touches(name):
+                    start = time.perf_counter()
                     tensor = self.patches.merge(name, tensor)
+                    spent += time.perf_counter() - start
                     seen.add(name)
                 yield name, tensor
             unseen = [n for n in self.patches.names if n not in seen]
@@ -74,7 +80,8 @@ class MemitModelLoader(DefaultModelLoader):
                                  "from the checkpoint, so the patch could not be applied")
         except MemitError as e:
             raise MemitLoadError(f"memit-vllm: {e}; refusing to serve a model without its patches") from e
-        logger.info("memit: merged %d patch(es) into %d weights", len(self.patches.patches), len(seen))
+        logger.info("memit: merged %d patch(es) into %d weights; checks and merging took %.3f seconds",
+                    len(self.patches.patches), len(seen), spent)
 
     def _check_before_loading(self, model_config: ModelConfig) -> None:
         hf_config = model_config.hf_config
