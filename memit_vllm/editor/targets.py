@@ -69,7 +69,7 @@ def _build_rows(tok, requests: list[EditRequest], templates: list[str]) -> _Rows
 @dataclass
 class TargetResult:
     z: torch.Tensor  # [n, d_model] fp32: h_init + delta
-    delta_norm: torch.Tensor  # [n]
+    delta: torch.Tensor  # [n, d_model] the optimised delta_i
     final_loss: torch.Tensor  # [n] the last loss evaluated for each edit
     target_prob: torch.Tensor  # [n] exp(-NLL), mean over prompts, at that last evaluation
     steps: torch.Tensor  # [n] optimiser steps taken
@@ -156,4 +156,4 @@ def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams) -
                     deltas[e].mul_(max_norm[e] / norm)
 
     delta = torch.stack([d.detach() for d in deltas])
-    return TargetResult(h_init + delta, delta.norm(dim=1), final_loss, target_prob, steps)
+    return TargetResult(h_init + delta, delta, final_loss, target_prob, steps)

@@ -1,0 +1,218 @@
+"""The MEMIT editor: exactness of the batched z optimisation, patches for every architecture,
+reproducibility, and validation before any heavy work."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from memit_vllm.checkpoint import Checkpoint
+from memit_vllm.editor import HParams, edit, load_requests, make_patch
+from memit_vllm.editor.arch import EditableModel
+from memit_vllm.editor.requests import EditRequest
+from memit_vllm.editor.targets import compute_targets
+from memit_vllm.patch import load_patch
+from memit_vllm.patch.merge import PatchSet
+
+TEMPLATES = ["{}", "Some text about things. {}", "Because it was late. {}"]
+CORPUS = "corpus/smollm2_self_2k.jsonl"
+
+
+def requests_from(data_dir, n):
+    return load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=n)
+
+
+def plain_z_delta(model, tok, layers, request: EditRequest, templates, layer, hp: HParams):
+    """MEMIT eq. 16 for ONE edit, written from the equations: full forward every step, full logits,
+    delta added by a hook at layer `layer`'s output; subject position from the tokenized prefix."""
+    tgt = tok(request.target_new, add_special_tokens=False)["input_ids"]
+    pre, post = request.prompt.split("{}")
+    texts, lookups = [], []
+    for t in templates + ["{} is a"]:
+        ctx_pre = t.split("{}")[0]
+        if t == "{} is a":
+            head, tail = "", " is a"
+        else:
+            head, tail = ctx_pre + pre, post + t.split("{}")[1]
+        texts.append((head + request.subject, tail))
+        lookups.append(len(tok(head + request.subject)["input_ids"]) - 1)
+    seqs = [tok(a + b)["input_ids"] + (tgt[:-1] if i < len(templates) else []) for i, (a, b) in enumerate(texts)]
+    prompt_lens = [len(tok(a + b)["input_ids"]) for a, b in texts]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+
+    delta = torch.zeros(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd,
+                        requires_grad=True)
+    state = {}
+
+    def hook(module, args, output):
+        h = output[0] if isinstance(output, tuple) else output
+        if "init" not in state:
+            state["init"] = h[0, lookups[0]].detach().clone()
+        h = h.clone()
+        for i, pos in enumerate(lookups):
+            h[i, pos] = h[i, pos] + delta
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    handle = layers[layer].register_forward_hook(hook)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    kl_init = None
+    try:
+        for it in range(hp.v_num_grad_steps):
+            opt.zero_grad()
+            logits = model(input_ids=ids, attention_mask=mask).logits
+            logp = torch.log_softmax(logits, dim=-1)
+            nlls = []
+            for i in range(len(templates)):
+                n = prompt_lens[i]
+                nlls.append(-sum(logp[i, n - 1 + j, t] for j, t in enumerate(tgt)) / len(tgt))
+            nll = torch.stack(nlls).mean()
+            kl_logp = logp[len(templates), lookups[-1]]
+            if kl_init is None:
+                kl_init = kl_logp.detach().clone()
+            kl = (kl_logp.exp() * (kl_logp - kl_init)).sum()
+            loss = nll + hp.kl_factor * kl + hp.v_weight_decay * delta.norm() / state["init"].norm() ** 2
+            if loss < hp.v_early_stop_loss or it == hp.v_num_grad_steps - 1:
+                break
+            loss.backward()
+            opt.step()
+            max_norm = hp.clamp_norm_factor * state["init"].norm()
+            if delta.norm() > max_norm:
+                with torch.no_grad():
+                    delta.mul_(max_norm / delta.norm())
+    finally:
+        handle.remove()
+    return delta.detach()
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gptj", "gpt2"])
+def test_batched_z_equals_plain_per_edit_optimisation(which, smollm2, tiny_models, data_dir):
+    path = smollm2 if which == "smollm2" else tiny_models[which]
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    em = EditableModel(model)
+    reqs = requests_from(data_dir, 3 if which == "smollm2" else 4)
+    layer = 2 if which != "smollm2" else 6
+    # A high early-stop loss on the real model makes edits finish at different steps.
+    hp = HParams(layers=[layer], mom2_update_weight=1.0, v_num_grad_steps=6, z_batch_edits=4,
+                 v_early_stop_loss=1.5 if which == "smollm2" else 0.05)
+    batched = compute_targets(em, tok, reqs, TEMPLATES, layer, hp, progress=False)
+    for i, r in enumerate(reqs):
+        plain = plain_z_delta(model, tok, em.layers, r, TEMPLATES, layer, hp)
+        assert plain.norm() > 0
+        torch.testing.assert_close(batched.delta[i], plain, rtol=2e-4, atol=2e-5)
+    if which == "smollm2":
+        assert len(set(batched.steps.tolist())) > 1, "early stop should end edits at different steps"
+
+
+FAST = {"v_num_grad_steps": 4, "context_template_seeds": ["The", "I"], "context_template_length": 5}
+
+
+def tiny_edit(model, data_dir, tmp_path, n=2, **kw):
+    return edit(model, requests_from(data_dir, n), hparams=FAST, stats_corpus=str(data_dir / CORPUS),
+                stats_tokens=3000, cache_dir=tmp_path / "cache", progress=False, **kw)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "gptj", "gpt_neox"])
+def test_patch_keys_and_shapes_match_the_checkpoint(arch, tiny_models, data_dir, tmp_path):
+    result = tiny_edit(tiny_models[arch], data_dir, tmp_path)
+    patch, ckpt = result.patch, Checkpoint(tiny_models[arch])
+    assert len(patch.deltas) == len(result.report.layers) >= 1
+    for name, delta in patch.deltas.items():
+        assert name in ckpt.keys() and ("down_proj" in name or "c_proj" in name or "fc_out" in name
+                                        or "dense_4h_to_h" in name)
+        assert delta.shape == ckpt.tensor(name).shape and delta.dtype == torch.float32
+        assert delta.norm() > 0
+    PatchSet([patch]).validate(ckpt)  # fingerprints bind it to this checkpoint
+    for delta in patch.deltas.values():  # R K^T (...)^-1: rank <= number of edits (up to fp32 rounding)
+        assert torch.linalg.matrix_rank(delta.double(), rtol=1e-5).item() <= 2
+
+
+def test_same_seed_gives_byte_identical_patch(tiny_models, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    first = tiny_edit(tiny_models["llama"], data_dir, tmp_path, seed=3)
+    second = tiny_edit(tiny_models["llama"], data_dir, tmp_path, seed=3)
+    assert not any(c["cached"] for c in first.report.covariance.values())
+    assert all(c["cached"] for c in second.report.covariance.values()), "stats must come from the cache"
+    a, b = first.patch.save(tmp_path / "a.patch"), second.patch.save(tmp_path / "b.patch")
+    assert a.read_bytes() == b.read_bytes()
+    other = tiny_edit(tiny_models["llama"], data_dir, tmp_path, seed=4).patch
+    assert other.patch_id != first.patch.patch_id  # the seed changes the context templates
+
+
+def test_saved_patch_round_trips_with_facts_and_settings(tiny_models, data_dir, tmp_path):
+    result = tiny_edit(tiny_models["gpt2"], data_dir, tmp_path, name="facts", version="1.0")
+    path = result.patch.save(tmp_path / "p.patch")
+    loaded = load_patch(path, verify_content=True)
+    assert loaded.patch_id == result.patch.patch_id and (loaded.name, loaded.version) == ("facts", "1.0")
+    assert [r["subject"] for r in loaded.requests] == [r.subject for r in requests_from(data_dir, 2)]
+    assert loaded.hparams["v_num_grad_steps"] == 4 and loaded.covariance["tokens"]
+
+
+def make_patch_cli(*args):
+    return subprocess.run([sys.executable, "-m", "memit_vllm", "make-patch", *args], capture_output=True, text=True)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.mark.parametrize("records, message", [
+    ([{"prompt": "The capital of France is", "subject": "Germany", "target_new": "Rome"}],
+     "does not occur in prompt"),
+    ([{"prompt": "{} is in", "subject": "Paris", "target_new": "  "}], "empty target_new"),
+    ([{"prompt": "{} is in", "subject": "Paris", "target_new": "Rome"},
+      {"prompt": "{} is in", "subject": "Paris", "target_new": "Oslo"}], "record 0 asks for"),
+    ([], "no edit requests"),
+])
+def test_bad_requests_fail_before_loading_the_model(records, message, tmp_path, tiny_models):
+    out = make_patch_cli("--model", str(tiny_models["llama"]), "--requests",
+                         str(write_jsonl(tmp_path / "r.jsonl", records)), "--out", str(tmp_path / "p.patch"))
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert "record" in out.stderr or not records
+    assert not (tmp_path / "p.patch").exists()
+
+
+def test_layers_out_of_range_and_unsupported_architecture(tmp_path, tiny_models, data_dir):
+    reqs = str(data_dir / "counterfact" / "counterfact_500.json")
+    out = make_patch_cli("--model", str(tiny_models["llama"]), "--requests", reqs, "--limit", "1",
+                         "--layers", "2,7", "--out", str(tmp_path / "p.patch"))
+    assert out.returncode == 2 and "layers [7] out of range" in out.stderr and "0..3" in out.stderr
+    fake = tmp_path / "bert"
+    fake.mkdir()
+    (fake / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(1)}, str(fake / "model.safetensors"))
+    out = make_patch_cli("--model", str(fake), "--requests", reqs, "--limit", "1", "--out", str(tmp_path / "p"))
+    assert out.returncode == 2 and "'bert' is not supported" in out.stderr and "gpt_neox" in out.stderr
+
+
+def test_target_already_predicted_is_warned(smollm2, tmp_path, data_dir):
+    reqs = [{"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower",
+             "target_new": "Paris"}]
+    with pytest.warns(UserWarning, match="already continues with ' Paris'"):
+        edit(smollm2, reqs, hparams={**FAST, "v_num_grad_steps": 1}, stats_corpus=str(data_dir / CORPUS),
+             stats_tokens=2000, cache_dir=tmp_path, layers=[3], progress=False)
+
+
+def test_request_formats_normalise_to_the_same_edit(data_dir, tmp_path):
+    full = load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=3)
+    short = load_requests(data_dir / "counterfact" / "counterfact_edit_10k.json", limit=3)
+    zsre = load_requests(data_dir / "zsre" / "zsre_mend_train_1k.json", limit=3)
+    zsre_alt = load_requests(data_dir / "zsre" / "zsre_mend_train_1k.json", limit=3, zsre_target="alt")
+    for r in full + short + zsre:
+        assert r.prompt.count("{}") == 1 and r.subject in r.text() and r.target_new.startswith(" ")
+    assert zsre[0].target_new != zsre_alt[0].target_new
+    own = write_jsonl(tmp_path / "own.jsonl", [{"prompt": full[0].text(), "subject": full[0].subject,
+                                                 "target_new": full[0].target_new.strip()}])
+    assert load_requests(own)[0].prompt == full[0].prompt
+    csv = tmp_path / "own.csv"
+    csv.write_text(f"prompt,subject,target_new,target_true\n\"{full[0].prompt}\",{full[0].subject},x,y\n")
+    assert load_requests(csv)[0].target_true == " y"
