@@ -24,9 +24,11 @@ def test_server_command_sets_load_format_and_merges_loader_config():
     assert json.loads(eq_form[-1]) == {"num_threads": 2, "patches": ["a"]}
 
 
-def test_server_command_refuses_another_load_format():
-    result = CliRunner().invoke(main, ["serve", "M", "--memit-patch", __file__, "--load-format", "auto"])
-    assert result.exit_code == 2
+def test_serve_refuses_another_load_format(tiny_models, tmp_path):
+    model = tiny_models["llama"]
+    patch = synthetic_patch(model, layers=(1,)).save(tmp_path / "p.patch")
+    result = CliRunner().invoke(main, ["serve", str(model), "--memit-patch", str(patch), "--load-format", "auto"])
+    assert result.exit_code == 2 and "drop --load-format" in result.output
 
 
 def test_server_env_names_the_plugin_and_keeps_the_other_general_plugins():
