@@ -3,11 +3,13 @@
 For each edit, delta_i is optimised (Adam, fp32) so that adding it to layer L's output at the
 subject's last token makes the model say the new target after every context-templated prompt,
 while the KL term on "{subject} is a" keeps the subject's other properties. The loss, clamp, weight
-decay and early stop are the reference's, per edit. Two things make it fast, neither changes a result:
+decay and early stop are the reference's, per edit. Three things make it fast, none changes a result:
 - edits share a batch: each delta_i only touches its own prompts, so the gradient of the summed
   loss w.r.t. delta_i is that of loss_i, and Adam keeps separate state per edit (one parameter
   tensor each; a finished edit's grad is None, so Adam leaves it alone);
-- layers 0..L are run once: their activations do not depend on delta, so every step starts at L+1.
+- layers 0..L are run once: their activations do not depend on delta, so every step starts at L+1;
+- the prompt tokens before the subject's last token do not depend on delta at any layer: their
+  keys/values are cached, and each step runs only the few tokens from the subject's last one on.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .arch import EditableModel
@@ -88,6 +89,52 @@ def compute_targets(em: EditableModel, tok, requests: list[EditRequest], templat
     return TargetResult(*(torch.cat([getattr(p, f) for p in parts]) for f in TargetResult.__dataclass_fields__))
 
 
+class _PrefixSplit:
+    """Each prompt split at the subject's last token. The prefix before it does not depend on delta at
+    any layer, so its keys/values are computed once (left-padded, so every suffix starts at the same
+    cache position) and each step runs only the suffix tokens through the layers above L."""
+
+    def __init__(self, em: EditableModel, rows: _Rows, h_layer: torch.Tensor):
+        lengths = rows.mask.sum(1)
+        self.pre_len, suf_len = rows.lookup, lengths - rows.lookup
+        R, width, S = len(lengths), int(rows.lookup.max()), int(suf_len.max())
+        j = torch.arange(S)
+        self.suf_mask = (j[None] < suf_len[:, None]).long()
+        src = (rows.lookup[:, None] + j[None]).clamp(max=rows.ids.shape[1] - 1)
+        self.suf_ids = rows.ids.gather(1, src) * self.suf_mask
+        self.suf_h = h_layer.gather(1, src[..., None].expand(-1, -1, h_layer.shape[2])) * self.suf_mask[..., None]
+        self.positions = self.pre_len[:, None] + j[None]
+        k = torch.arange(width)
+        self.pre_mask = (k[None] >= width - self.pre_len[:, None]).long()  # left padding
+        self.cache = None
+        if width:
+            src = (k[None] - (width - self.pre_len[:, None])).clamp(min=0)
+            pre_ids = rows.ids.gather(1, src) * self.pre_mask
+            with torch.no_grad():
+                cache = em.model.base_model(input_ids=pre_ids, attention_mask=self.pre_mask,
+                                            position_ids=(self.pre_mask.cumsum(1) - 1).clamp(min=0),
+                                            use_cache=True).past_key_values
+            # Rows that are all padding attend to nothing and may hold NaN; they are masked anyway.
+            self.cache = cache
+            self.kv = [(l.keys.nan_to_num(0.0), l.values.nan_to_num(0.0)) for l in cache.layers]
+
+    def forward(self, em: EditableModel, layer: int, tuple_len: int, sel: torch.Tensor, delta: torch.Tensor):
+        """Final hidden states [len(sel), S, d] of the suffixes, with delta added at layer L's output."""
+        h = self.suf_h[sel].index_put((torch.arange(len(sel)), torch.zeros(len(sel), dtype=torch.long)),
+                                      delta, accumulate=True)
+        mask = self.suf_mask[sel]
+        kwargs = {}
+        if self.cache is not None:
+            for l, (k, v) in zip(self.cache.layers, self.kv):
+                l.keys, l.values = k[sel], v[sel]  # each step starts from the prefix alone
+            mask = torch.cat([self.pre_mask[sel], mask], dim=1)
+            kwargs["past_key_values"] = self.cache
+        with resume_after(em, layer, h, tuple_len):
+            return em.model.base_model(input_ids=self.suf_ids[sel], attention_mask=mask,
+                                       position_ids=self.positions[sel], use_cache=self.cache is not None,
+                                       **kwargs).last_hidden_state
+
+
 def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams) -> TargetResult:
     rows = _build_rows(tok, requests, templates)
     n, P = len(requests), rows.ids.shape[0]
@@ -96,6 +143,7 @@ def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams) -
     h_init = h_layer[rows.first_row, rows.lookup[rows.first_row]]  # [n, d]
     max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
     lm_head = em.model.get_output_embeddings()
+    split = _PrefixSplit(em, rows, h_layer)
 
     deltas = [torch.zeros(h_init.shape[1], requires_grad=True) for _ in range(n)]
     opt = torch.optim.Adam(deltas, lr=hp.v_lr)
@@ -104,21 +152,19 @@ def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams) -
     final_loss, target_prob = torch.zeros(n), torch.zeros(n)
     steps = torch.zeros(n, dtype=torch.long)
     n_rewrite = torch.zeros(n).index_add_(0, rows.edit[~rows.is_kl], torch.ones(int((~rows.is_kl).sum())))
+    # Positions in suffix coordinates: the subject's last token is suffix position 0.
+    tgt_pos = rows.tgt_pos - rows.lookup[rows.tgt_row]
 
     for it in range(hp.v_num_grad_steps):
         sel = active[rows.edit].nonzero().squeeze(1)  # rows of the edits still optimising
         local = torch.full((P,), -1, dtype=torch.long)
         local[sel] = torch.arange(len(sel))
         delta = torch.stack(deltas)  # [n, d]
-        add = torch.zeros(len(sel), *h_layer.shape[1:]).index_put(
-            (torch.arange(len(sel)), rows.lookup[sel]), delta[rows.edit[sel]])
-        with resume_after(em, layer, h_layer[sel] + add, tuple_len):
-            out = em.model.base_model(input_ids=rows.ids[sel], attention_mask=rows.mask[sel],
-                                      use_cache=False).last_hidden_state
+        out = split.forward(em, layer, tuple_len, sel, delta[rows.edit[sel]])
 
         # NLL of the target tokens, mean over tokens of a prompt, then over an edit's prompts.
         keep = active[rows.edit[rows.tgt_row]]
-        t_row, t_pos, t_id = rows.tgt_row[keep], rows.tgt_pos[keep], rows.tgt_id[keep]
+        t_row, t_pos, t_id = rows.tgt_row[keep], tgt_pos[keep], rows.tgt_id[keep]
         logp = torch.log_softmax(lm_head(out[local[t_row], t_pos]), dim=-1).gather(1, t_id[:, None]).squeeze(1)
         prompt_nll = torch.zeros(P).index_add(0, t_row, -logp) / rows.tgt_len.clamp(min=1)
         prompt_prob = torch.zeros(P).index_add(0, t_row, logp.detach()) / rows.tgt_len.clamp(min=1)
@@ -129,7 +175,7 @@ def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams) -
         # KL(P_now || P_init) at the subject's last token of "{subject} is a".
         kl_rows = rows.is_kl.nonzero().squeeze(1)
         kl_rows = kl_rows[active[rows.edit[kl_rows]]]
-        kl_logp = torch.log_softmax(lm_head(out[local[kl_rows], rows.lookup[kl_rows]]), dim=-1)
+        kl_logp = torch.log_softmax(lm_head(out[local[kl_rows], 0]), dim=-1)
         if kl_init is None:
             kl_init = kl_logp.detach().clone()  # every edit is active at step 0, in edit order
         init = kl_init[rows.edit[kl_rows]]
