@@ -57,23 +57,27 @@ class HParams:
 
 @dataclass(frozen=True)
 class Preset:
-    """Settings published (or measured, see docs) for one model size; matched by type and depth."""
+    """Settings published (or measured, see docs) for one model size; matched by type, depth and d_ff."""
 
     model_type: str
     n_layers: int
+    d_ff: int
     layers: list[int]
     mom2_update_weight: float
     v_lr: float = 0.5
+    v_num_grad_steps: int = 25
     source: str = ""
 
 
 # lambda / d_ff for models without a preset: see the module docstring and docs/hyperparameters.md.
-LAMBDA_PER_DFF = 1.0
+LAMBDA_PER_DFF = 0.5
 
 PRESETS = [
-    Preset("gpt2", 48, [13, 14, 15, 16, 17], 20000, 0.5, "MEMIT paper, GPT-2 XL"),
-    Preset("gptj", 28, [3, 4, 5, 6, 7, 8], 15000, 0.5, "MEMIT paper, GPT-J 6B"),
-    Preset("llama", 32, [4, 5, 6, 7, 8], 15000, 0.1, "MEMIT reference, Llama-3-8B"),
+    Preset("gpt2", 48, 6400, [13, 14, 15, 16, 17], 20000, source="MEMIT paper, GPT-2 XL"),
+    Preset("gptj", 28, 16384, [3, 4, 5, 6, 7, 8], 15000, source="MEMIT paper, GPT-J 6B"),
+    Preset("llama", 32, 14336, [4, 5, 6, 7, 8], 15000, v_lr=0.1, source="MEMIT reference, Llama-3-8B"),
+    # SmolLM2-135M, measured on counterfact_500 (docs/hyperparameters.md).
+    Preset("llama", 30, 1536, [3, 4, 5, 6, 7, 8, 9], 768, v_num_grad_steps=40, source="measured, SmolLM2-135M"),
 ]
 
 
@@ -87,8 +91,9 @@ def derived_layers(n_layers: int) -> list[int]:
 def default_hparams(model_type: str, n_layers: int, d_ff: int) -> tuple[HParams, str]:
     """Preset for a known model size, else derived defaults; also says where they came from."""
     for p in PRESETS:
-        if p.model_type == model_type and p.n_layers == n_layers:
-            return HParams(layers=list(p.layers), mom2_update_weight=p.mom2_update_weight, v_lr=p.v_lr), p.source
+        if (p.model_type, p.n_layers, p.d_ff) == (model_type, n_layers, d_ff):
+            return HParams(layers=list(p.layers), mom2_update_weight=p.mom2_update_weight, v_lr=p.v_lr,
+                           v_num_grad_steps=p.v_num_grad_steps), p.source
     hp = HParams(layers=derived_layers(n_layers), mom2_update_weight=LAMBDA_PER_DFF * d_ff)
     return hp, f"derived: layers at 13% of depth, lambda = {LAMBDA_PER_DFF} x d_ff ({d_ff})"
 
