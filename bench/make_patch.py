@@ -1,0 +1,151 @@
+"""What make-patch costs on the default model, and what it buys.
+
+    .venv/bin/python bench/make_patch.py z-speed  [--edits 8]
+    .venv/bin/python bench/make_patch.py covariance [--tokens 50000]
+    .venv/bin/python bench/make_patch.py scaling  [--sizes 10,100] [--data FILE] [--eval]
+
+- z-speed: edits/s of the batched, prefix-cached z optimisation vs the plain one-edit-at-a-time,
+  full-forward implementation of the same eq. 16 (the one the exactness test checks against), same
+  requests, templates and hyperparameters, same run.
+- covariance: tokens/s of the one-pass statistics for all edited layers vs a bare full forward over
+  the same tokens.
+- scaling: make-patch end to end for each size (time split stats / z / update, peak RSS) and, with
+  --eval, CounterFact scores before/after. Stats are cached after the first size.
+Each prints the machine it ran on and a Markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+CORPUS = DATA / "corpus" / "smollm2_self_2k.jsonl"
+sys.path.insert(0, str(ROOT / "tests"))
+
+from memit_vllm.default_models import prepare  # noqa: E402
+
+
+def machine() -> str:
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
+def load(model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memit_vllm.editor.arch import EditableModel
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return tok, model, EditableModel(model)
+
+
+def z_speed(args, model_dir):
+    from test_editor import plain_z_delta  # the plain eq. 16, one edit at a time
+
+    from memit_vllm.editor.hparams import default_hparams
+    from memit_vllm.editor.prompts import context_templates
+    from memit_vllm.editor.requests import load_requests
+    from memit_vllm.editor.targets import compute_targets
+
+    tok, model, em = load(model_dir)
+    hp, _ = default_hparams(model.config.model_type, em.n_layers, em.d_ff)
+    reqs = load_requests(DATA / "counterfact" / "counterfact_500.json", limit=args.edits)
+    templates = [t for g in context_templates(model, tok, hp.context_template_seeds,
+                                              hp.context_template_length, 0) for t in g]
+    layer = hp.layers[-1]
+    t = time.perf_counter()
+    batched = compute_targets(em, tok, reqs, templates, layer, hp, progress=False)
+    fast = time.perf_counter() - t
+    t = time.perf_counter()
+    plain = [plain_z_delta(model, tok, em.layers, r, templates, layer, hp) for r in reqs]
+    slow = time.perf_counter() - t
+    err = max(float((b - p).norm() / p.norm()) for b, p in zip(batched.delta, plain))
+    print(f"machine: {machine()}; {len(reqs)} CounterFact edits, layer {layer}, {hp.v_num_grad_steps} steps")
+    print("| implementation | seconds | edits/s |\n|---|---|---|")
+    print(f"| plain: one edit at a time, full forward | {slow:.1f} | {len(reqs) / slow:.3f} |")
+    print(f"| batched, layers <= L skipped, prefix KV cached | {fast:.1f} | {len(reqs) / fast:.3f} |")
+    print(f"speed-up {slow / fast:.1f}x; max relative difference of the deltas {err:.1e}")
+
+
+def covariance(args, model_dir):
+    from memit_vllm.editor.covariance import _batches, resolve_corpus
+    from memit_vllm.editor.hparams import default_hparams
+    from memit_vllm.editor.prompts import pad_id, pad_right
+    from memit_vllm.editor.trace import capture
+
+    tok, model, em = load(model_dir)
+    hp, _ = default_hparams(model.config.model_type, em.n_layers, em.d_ff)
+    corpus = resolve_corpus(str(CORPUS), em, tok, 0)
+    batches = [pad_right(b, pad_id(tok)) for b in _batches(tok, corpus, args.tokens)]
+    n = sum(int(m.sum()) for _, m in batches)
+
+    with torch.no_grad():
+        t = time.perf_counter()
+        for ids, mask in batches:
+            model(input_ids=ids, attention_mask=mask)
+        bare = time.perf_counter() - t
+    t = time.perf_counter()
+    sums = {l: torch.zeros(em.d_ff, em.d_ff, dtype=torch.float64) for l in hp.layers}
+    for ids, mask in batches:  # what layer_covariances does per batch, minus the cache write
+        got = capture(em, ids, mask, keys=hp.layers)
+        for l in hp.layers:
+            k = got.keys[l][mask.bool()]
+            sums[l] += (k.T @ k).double()
+    ours = time.perf_counter() - t
+    print(f"machine: {machine()}; {n} tokens of {CORPUS.name}, layers {hp.layers}")
+    print("| pass | seconds | tokens/s |\n|---|---|---|")
+    print(f"| bare forward, all {em.n_layers} layers + LM head | {bare:.1f} | {n / bare:.0f} |")
+    print(f"| statistics for {len(hp.layers)} layers in one pass | {ours:.1f} | {n / ours:.0f} |")
+    print(f"ratio {ours / bare:.2f}x the bare forward")
+
+
+def scaling(args, model_dir):
+    from memit_vllm.editor import edit, load_requests
+    from memit_vllm.evaluate.run import evaluate
+
+    print(f"machine: {machine()}")
+    print("| edits | stats (s) | z (s) | update (s) | total (s) | peak RSS (GiB) | ES | PS | NS | NS before |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for size in [int(s) for s in args.sizes.split(",")]:
+        reqs = load_requests(args.data, limit=size)
+        result = edit(model_dir, reqs, stats_corpus=str(CORPUS), progress=False)
+        s = result.report.seconds
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        scores = ["-"] * 4
+        if args.eval:
+            with tempfile.TemporaryDirectory() as d:
+                ev = evaluate(str(model_dir), args.data, [result.patch.save(Path(d) / "p.patch")], n=size)
+            scores = [f"{ev['after'][k]:.3f}" for k in ("ES", "PS", "NS")] + [f"{ev['before']['NS']:.3f}"]
+        print(f"| {size} | {s['stats']:.1f} | {s['z']:.1f} | {s['update']:.1f} | {s['total']:.1f} | {rss:.2f} | "
+              + " | ".join(scores) + " |", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["z-speed", "covariance", "scaling"])
+    ap.add_argument("--model", default=None, help="checkpoint dir (default: the prepared smollm2-135m)")
+    ap.add_argument("--edits", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=50000)
+    ap.add_argument("--sizes", default="10,100")
+    ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact_500.json"))
+    ap.add_argument("--eval", action="store_true")
+    args = ap.parse_args()
+    model_dir = Path(args.model) if args.model else prepare("smollm2-135m")
+    {"z-speed": z_speed, "covariance": covariance, "scaling": scaling}[args.what](args, model_dir)
+
+
+if __name__ == "__main__":
+    main()
