@@ -1,0 +1,42 @@
+"""The whole offline path a user takes: make-patch -> inspect -> verify -> apply -> the merged
+checkpoint answers the edited prompts with the new targets (SmolLM2, the CLI as users run it)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+FACTS = Path(__file__).resolve().parents[1] / "examples" / "facts.json"
+
+
+def cli(*args):
+    out = subprocess.run([sys.executable, "-m", "memit_vllm", *args], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_make_patch_inspect_verify_apply(smollm2, data_dir, tmp_path):
+    patch = tmp_path / "facts.patch"
+    made = json.loads(cli("make-patch", "--model", str(smollm2), "--requests", str(FACTS), "--out", str(patch),
+                          "--stats-corpus", str(data_dir / "corpus" / "smollm2_self_2k.jsonl"), "--json"))
+    facts = json.loads(FACTS.read_text())
+    assert made["n_edits"] == len(facts) and patch.is_file()
+
+    info = json.loads(cli("inspect", str(patch), "--json"))
+    assert info["patch_id"] == made["patch_id"]
+    assert info["n_facts"] == len(facts)
+    assert all(layer["rank"] <= len(facts) for layer in info["layers"])
+
+    cli("verify", str(patch), "--model", str(smollm2))
+    out = tmp_path / "edited"
+    cli("apply", str(patch), "--model", str(smollm2), "--out", str(out))
+
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    for f in facts:
+        ids = tok(f["prompt"].format(f["subject"]), return_tensors="pt")
+        gen = model.generate(**ids, max_new_tokens=4, do_sample=False)
+        assert tok.decode(gen[0, ids.input_ids.shape[1]:]).strip().startswith(f["target_new"]), f
