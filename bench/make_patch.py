@@ -81,7 +81,7 @@ def z_speed(args, model_dir):
 
 
 def covariance(args, model_dir):
-    from memit_vllm.editor.covariance import _batches, resolve_corpus
+    from memit_vllm.editor.covariance import token_batches, resolve_corpus
     from memit_vllm.editor.hparams import default_hparams
     from memit_vllm.editor.prompts import pad_id, pad_right
     from memit_vllm.editor.trace import capture
@@ -89,7 +89,7 @@ def covariance(args, model_dir):
     tok, model, em = load(model_dir)
     hp, _ = default_hparams(model.config.model_type, em.n_layers, em.d_ff)
     corpus = resolve_corpus(str(CORPUS), em, tok, 0)
-    batches = [pad_right(b, pad_id(tok)) for b in _batches(tok, corpus, args.tokens)]
+    batches = [pad_right(b, pad_id(tok)) for b in token_batches(tok, corpus, args.tokens)]
     n = sum(int(m.sum()) for _, m in batches)
 
     with torch.no_grad():

@@ -127,7 +127,7 @@ def _cache_file(cache: Path, model_sha: str, corpus: Corpus, budget: int | None,
     return cache / "stats" / model_sha[:24] / key / f"layer{layer}.safetensors"
 
 
-def _batches(tok, corpus: Corpus, budget: int | None) -> Iterator[list[list[int]]]:
+def token_batches(tok, corpus: Corpus, budget: int | None) -> Iterator[list[list[int]]]:
     """Token id sequences in batches of about BATCH_TOKENS, stopping exactly at the budget."""
     used, batch, width = 0, [], 0
     for text in corpus.texts():
@@ -168,7 +168,7 @@ def layer_covariances(em: EditableModel, tok, layers: list[int], corpus: Corpus,
     sums = {l: torch.zeros(em.d_ff, em.d_ff, dtype=torch.float64) for l in todo}
     count, start = 0, time.monotonic()
     bar = tqdm(total=budget, desc="covariance", unit="tok", unit_scale=True, disable=not progress)
-    for batch in _batches(tok, corpus, budget):
+    for batch in token_batches(tok, corpus, budget):
         ids, mask = pad_right(batch, pad_id(tok))
         got = capture(em, ids, mask, keys=todo)
         real = mask.bool()

@@ -24,7 +24,7 @@ from .arch import EditableModel, arch_spec
 from .covariance import layer_covariances, resolve_corpus
 from .hparams import HParams, default_hparams, load_hparams_file
 from .prompts import context_templates, encode, pad_id, pad_right, target_ids
-from .requests import EditRequest, load_requests, validate_requests, _record
+from .requests import EditRequest, load_requests, parse_record, validate_requests
 from .targets import compute_targets
 from .trace import capture
 
@@ -55,7 +55,7 @@ class EditResult:
 def _as_requests(requests, zsre_target: str) -> list[EditRequest]:
     if isinstance(requests, (str, Path)):
         return load_requests(requests, zsre_target=zsre_target)
-    out = [r if isinstance(r, EditRequest) else _record(r, f"request {i}", zsre_target)
+    out = [r if isinstance(r, EditRequest) else parse_record(r, f"request {i}", zsre_target)
            for i, r in enumerate(requests)]
     return validate_requests(out)
 

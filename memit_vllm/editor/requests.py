@@ -51,7 +51,8 @@ def _templated(prompt: str, subject: str, where: str) -> str:
     return prompt[:i] + "{}" + prompt[i + len(subject):]
 
 
-def _record(rec: dict, where: str, zsre_target: str) -> EditRequest:
+def parse_record(rec: dict, where: str, zsre_target: str = "answers") -> EditRequest:
+    """One record of any supported format as an EditRequest; `where` names it in errors."""
     if "requested_rewrite" in rec:  # CounterFact, full schema
         rw = rec["requested_rewrite"]
         rw = rw[0] if isinstance(rw, list) else rw
@@ -103,7 +104,7 @@ def load_requests(path: str | Path, limit: int | None = None, zsre_target: str =
     if zsre_target not in ZSRE_TARGETS:
         raise MemitError(f"zsre target must be one of {ZSRE_TARGETS}, not {zsre_target!r}")
     records = _read_records(path)[:limit]
-    requests = [_record(r, f"{path} record {i}", zsre_target) for i, r in enumerate(records)]
+    requests = [parse_record(r, f"{path} record {i}", zsre_target) for i, r in enumerate(records)]
     return validate_requests(requests, str(path))
 
 

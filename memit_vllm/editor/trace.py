@@ -34,10 +34,10 @@ class Captured:
 
 @torch.no_grad()
 def capture(em: EditableModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            outputs: list[int] = (), keys: list[int] = (), all_layers: bool = False) -> Captured:
+            outputs: list[int] = (), keys: list[int] = ()) -> Captured:
     """One forward recording the requested layer outputs and down-projection inputs."""
     got = Captured({}, {}, {})
-    last = max([*outputs, *keys, -1]) if not all_layers else em.n_layers - 1
+    last = max([*outputs, *keys])
     handles = []
 
     def on_layer(i):
