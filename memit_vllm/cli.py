@@ -58,3 +58,4 @@ from .serve import serve; main.add_command(serve)  # noqa: E402,E702
 from .evaluate.command import eval_command; main.add_command(eval_command)  # noqa: E402,E702
 from .patch.commands import PATCH_COMMANDS; [main.add_command(c) for c in PATCH_COMMANDS]  # noqa: E402,E702
 from .editor.command import make_patch_command; main.add_command(make_patch_command)  # noqa: E402,E702
+from .lora_export import export_lora_command; main.add_command(export_lora_command)  # noqa: E402,E702
