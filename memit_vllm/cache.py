@@ -36,6 +36,9 @@ def atomic_path(final: str | os.PathLike, suffix: str = ""):
     os.close(fd)
     try:
         yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the final file gets the usual mode
         os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):
