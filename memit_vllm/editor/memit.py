@@ -67,7 +67,8 @@ def _hparams(em: EditableModel, hparams, overrides: dict) -> tuple[HParams, str]
     elif hparams is not None:
         values = hparams if isinstance(hparams, dict) else load_hparams_file(hparams)
         hp, source = hp.replace(**values), f"{hparams if not isinstance(hparams, dict) else 'dict'} over {source}"
-    return hp.replace(**overrides), source
+    given = sorted(k for k, v in overrides.items() if v is not None)
+    return hp.replace(**overrides), source + (f", with {', '.join(given)} given" if given else "")
 
 
 @torch.no_grad()

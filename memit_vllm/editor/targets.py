@@ -97,7 +97,7 @@ class _PrefixSplit:
     def __init__(self, em: EditableModel, rows: _Rows, h_layer: torch.Tensor):
         lengths = rows.mask.sum(1)
         self.pre_len, suf_len = rows.lookup, lengths - rows.lookup
-        R, width, S = len(lengths), int(rows.lookup.max()), int(suf_len.max())
+        width, S = int(rows.lookup.max()), int(suf_len.max())
         j = torch.arange(S)
         self.suf_mask = (j[None] < suf_len[:, None]).long()
         src = (rows.lookup[:, None] + j[None]).clamp(max=rows.ids.shape[1] - 1)
@@ -114,8 +114,8 @@ class _PrefixSplit:
                 cache = em.model.base_model(input_ids=pre_ids, attention_mask=self.pre_mask,
                                             position_ids=(self.pre_mask.cumsum(1) - 1).clamp(min=0),
                                             use_cache=True).past_key_values
-            # Rows that are all padding attend to nothing and may hold NaN; they are masked anyway.
             self.cache = cache
+            # Rows that are all padding attend to nothing and may hold NaN; they are masked anyway.
             self.kv = [(l.keys.nan_to_num(0.0), l.values.nan_to_num(0.0)) for l in cache.layers]
 
     def forward(self, em: EditableModel, layer: int, tuple_len: int, sel: torch.Tensor, delta: torch.Tensor):
