@@ -3,6 +3,7 @@
     .venv/bin/python bench/make_patch.py z-speed  [--edits 8]
     .venv/bin/python bench/make_patch.py covariance [--tokens 50000]
     .venv/bin/python bench/make_patch.py scaling  [--sizes 10,100] [--data FILE] [--eval]
+                                                  [--layers 3-9] [--lambda 768] [--hparams '{"v_num_grad_steps": 40}']
 
 - z-speed: edits/s of the batched, prefix-cached z optimisation vs the plain one-edit-at-a-time,
   full-forward implementation of the same eq. 16 (the one the exactness test checks against), same
@@ -10,7 +11,8 @@
 - covariance: tokens/s of the one-pass statistics for all edited layers vs a bare full forward over
   the same tokens.
 - scaling: make-patch end to end for each size (time split stats / z / update, peak RSS) and, with
-  --eval, CounterFact scores before/after. Stats are cached after the first size.
+  --eval, CounterFact scores before/after. Stats are cached after the first size. The hyperparameter
+  options override the preset (docs/hyperparameters.md's table is rows of this with --sizes 10).
 Each prints the machine it ran on and a Markdown table for docs/benchmarks.md.
 """
 
@@ -113,15 +115,21 @@ def covariance(args, model_dir):
 
 
 def scaling(args, model_dir):
+    import json
+
     from memit_vllm.editor import edit, load_requests
+    from memit_vllm.editor.command import parse_layers
     from memit_vllm.evaluate.run import evaluate
 
-    print(f"machine: {machine()}")
+    overrides = json.loads(args.hparams) if args.hparams else None
+    print(f"machine: {machine()}; layers {args.layers or 'preset'}, lambda {args.lam or 'preset'}, "
+          f"hparams {overrides or 'preset'}")
     print("| edits | stats (s) | z (s) | update (s) | total (s) | peak RSS (GiB) | ES | PS | NS | NS before |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in [int(s) for s in args.sizes.split(",")]:
         reqs = load_requests(args.data, limit=size)
-        result = edit(model_dir, reqs, stats_corpus=str(CORPUS), progress=False)
+        result = edit(model_dir, reqs, stats_corpus=str(CORPUS), hparams=overrides, layers=parse_layers(args.layers),
+                      mom2_update_weight=args.lam, progress=False)
         s = result.report.seconds
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         scores = ["-"] * 4
@@ -142,6 +150,9 @@ def main():
     ap.add_argument("--sizes", default="10,100")
     ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact_500.json"))
     ap.add_argument("--eval", action="store_true")
+    ap.add_argument("--layers", help="override the preset's layers, e.g. 4-8")
+    ap.add_argument("--lambda", dest="lam", type=float, help="override lambda (mom2_update_weight)")
+    ap.add_argument("--hparams", help="JSON of other overrides, e.g. '{\"v_num_grad_steps\": 25}'")
     args = ap.parse_args()
     model_dir = Path(args.model) if args.model else prepare("smollm2-135m")
     {"z-speed": z_speed, "covariance": covariance, "scaling": scaling}[args.what](args, model_dir)

@@ -11,7 +11,7 @@ import click
 from ..errors import MemitError
 
 
-def _layers(value: str | None) -> list[int] | None:
+def parse_layers(value: str | None) -> list[int] | None:
     if not value:
         return None
     try:
@@ -51,7 +51,7 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
     requests = load_requests(requests_path, limit=limit, zsre_target=zsre_target)
     with warnings.catch_warnings(record=True):  # they are in the report, printed below
         warnings.simplefilter("always")
-        result = edit(model, requests, hparams=hparams, layers=_layers(layers), mom2_update_weight=mom2_update_weight,
+        result = edit(model, requests, hparams=hparams, layers=parse_layers(layers), mom2_update_weight=mom2_update_weight,
                       stats_corpus=stats_corpus, stats_tokens=stats_tokens, stats_dtype=stats_dtype,
                       cache_dir=cache_dir, seed=seed, name=name, version=version_, zsre_target=zsre_target,
                       progress=not as_json)
