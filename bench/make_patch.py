@@ -83,10 +83,9 @@ def z_speed(args, model_dir):
 
 
 def covariance(args, model_dir):
-    from memit_vllm.editor.covariance import token_batches, resolve_corpus
+    from memit_vllm.editor.covariance import accumulate, resolve_corpus, token_batches
     from memit_vllm.editor.hparams import default_hparams
     from memit_vllm.editor.prompts import pad_id, pad_right
-    from memit_vllm.editor.trace import capture
 
     tok, model, em = load(model_dir)
     hp, _ = default_hparams(model.config.model_type, em.n_layers, em.d_ff)
@@ -101,11 +100,8 @@ def covariance(args, model_dir):
         bare = time.perf_counter() - t
     t = time.perf_counter()
     sums = {l: torch.zeros(em.d_ff, em.d_ff, dtype=torch.float64) for l in hp.layers}
-    for ids, mask in batches:  # what layer_covariances does per batch, minus the cache write
-        got = capture(em, ids, mask, keys=hp.layers)
-        for l in hp.layers:
-            k = got.keys[l][mask.bool()]
-            sums[l] += (k.T @ k).double()
+    for ids, mask in batches:  # layer_covariances' per-batch work, minus the cache write
+        accumulate(em, ids, mask, sums)
     ours = time.perf_counter() - t
     print(f"machine: {machine()}; {n} tokens of {CORPUS.name}, layers {hp.layers}")
     print("| pass | seconds | tokens/s |\n|---|---|---|")

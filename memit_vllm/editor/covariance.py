@@ -148,6 +148,17 @@ def token_batches(tok, corpus: Corpus, budget: int | None) -> Iterator[list[list
         yield batch
 
 
+def accumulate(em: EditableModel, ids: torch.Tensor, mask: torch.Tensor, sums: dict[int, torch.Tensor],
+               dtype: torch.dtype = torch.float32) -> int:
+    """Add k^T k of one batch's real tokens to sums[layer] (float64) for every layer; return the token count."""
+    got = capture(em, ids, mask, keys=list(sums))
+    real = mask.bool()
+    for layer, total in sums.items():
+        k = got.keys[layer][real].to(dtype)
+        total += (k.T @ k).to(torch.float64)
+    return int(real.sum())
+
+
 def layer_covariances(em: EditableModel, tok, layers: list[int], corpus: Corpus, model_sha: str,
                       budget: int | None, dtype: str, cache: Path, progress: bool = True) -> tuple[dict, dict]:
     """C_l (float64) for each layer, from the cache where present; one corpus pass for the rest."""
@@ -169,13 +180,7 @@ def layer_covariances(em: EditableModel, tok, layers: list[int], corpus: Corpus,
     count, start = 0, time.monotonic()
     bar = tqdm(total=budget, desc="covariance", unit="tok", unit_scale=True, disable=not progress)
     for batch in token_batches(tok, corpus, budget):
-        ids, mask = pad_right(batch, pad_id(tok))
-        got = capture(em, ids, mask, keys=todo)
-        real = mask.bool()
-        for l in todo:
-            k = got.keys[l][real].to(acc_dtype)
-            sums[l] += (k.T @ k).to(torch.float64)
-        n = int(real.sum())
+        n = accumulate(em, *pad_right(batch, pad_id(tok)), sums, acc_dtype)
         count += n
         bar.update(n)
     bar.close()
