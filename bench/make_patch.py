@@ -125,9 +125,11 @@ def scaling(args, model_dir):
     for size in [int(s) for s in args.sizes.split(",")]:
         reqs = load_requests(args.data, limit=size)
         result = edit(model_dir, reqs, stats_corpus=str(CORPUS), hparams=overrides, layers=parse_layers(args.layers),
-                      mom2_update_weight=args.lam, progress=False)
+                      mom2_update_weight=args.lam, progress=args.progress)
         s = result.report.seconds
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        if args.save_dir:
+            result.patch.save(Path(args.save_dir) / f"scaling-{size}.patch")
         scores = ["-"] * 4
         if args.eval:
             with tempfile.TemporaryDirectory() as d:
@@ -146,6 +148,8 @@ def main():
     ap.add_argument("--sizes", default="10,100")
     ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact_500.json"))
     ap.add_argument("--eval", action="store_true")
+    ap.add_argument("--save-dir", help="also keep each size's patch here as scaling-N.patch")
+    ap.add_argument("--progress", action="store_true", help="progress bars on stderr (for long sizes)")
     ap.add_argument("--layers", help="override the preset's layers, e.g. 4-8")
     ap.add_argument("--lambda", dest="lam", type=float, help="override lambda (mom2_update_weight)")
     ap.add_argument("--hparams", help="JSON of other overrides, e.g. '{\"v_num_grad_steps\": 25}'")

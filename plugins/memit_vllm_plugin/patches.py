@@ -17,11 +17,12 @@ _LAYER = re.compile(r"\.(\d+)\.")
 
 
 def patch_paths(extra_config: Mapping) -> list[str]:
-    """`{"patches": ["a.patch", ...]}`; a single string is one patch (the dotted CLI form gives one)."""
+    """`{"patches": ["a.patch", ...]}`; a single string is one patch (the dotted CLI form gives one).
+    An explicit empty list serves the base model (patches can then be applied at run time)."""
     paths = extra_config.get(PATCHES_KEY)
     if isinstance(paths, str):
         paths = [paths]
-    if not paths or not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise PatchError(f'load format memit needs model_loader_extra_config {{"{PATCHES_KEY}": ["file.patch", ...]}}, '
                          f"got {dict(extra_config)!r}")
     return paths
