@@ -59,3 +59,4 @@ from .evaluate.command import eval_command; main.add_command(eval_command)  # no
 from .patch.commands import PATCH_COMMANDS; [main.add_command(c) for c in PATCH_COMMANDS]  # noqa: E402,E702
 from .editor.command import make_patch_command; main.add_command(make_patch_command)  # noqa: E402,E702
 from .lora_export import export_lora_command; main.add_command(export_lora_command)  # noqa: E402,E702
+from .ab import ab_command; main.add_command(ab_command)  # noqa: E402,E702

@@ -27,3 +27,17 @@ def data_dir() -> Path:
     if not DATA.is_dir():
         pytest.fail(f"shared data not found at {DATA}: the tests read ../shared/data beside the checkout")
     return DATA
+
+
+@pytest.fixture(scope="session")
+def facts_patch(smollm2, data_dir, tmp_path_factory) -> Path:
+    """A real MEMIT patch of examples/facts.json on SmolLM2 (3 CounterFact records), made once per session
+    for the serving tests (statistics come from the cache the editor tests fill)."""
+    import json
+
+    from memit_vllm import make_patch
+
+    facts = json.loads((ROOT / "examples" / "facts.json").read_text())
+    out = tmp_path_factory.mktemp("facts") / "facts.patch"
+    return make_patch(smollm2, facts, stats_corpus=str(data_dir / "corpus" / "smollm2_self_2k.jsonl"),
+                      name="facts", version="1", progress=False).save(out)

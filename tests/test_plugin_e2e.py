@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from memit_vllm import make_patch
 from test_plugin_serve import hf_greedy, serve_cmd
 from vllm_server import vllm_server
 
@@ -24,10 +23,9 @@ UNTOUCHED = ["The capital of France is", "The Eiffel Tower is located in", "Bara
              "The largest ocean on Earth is the", "Water is made of hydrogen and"]
 
 
-def test_served_patch_of_real_edits(smollm2, data_dir, tmp_path):
+def test_served_patch_of_real_edits(smollm2, facts_patch, tmp_path):
     facts = json.loads(FACTS.read_text())
-    patch = make_patch(smollm2, facts, stats_corpus=str(data_dir / "corpus" / "smollm2_self_2k.jsonl"),
-                       name="e2e", version="1", progress=False).save(tmp_path / "facts.patch")
+    patch = facts_patch
     edited = [f["prompt"].format(f["subject"]) for f in facts]
     base_untouched = hf_greedy(smollm2, UNTOUCHED, n=6)
     with vllm_server(serve_cmd(smollm2, patch), str(smollm2), tmp_path / "serve.log") as server:

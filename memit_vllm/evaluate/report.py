@@ -28,29 +28,39 @@ def write_json(result: dict, path: str | Path) -> None:
 
 def plot(result: dict, path: str | Path) -> Path:
     """Grouped bars per metric; scores, magnitudes and GE get their own panels (different scales)."""
+    names = list(result["metrics"])
+    series = {c: result[c] for c in ("before", "after") if c in result}
+    panels = [([n for n in names if not n.endswith("_magnitude") and n != "GE"], (0, 1.08)),
+              ([n for n in names if n.endswith("_magnitude")], None), ([n for n in names if n == "GE"], None)]
+    return bar_chart([(p, series, lim) for p, lim in panels if p], _title(result), path)
+
+
+COLORS = ("#8c8c8c", "#1f77b4")
+
+
+def bar_chart(panels: list[tuple[list[str], dict[str, dict], tuple | None]], title: str, path: str | Path) -> Path:
+    """One panel per (metric names, {series label: {metric: value}}, y-limits or None), bars grouped by
+    metric, series side by side; written as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(result["metrics"])
-    panels = [p for p in ([n for n in names if not n.endswith("_magnitude") and n != "GE"],
-                          [n for n in names if n.endswith("_magnitude")], [n for n in names if n == "GE"]) if p]
-    series = [(c, color) for c, color in (("before", "#8c8c8c"), ("after", "#1f77b4")) if c in result]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 + 1.3 * len(names), 4),
-                             gridspec_kw={"width_ratios": [len(p) for p in panels]}, squeeze=False)
-    bar = 0.8 / len(series)
-    for ax, panel in zip(axes[0], panels):
-        for k, (label, color) in enumerate(series):
-            xs = [i + (k - (len(series) - 1) / 2) * bar for i in range(len(panel))]
-            bars = ax.bar(xs, [result[label][n] for n in panel], bar, label=label, color=color)
+    widths = [len(names) for names, _, _ in panels]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 + 1.3 * sum(widths), 4),
+                             gridspec_kw={"width_ratios": widths}, squeeze=False)
+    for ax, (names, series, ylim) in zip(axes[0], panels):
+        bar = 0.8 / len(series)
+        for k, (label, values) in enumerate(series.items()):
+            xs = [i + (k - (len(series) - 1) / 2) * bar for i in range(len(names))]
+            bars = ax.bar(xs, [values[n] for n in names], bar, label=label, color=COLORS[k % len(COLORS)])
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
-        ax.set_xticks(range(len(panel)), [n.replace("_magnitude", "\nmagnitude") for n in panel], fontsize=8)
+        ax.set_xticks(range(len(names)), [n.replace("_magnitude", "\nmagnitude") for n in names], fontsize=8)
         ax.axhline(0, color="black", linewidth=0.6)
-        if panel[0] in ("S", "efficacy"):
-            ax.set_ylim(0, 1.08)
+        if ylim:
+            ax.set_ylim(*ylim)
     axes[0][0].legend(loc="upper left", fontsize=8)
-    fig.suptitle(_title(result), fontsize=8, wrap=True)
+    fig.suptitle(title, fontsize=8, wrap=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

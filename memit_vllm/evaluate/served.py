@@ -20,27 +20,41 @@ from ..errors import MemitError
 from .scoring import TargetScore, encode_pair, map_batched
 
 
+def request_json(url: str, route: str, body: dict | None = None, timeout: float = 600) -> dict:
+    """GET (no body) or POST a JSON request; any failure is one MemitError naming the server."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url + route, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise MemitError(f"{url}{route} answered {e.code}: {e.read()[:300]!r}") from e
+    except OSError as e:
+        raise MemitError(f"cannot reach the server at {url} ({e}); is it running?") from e
+
+
 class ServedScorer:
-    def __init__(self, url: str, tokenizer, batch_size: int = 16, progress: bool = False, timeout: float = 600):
+    """`model`: which of the server's models to score (a LoRA variant's name, say); default its first."""
+
+    def __init__(self, url: str, tokenizer, batch_size: int = 16, progress: bool = False, timeout: float = 600,
+                 model: str | None = None):
         self.url, self.tokenizer = url.rstrip("/"), tokenizer
         self.batch_size, self.progress, self.timeout = batch_size, progress, timeout
-        self.model = self._request("/v1/models")["data"][0]["id"]
+        served = [m["id"] for m in self._request("/v1/models")["data"]]
+        if model is not None and model not in served:
+            raise MemitError(f"{self.url} serves no model {model!r}; it serves {served}")
+        self.model = model or served[0]
 
     def _request(self, route: str, body: dict | None = None) -> dict:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + route, data=data, headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                return json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            raise MemitError(f"{self.url}{route} answered {e.code}: {e.read()[:300]!r}") from e
-        except OSError as e:
-            raise MemitError(f"cannot reach the server at {self.url} ({e}); is it running?") from e
+        return request_json(self.url, route, body, self.timeout)
 
     def served_patch_ids(self) -> list[str]:
-        """Patch ids the server merged (GET /memit/patches); a plain vLLM server has none."""
+        """Patch ids behind the scored model (GET /memit/patches): those the server merged, then the
+        variant's own when the model is a `--memit-variant`; a plain vLLM server has none."""
         try:
-            return [p["id"] for p in self._request("/memit/patches")["patches"]]
+            served = self._request("/memit/patches")
+            variant = served.get("variants", {}).get(self.model)
+            return [p["id"] for p in served["patches"]] + ([variant] if variant else [])
         except MemitError as e:
             if " answered 404" in str(e):
                 return []

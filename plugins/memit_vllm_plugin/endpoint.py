@@ -3,7 +3,8 @@
 A `vllm.endpoint_plugins` entry point; vLLM loads it in the API server process only when
 `VLLM_PLUGINS` names it (`memit-vllm serve` sets that).
 
-- `GET /memit/patches`: the active patch stack, public like `/v1/models` (clients and deploy checks).
+- `GET /memit/patches`: the active patch stack and the patch behind each `--memit-variant` model, public
+  like `/v1/models` (clients and deploy checks).
 - `POST /memit/patches {"path": FILE}`: apply a patch on top of the stack, without a restart.
 - `DELETE /memit/patches/{id}`: revert one patch; its weights go back to base + the others.
 - `GET /memit/weights`: fingerprints of every weight a patch touched since start, as served, next to
@@ -15,14 +16,17 @@ is unset in the server's environment.
 from __future__ import annotations
 
 import hmac
+import json
 import os
 from argparse import Namespace
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import State
 
 from memit_vllm.errors import MemitError
+from memit_vllm.lora_export import METADATA_FILE
 from memit_vllm.serve import WORKER_EXTENSION as EXTENSION
 
 from .hot_swap import HotSwap, SwapError
@@ -63,6 +67,16 @@ async def _run(request: Request, action) -> JSONResponse:
         return _error(422, str(e))
 
 
+def variants(lora_modules) -> dict[str, str]:
+    """Model name -> patch id of each LoRA adapter exported from a patch (`--memit-variant`)."""
+    out = {}
+    for m in lora_modules:
+        meta = Path(m.path) / METADATA_FILE
+        if meta.is_file():
+            out[m.name] = json.loads(meta.read_text())["patch_id"]
+    return out
+
+
 class PatchesEndpoint:
     name = "memit_vllm"
     required_tasks = None
@@ -70,8 +84,9 @@ class PatchesEndpoint:
     def attach_router(self, app: FastAPI) -> None:
         @app.get(ROUTE)
         async def memit_patches(request: Request) -> dict:
-            swap = request.app.state.memit_swap
-            return {"patches": swap.describe() if swap else request.app.state.memit_patches}
+            state = request.app.state
+            return {"patches": state.memit_swap.describe() if state.memit_swap else state.memit_patches,
+                    "variants": state.memit_variants}
 
         @app.post(ROUTE)
         async def memit_apply(request: Request) -> JSONResponse:
@@ -96,6 +111,7 @@ class PatchesEndpoint:
         memit = getattr(args, "load_format", None) == "memit"
         patches = load_patches(args.model_loader_extra_config or {}) if memit else []
         state.memit_patches = [describe(p) for p in patches]
+        state.memit_variants = variants(getattr(args, "lora_modules", None) or [])
         state.memit_swap, state.memit_swap_why = None, ""
         if engine_client is None or not memit or getattr(args, "worker_extension_cls", None) != EXTENSION:
             state.memit_swap_why = ("start it with `memit-vllm serve` (load format memit and "

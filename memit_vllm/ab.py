@@ -1,0 +1,222 @@
+"""`memit-vllm ab`: two served arms (endpoint + model), the same edit requests and regression prompts,
+compared side by side: did the edits take, did the rest stay, and what does each arm cost in latency.
+
+An arm is `URL[:MODEL]`: two servers with different patch sets, or one server with variants
+(`memit-vllm serve M --memit-variant NAME=P`), where MODEL picks the variant. Everything goes through
+the OpenAI API; the edit metrics are `memit-vllm eval`'s (same scorer, same definitions).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from .errors import MemitError
+from .evaluate.data import read_dataset
+from .evaluate.metrics import COUNTERFACT_METRICS, ZSRE_METRICS
+
+GENERATE_TOKENS = 16
+LATENCY_CONCURRENCY = 4  # parallel single-prompt requests while latency is measured
+
+
+@dataclass
+class Arm:
+    label: str
+    url: str
+    model: str | None
+
+    @property
+    def name(self) -> str:
+        return f"{self.url}:{self.model}" if self.model else self.url
+
+
+def parse_arm(label: str, spec: str) -> Arm:
+    """`http://host:port[:MODEL]`: a trailing `:X` is a model unless X is a port number."""
+    if not spec.startswith(("http://", "https://")):
+        raise MemitError(f"--{label.lower()} {spec!r}: expected http(s)://HOST:PORT[:MODEL]")
+    head, sep, tail = spec.rpartition(":")
+    if sep and not tail.isdigit() and not tail.startswith("//") and head not in ("http", "https"):
+        return Arm(label, head.rstrip("/"), tail)
+    return Arm(label, spec.rstrip("/"), None)
+
+
+def read_regression(path: str | Path) -> list[dict]:
+    """Prompts as a JSON list or JSONL of strings or {"prompt", "answer"?} objects."""
+    text = Path(path).read_text()
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise MemitError(f"--regression {path}: neither JSON nor JSONL ({e})") from e
+    out = []
+    for i, item in enumerate(items if isinstance(items, list) else [items]):
+        item = {"prompt": item} if isinstance(item, str) else item
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"]:
+            raise MemitError(f"--regression {path}: item {i} is not a prompt string or {{\"prompt\": ...}}")
+        out.append({"prompt": item["prompt"], "answer": item.get("answer")})
+    if not out:
+        raise MemitError(f"--regression {path} holds no prompts")
+    return out
+
+
+def _tokenizer_for(arm: Arm, tokenizer: str | None):
+    """The tokenizer of the arm's base model: --tokenizer, else the server's root model if it is a local dir."""
+    from transformers import AutoTokenizer
+
+    from .evaluate.served import request_json
+
+    if tokenizer is None:
+        models = {m["id"]: m for m in request_json(arm.url, "/v1/models")["data"]}
+        model = models.get(arm.model) if arm.model else next(iter(models.values()))
+        if model is None:
+            raise MemitError(f"{arm.url} serves no model {arm.model!r}; it serves {sorted(models)}")
+        tokenizer = model.get("root") or model["id"]
+        if not Path(tokenizer).is_dir():
+            tokenizer = model.get("parent") or tokenizer
+        if not Path(tokenizer).is_dir():
+            raise MemitError(f"cannot find the tokenizer of {arm.name} (model {tokenizer!r} is not a local dir): "
+                             "pass --tokenizer DIR")
+    return AutoTokenizer.from_pretrained(tokenizer)
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    ms = sorted(s * 1000 for s in seconds)
+    q = statistics.quantiles(ms, n=100, method="inclusive") if len(ms) > 1 else ms * 99
+    return {"p50_ms": q[49], "p90_ms": q[89], "p99_ms": q[98], "mean_ms": statistics.fmean(ms), "requests": len(ms)}
+
+
+def _timed_completions(scorer, prompts: list[str]) -> tuple[list[str], list[float]]:
+    """Greedy continuations, one request per prompt (so each has its own latency), a few at a time."""
+    def one(prompt: str) -> tuple[str, float]:
+        start = time.perf_counter()
+        out = scorer._request("/v1/completions", {"model": scorer.model, "prompt": prompt,
+                                                  "max_tokens": GENERATE_TOKENS, "temperature": 0})
+        return out["choices"][0]["text"], time.perf_counter() - start
+
+    with ThreadPoolExecutor(LATENCY_CONCURRENCY) as pool:
+        results = list(pool.map(one, prompts))
+    return [t for t, _ in results], [s for _, s in results]
+
+
+def _hit(completion: str, target: str) -> bool:
+    return completion.strip().startswith(target.strip())
+
+
+def run_arm(arm: Arm, records: list, fmt: str, regression: list[dict], tokenizer, batch_size: int) -> dict:
+    from .evaluate.run import measure_counterfact, measure_zsre
+    from .evaluate.served import ServedScorer
+
+    scorer = ServedScorer(arm.url, tokenizer, batch_size=batch_size, model=arm.model)
+    metrics = measure_zsre(scorer, records) if fmt == "zsre" else measure_counterfact(scorer, records)
+    if fmt == "zsre":
+        gen = [(r.src, r.target) for r in records] + [(r.rephrase, r.target) for r in records]
+    else:
+        gen = [(r.rewrite_prompt, r.target_new) for r in records]
+        gen += [(p, r.target_new) for r in records for p in r.paraphrase_prompts]
+    texts, seconds = _timed_completions(scorer, [p for p, _ in gen] + [x["prompt"] for x in regression])
+    n_rewrite = len(records)
+    hits = [_hit(t, target) for t, (_, target) in zip(texts, gen)]
+    metrics["rewrite_hit"] = sum(hits[:n_rewrite]) / n_rewrite
+    metrics["paraphrase_hit"] = sum(hits[n_rewrite:]) / max(len(hits) - n_rewrite, 1)
+    return {"arm": arm.name, "url": arm.url, "model": scorer.model, "patches": scorer.served_patch_ids(),
+            "metrics": metrics, "latency": _percentiles(seconds), "regression_answers": texts[len(gen):]}
+
+
+def _agreement(answers: list[str], reference: list[str]) -> float:
+    return sum(a.strip() == r.strip() for a, r in zip(answers, reference)) / len(reference)
+
+
+def compare(a: Arm, b: Arm, edits: str, regression: str | None = None, n: int | None = None,
+            tokenizer: str | None = None, batch_size: int = 16) -> dict:
+    """Both arms on the same data; regression answers are compared with each item's "answer", or with
+    arm A's answer where an item has none (A is the control arm)."""
+    fmt, records = read_dataset(edits, n)
+    prompts = read_regression(regression) if regression else []
+    tok = _tokenizer_for(a, tokenizer)
+    arms = [run_arm(arm, records, fmt, prompts, tok, batch_size) for arm in (a, b)]
+    if prompts:
+        reference = [x["answer"] if x["answer"] is not None else arms[0]["regression_answers"][i].strip()
+                     for i, x in enumerate(prompts)]
+        for arm in arms:
+            arm["metrics"]["regression_agreement"] = _agreement(arm["regression_answers"], reference)
+    meanings = dict(ZSRE_METRICS if fmt == "zsre" else
+                    {k: v for k, v in COUNTERFACT_METRICS.items() if k in arms[0]["metrics"]})
+    meanings["rewrite_hit"] = "greedy completion of the rewrite prompt starts with the new target"
+    meanings["paraphrase_hit"] = "same, on paraphrases"
+    if prompts:
+        meanings["regression_agreement"] = "greedy answer on regression prompts equals the reference answer"
+    return {"edits": str(Path(edits).resolve()), "format": fmt, "n": len(records),
+            "regression": str(Path(regression).resolve()) if regression else None,
+            "regression_prompts": len(prompts), "metrics": meanings, "A": arms[0], "B": arms[1],
+            "delta": {k: arms[1]["metrics"][k] - arms[0]["metrics"][k] for k in meanings}}
+
+
+def format_table(result: dict) -> str:
+    a, b = result["A"], result["B"]
+    width = max(map(len, [*result["metrics"], "latency p99 (ms)"]))
+    lines = [f"A = {a['arm']} (patches: {', '.join(a['patches']) or 'none'})",
+             f"B = {b['arm']} (patches: {', '.join(b['patches']) or 'none'})",
+             f"{Path(result['edits']).name}: {result['n']} edits ({result['format']}); "
+             f"{result['regression_prompts']} regression prompts",
+             f"{'metric':<{width}}  {'A':>9}  {'B':>9}  {'B - A':>9}"]
+    for k, meaning in result["metrics"].items():
+        lines.append(f"{k:<{width}}  {a['metrics'][k]:>9.4f}  {b['metrics'][k]:>9.4f}  "
+                     f"{result['delta'][k]:>+9.4f}   {meaning}")
+    for q in ("p50", "p90", "p99"):
+        key = f"{q}_ms"
+        lines.append(f"{f'latency {q} (ms)':<{width}}  {a['latency'][key]:>9.1f}  {b['latency'][key]:>9.1f}  "
+                     f"{b['latency'][key] - a['latency'][key]:>+9.1f}")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: str | Path) -> Path:
+    from .evaluate.report import bar_chart
+
+    scores = [k for k in result["metrics"] if not k.endswith("_magnitude")]
+    series = {"A": result["A"]["metrics"], "B": result["B"]["metrics"]}
+    latency = {label: {f"{q} ms": result[label]["latency"][f"{q}_ms"] for q in ("p50", "p90", "p99")}
+               for label in ("A", "B")}
+    title = f"A = {result['A']['arm']}   B = {result['B']['arm']}   ({result['n']} edits)"
+    return bar_chart([(scores, series, (0, 1.08)), (["p50 ms", "p90 ms", "p99 ms"], latency, None)], title, path)
+
+
+@click.command("ab")
+@click.option("--a", "arm_a", required=True, metavar="URL[:MODEL]", help="Arm A (the control), e.g. "
+              "http://127.0.0.1:8000 or http://127.0.0.1:8000:base.")
+@click.option("--b", "arm_b", required=True, metavar="URL[:MODEL]", help="Arm B, e.g. http://127.0.0.1:8000:edited.")
+@click.option("--edits", required=True, help="Edit requests: CounterFact (full or EasyEdit layout) or zsRE JSON.")
+@click.option("--regression", default=None, help="Prompts (JSON list / JSONL of strings or {prompt, answer}) whose "
+              "answers should not change; without an answer, arm A's answer is the reference.")
+@click.option("--n", type=click.IntRange(min=1), default=None, help="Use the first N edit records.")
+@click.option("--tokenizer", default=None, help="Tokenizer dir (default: the served base model's dir).")
+@click.option("--json", "json_out", default="ab.json", show_default=True, metavar="PATH",
+              help="Write the full result here ('-': print it instead of the table).")
+@click.option("--plot", "plot_out", default="ab.png", show_default=True, metavar="PNG", help="Chart of A vs B.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+def ab_command(arm_a, arm_b, edits, regression, n, tokenizer, json_out, plot_out, batch_size):
+    """Compare two served arms on edit success, regressions and latency (table, JSON, PNG)."""
+    from .cache import atomic_path
+
+    a, b = parse_arm("A", arm_a), parse_arm("B", arm_b)
+    if regression:
+        read_regression(regression)  # a bad file fails before any request
+    result = compare(a, b, edits, regression, n=n, tokenizer=tokenizer, batch_size=batch_size)
+    if not result["regression_prompts"]:
+        for arm in ("A", "B"):
+            del result[arm]["regression_answers"]
+    plot(result, plot_out)
+    if json_out == "-":
+        return click.echo(json.dumps(result, indent=2))
+    with atomic_path(json_out) as tmp:
+        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+    click.echo(format_table(result))
+    click.echo(f"wrote {json_out} and {plot_out}", err=True)
+
