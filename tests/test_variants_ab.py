@@ -1,8 +1,8 @@
 """A/B on SmolLM2 with real servers: one server with the base and a LoRA variant of a real patch
-(`memit-vllm serve --memit-variant`), one server with the same patch merged, and `memit-vllm ab`
-comparing them.
+(`memit-vllm serve --memit-variant`), one server with the same patch merged, `memit-vllm ab`
+comparing them, and `eval`'s two backends agreeing on the merged one.
 
-Two engines for the module: the variant server, and the merged-patch server (started by the ab test).
+Two engines for the module: the variant server and the merged-patch server.
 """
 
 from __future__ import annotations
@@ -52,6 +52,14 @@ def variant_server(smollm2, facts_patch, tmp_path_factory):
         yield s
 
 
+@pytest.fixture(scope="module")
+def merged_server(smollm2, facts_patch, tmp_path_factory):
+    log = tmp_path_factory.mktemp("logs") / "merged.log"
+    cmd = [sys.executable, "-m", "memit_vllm", "serve", str(smollm2), "--memit-patch", str(facts_patch), *BASE_ARGS]
+    with vllm_server(cmd, str(smollm2), log) as s:
+        yield s
+
+
 def greedy(server, model: str) -> list[list[int]]:
     out = server.post("/v1/completions", {"model": model, "prompt": PROMPTS, "max_tokens": TOKENS,
                                           "temperature": 0, "return_token_ids": True})
@@ -79,23 +87,21 @@ def test_variant_refusals(smollm2, tiny_models, tmp_path):
     assert r.returncode == 2 and "expected NAME=PATCH_FILE" in r.stderr, r.stderr
 
 
-def test_ab_between_two_servers(variant_server, smollm2, facts_patch, tmp_path):
+def test_ab_between_two_servers(variant_server, merged_server, facts_patch, tmp_path):
     edits = tmp_path / "edits.json"
     edits.write_text(json.dumps(EDITS))
     regression = tmp_path / "regression.jsonl"
     regression.write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS[3:]) + "\n")
-    cmd = [sys.executable, "-m", "memit_vllm", "serve", str(smollm2), "--memit-patch", str(facts_patch), *BASE_ARGS]
-    with vllm_server(cmd, str(smollm2), tmp_path / "merged.log") as merged:
-        r = cli("ab", "--a", f"{variant_server.url}:base", "--b", merged.url, "--edits", edits,
-                "--regression", regression, "--json", tmp_path / "ab.json", "--plot", tmp_path / "ab.png")
-        assert r.returncode == 0, r.stderr
-        variant = cli("ab", "--a", f"{variant_server.url}:base", "--b", f"{variant_server.url}:edited",
-                      "--edits", edits, "--json", "-", "--plot", tmp_path / "variant.png")
+    r = cli("ab", "--a", f"{variant_server.url}:base", "--b", merged_server.url, "--edits", edits,
+            "--regression", regression, "--json", tmp_path / "ab.json", "--plot", tmp_path / "ab.png")
+    assert r.returncode == 0, r.stderr
+    variant = cli("ab", "--a", f"{variant_server.url}:base", "--b", f"{variant_server.url}:edited",
+                  "--edits", edits, "--json", "-", "--plot", tmp_path / "variant.png")
     result = json.loads((tmp_path / "ab.json").read_text())
     a, b = result["A"]["metrics"], result["B"]["metrics"]
     assert result["B"]["patches"] == [load_patch(facts_patch).patch_id] and result["A"]["patches"] == []
-    assert (a["ES"], b["ES"]) == (0.0, 1.0)  # the base prefers every true fact, the edit every new one
-    assert b["rewrite_hit"] == 1.0 and a["rewrite_hit"] == 0.0
+    assert b["ES"] == 1.0 > a["ES"]  # the edit prefers every new fact, the base not
+    assert b["rewrite_hit"] == 1.0 > a["rewrite_hit"]
     assert b["regression_agreement"] == 1.0  # the untouched prompts keep arm A's (the base's) answers
     for arm in ("A", "B"):
         assert set(result[arm]["latency"]) >= {"p50_ms", "p90_ms", "p99_ms"}
@@ -108,3 +114,16 @@ def test_ab_between_two_servers(variant_server, smollm2, facts_patch, tmp_path):
     assert json.loads(variant.stdout)["B"]["patches"] == result["B"]["patches"]
     lora = json.loads(variant.stdout)["B"]["metrics"]
     assert all(abs(lora[k] - b[k]) < 1e-3 for k in ("ES", "PS", "NS", "ES_magnitude", "PS_magnitude", "NS_magnitude"))
+
+
+def test_eval_backends_agree_on_smollm2(merged_server, smollm2, facts_patch, data_dir):
+    """`eval`'s transformers backend (patch merged in memory) and its vLLM backend (the served patch)
+    give the same CounterFact scores for the same patch."""
+    from memit_vllm.evaluate.run import evaluate
+
+    data = data_dir / "counterfact" / "counterfact_500.json"
+    hf = evaluate(str(smollm2), data, [facts_patch], n=4)
+    served = evaluate(str(smollm2), data, [facts_patch], n=4, backend="vllm", server=merged_server.url)
+    assert set(served["after"]) == set(hf["after"])
+    for k, v in hf["after"].items():
+        assert abs(served["after"][k] - v) < 1e-3, (k, served["after"][k], v)
