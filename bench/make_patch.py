@@ -38,8 +38,9 @@ from memit_vllm.default_models import prepare  # noqa: E402
 
 
 def machine() -> str:
+    gpu = f", GPU {torch.cuda.get_device_name()} (the editor's default device)" if torch.cuda.is_available() else ""
     return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads")
+            f"{torch.get_num_threads()} threads{gpu}")
 
 
 def load(model_dir):
@@ -110,6 +111,28 @@ def covariance(args, model_dir):
     print(f"ratio {ours / bare:.2f}x the bare forward")
 
 
+def without_conflicts(path: str, n: int) -> Path:
+    """The first n records of `path` after dropping each record whose (prompt, subject) an earlier one
+    asks to become something else (counterfact_edit_10k has such pairs; make-patch refuses them)."""
+    import json
+
+    from memit_vllm.editor.requests import _read_records, parse_record
+
+    kept, seen, dropped = [], {}, 0
+    for i, rec in enumerate(_read_records(Path(path))):
+        r = parse_record(rec, f"record {i}", "answers")
+        if seen.setdefault((r.prompt, r.subject), r.target_new) != r.target_new:
+            dropped += 1
+            continue
+        kept.append(rec)
+        if len(kept) == n:
+            break
+    out = Path(tempfile.mkdtemp()) / Path(path).name
+    out.write_text(json.dumps(kept))
+    print(f"{Path(path).name}: first {len(kept)} records without the {dropped} that conflict with an earlier one")
+    return out
+
+
 def scaling(args, model_dir):
     import json
 
@@ -118,6 +141,8 @@ def scaling(args, model_dir):
     from memit_vllm.evaluate.run import evaluate
 
     overrides = json.loads(args.hparams) if args.hparams else None
+    if args.drop_conflicts:
+        args.data = str(without_conflicts(args.data, max(int(x) for x in args.sizes.split(","))))
     print(f"machine: {machine()}; layers {args.layers or 'preset'}, lambda {args.lam or 'preset'}, "
           f"hparams {overrides or 'preset'}")
     print("| edits | stats (s) | z (s) | update (s) | total (s) | peak RSS (GiB) | ES | PS | NS | NS before |")
@@ -128,6 +153,8 @@ def scaling(args, model_dir):
                       mom2_update_weight=args.lam, progress=args.progress)
         s = result.report.seconds
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        if torch.cuda.is_available():
+            print(f"size {size}: peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
         if args.save_dir:
             result.patch.save(Path(args.save_dir) / f"scaling-{size}.patch")
         scores = ["-"] * 4
@@ -148,6 +175,8 @@ def main():
     ap.add_argument("--sizes", default="10,100")
     ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact_500.json"))
     ap.add_argument("--eval", action="store_true")
+    ap.add_argument("--drop-conflicts", action="store_true",
+                    help="skip records that ask an earlier record's prompt for another target")
     ap.add_argument("--save-dir", help="also keep each size's patch here as scaling-N.patch")
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr (for long sizes)")
     ap.add_argument("--layers", help="override the preset's layers, e.g. 4-8")

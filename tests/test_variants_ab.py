@@ -102,7 +102,11 @@ def test_ab_between_two_servers(variant_server, merged_server, facts_patch, tmp_
     assert result["B"]["patches"] == [load_patch(facts_patch).patch_id] and result["A"]["patches"] == []
     assert b["ES"] == 1.0 > a["ES"]  # the edit prefers every new fact, the base not
     assert b["rewrite_hit"] == 1.0 > a["rewrite_hit"]
-    assert b["regression_agreement"] == 1.0  # the untouched prompts keep arm A's (the base's) answers
+    # Agreement with arm A's answers (the reference), checked against the two servers' own completions.
+    a_answers = variant_server.complete(PROMPTS[3:], max_tokens=16)
+    b_answers = merged_server.complete(PROMPTS[3:], max_tokens=16)
+    assert a["regression_agreement"] == 1.0
+    assert b["regression_agreement"] == sum(x.strip() == y.strip() for x, y in zip(a_answers, b_answers)) / 3
     for arm in ("A", "B"):
         assert set(result[arm]["latency"]) >= {"p50_ms", "p90_ms", "p99_ms"}
         assert result[arm]["latency"]["requests"] == len(EDITS) * 2 + len(PROMPTS) - 3

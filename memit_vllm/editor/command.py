@@ -41,9 +41,11 @@ def parse_layers(value: str | None) -> list[int] | None:
 @click.option("--limit", type=int, help="Use only the first N requests of the file.")
 @click.option("--zsre-target", type=click.Choice(["answers", "alt"]), default="answers", show_default=True,
               help="zsRE: edit toward answers[0] (as MEMIT's code) or alt (as the toolkits).")
+@click.option("--device", help="torch device, e.g. cuda or cpu (default: cuda when available). Patches made on a GPU "
+              "differ from CPU ones by float rounding.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
 def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_weight, stats_corpus, stats_tokens,
-                       stats_dtype, cache_dir, seed, name, version_, limit, zsre_target, as_json):
+                       stats_dtype, cache_dir, seed, name, version_, limit, zsre_target, device, as_json):
     """Compute MEMIT z vectors and layer deltas for the edit requests and write a patch file."""
     from .memit import edit
     from .requests import load_requests
@@ -54,7 +56,7 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
         result = edit(model, requests, hparams=hparams, layers=parse_layers(layers), mom2_update_weight=mom2_update_weight,
                       stats_corpus=stats_corpus, stats_tokens=stats_tokens, stats_dtype=stats_dtype,
                       cache_dir=cache_dir, seed=seed, name=name, version=version_, zsre_target=zsre_target,
-                      progress=not as_json)
+                      device=device, progress=not as_json)
     path = result.patch.save(out)
     report = {"patch": str(path), "patch_id": result.patch.patch_id, **asdict(result.report)}
     if as_json:
@@ -63,7 +65,7 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
     r = result.report
     for w in r.warnings:
         click.echo(f"warning: {w}", err=True)
-    click.echo(f"{r.n_edits} edits, layers {r.layers} ({r.hparams_source})")
+    click.echo(f"{r.n_edits} edits on {r.device}, layers {r.layers} ({r.hparams_source})")
     click.echo(f"z: mean P(target) {r.z_target_prob:.3f} after {r.z_steps:.1f} steps; residual delivered per "
                f"layer: " + ", ".join(f"{l}: {v:.2f}" for l, v in r.delivered.items()))
     click.echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))

@@ -94,8 +94,10 @@ def resolve_corpus(source: str | None, em: EditableModel, tok, seed: int) -> Cor
             n = int(source[5:])
         except ValueError as e:
             raise MemitError(f"--stats-corpus {source!r}: expected self:N with N an integer") from e
-        return Corpus(f"self:{n}:seed{seed}", lambda: _sample_self(em, tok, n, seed),
-                      f"{n} sequences sampled from the model (seed {seed})")
+        # Sampling follows the device's RNG: text sampled on a GPU is another corpus than on the CPU.
+        device = "" if em.model.device.type == "cpu" else f":{em.model.device.type}"
+        return Corpus(f"self:{n}:seed{seed}{device}", lambda: _sample_self(em, tok, n, seed),
+                      f"{n} sequences sampled from the model (seed {seed}{device})")
     path = Path(source)
     if path.exists():
         if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
@@ -114,7 +116,7 @@ def _sample_self(em: EditableModel, tok, n: int, seed: int, batch: int = 32, new
     try:
         for start in range(0, n, batch):
             openers = [SELF_OPENERS[i % len(SELF_OPENERS)] for i in range(start, min(n, start + batch))]
-            enc = tok(openers, return_tensors="pt", padding=True)
+            enc = tok(openers, return_tensors="pt", padding=True).to(em.model.device)
             out = em.model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                                     max_new_tokens=new_tokens, pad_token_id=pad_id(tok))
             yield from tok.batch_decode(out, skip_special_tokens=True)
@@ -189,7 +191,7 @@ def layer_covariances(em: EditableModel, tok, layers: list[int], corpus: Corpus,
     seconds = time.monotonic() - start
     for l in todo:
         with atomic_path(_cache_file(cache, model_sha, corpus, budget, dtype, l)) as tmp:
-            save_file({"mom2_sum": sums[l], "count": torch.tensor([count], dtype=torch.float64)}, str(tmp),
+            save_file({"mom2_sum": sums[l].cpu(), "count": torch.tensor([count], dtype=torch.float64).cpu()}, str(tmp),
                       metadata={"corpus": corpus.identity, "budget": str(budget), "dtype": dtype})
         out[l] = sums[l] / count
         info[l] = {"tokens": count, "cached": False, "seconds": round(seconds, 2)}

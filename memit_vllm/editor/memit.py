@@ -21,7 +21,7 @@ from ..checkpoint import Checkpoint, weights_sha256
 from ..errors import MemitError
 from ..patch import BaseModel, Patch
 from .arch import EditableModel, arch_spec
-from .covariance import layer_covariances, resolve_corpus
+from .covariance import Corpus, layer_covariances, resolve_corpus
 from .hparams import HParams, default_hparams, load_hparams_file
 from .prompts import context_templates, encode, pad_id, pad_right, target_ids
 from .requests import EditRequest, load_requests, parse_record, validate_requests
@@ -44,6 +44,7 @@ class EditReport:
     delivered: dict = field(default_factory=dict)  # layer -> fraction of the residual the update delivered
     covariance: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    device: str = "cpu"
 
 
 @dataclass
@@ -119,8 +120,9 @@ def edit(model: str | Path, requests, *, hparams=None, layers: list[int] | None 
          mom2_update_weight: float | None = None,
          stats_corpus: str | None = None, stats_tokens: int | None = None, stats_dtype: str | None = None,
          cache_dir: str | Path | None = None, seed: int = 0, name: str = "", version: str = "",
-         zsre_target: str = "answers", progress: bool = True) -> EditResult:
+         zsre_target: str = "answers", device: str | None = None, progress: bool = True) -> EditResult:
     """Compute a MEMIT patch for `requests` on the checkpoint `model`; see make_patch."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.monotonic()
     requests = _as_requests(requests, zsre_target)
     ckpt = Checkpoint(model)
@@ -131,6 +133,8 @@ def edit(model: str | Path, requests, *, hparams=None, layers: list[int] | None 
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(ckpt.path)
+    if tok.pad_token is None:  # batched sampling pads; many Llama tokenizers define no pad token
+        tok.pad_token = tok.eos_token
     hf = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
     for p in hf.parameters():
         p.requires_grad_(False)
@@ -138,43 +142,12 @@ def edit(model: str | Path, requests, *, hparams=None, layers: list[int] | None 
     hp, hp_source = _hparams(em, hparams, {"layers": layers, "mom2_update_weight": mom2_update_weight,
                                            "mom2_n_tokens": stats_tokens, "mom2_dtype": stats_dtype})
     em.check_layers(hp.layers)
-    report = EditReport(len(requests), hp.layers, hp_source)
-    for i in _already_predicted(em, tok, requests):
-        msg = f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}"
-        report.warnings.append(msg)
-        warnings.warn(msg, stacklevel=2)
-
-    # Covariance statistics (cached).
-    t = time.monotonic()
-    corpus = resolve_corpus(stats_corpus, em, tok, seed)
-    model_sha = weights_sha256(ckpt, cache)
-    covs, report.covariance = layer_covariances(em, tok, hp.layers, corpus, model_sha, hp.mom2_n_tokens,
-                                                hp.mom2_dtype, cache, progress)
-    report.seconds["stats"] = time.monotonic() - t
-
-    # Targets z at the last edited layer.
-    t = time.monotonic()
+    report = EditReport(len(requests), hp.layers, hp_source, device=str(device))
+    # Sampled on the CPU whatever the device, so the same seed gives the same templates everywhere.
     groups = context_templates(hf, tok, hp.context_template_seeds, hp.context_template_length, seed)
-    z_layer = hp.layers[-1]
-    targets = compute_targets(em, tok, requests, [t for g in groups for t in g], z_layer, hp, progress)
-    report.z_target_prob = float(targets.target_prob.mean())
-    report.z_steps = float(targets.steps.float().mean())
-    report.seconds["z"] = time.monotonic() - t
-
-    # One update per layer, residuals re-measured on the model as updated so far.
-    t = time.monotonic()
-    deltas = {}
-    for i, layer in enumerate(tqdm(hp.layers, desc="layer updates", disable=not progress)):
-        k, h = keys_and_outputs(em, tok, requests, groups, layer, z_layer)
-        K = k.T.double()  # [d_ff, n]
-        R = (targets.z - h).T.double() / (len(hp.layers) - i)  # [d_model, n]
-        A = hp.mom2_update_weight * covs[layer] + K @ K.T
-        update = R @ torch.linalg.solve(A, K).T  # [d_model, d_ff]
-        report.delivered[layer] = float((update @ K).norm() / R.norm().clamp(min=1e-12))
-        update = update.float()
-        em.add_to_weight(layer, update)
-        deltas[em.param_name(layer)] = em.to_checkpoint_layout(update).contiguous()
-    report.seconds["update"] = time.monotonic() - t
+    hf.to(device)
+    with torch.device(device):  # every tensor the editor creates lives beside the model
+        deltas, corpus = _run(em, tok, ckpt, requests, hp, groups, cache, stats_corpus, seed, report, progress)
     report.seconds["total"] = time.monotonic() - t0
 
     patch = Patch(
@@ -190,10 +163,52 @@ def edit(model: str | Path, requests, *, hparams=None, layers: list[int] | None 
     return EditResult(patch, report)
 
 
+def _run(em: EditableModel, tok, ckpt: Checkpoint, requests: list[EditRequest], hp: HParams, groups, cache: Path,
+         stats_corpus: str | None, seed: int, report: EditReport, progress: bool) -> tuple[dict, Corpus]:
+    """Statistics, targets and the layer updates: the deltas (CPU, checkpoint layout) and the corpus."""
+    for i in _already_predicted(em, tok, requests):
+        msg = f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}"
+        report.warnings.append(msg)
+        warnings.warn(msg, stacklevel=2)
+
+    # Covariance statistics (cached).
+    t = time.monotonic()
+    corpus = resolve_corpus(stats_corpus, em, tok, seed)
+    model_sha = weights_sha256(ckpt, cache)
+    covs, report.covariance = layer_covariances(em, tok, hp.layers, corpus, model_sha, hp.mom2_n_tokens,
+                                                hp.mom2_dtype, cache, progress)
+    report.seconds["stats"] = time.monotonic() - t
+
+    # Targets z at the last edited layer.
+    t = time.monotonic()
+    z_layer = hp.layers[-1]
+    targets = compute_targets(em, tok, requests, [t for g in groups for t in g], z_layer, hp, progress)
+    report.z_target_prob = float(targets.target_prob.mean())
+    report.z_steps = float(targets.steps.float().mean())
+    report.seconds["z"] = time.monotonic() - t
+
+    # One update per layer, residuals re-measured on the model as updated so far.
+    t = time.monotonic()
+    deltas = {}
+    for i, layer in enumerate(tqdm(hp.layers, desc="layer updates", disable=not progress)):
+        k, h = keys_and_outputs(em, tok, requests, groups, layer, z_layer)
+        K = k.T.double()  # [d_ff, n]
+        R = (targets.z - h).T.double() / (len(hp.layers) - i)  # [d_model, n]
+        A = hp.mom2_update_weight * covs[layer].to(K.device) + K @ K.T
+        update = R @ torch.linalg.solve(A, K).T  # [d_model, d_ff]
+        report.delivered[layer] = float((update @ K).norm() / R.norm().clamp(min=1e-12))
+        update = update.float()
+        em.add_to_weight(layer, update)
+        deltas[em.param_name(layer)] = em.to_checkpoint_layout(update).contiguous().cpu()
+    report.seconds["update"] = time.monotonic() - t
+    return deltas, corpus
+
+
 def make_patch(model: str | Path, requests, **kwargs) -> Patch:
     """MEMIT patch for `requests` (a file path, EditRequests, or request dicts) on checkpoint `model`.
 
     Keyword arguments: hparams (HParams, dict or JSON/YAML file), layers, mom2_update_weight, stats_corpus (file, self:N or
-    HF dataset), stats_tokens, stats_dtype, cache_dir, seed, name, version, zsre_target, progress.
+    HF dataset), stats_tokens, stats_dtype, cache_dir, seed, name, version, zsre_target, device (default: cuda
+    when available), progress.
     """
     return edit(model, requests, **kwargs).patch
