@@ -130,8 +130,11 @@ def run_arm(arm: Arm, records: list, fmt: str, regression: list[dict], tokenizer
             "metrics": metrics, "latency": _percentiles(seconds), "regression_answers": texts[len(gen):]}
 
 
-def _agreement(answers: list[str], reference: list[str]) -> float:
-    return sum(a.strip() == r.strip() for a, r in zip(answers, reference)) / len(reference)
+def _agreement(answers: list[str], prompts: list[dict], control: list[str]) -> float:
+    """An item's own answer must start the completion; without one, the completion must equal arm A's."""
+    same = [_hit(a, x["answer"]) if x["answer"] is not None else a.strip() == c.strip()
+            for a, x, c in zip(answers, prompts, control)]
+    return sum(same) / len(same)
 
 
 def compare(a: Arm, b: Arm, edits: str, regression: str | None = None, n: int | None = None,
@@ -143,16 +146,15 @@ def compare(a: Arm, b: Arm, edits: str, regression: str | None = None, n: int | 
     tok = _tokenizer_for(a, tokenizer)
     arms = [run_arm(arm, records, fmt, prompts, tok, batch_size) for arm in (a, b)]
     if prompts:
-        reference = [x["answer"] if x["answer"] is not None else arms[0]["regression_answers"][i].strip()
-                     for i, x in enumerate(prompts)]
         for arm in arms:
-            arm["metrics"]["regression_agreement"] = _agreement(arm["regression_answers"], reference)
+            arm["metrics"]["regression_agreement"] = _agreement(arm["regression_answers"], prompts,
+                                                                arms[0]["regression_answers"])
     meanings = dict(ZSRE_METRICS if fmt == "zsre" else
                     {k: v for k, v in COUNTERFACT_METRICS.items() if k in arms[0]["metrics"]})
     meanings["rewrite_hit"] = "greedy completion of the rewrite prompt starts with the new target"
     meanings["paraphrase_hit"] = "same, on paraphrases"
     if prompts:
-        meanings["regression_agreement"] = "greedy answer on regression prompts equals the reference answer"
+        meanings["regression_agreement"] = "regression prompts answered as expected (given answer, else as A)"
     return {"edits": str(Path(edits).resolve()), "format": fmt, "n": len(records),
             "regression": str(Path(regression).resolve()) if regression else None,
             "regression_prompts": len(prompts), "metrics": meanings, "A": arms[0], "B": arms[1],
