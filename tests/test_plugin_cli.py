@@ -21,7 +21,13 @@ def test_server_command_sets_load_format_and_merges_loader_config():
         "enable_multithread_load": True, "patches": ["/p/a.patch", "/p/b.patch"]}
     assert cmd[-2:] == ["--port", "8000"]
     eq_form = server_command("M", ["a"], ['--model-loader-extra-config={"num_threads": 2}'])
-    assert json.loads(eq_form[-1]) == {"num_threads": 2, "patches": ["a"]}
+    assert json.loads(eq_form[eq_form.index("--model-loader-extra-config") + 1]) == {"num_threads": 2, "patches": ["a"]}
+    # The worker side of the admin routes: the qualified name vLLM resolves must be our class.
+    from vllm.utils.import_utils import resolve_obj_by_qualname
+
+    from memit_vllm_plugin.worker import MemitWorkerExtension
+
+    assert resolve_obj_by_qualname(cmd[cmd.index("--worker-extension-cls") + 1]) is MemitWorkerExtension
 
 
 def test_serve_refuses_another_load_format(tiny_models, tmp_path):
