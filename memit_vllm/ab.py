@@ -208,8 +208,6 @@ def ab_command(arm_a, arm_b, edits, regression, n, tokenizer, json_out, plot_out
     from .cache import atomic_path
 
     a, b = parse_arm("A", arm_a), parse_arm("B", arm_b)
-    if regression:
-        read_regression(regression)  # a bad file fails before any request
     result = compare(a, b, edits, regression, n=n, tokenizer=tokenizer, batch_size=batch_size)
     if not result["regression_prompts"]:
         for arm in ("A", "B"):

