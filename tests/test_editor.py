@@ -13,7 +13,7 @@ from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.editor import HParams, edit, load_requests, make_patch
 from memit_vllm.editor.arch import EditableModel
 from memit_vllm.editor.requests import EditRequest
-from memit_vllm.editor.targets import compute_targets
+from memit_vllm.editor.targets import compute_targets, length_buckets
 from memit_vllm.patch import load_patch
 from memit_vllm.patch.merge import PatchSet
 
@@ -218,3 +218,16 @@ def test_request_formats_normalise_to_the_same_edit(data_dir, tmp_path):
     csv = tmp_path / "own.csv"
     csv.write_text(f"prompt,subject,target_new,target_true\n\"{full[0].prompt}\",{full[0].subject},x,y\n")
     assert load_requests(csv)[0].target_true == " y"
+
+
+def test_length_buckets_cover_every_row_once_in_contiguous_length_ranges():
+    lengths = torch.tensor([3, 8, 2, 3, 3, 7, 2, 8, 3, 5])
+    for overhead, n_groups in [(0, 5), (1e9, 1)]:  # free groups: one per distinct length; costly: one
+        groups = length_buckets(lengths, overhead)
+        assert len(groups) == n_groups
+        assert sorted(torch.cat(groups).tolist()) == list(range(len(lengths)))
+        spans = [(int(lengths[g].min()), int(lengths[g].max())) for g in groups]
+        assert all(hi < lo for (_, hi), (lo, _) in zip(spans, spans[1:]))
+    # Overhead 10: lengths {2,3} and {5,7,8} cost 6x3 + 4x8 + 2x10 = 70, less than one batch (10x8 + 10),
+    # {2,3} {5} {7,8} (77), {2,3,5} {7,8} (79) or one group per length (98).
+    assert [lengths[g].tolist() for g in length_buckets(lengths, 10)] == [[3, 2, 3, 3, 2, 3], [8, 7, 8, 5]]
