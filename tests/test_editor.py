@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.editor import HParams, edit, load_requests, make_patch
+from memit_vllm.editor import memit
 from memit_vllm.editor.arch import EditableModel
+from memit_vllm.editor.memit import KeyReader
 from memit_vllm.editor.requests import EditRequest
 from memit_vllm.editor.targets import compute_targets, length_buckets
 from memit_vllm.patch import load_patch
@@ -231,3 +233,25 @@ def test_length_buckets_cover_every_row_once_in_contiguous_length_ranges():
     # Overhead 10: lengths {2,3} and {5,7,8} cost 6x3 + 4x8 + 2x10 = 70, less than one batch (10x8 + 10),
     # {2,3} {5} {7,8} (77), {2,3,5} {7,8} (79) or one group per length (98).
     assert [lengths[g].tolist() for g in length_buckets(lengths, 10)] == [[3, 2, 3, 3, 2, 3], [8, 7, 8, 5]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_key_reader_resuming_above_updated_layers_equals_a_fresh_read(arch, tiny_models, data_dir, monkeypatch):
+    monkeypatch.setattr(memit, "KEY_BATCH_PROMPTS", 2)  # several batches per template
+    tok = AutoTokenizer.from_pretrained(tiny_models[arch])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
+    em = EditableModel(model)
+    reqs, groups = requests_from(data_dir, 3), [["{}"], TEMPLATES[1:]]
+    reader = KeyReader(em, tok, reqs, groups)
+    torch.manual_seed(0)
+    h_before = None
+    for layer in (1, 2):  # read, then update that layer, as the layer loop does
+        k, h = reader.read(layer, 3)
+        k_fresh, h_fresh = KeyReader(em, tok, reqs, groups).read(layer, 3)
+        torch.testing.assert_close(k, k_fresh, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(h, h_fresh, rtol=1e-5, atol=1e-6)
+        if h_before is not None:
+            assert (h - h_before).norm() > 1e-3 * h.norm(), "the update of layer 1 must reach layer 3"
+        h_before = h
+        with torch.no_grad():
+            em.add_to_weight(layer, torch.randn(em.d_model, em.d_ff))

@@ -91,29 +91,46 @@ def _already_predicted(em: EditableModel, tok, requests: list[EditRequest]) -> l
     return hits
 
 
-@torch.no_grad()
-def keys_and_outputs(em: EditableModel, tok, requests: list[EditRequest], groups: list[list[str]], layer: int,
-                     out_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys at `layer` (averaged within, then across template groups) and layer `out_layer`'s output
-    at the subject's last token of the bare prompt, for every request: [n, d_ff], [n, d_model]."""
-    flat = [t for g in groups for t in g]
-    encs = [encode(tok, t, r) for r in requests for t in flat]
-    keys, outs = [], []
-    for start in range(0, len(encs), KEY_BATCH_PROMPTS):
-        part = encs[start : start + KEY_BATCH_PROMPTS]
-        ids, mask = pad_right([e.ids for e in part], pad_id(tok))
-        got = capture(em, ids, mask, outputs=[out_layer], keys=[layer])
-        at = torch.arange(len(part)), torch.tensor([e.lookup for e in part])
-        keys.append(got.keys[layer][at])
-        outs.append(got.outputs[out_layer][at])
-    k = torch.cat(keys).view(len(requests), len(flat), -1)
-    h = torch.cat(outs).view(len(requests), len(flat), -1)
-    bounds, pos = [], 0
-    for g in groups:
-        bounds.append((pos, pos + len(g)))
-        pos += len(g)
-    k_avg = torch.stack([k[:, a:b].mean(1) for a, b in bounds]).mean(0)
-    return k_avg, h[:, 0]  # template 0 is the bare "{}"
+class KeyReader:
+    """Keys and outputs of every (request, template) prompt, read once per layer of the update loop.
+
+    Never recomputes what cannot change: the hidden states at the input of the layer just read are
+    kept, and since updating that layer changes nothing below it, the next (higher) layer's read starts
+    there instead of at the embeddings. Prompts are batched template by template, so only the bare
+    prompts' batches run on up to the output layer (the others stop at the key layer)."""
+
+    def __init__(self, em: EditableModel, tok, requests: list[EditRequest], groups: list[list[str]]):
+        self.em, self.n, self.groups = em, len(requests), groups
+        self.batches = []  # (ids, mask, lookup, bare)
+        for t, template in enumerate(t for g in groups for t in g):
+            encs = [encode(tok, template, r) for r in requests]
+            for start in range(0, len(encs), KEY_BATCH_PROMPTS):
+                part = encs[start : start + KEY_BATCH_PROMPTS]
+                ids, mask = pad_right([e.ids for e in part], pad_id(tok))
+                self.batches.append((ids, mask, torch.tensor([e.lookup for e in part]), t == 0))
+        self.saved: tuple[int, list[torch.Tensor], int] | None = None  # (layer, inputs per batch, tuple_len)
+
+    @torch.no_grad()
+    def read(self, layer: int, out_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys at `layer` (averaged within, then across template groups) and layer `out_layer`'s output
+        at the subject's last token of the bare prompt, for every request: [n, d_ff], [n, d_model].
+        Only weights at or above the previously read layer may have changed since that read."""
+        saved = self.saved if self.saved and self.saved[0] <= layer else None
+        keys, outs, inputs, tuple_len = [], [], [], 0
+        for b, (ids, mask, lookup, bare) in enumerate(self.batches):
+            got = capture(self.em, ids, mask, outputs=[out_layer] if bare else [], keys=[layer], inputs=[layer],
+                          resume=(saved[0], saved[1][b], saved[2]) if saved else None)
+            at = torch.arange(len(lookup)), lookup
+            keys.append(got.keys[layer][at])
+            if bare:
+                outs.append(got.outputs[out_layer][at])
+            inputs.append(got.inputs[layer])
+            tuple_len = got.tuple_len.get(layer - 1, 0)
+        self.saved = (layer, inputs, tuple_len)
+        k = torch.cat(keys).view(-1, self.n, keys[0].shape[-1])  # [templates, n, d_ff]
+        bounds = torch.tensor([len(g) for g in self.groups]).cumsum(0).tolist()
+        k_avg = torch.stack([k[a:b].mean(0) for a, b in zip([0, *bounds], bounds)]).mean(0)
+        return k_avg, torch.cat(outs)
 
 
 def edit(model: str | Path, requests, *, hparams=None, layers: list[int] | None = None,
@@ -190,8 +207,9 @@ def _run(em: EditableModel, tok, ckpt: Checkpoint, requests: list[EditRequest], 
     # One update per layer, residuals re-measured on the model as updated so far.
     t = time.monotonic()
     deltas = {}
+    reader = KeyReader(em, tok, requests, groups)
     for i, layer in enumerate(tqdm(hp.layers, desc="layer updates", disable=not progress)):
-        k, h = keys_and_outputs(em, tok, requests, groups, layer, z_layer)
+        k, h = reader.read(layer, z_layer)
         K = k.T.double()  # [d_ff, n]
         R = (targets.z - h).T.double() / (len(hp.layers) - i)  # [d_model, n]
         A = hp.mom2_update_weight * covs[layer].to(K.device) + K @ K.T

@@ -1,7 +1,8 @@
 """Reading and short-circuiting a transformers model's layers, architecture-agnostically.
 
-- `capture` runs a forward and records layer outputs and down-projection inputs, stopping after the
-  last layer anyone needs (the rest of the model is not computed).
+- `capture` runs a forward and records layer inputs and outputs and down-projection inputs, stopping
+  after the last layer anyone needs (the rest of the model is not computed); it can start at a layer
+  from hidden states an earlier capture recorded.
 - `resume_after` makes layers 0..L return a given hidden state, so a forward only computes the
   layers above L: MEMIT's z optimisation edits the output of layer L, and everything below it is
   the same at every step.
@@ -29,15 +30,19 @@ def _hidden(output):
 class Captured:
     outputs: dict[int, torch.Tensor]  # layer -> its output hidden states [B, T, d_model]
     keys: dict[int, torch.Tensor]  # layer -> down-projection input [B, T, d_ff]
+    inputs: dict[int, torch.Tensor]  # layer -> its input hidden states [B, T, d_model]
     tuple_len: dict[int, int]  # layer -> length of its tuple output (0 for a bare tensor)
 
 
 @torch.no_grad()
 def capture(em: EditableModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            outputs: list[int] = (), keys: list[int] = ()) -> Captured:
-    """One forward recording the requested layer outputs and down-projection inputs."""
-    got = Captured({}, {}, {})
-    last = max([*outputs, *keys])
+            outputs: list[int] = (), keys: list[int] = (), inputs: list[int] = (),
+            resume: tuple[int, torch.Tensor, int] | None = None) -> Captured:
+    """One forward recording the requested layer outputs, down-projection inputs and layer inputs.
+    `resume` = (s, hidden, tuple_len): start at layer s from `hidden`, the input of layer s that an
+    earlier capture recorded (valid while no weight below s has changed)."""
+    got = Captured({}, {}, {}, {})
+    last = max([*outputs, *keys, *inputs])
     handles = []
 
     def on_layer(i):
@@ -54,13 +59,24 @@ def capture(em: EditableModel, input_ids: torch.Tensor, attention_mask: torch.Te
             got.keys[i] = args[0].detach().clone()
         return hook
 
+    def on_input(i):
+        def hook(module, args, kwargs):
+            got.inputs[i] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        return hook
+
     try:
         for i in range(last + 1):
             handles.append(em.layers[i].register_forward_hook(on_layer(i)))
         for i in keys:
             handles.append(em.down_proj(i).register_forward_pre_hook(on_down_proj(i)))
+        for i in inputs:
+            handles.append(em.layers[i].register_forward_pre_hook(on_input(i), with_kwargs=True))
         try:
-            em.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            if resume and resume[0] > 0:
+                with resume_after(em, resume[0] - 1, resume[1], resume[2]):
+                    em.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            else:
+                em.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _Stop:
             pass
     finally:
