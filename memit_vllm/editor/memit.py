@@ -97,7 +97,8 @@ class KeyReader:
     Never recomputes what cannot change: the hidden states at the input of the layer just read are
     kept, and since updating that layer changes nothing below it, the next (higher) layer's read starts
     there instead of at the embeddings. Prompts are batched template by template, so only the bare
-    prompts' batches run on up to the output layer (the others stop at the key layer)."""
+    prompts' batches run on up to the output layer (the others stop at the key layer). The kept states
+    cost n x templates x tokens x d_model floats: ~0.35 GB per 1,000 SmolLM2 edits."""
 
     def __init__(self, em: EditableModel, tok, requests: list[EditRequest], groups: list[list[str]]):
         self.em, self.n, self.groups = em, len(requests), groups

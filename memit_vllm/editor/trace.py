@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -71,11 +71,9 @@ def capture(em: EditableModel, input_ids: torch.Tensor, attention_mask: torch.Te
             handles.append(em.down_proj(i).register_forward_pre_hook(on_down_proj(i)))
         for i in inputs:
             handles.append(em.layers[i].register_forward_pre_hook(on_input(i), with_kwargs=True))
+        start = resume_after(em, resume[0] - 1, resume[1], resume[2]) if resume and resume[0] > 0 else nullcontext()
         try:
-            if resume and resume[0] > 0:
-                with resume_after(em, resume[0] - 1, resume[1], resume[2]):
-                    em.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            else:
+            with start:
                 em.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         except _Stop:
             pass
