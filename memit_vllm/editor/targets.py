@@ -3,7 +3,7 @@
 For each edit, delta_i is optimised (Adam, fp32) so that adding it to layer L's output at the
 subject's last token makes the model say the new target after every context-templated prompt,
 while the KL term on "{subject} is a" keeps the subject's other properties. The loss, clamp, weight
-decay and early stop are the reference's, per edit. Three things make it fast, none changes a result:
+decay and early stop are the reference's, per edit. What makes it fast changes no result:
 - edits share a batch: each delta_i only touches its own prompts, so the gradient of the summed
   loss w.r.t. delta_i is that of loss_i, and Adam keeps separate state per edit (one parameter
   tensor each; a finished edit's grad is None, so Adam leaves it alone);
@@ -11,7 +11,8 @@ decay and early stop are the reference's, per edit. Three things make it fast, n
 - the prompt tokens before the subject's last token do not depend on delta at any layer: their
   keys/values are cached, and each step runs only the few tokens from the subject's last one on;
 - those suffixes are 2 to ~10 tokens long, so one batch padded to the longest would be ~45% padding:
-  rows run in groups of similar length instead (`length_buckets`).
+  rows run in groups of similar length instead (`length_buckets`), and the KL rows stop at the
+  subject's last token, where the KL is read.
 """
 
 from __future__ import annotations
