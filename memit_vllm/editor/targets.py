@@ -47,11 +47,12 @@ class _Rows:
     tgt_id: torch.Tensor
     tgt_len: torch.Tensor  # [P] number of target tokens of each rewriting prompt (0 for KL rows)
     first_row: torch.Tensor  # [E] the bare-prompt row of each edit (h_init is read there)
+    kl_row: torch.Tensor  # [E] the row whose subject's last token gives each edit's KL distribution
 
 
 def _build_rows(tok, requests: list[EditRequest], templates: list[str]) -> _Rows:
     seqs, edit, lookup, is_kl, tgt_len = [], [], [], [], []
-    tgt_row, tgt_pos, tgt_id, first_row = [], [], [], []
+    tgt_row, tgt_pos, tgt_id, first_row, kl_row = [], [], [], [], []
     for e, r in enumerate(requests):
         tgt = target_ids(tok, r.target_new)
         first_row.append(len(seqs))
@@ -64,12 +65,18 @@ def _build_rows(tok, requests: list[EditRequest], templates: list[str]) -> _Rows
             edit.append(e), lookup.append(enc.lookup), is_kl.append(False), tgt_len.append(len(tgt))
     for e, r in enumerate(requests):
         enc = encode(tok, "{}", replace(r, prompt=KL_PROMPT))
-        seqs.append(enc.ids[: enc.lookup + 1])  # the KL is read at the subject's last token: " is a" cannot reach it
+        kl = enc.ids[: enc.lookup + 1]  # the KL is read at the subject's last token: " is a" cannot reach it
+        first = first_row[e]
+        if lookup[first] == enc.lookup and seqs[first][: enc.lookup + 1] == kl:
+            kl_row.append(first)  # a prompt that starts with the subject holds the same tokens up to there
+            continue
+        kl_row.append(len(seqs))
+        seqs.append(kl)
         edit.append(e), lookup.append(enc.lookup), is_kl.append(True), tgt_len.append(0)
     ids, mask = pad_right(seqs, pad_id(tok))
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)  # noqa: E731
     return _Rows(ids, mask, t(edit), t(lookup), t(is_kl, torch.bool), t(tgt_row), t(tgt_pos), t(tgt_id),
-                 t(tgt_len), t(first_row))
+                 t(tgt_len), t(first_row), t(kl_row))
 
 
 @dataclass
@@ -229,13 +236,11 @@ def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams) -
         prob = torch.zeros(n).index_add(0, rows.edit[rewrite], prompt_prob[rewrite].exp()) / n_rewrite
 
         # KL(P_now || P_init) at the subject's last token of "{subject} is a".
-        kl_rows = rows.is_kl.nonzero().squeeze(1)
-        kl_rows = kl_rows[active[rows.edit[kl_rows]]]
-        kl_logp = torch.log_softmax(lm_head(out[local[kl_rows], 0]), dim=-1)
+        live = active.nonzero().squeeze(1)
+        kl_logp = torch.log_softmax(lm_head(out[local[rows.kl_row[live]], 0]), dim=-1)
         if kl_init is None:
             kl_init = kl_logp.detach().clone()  # every edit is active at step 0, in edit order
-        init = kl_init[rows.edit[kl_rows]]
-        kl = torch.zeros(n).index_add(0, rows.edit[kl_rows], (kl_logp.exp() * (kl_logp - init)).sum(1))
+        kl = torch.zeros(n).index_add(0, live, (kl_logp.exp() * (kl_logp - kl_init[live])).sum(1))
 
         decay = hp.v_weight_decay * delta.norm(dim=1) / h_init.norm(dim=1) ** 2
         loss = nll + hp.kl_factor * kl + decay
