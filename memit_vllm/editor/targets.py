@@ -11,8 +11,9 @@ decay and early stop are the reference's, per edit. What makes it fast changes n
 - the prompt tokens before the subject's last token do not depend on delta at any layer: their
   keys/values are cached, and each step runs only the few tokens from the subject's last one on;
 - those suffixes are 2 to ~10 tokens long, so one batch padded to the longest would be ~45% padding:
-  rows run in groups of similar length instead (`length_buckets`), and the KL rows stop at the
-  subject's last token, where the KL is read.
+  rows run in groups of similar length instead (`length_buckets`); the KL rows stop at the
+  subject's last token, where the KL is read, and are not run at all when the bare prompt's row
+  holds the same tokens up to there.
 """
 
 from __future__ import annotations
