@@ -117,7 +117,7 @@ class KeyReader:
         at the subject's last token of the bare prompt, for every request: [n, d_ff], [n, d_model].
         Only weights at or above the previously read layer may have changed since that read."""
         saved = self.saved if self.saved and self.saved[0] <= layer else None
-        keys, outs, inputs, tuple_len = [], [], [], 0
+        keys, outs, inputs = [], [], []
         for b, (ids, mask, lookup, bare) in enumerate(self.batches):
             got = capture(self.em, ids, mask, outputs=[out_layer] if bare else [], keys=[layer], inputs=[layer],
                           resume=(saved[0], saved[1][b], saved[2]) if saved else None)
@@ -126,8 +126,7 @@ class KeyReader:
             if bare:
                 outs.append(got.outputs[out_layer][at])
             inputs.append(got.inputs[layer])
-            tuple_len = got.tuple_len.get(layer - 1, 0)
-        self.saved = (layer, inputs, tuple_len)
+        self.saved = (layer, inputs, got.tuple_len.get(layer - 1, 0))  # how layer-1 returns: resume_after mimics it
         k = torch.cat(keys).view(-1, self.n, keys[0].shape[-1])  # [templates, n, d_ff]
         bounds = torch.tensor([len(g) for g in self.groups]).cumsum(0).tolist()
         k_avg = torch.stack([k[a:b].mean(0) for a, b in zip([0, *bounds], bounds)]).mean(0)

@@ -101,8 +101,7 @@ def compute_targets(em: EditableModel, tok, requests: list[EditRequest], templat
         parts.append(_optimise(em, tok, chunk, templates, layer, hp))
         bar.update(len(chunk))
     bar.close()
-    back = torch.empty(len(requests), dtype=torch.long)
-    back[torch.tensor(order, dtype=torch.long)] = torch.arange(len(requests))
+    back = torch.tensor(order).argsort()  # the inverse permutation
     return TargetResult(*(torch.cat([getattr(p, f) for p in parts])[back] for f in TargetResult.__dataclass_fields__))
 
 
@@ -119,7 +118,7 @@ def _suffix_len(tok, request: EditRequest) -> int:
 BUCKET_OVERHEAD_TOKENS = 64
 
 
-def length_buckets(lengths: torch.Tensor, overhead: float = BUCKET_OVERHEAD_TOKENS) -> list[torch.Tensor]:
+def length_buckets(lengths: torch.Tensor, overhead: float) -> list[torch.Tensor]:
     """Indices of `lengths` grouped into contiguous length ranges, each run as one batch padded to its
     longest: the grouping that minimises padded tokens + `overhead` per group (exact, by dynamic
     programming over the distinct lengths, which are few)."""
@@ -173,14 +172,12 @@ class _PrefixSplit:
         """Final hidden states [len(sel), S, d] of the suffixes (padding past each row's own length),
         with delta added at layer L's output; rows of similar suffix length run together."""
         parts, order = [], []
-        for group in length_buckets(self.suf_len[sel]):
+        for group in length_buckets(self.suf_len[sel], BUCKET_OVERHEAD_TOKENS):
             width = int(self.suf_len[sel[group]].max())
             out = self._run(em, layer, tuple_len, sel[group], delta[group], width)
             parts.append(F.pad(out, (0, 0, 0, self.S - width)))
             order.append(group)
-        back = torch.empty(len(sel), dtype=torch.long)
-        back[torch.cat(order)] = torch.arange(len(sel))
-        return torch.cat(parts)[back]
+        return torch.cat(parts)[torch.cat(order).argsort()]
 
     def _run(self, em: EditableModel, layer: int, tuple_len: int, rows: torch.Tensor, delta: torch.Tensor,
              width: int):
