@@ -61,6 +61,7 @@ def z_speed(args, model_dir):
     from memit_vllm.editor.hparams import default_hparams
     from memit_vllm.editor.prompts import context_templates
     from memit_vllm.editor.requests import load_requests
+    from memit_vllm.editor import targets
     from memit_vllm.editor.targets import compute_targets
 
     tok, model, em = load(model_dir)
@@ -69,6 +70,15 @@ def z_speed(args, model_dir):
     templates = [t for g in context_templates(model, tok, hp.context_template_seeds,
                                               hp.context_template_length, 0) for t in g]
     layer = hp.layers[-1]
+    if args.group_costs:  # the batched path alone, once per per-group cost of targets.length_buckets
+        print(f"machine: {machine()}; {len(reqs)} CounterFact edits, layer {layer}, batched z only")
+        print("| group cost (row-tokens) | batched z (s) |\n|---|---|")
+        for cost in map(float, args.group_costs.split(",")):
+            targets.BUCKET_OVERHEAD_TOKENS = cost
+            t = time.perf_counter()
+            compute_targets(em, tok, reqs, templates, layer, hp, progress=False)
+            print(f"| {cost:g} | {time.perf_counter() - t:.1f} |")
+        return
     t = time.perf_counter()
     batched = compute_targets(em, tok, reqs, templates, layer, hp, progress=False)
     fast = time.perf_counter() - t
@@ -175,6 +185,8 @@ def main():
     ap.add_argument("--sizes", default="10,100")
     ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact_500.json"))
     ap.add_argument("--eval", action="store_true")
+    ap.add_argument("--group-costs", help="z-speed: time the batched path alone for each of these per-group "
+                    "costs of the length grouping, e.g. 0,32,64,128,1e9 (1e9: one group)")
     ap.add_argument("--drop-conflicts", action="store_true",
                     help="skip records that ask an earlier record's prompt for another target")
     ap.add_argument("--save-dir", help="also keep each size's patch here as scaling-N.patch")

@@ -10,7 +10,7 @@ decay and early stop are the reference's, per edit. What makes it fast changes n
 - layers 0..L are run once: their activations do not depend on delta, so every step starts at L+1;
 - the prompt tokens before the subject's last token do not depend on delta at any layer: their
   keys/values are cached, and each step runs only the few tokens from the subject's last one on;
-- those suffixes are 2 to ~10 tokens long, so one batch padded to the longest would be ~45% padding:
+- those suffixes are 2 to ~10 tokens long, so one batch padded to the longest is much padding:
   rows run in groups of similar length instead (`length_buckets`); the KL rows stop at the
   subject's last token, where the KL is read, and are not run at all when the bare prompt's row
   holds the same tokens up to there.
@@ -111,10 +111,10 @@ def _suffix_len(tok, request: EditRequest) -> int:
     return len(enc.ids) - enc.lookup + len(target_ids(tok, request.target_new)) - 1
 
 
-# What one more padded forward+backward costs beyond its tokens, in row-tokens: each call streams the
-# weights of the layers above L (SmolLM2, 20 layers, 2 CPU cores: ~70 ms fixed, ~2.1 ms per token) and
-# adds Python/autograd work. Swept on 16 CounterFact edits (z seconds): 0 -> 68, 16 -> 62, 32 -> 62,
-# 64 -> 58, 128 -> 63, one batch -> 72.
+# What one more padded forward+backward costs beyond its tokens, in row-tokens (each call streams the
+# weights of the layers above L and adds Python/autograd work). Batched z on 16 CounterFact edits,
+# SmolLM2, 2 CPU cores (bench/make_patch.py z-speed --edits 16 --group-costs 64,0,32,128,1e9):
+# 64 -> 55.0 s, 0 -> 67.9, 32 -> 59.1, 128 -> 57.0, one group -> 65.1.
 BUCKET_OVERHEAD_TOKENS = 64
 
 
