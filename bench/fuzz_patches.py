@@ -1,7 +1,7 @@
 """Long fuzz run of the patch reader: mutate a valid patch file for a while, count what was tried.
 
 The CI test (tests/test_patch_format.py) runs 200 hypothesis examples; this runs the same mutations
-(tests/patch_fixtures.py) for as long as asked and reports every exception that is not a PatchError.
+(memit_vllm.testing.synthetic) for as long as asked and reports every exception that is not a PatchError.
 
     .venv/bin/python bench/fuzz_patches.py --seconds 180
 
@@ -19,14 +19,12 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from memit_vllm.checkpoint import Checkpoint  # noqa: E402
-from memit_vllm.default_models import prepare  # noqa: E402
-from memit_vllm.patch import PatchError, load_patch  # noqa: E402
-from memit_vllm.patch.merge import PatchSet  # noqa: E402
-from patch_fixtures import MUTATIONS, mutate, synthetic_patch  # noqa: E402
-from tiny_models import build_tiny_model  # noqa: E402
+from memit_vllm.checkpoint import Checkpoint
+from memit_vllm.default_models import prepare
+from memit_vllm.patch import PatchError, load_patch
+from memit_vllm.patch.merge import PatchSet
+from memit_vllm.testing.synthetic import MUTATIONS, mutate, synthetic_patch
+from memit_vllm.testing.tiny_models import build_tiny_model
 
 
 def main() -> int:

@@ -6,8 +6,8 @@
                                                   [--layers 3-9] [--lambda 768] [--hparams '{"v_num_grad_steps": 40}']
 
 - z-speed: edits/s of the batched, prefix-cached z optimisation vs the plain one-edit-at-a-time,
-  full-forward implementation of the same eq. 16 (the one the exactness test checks against), same
-  requests, templates and hyperparameters, same run.
+  full-forward implementation of the same eq. 16 (memit_vllm.editor.reference, the one the exactness
+  test checks against), same requests, templates and hyperparameters, same run.
 - covariance: tokens/s of the one-pass statistics for all edited layers vs a bare full forward over
   the same tokens.
 - scaling: make-patch end to end for each size (time split stats / z / update, peak RSS) and, with
@@ -22,19 +22,17 @@ import argparse
 import os
 import platform
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from memit_vllm.default_models import prepare
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 CORPUS = DATA / "corpus" / "smollm2_self_2k.jsonl"
-sys.path.insert(0, str(ROOT / "tests"))
-
-from memit_vllm.default_models import prepare  # noqa: E402
 
 
 def machine() -> str:
@@ -44,24 +42,16 @@ def machine() -> str:
 
 
 def load(model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from memit_vllm.editor import load_editable
 
-    from memit_vllm.editor.arch import EditableModel
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return tok, model, EditableModel(model)
+    tok, em = load_editable(model_dir)
+    return tok, em.model, em
 
 
 def z_speed(args, model_dir):
-    from test_editor import plain_z_delta  # the plain eq. 16, one edit at a time
-
-    from memit_vllm.editor.hparams import default_hparams
+    from memit_vllm.editor import default_hparams, load_requests
     from memit_vllm.editor.prompts import context_templates
-    from memit_vllm.editor.requests import load_requests
-    from memit_vllm.editor import targets
+    from memit_vllm.editor.reference import plain_z_delta  # the plain eq. 16, one edit at a time
     from memit_vllm.editor.targets import compute_targets
 
     tok, model, em = load(model_dir)
@@ -74,9 +64,8 @@ def z_speed(args, model_dir):
         print(f"machine: {machine()}; {len(reqs)} CounterFact edits, layer {layer}, batched z only")
         print("| group cost (row-tokens) | batched z (s) |\n|---|---|")
         for cost in map(float, args.group_costs.split(",")):
-            targets.BUCKET_OVERHEAD_TOKENS = cost
             t = time.perf_counter()
-            compute_targets(em, tok, reqs, templates, layer, hp, progress=False)
+            compute_targets(em, tok, reqs, templates, layer, hp, progress=False, bucket_overhead_tokens=cost)
             print(f"| {cost:g} | {time.perf_counter() - t:.1f} |")
         return
     t = time.perf_counter()
@@ -94,9 +83,9 @@ def z_speed(args, model_dir):
 
 
 def covariance(args, model_dir):
+    from memit_vllm.core.tokens import pad_id, pad_right
+    from memit_vllm.editor import default_hparams
     from memit_vllm.editor.covariance import accumulate, resolve_corpus, token_batches
-    from memit_vllm.editor.hparams import default_hparams
-    from memit_vllm.editor.prompts import pad_id, pad_right
 
     tok, model, em = load(model_dir)
     hp, _ = default_hparams(model.config.model_type, em.n_layers, em.d_ff)
@@ -126,11 +115,11 @@ def without_conflicts(path: str, n: int) -> Path:
     asks to become something else (counterfact_edit_10k has such pairs; make-patch refuses them)."""
     import json
 
-    from memit_vllm.editor.requests import _read_records, parse_record
+    from memit_vllm.core.records import parse_record, read_records
 
     kept, seen, dropped = [], {}, 0
-    for i, rec in enumerate(_read_records(Path(path))):
-        r = parse_record(rec, f"record {i}", "answers")
+    for where, rec in read_records(path):
+        r = parse_record(rec, where, "answers")
         if seen.setdefault((r.prompt, r.subject), r.target_new) != r.target_new:
             dropped += 1
             continue
@@ -146,8 +135,7 @@ def without_conflicts(path: str, n: int) -> Path:
 def scaling(args, model_dir):
     import json
 
-    from memit_vllm.editor import edit, load_requests
-    from memit_vllm.editor.command import parse_layers
+    from memit_vllm.editor import EditConfig, edit, load_requests, parse_layers
     from memit_vllm.evaluate.run import evaluate
 
     overrides = json.loads(args.hparams) if args.hparams else None
@@ -159,8 +147,9 @@ def scaling(args, model_dir):
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in [int(s) for s in args.sizes.split(",")]:
         reqs = load_requests(args.data, limit=size)
-        result = edit(model_dir, reqs, stats_corpus=str(CORPUS), hparams=overrides, layers=parse_layers(args.layers),
-                      mom2_update_weight=args.lam, progress=args.progress)
+        result = edit(model_dir, reqs, EditConfig(stats_corpus=str(CORPUS), hparams=overrides,
+                                                  layers=parse_layers(args.layers), mom2_update_weight=args.lam,
+                                                  progress=args.progress))
         s = result.report.seconds
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         if torch.cuda.is_available():

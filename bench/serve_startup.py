@@ -14,6 +14,7 @@ Prints a Markdown table (medians over rounds) for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -23,13 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from patch_fixtures import synthetic_patch  # noqa: E402
-from vllm_server import api_server_cmd, vllm_server  # noqa: E402
-
-from memit_vllm.default_models import prepare  # noqa: E402
+from memit_vllm.core.contract import LOAD_FORMAT, PATCHES_KEY
+from memit_vllm.default_models import prepare
+from memit_vllm.testing.server import api_server_cmd, vllm_server
+from memit_vllm.testing.synthetic import synthetic_patch
 
 PROMPTS = [f"Fact number {i}: the capital of" for i in range(16)]
 
@@ -82,8 +80,8 @@ def main() -> None:
     patch = synthetic_patch(model, layers=range(4, 9), rank=10, seed=0, scale=20.0, name="bench").save(
         work / "bench.patch")
     variants = {"base": api_server_cmd(model),
-                "patched": api_server_cmd(model, "--load-format", "memit", "--model-loader-extra-config",
-                                          f'{{"patches": ["{patch}"]}}')}
+                "patched": api_server_cmd(model, "--load-format", LOAD_FORMAT, "--model-loader-extra-config",
+                                          json.dumps({PATCHES_KEY: [str(patch)]}))}
     results: dict[str, list[dict]] = {k: [] for k in variants}
     for r in range(args.rounds):
         for name, cmd in variants.items():

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from openai import OpenAI
 
+from memit_vllm.core.contract import SERVER_MODULE
+
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "smollm2_self_2k.jsonl"
 UNTOUCHED = ["The capital of France is", "The Eiffel Tower is located in", "Barack Obama was born in"]
@@ -67,8 +69,7 @@ def main() -> None:
     facts = json.loads(args.facts.read_text())
     edited = [f["prompt"].format(f["subject"]) for f in facts]
     questions = edited + UNTOUCHED
-    before = ask([sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", model], model,
-                 questions)
+    before = ask([sys.executable, "-m", SERVER_MODULE, "--model", model], model, questions)
     after = ask([*cli, "serve", model, "--memit-patch", str(args.out)], model, questions)
     wanted = [f["target_new"] for f in facts] + [None] * len(UNTOUCHED)
     for q, b, a, want in zip(questions, before, after, wanted):

@@ -8,6 +8,8 @@ Prints one JSON line per prompt (prompt, completion text, token ids), greedy dec
 import argparse
 import json
 
+from memit_vllm.core.contract import LOAD_FORMAT, PATCHES_KEY
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -20,7 +22,7 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=args.model, load_format="memit", model_loader_extra_config={"patches": args.patches},
+    llm = LLM(model=args.model, load_format=LOAD_FORMAT, model_loader_extra_config={PATCHES_KEY: args.patches},
               dtype=args.dtype, max_model_len=512, enforce_eager=True)
     for out in llm.generate(args.prompt, SamplingParams(temperature=0, max_tokens=args.max_tokens)):
         completion = out.outputs[0]

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import click
 
+from .core.files import atomic_file
+from .core.records import read_dataset
 from .errors import MemitError
-from .evaluate.data import read_dataset
 from .evaluate.metrics import COUNTERFACT_METRICS, ZSRE_METRICS
 
 GENERATE_TOKENS = 16
@@ -47,8 +48,12 @@ def parse_arm(label: str, spec: str) -> Arm:
 
 
 def read_regression(path: str | Path) -> list[dict]:
-    """Prompts as a JSON list or JSONL of strings or {"prompt", "answer"?} objects."""
-    text = Path(path).read_text()
+    """Prompts as a JSON list or JSONL of strings or {"prompt", "answer"?} objects. The content decides
+    which, whatever the file's suffix (unlike edit records, core.records.read_records)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MemitError(f"--regression {path}: cannot read it as UTF-8 text ({e})") from e
     try:
         items = json.loads(text)
     except json.JSONDecodeError:
@@ -97,9 +102,8 @@ def _timed_completions(scorer, prompts: list[str]) -> tuple[list[str], list[floa
     """Greedy continuations, one request per prompt (so each has its own latency), a few at a time."""
     def one(prompt: str) -> tuple[str, float]:
         start = time.perf_counter()
-        out = scorer._request("/v1/completions", {"model": scorer.model, "prompt": prompt,
-                                                  "max_tokens": GENERATE_TOKENS, "temperature": 0})
-        return out["choices"][0]["text"], time.perf_counter() - start
+        (text,) = scorer.complete([prompt], GENERATE_TOKENS)
+        return text, time.perf_counter() - start
 
     with ThreadPoolExecutor(LATENCY_CONCURRENCY) as pool:
         results = list(pool.map(one, prompts))
@@ -205,8 +209,6 @@ def plot(result: dict, path: str | Path) -> Path:
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 def ab_command(arm_a, arm_b, edits, regression, n, tokenizer, json_out, plot_out, batch_size):
     """Compare two served arms on edit success, regressions and latency (table, JSON, PNG)."""
-    from .cache import atomic_path
-
     a, b = parse_arm("A", arm_a), parse_arm("B", arm_b)
     result = compare(a, b, edits, regression, n=n, tokenizer=tokenizer, batch_size=batch_size)
     if not result["regression_prompts"]:
@@ -215,8 +217,8 @@ def ab_command(arm_a, arm_b, edits, regression, n, tokenizer, json_out, plot_out
     plot(result, plot_out)
     if json_out == "-":
         return click.echo(json.dumps(result, indent=2))
-    with atomic_path(json_out) as tmp:
-        Path(tmp).write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_file(json_out) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
     click.echo(format_table(result))
     click.echo(f"wrote {json_out} and {plot_out}", err=True)
 

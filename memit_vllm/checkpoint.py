@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from functools import cached_property
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from .core.architectures import ARCHITECTURES
+from .core.files import atomic_file
 from .errors import MemitError
 
 # Config keys that describe how a config was saved rather than the model it describes.
@@ -36,10 +37,15 @@ def config_fingerprint(config: dict) -> str:
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local checkpoint dir, or an HF hub id resolved through the local HF cache / download."""
+    """A local checkpoint dir, the name of a default model (`memit-vllm model list`, prepared on first
+    use), or an HF hub id resolved through the local HF cache / download."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
+    from .default_models import KNOWN_MODELS, prepare
+
+    if model in KNOWN_MODELS:
+        return prepare(model)
     if path.exists() or model.startswith((".", "/")) or model.count("/") != 1:
         raise MemitError(f"model {model!r} is not a checkpoint directory (nor an HF hub id 'org/name')")
     from huggingface_hub import snapshot_download
@@ -78,13 +84,12 @@ class Checkpoint:
     @property
     def architecture(self) -> str:
         """The model class, e.g. LlamaForCausalLM. A config without `architectures` (the prepared SmolLM2)
-        gets the class transformers (and vLLM) would pick for its model_type, so both spellings agree."""
+        gets the class of its model_type in the architecture table, as transformers and vLLM pick it."""
         if self.config.get("architectures"):
             return self.config["architectures"][0]
         model_type = self.config.get("model_type", "?")
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, model_type)
+        arch = ARCHITECTURES.get(model_type)
+        return arch.hf_class if arch else model_type
 
     @property
     def config_sha256(self) -> str:
@@ -132,8 +137,6 @@ def weights_sha256(ckpt: Checkpoint, cache: Path) -> str:
         if key not in index:
             index[key] = sha256_file(f)
         h.update(index[key].encode())
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = index_path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(index))
-    os.replace(tmp, index_path)
+    with atomic_file(index_path) as tmp:
+        tmp.write_text(json.dumps(index))
     return h.hexdigest()

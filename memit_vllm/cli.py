@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import click
@@ -53,10 +52,18 @@ def model_list() -> None:
         click.echo(f"{spec.name}\t{spec.description}")
 
 
-# Commands of the other rooms register themselves here, one line each (keeps this file conflict-free).
-from .serve import serve; main.add_command(serve)  # noqa: E402,E702
-from .evaluate.command import eval_command; main.add_command(eval_command)  # noqa: E402,E702
-from .patch.commands import PATCH_COMMANDS; [main.add_command(c) for c in PATCH_COMMANDS]  # noqa: E402,E702
-from .editor.command import make_patch_command; main.add_command(make_patch_command)  # noqa: E402,E702
-from .lora_export import export_lora_command; main.add_command(export_lora_command)  # noqa: E402,E702
-from .ab import ab_command; main.add_command(ab_command)  # noqa: E402,E702
+def _register_commands() -> None:
+    """Each room's click shell; they import their heavy parts (torch, transformers) only when run, so
+    `memit-vllm --help` stays fast."""
+    from .ab import ab_command
+    from .editor.command import make_patch_command
+    from .evaluate.command import eval_command
+    from .lora_export import export_lora_command
+    from .patch.commands import PATCH_COMMANDS
+    from .serve import serve
+
+    for command in (make_patch_command, *PATCH_COMMANDS, serve, eval_command, ab_command, export_lora_command):
+        main.add_command(command)
+
+
+_register_commands()

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cache import cache_dir, sha256_file
+from .core.files import atomic_dir
 from .errors import MemitError
 
 
@@ -100,9 +98,7 @@ def prepare(name: str, progress: bool = True) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with atomic_dir(target, replace=True) as tmp:
         src = str(gguf_path.parent)
         tok = AutoTokenizer.from_pretrained(src, gguf_file=spec.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(src, gguf_file=spec.gguf_file, dtype=torch.float32)
@@ -120,11 +116,4 @@ def prepare(name: str, progress: bool = True) -> Path:
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps({"model": spec.name, "source_sha256": digest,
                                                 "files": files}, indent=1, sort_keys=True))
-        tmp.chmod(0o755)  # mkdtemp makes it private; the checkpoint is meant to be shared
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return target

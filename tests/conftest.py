@@ -1,10 +1,9 @@
-import os
 from pathlib import Path
 
 import pytest
 
 from memit_vllm.default_models import prepare
-from tiny_models import CONFIGS, build_tiny_model
+from memit_vllm.testing.tiny_models import CONFIGS, build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -41,3 +40,34 @@ def facts_patch(smollm2, data_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("facts") / "facts.patch"
     return make_patch(smollm2, facts, stats_corpus=str(data_dir / "corpus" / "smollm2_self_2k.jsonl"),
                       name="facts", version="1", progress=False).save(out)
+
+
+@pytest.fixture
+def made_up_architecture(monkeypatch, tiny_models, tmp_path):
+    """A copy of Llama's table entry under another model type, and a tiny checkpoint of it that
+    transformers loads (a registered Llama subclass): what adding an architecture to the table takes."""
+    import dataclasses
+    import json
+    import shutil
+
+    import transformers
+
+    from memit_vllm.core.architectures import ARCHITECTURES
+
+    class MadeUpConfig(transformers.LlamaConfig):
+        model_type = "madeup"
+
+    class MadeUpForCausalLM(transformers.LlamaForCausalLM):
+        config_class = MadeUpConfig
+
+    if "madeup" not in transformers.CONFIG_MAPPING:
+        transformers.AutoConfig.register("madeup", MadeUpConfig)
+        transformers.AutoModelForCausalLM.register(MadeUpConfig, MadeUpForCausalLM)
+    monkeypatch.setitem(ARCHITECTURES, "madeup", dataclasses.replace(
+        ARCHITECTURES["llama"], model_type="madeup", hf_class="MadeUpForCausalLM"))
+    model = tmp_path / "madeup"
+    shutil.copytree(tiny_models["llama"], model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(model_type="madeup", architectures=["MadeUpForCausalLM"])
+    (model / "config.json").write_text(json.dumps(config))
+    return model

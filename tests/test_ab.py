@@ -1,11 +1,17 @@
-"""`memit-vllm ab` without servers: arm parsing, regression files, and the agreement it reports."""
+"""`memit-vllm ab` without vLLM: arm parsing, regression files, the agreement it reports, and the scorer's
+requests against a stub OpenAI server."""
 
 from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from memit_vllm.ab import _agreement, parse_arm, read_regression
 from memit_vllm.errors import MemitError
+from memit_vllm.evaluate.served import ServedScorer, ServerError
 
 
 @pytest.mark.parametrize("spec, url, model", [
@@ -43,3 +49,47 @@ def test_agreement_uses_the_given_answer_else_arm_a():
     control = [" Lyon", " Rome", " yes"]
     assert _agreement([" Paris, France", " Rome ", " no"], prompts, control) == pytest.approx(2 / 3)
     assert _agreement(control, prompts, control) == pytest.approx(2 / 3)  # A misses the given answer
+
+
+class _StubServer(BaseHTTPRequestHandler):
+    """/v1/models and /v1/completions (echoes each prompt reversed); `status` answers /memit/patches."""
+
+    status = 404
+
+    def _answer(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            return self._answer(200, {"data": [{"id": "base"}]})
+        self._answer(self.status, {"error": "no"})
+
+    def do_POST(self):
+        prompts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompt"]
+        self._answer(200, {"choices": [{"index": i, "text": p[::-1]} for i, p in reversed(list(enumerate(prompts)))]})
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _StubServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_plain_server_serves_no_patches_and_other_errors_carry_their_status(stub, monkeypatch):
+    scorer = ServedScorer(stub, tokenizer=None)
+    assert scorer.model == "base" and scorer.served_patch_ids() == []
+    assert scorer.complete(["ab", "cd"], 4) == ["ba", "dc"]  # in prompt order, whatever the answer's order
+    monkeypatch.setattr(_StubServer, "status", 500)
+    with pytest.raises(ServerError, match="/memit/patches answered 500") as e:
+        scorer.served_patch_ids()
+    assert e.value.status == 500

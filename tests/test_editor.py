@@ -5,19 +5,22 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from memit_vllm.checkpoint import Checkpoint
-from memit_vllm.editor import HParams, edit, load_requests, make_patch
-from memit_vllm.editor import memit
-from memit_vllm.editor.arch import EditableModel
+from memit_vllm.compat import check_transformers
+from memit_vllm.core.versions import ALLOW_UNTESTED_ENV
+from memit_vllm.core.architectures import ARCHITECTURES
+from memit_vllm.editor import EditableModel, HParams, edit, load_requests, solve_layer_update
 from memit_vllm.editor.memit import KeyReader
 from memit_vllm.editor.prompts import encode
-from memit_vllm.editor.requests import EditRequest
+from memit_vllm.editor.reference import plain_z_delta
 from memit_vllm.editor.targets import compute_targets, length_buckets
 from memit_vllm.editor.trace import capture
+from memit_vllm.errors import MemitError
 from memit_vllm.patch import load_patch
 from memit_vllm.patch.merge import PatchSet
 
@@ -27,70 +30,6 @@ CORPUS = "corpus/smollm2_self_2k.jsonl"
 
 def requests_from(data_dir, n):
     return load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=n)
-
-
-def plain_z_delta(model, tok, layers, request: EditRequest, templates, layer, hp: HParams):
-    """MEMIT eq. 16 for ONE edit, written from the equations: full forward every step, full logits,
-    delta added by a hook at layer `layer`'s output; subject position from the tokenized prefix."""
-    tgt = tok(request.target_new, add_special_tokens=False)["input_ids"]
-    pre, post = request.prompt.split("{}")
-    texts, lookups = [], []
-    for t in templates + ["{} is a"]:
-        ctx_pre = t.split("{}")[0]
-        if t == "{} is a":
-            head, tail = "", " is a"
-        else:
-            head, tail = ctx_pre + pre, post + t.split("{}")[1]
-        texts.append((head + request.subject, tail))
-        lookups.append(len(tok(head + request.subject)["input_ids"]) - 1)
-    seqs = [tok(a + b)["input_ids"] + (tgt[:-1] if i < len(templates) else []) for i, (a, b) in enumerate(texts)]
-    prompt_lens = [len(tok(a + b)["input_ids"]) for a, b in texts]
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-
-    delta = torch.zeros(model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd,
-                        requires_grad=True)
-    state = {}
-
-    def hook(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        if "init" not in state:
-            state["init"] = h[0, lookups[0]].detach().clone()
-        h = h.clone()
-        for i, pos in enumerate(lookups):
-            h[i, pos] = h[i, pos] + delta
-        return (h, *output[1:]) if isinstance(output, tuple) else h
-
-    handle = layers[layer].register_forward_hook(hook)
-    opt = torch.optim.Adam([delta], lr=hp.v_lr)
-    kl_init = None
-    try:
-        for it in range(hp.v_num_grad_steps):
-            opt.zero_grad()
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            logp = torch.log_softmax(logits, dim=-1)
-            nlls = []
-            for i in range(len(templates)):
-                n = prompt_lens[i]
-                nlls.append(-sum(logp[i, n - 1 + j, t] for j, t in enumerate(tgt)) / len(tgt))
-            nll = torch.stack(nlls).mean()
-            kl_logp = logp[len(templates), lookups[-1]]
-            if kl_init is None:
-                kl_init = kl_logp.detach().clone()
-            kl = (kl_logp.exp() * (kl_logp - kl_init)).sum()
-            loss = nll + hp.kl_factor * kl + hp.v_weight_decay * delta.norm() / state["init"].norm() ** 2
-            if loss < hp.v_early_stop_loss or it == hp.v_num_grad_steps - 1:
-                break
-            loss.backward()
-            opt.step()
-            max_norm = hp.clamp_norm_factor * state["init"].norm()
-            if delta.norm() > max_norm:
-                with torch.no_grad():
-                    delta.mul_(max_norm / delta.norm())
-    finally:
-        handle.remove()
-    return delta.detach()
 
 
 @pytest.mark.parametrize("which", ["smollm2", "gptj", "gpt2"])
@@ -125,14 +64,13 @@ def tiny_edit(model, data_dir, tmp_path, n=2, **kw):
                 stats_tokens=3000, cache_dir=tmp_path / "cache", progress=False, **kw)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "gptj", "gpt_neox"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_patch_keys_and_shapes_match_the_checkpoint(arch, tiny_models, data_dir, tmp_path):
     result = tiny_edit(tiny_models[arch], data_dir, tmp_path)
     patch, ckpt = result.patch, Checkpoint(tiny_models[arch])
     assert len(patch.deltas) == len(result.report.layers) >= 1
     for name, delta in patch.deltas.items():
-        assert name in ckpt.keys() and ("down_proj" in name or "c_proj" in name or "fc_out" in name
-                                        or "dense_4h_to_h" in name)
+        assert name in ckpt.keys() and ARCHITECTURES[arch].layer_of(name) in result.report.layers
         assert delta.shape == ckpt.tensor(name).shape and delta.dtype == torch.float32
         assert delta.norm() > 0
     PatchSet([patch]).validate(ckpt)  # fingerprints bind it to this checkpoint
@@ -256,14 +194,13 @@ def read_by_hand(em, tok, requests, groups, layer, out_layer):
     return torch.stack(keys), torch.stack(outs)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_key_reader_resuming_above_updated_layers_equals_reading_each_prompt_alone(arch, tiny_models, data_dir, monkeypatch):
-    monkeypatch.setattr(memit, "KEY_BATCH_PROMPTS", 2)  # several batches per template
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_key_reader_resuming_above_updated_layers_equals_reading_each_prompt_alone(arch, tiny_models, data_dir):
     tok = AutoTokenizer.from_pretrained(tiny_models[arch])
     model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
     em = EditableModel(model)
     reqs, groups = requests_from(data_dir, 3), [["{}"], TEMPLATES[1:]]
-    reader = KeyReader(em, tok, reqs, groups)
+    reader = KeyReader(em, tok, reqs, groups, batch_prompts=2)  # several batches per template
     torch.manual_seed(0)
     h_before = None
     for layer in (1, 2):  # read, then update that layer, as the layer loop does
@@ -276,3 +213,35 @@ def test_key_reader_resuming_above_updated_layers_equals_reading_each_prompt_alo
         h_before = h
         with torch.no_grad():
             em.add_to_weight(layer, torch.randn(em.d_model, em.d_ff))
+
+
+def test_layer_solve_equals_the_equation_written_out():
+    """Delta = R K^T (lambda C + K K^T)^-1, by hand with an explicit inverse in numpy float64."""
+    rng = np.random.default_rng(0)
+    d_model, d_ff, n, lam = 6, 9, 4, 3.5
+    K, R = rng.standard_normal((d_ff, n)), rng.standard_normal((d_model, n))
+    X = rng.standard_normal((d_ff, 3 * d_ff))
+    C = X @ X.T / X.shape[1]  # symmetric positive definite
+    expected = R @ K.T @ np.linalg.inv(lam * C + K @ K.T)
+    got = solve_layer_update(torch.tensor(K), torch.tensor(R), torch.tensor(C), lam)
+    assert got.dtype == torch.float64 and got.shape == (d_model, d_ff)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_edit_options_are_checked_and_untested_transformers_refused(monkeypatch):
+    with pytest.raises(MemitError, match="unknown edit option.* stats_corps; known: hparams, layers"):
+        edit("unused", [], stats_corps="x")
+    check_transformers()  # the installed version is a tested one
+    with pytest.raises(MemitError, match=f"transformers 4.40.0 .*{ALLOW_UNTESTED_ENV}=1"):
+        check_transformers("4.40.0")
+    monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
+    check_transformers("4.40.0")
+
+
+@pytest.mark.parametrize("out", ["dir", "file/p.patch"])
+def test_unwritable_out_fails_before_loading_the_model(out, tmp_path, data_dir):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("")
+    got = make_patch_cli("--model", str(tmp_path / "no-model"), "--requests",
+                         str(data_dir / "counterfact" / "counterfact_500.json"), "--out", str(tmp_path / out))
+    assert got.returncode == 2 and f"--out {tmp_path / out}" in got.stderr and "no-model" not in got.stderr, got.stderr

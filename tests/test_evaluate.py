@@ -13,12 +13,17 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.cli import main
-from memit_vllm.evaluate.data import read_dataset
-from memit_vllm.evaluate.metrics import (COUNTERFACT_METRICS, CounterFactScores, counterfact_metrics, ngram_entropy,
-                                         zsre_metrics)
-from memit_vllm.evaluate.patching import apply_patches, load_model
+from memit_vllm.core.records import read_dataset
+from memit_vllm.evaluate.metrics import (
+    COUNTERFACT_METRICS,
+    CounterFactScores,
+    counterfact_metrics,
+    ngram_entropy,
+    zsre_metrics,
+)
+from memit_vllm.evaluate.patching import load_model, merge_into_model
 from memit_vllm.evaluate.scoring import TransformersScorer, encode_pair
-from patch_fixtures import synthetic_patch
+from memit_vllm.testing.synthetic import synthetic_patch
 
 PAIRS = [("The capital of France is", "Paris"), ("Danielle Darrieux's mother tongue is", "French"),
          ("A", "very long target of many tokens indeed"), ("The Eiffel Tower is located in the city of", "Rome"),
@@ -36,7 +41,8 @@ def run_cli(*args):
 # -- metric definitions -----------------------------------------------------------------------------
 def test_counterfact_metrics_by_hand():
     records = [
-        CounterFactScores(rewrite=(1.0, 2.0), paraphrase=[(1.0, 2.0), (3.0, 2.0)], neighborhood=[(2.0, 1.0), (1.0, 2.0)]),
+        CounterFactScores(rewrite=(1.0, 2.0), paraphrase=[(1.0, 2.0), (3.0, 2.0)],
+                          neighborhood=[(2.0, 1.0), (1.0, 2.0)]),
         CounterFactScores(rewrite=(2.0, 0.5), paraphrase=[(0.2, 2.0)], neighborhood=[(3.0, 1.0)]),
     ]
     m = counterfact_metrics(records)
@@ -47,7 +53,8 @@ def test_counterfact_metrics_by_hand():
     assert m["PS_magnitude"] == pytest.approx(((e(-1) - e(-2) + e(-3) - e(-2)) / 2 + (e(-0.2) - e(-2))) / 2)
     assert m["NS_magnitude"] == pytest.approx(((e(-1) - e(-2) + e(-2) - e(-1)) / 2 + (e(-1) - e(-3))) / 2)
     assert "GE" not in m
-    zero = counterfact_metrics([CounterFactScores(rewrite=(2.0, 1.0), paraphrase=[(1.0, 2.0)], neighborhood=[(1.0, 2.0)])])
+    zero = counterfact_metrics([CounterFactScores(rewrite=(2.0, 1.0), paraphrase=[(1.0, 2.0)],
+                                                  neighborhood=[(1.0, 2.0)])])
     assert zero["ES"] == 0 and zero["S"] == 0
 
 
@@ -56,7 +63,8 @@ def test_ngram_entropy_by_hand():
     assert ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)  # trigrams: 2 distinct
     assert ngram_entropy("the cat the cat the cat the cat") < ngram_entropy("the cat sat on a mat by the door")
     records = [CounterFactScores((1.0, 2.0), [(1.0, 2.0)], [(2.0, 1.0)], generations=["a b a b", "a b c d"])]
-    assert counterfact_metrics(records)["GE"] == pytest.approx((ngram_entropy("a b a b") + ngram_entropy("a b c d")) / 2)
+    expected = (ngram_entropy("a b a b") + ngram_entropy("a b c d")) / 2
+    assert counterfact_metrics(records)["GE"] == pytest.approx(expected)
 
 
 def test_zsre_metrics_average_records():
@@ -121,7 +129,7 @@ def test_patch_is_merged_into_the_model(tiny_models, arch):
     patch = synthetic_patch(tiny_models[arch], layers=(1,), scale=5.0)
     ckpt = Checkpoint(tiny_models[arch])
     model, _ = load_model(ckpt)
-    apply_patches(model, ckpt, [patch])
+    merge_into_model(model, ckpt, [patch])
     (name,) = patch.deltas
     param = dict(model.named_parameters()).get(name)
     if param is None:  # checkpoint names may lack the base-model prefix

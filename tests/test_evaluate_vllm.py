@@ -12,8 +12,8 @@ import pytest
 from click.testing import CliRunner
 
 from memit_vllm.cli import main
-from patch_fixtures import synthetic_patch
-from vllm_server import BASE_ARGS, vllm_server
+from memit_vllm.testing.server import BASE_ARGS, vllm_server
+from memit_vllm.testing.synthetic import synthetic_patch
 
 pytestmark = pytest.mark.vllm
 

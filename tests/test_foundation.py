@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from memit_vllm.default_models import KNOWN_MODELS, MANIFEST
-from tiny_models import CONFIGS
-from vllm_server import api_server_cmd, vllm_server
+from memit_vllm.testing.tiny_models import CONFIGS
+from memit_vllm.testing.server import api_server_cmd, vllm_server
 
 EIFFEL = "The Eiffel Tower is located in the city of"
 

@@ -7,7 +7,6 @@ One engine for the module, started without patches and with an admin token.
 from __future__ import annotations
 
 import json
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -16,11 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from memit_vllm.checkpoint import Checkpoint, tensor_fingerprint
+from memit_vllm.core.contract import ADMIN_TOKEN_ENV, PATCHES_ROUTE, WEIGHTS_ROUTE
 from memit_vllm.patch import load_patch
 from memit_vllm.patch.tools import apply_patches
-from patch_fixtures import synthetic_patch
-from test_plugin_serve import hf_greedy
-from vllm_server import BASE_ARGS, vllm_server
+from memit_vllm.testing.server import hf_greedy, memit_serve_cmd, vllm_server
+from memit_vllm.testing.synthetic import synthetic_patch
 
 pytestmark = pytest.mark.vllm
 
@@ -34,8 +33,7 @@ TOKENS = 8
 @pytest.fixture(scope="module")
 def server(smollm2, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "serve.log"
-    cmd = [sys.executable, "-m", "memit_vllm", "serve", str(smollm2), *BASE_ARGS]
-    with vllm_server(cmd, str(smollm2), log, env={"MEMIT_VLLM_ADMIN_TOKEN": TOKEN}) as s:
+    with vllm_server(memit_serve_cmd(smollm2), str(smollm2), log, env={ADMIN_TOKEN_ENV: TOKEN}) as s:
         yield s
 
 
@@ -48,12 +46,6 @@ def admin(server, method: str, route: str, body: dict | None = None, token: str 
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
-
-
-def greedy(server, prompts=PROMPTS) -> list[list[int]]:
-    out = server.post("/v1/completions", {"model": server.model, "prompt": prompts, "max_tokens": TOKENS,
-                                          "temperature": 0, "return_token_ids": True})
-    return [c["token_ids"] for c in sorted(out["choices"], key=lambda c: c["index"])]
 
 
 def in_flight(server, pool, n: int = 32):
@@ -70,65 +62,65 @@ def in_flight(server, pool, n: int = 32):
 
 
 def served_state(server):
-    return admin(server, "GET", "/memit/patches", token=None)[1], admin(server, "GET", "/memit/weights")[1]
+    return admin(server, "GET", PATCHES_ROUTE, token=None)[1], admin(server, "GET", WEIGHTS_ROUTE)[1]
 
 
 def test_apply_then_revert_under_load(server, smollm2, facts_patch, tmp_path):
-    base = greedy(server)
-    assert base == hf_greedy(smollm2, PROMPTS, n=TOKENS)
+    base = server.greedy(PROMPTS, TOKENS)
+    assert base == hf_greedy(smollm2, PROMPTS, TOKENS)
     patch = load_patch(facts_patch)
     with ThreadPoolExecutor(32) as pool:
         running = in_flight(server, pool)
-        status, applied = admin(server, "POST", "/memit/patches", {"path": str(facts_patch)})
+        status, applied = admin(server, "POST", PATCHES_ROUTE, {"path": str(facts_patch)})
         assert status == 200, applied
         during_apply = [f.result() for f in running]  # any failed request raises here
-    patched = greedy(server)
-    assert patched == hf_greedy(apply_patches([patch], smollm2, tmp_path / "merged"), PROMPTS, n=TOKENS)
+    patched = server.greedy(PROMPTS, TOKENS)
+    assert patched == hf_greedy(apply_patches([patch], smollm2, tmp_path / "merged"), PROMPTS, TOKENS)
     assert all(patched[i] != base[i] for i in range(len(FACT_PROMPTS))), "the edited facts should change"
     # A request finished entirely on the old weights or entirely on the new ones, never on a mix.
     assert all(ids in (base[i], patched[i]) for i, ids in during_apply)
 
     ckpt = Checkpoint(smollm2)
-    hashes = admin(server, "GET", "/memit/weights")[1]["weights"]
+    hashes = admin(server, "GET", WEIGHTS_ROUTE)[1]["weights"]
     assert sorted(hashes) == sorted(patch.deltas)
     for name, delta in patch.deltas.items():
         assert hashes[name]["sha256"] == tensor_fingerprint(ckpt.tensor(name) + delta)
         assert not hashes[name]["is_base"]
     pid = applied["applied"]["id"]
-    assert [p["id"] for p in admin(server, "GET", "/memit/patches", token=None)[1]["patches"]] == [pid]
+    assert [p["id"] for p in admin(server, "GET", PATCHES_ROUTE, token=None)[1]["patches"]] == [pid]
 
     with ThreadPoolExecutor(32) as pool:
         running = in_flight(server, pool)
-        status, reverted = admin(server, "DELETE", f"/memit/patches/{pid}")
+        status, reverted = admin(server, "DELETE", f"{PATCHES_ROUTE}/{pid}")
         assert status == 200, reverted
         during_revert = [f.result() for f in running]
     assert all(ids in (base[i], patched[i]) for i, ids in during_revert)
-    assert greedy(server) == base
-    assert admin(server, "GET", "/memit/patches", token=None)[1]["patches"] == []
-    hashes = admin(server, "GET", "/memit/weights")[1]["weights"]
+    assert server.greedy(PROMPTS, TOKENS) == base
+    assert admin(server, "GET", PATCHES_ROUTE, token=None)[1]["patches"] == []
+    hashes = admin(server, "GET", WEIGHTS_ROUTE)[1]["weights"]
     for name in patch.deltas:  # the base bytes themselves, not W + d - d
         assert hashes[name]["sha256"] == ckpt.fingerprint(name) == hashes[name]["base_sha256"]
         assert hashes[name]["is_base"]
 
 
 def test_refusals_change_nothing(server, smollm2, facts_patch, tiny_models, tmp_path):
-    before_answers, before_state = greedy(server), served_state(server)
+    before_answers, before_state = server.greedy(PROMPTS, TOKENS), served_state(server)
     foreign = synthetic_patch(tiny_models["llama"], layers=(1,), name="tiny").save(tmp_path / "tiny.patch")
     corrupt = tmp_path / "corrupt.patch"
     corrupt.write_bytes(facts_patch.read_bytes()[:-1000])
     cases = [
-        ("POST", "/memit/patches", {"path": str(facts_patch)}, "wrong", 401, "admin token"),
-        ("POST", "/memit/patches", {"path": str(facts_patch)}, None, 401, "admin token"),
-        ("DELETE", "/memit/patches/mp1-0", None, "wrong", 401, "admin token"),
-        ("GET", "/memit/weights", None, None, 401, "admin token"),
-        ("POST", "/memit/patches", {"path": str(foreign)}, TOKEN, 409, "differs from the base the patch was made for"),
-        ("POST", "/memit/patches", {"path": str(corrupt)}, TOKEN, 422, "truncated"),
-        ("POST", "/memit/patches", {"path": str(tmp_path / "missing.patch")}, TOKEN, 422, "cannot read patch file"),
-        ("POST", "/memit/patches", {"file": "x"}, TOKEN, 400, '"path"'),
-        ("DELETE", "/memit/patches/mp1-0", None, TOKEN, 404, "not active"),
+        ("POST", PATCHES_ROUTE, {"path": str(facts_patch)}, "wrong", 401, "admin token"),
+        ("POST", PATCHES_ROUTE, {"path": str(facts_patch)}, None, 401, "admin token"),
+        ("DELETE", f"{PATCHES_ROUTE}/mp1-0", None, "wrong", 401, "admin token"),
+        ("GET", WEIGHTS_ROUTE, None, None, 401, "admin token"),
+        ("POST", PATCHES_ROUTE, {"path": str(foreign)}, TOKEN, 409, "differs from the base the patch was made for"),
+        ("POST", PATCHES_ROUTE, {"path": str(corrupt)}, TOKEN, 422, "truncated"),
+        ("POST", PATCHES_ROUTE, {"path": str(tmp_path / "missing.patch")}, TOKEN, 422, "cannot read patch file"),
+        ("POST", PATCHES_ROUTE, {"file": "x"}, TOKEN, 400, '"path"'),
+        ("DELETE", f"{PATCHES_ROUTE}/mp1-0", None, TOKEN, 404, "not active"),
     ]
     for method, route, body, token, status, message in cases:
         got, answer = admin(server, method, route, body, token=token)
         assert (got, message in answer.get("error", "")) == (status, True), (method, route, token, answer)
     assert served_state(server) == before_state
-    assert greedy(server) == before_answers
+    assert server.greedy(PROMPTS, TOKENS) == before_answers

@@ -15,9 +15,11 @@ from safetensors import safe_open
 from memit_vllm import make_patch
 from memit_vllm.cli import main
 from memit_vllm.editor import load_requests
-from memit_vllm.lora_export import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
+from memit_vllm.core.architectures import ARCHITECTURES, lora_classes
+from memit_vllm.core.contract import LORA_METADATA_FILE
+from memit_vllm.lora_export import CONFIG_FILE, WEIGHTS_FILE
 from memit_vllm.patch import BaseModel, Patch, load_patch
-from patch_fixtures import facts, synthetic_patch
+from memit_vllm.testing.synthetic import facts, synthetic_patch
 
 N_EDITS = 3
 FAST = {"v_num_grad_steps": 4, "context_template_seeds": ["The"], "context_template_length": 5}
@@ -61,7 +63,7 @@ def test_adapter_layout_and_exact_reconstruction(llama_patch, tmp_path):
     out = tmp_path / "adapter"
     report = export(llama_patch, "--out", out)
     patch = load_patch(llama_patch)
-    assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE])
+    assert sorted(p.name for p in out.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE, LORA_METADATA_FILE])
 
     config, tensors = read_adapter(out)
     r = config["r"]
@@ -85,7 +87,7 @@ def test_adapter_layout_and_exact_reconstruction(llama_patch, tmp_path):
 
     for layer in report["layers"]:
         assert layer["rank"] <= N_EDITS and layer["rel_error"] < 1e-6 and not layer["truncated"]
-    meta = json.loads((out / METADATA_FILE).read_text())
+    meta = json.loads((out / LORA_METADATA_FILE).read_text())
     assert meta["patch_id"] == patch.patch_id
     assert [x["rel_error"] for x in meta["layers"]] == [x["rel_error"] for x in report["layers"]]
 
@@ -125,19 +127,19 @@ def test_rank_above_vllm_max_is_refused_unless_max_rank(tmp_path, one_thread):
     assert 0 < report["layers"][0]["rel_error"] < 1
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
-def test_other_supported_architectures(arch, tiny_models, tmp_path):
+@pytest.mark.parametrize("arch", sorted(t for t, a in ARCHITECTURES.items() if a.vllm_lora))
+def test_supported_architectures(arch, tiny_models, tmp_path):
     path = synthetic_patch(tiny_models[arch], rank=2).save(tmp_path / "p.patch")
     report = export(path, "--out", tmp_path / "out")
     assert report["r"] == 2 and report["max_rel_error"] < 1e-6
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "gptj", "gpt_neox"])
+@pytest.mark.parametrize("arch", sorted(t for t, a in ARCHITECTURES.items() if not a.vllm_lora))
 def test_architectures_without_vllm_mlp_lora_are_refused(arch, tiny_models, tmp_path):
     path = synthetic_patch(tiny_models[arch]).save(tmp_path / "p.patch")
     msg = refused(path, tmp_path / "out")
     assert msg.startswith("error:") and msg.count("\n") == 1
-    assert all(a in msg for a in ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM"))
+    assert all(a in msg for a in lora_classes())
 
 
 def test_existing_output_and_bad_max_rank_are_refused(llama_patch, tmp_path):

@@ -22,7 +22,7 @@ from memit_vllm.patch import (FORMAT_NAME, BaseMismatchError, CorruptPatchError,
                               NonFiniteError, NotAPatchError, Patch, PatchError, ShapeMismatchError,
                               UnsupportedVersionError, load_patch)
 from memit_vllm.patch.merge import PatchSet
-from patch_fixtures import MUTATIONS, edit_header, mutate, synthetic_patch
+from memit_vllm.testing.synthetic import MUTATIONS, edit_header, mutate, synthetic_patch
 
 
 @pytest.fixture(scope="module")

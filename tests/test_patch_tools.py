@@ -8,11 +8,12 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from memit_vllm.checkpoint import Checkpoint
+from memit_vllm.core.architectures import ARCHITECTURES
 from memit_vllm.cli import main
 from memit_vllm.patch import BaseMismatchError, load_patch
 from memit_vllm.patch.tools import APPLIED_FILE, apply_patches, diff_patches, numerical_rank, stack_patches
-from patch_fixtures import facts, synthetic_patch
-from tiny_models import build_tiny_model
+from memit_vllm.testing.synthetic import facts, synthetic_patch
+from memit_vllm.testing.tiny_models import build_tiny_model
 
 
 def cli(*args):
@@ -43,11 +44,14 @@ def test_inspect_reports_layers_norms_ranks_and_facts(tiny_models, tmp_path, arc
 
 
 def test_verify_passes_on_its_base(tiny_models, tmp_path):
-    path = synthetic_patch(tiny_models["qwen2"]).save(tmp_path / "p.patch")
+    patch = synthetic_patch(tiny_models["qwen2"])
+    path = patch.save(tmp_path / "p.patch")
     out = cli("verify", path, "--model", tiny_models["qwen2"], "--json")
     assert out.exit_code == 0, out.output
     r = json.loads(out.output)
-    assert r["ok"] and r["patch_id_ok"] and r["config_matches"] and len(r["tensors"]) == 2
+    assert r["patch_id"] == patch.patch_id and r["config_matches"]
+    ckpt = Checkpoint(tiny_models["qwen2"])
+    assert {t["name"]: t["base_sha256"] for t in r["tensors"]} == {n: ckpt.fingerprint(n) for n in patch.layers}
     assert cli("verify", path, "--model", tiny_models["qwen2"]).exit_code == 0
 
 
@@ -65,7 +69,7 @@ def _merged_weights(model_dir) -> dict[str, torch.Tensor]:
     return {n: ckpt.tensor(n) for n in ckpt.keys()}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2", "gptj", "gpt_neox"])
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_apply_writes_w_plus_delta_that_transformers_loads(tiny_models, tmp_path, arch):
     base = tiny_models[arch]
     p = synthetic_patch(base)

@@ -1,27 +1,35 @@
 """`memit-vllm serve` as a command-line builder: what it hands to vLLM, and what it refuses before
-spending a minute on an engine start. No engine here."""
+spending a minute on an engine start; the plugin's checks and version gate. No engine here."""
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from types import SimpleNamespace
 
 from click.testing import CliRunner
 
+import memit_vllm_plugin
 from memit_vllm.cli import main
-from memit_vllm.serve import SERVER_MODULE, server_command, server_env
-from patch_fixtures import synthetic_patch
+from memit_vllm.core.architectures import ARCHITECTURES
+from memit_vllm.core.contract import LOAD_FORMAT, PATCHES_KEY, PLUGIN, SERVER_MODULE
+from memit_vllm.core.versions import ALLOW_UNTESTED_ENV
+from memit_vllm.serve import default_model, server_command, server_env
+from memit_vllm.testing.synthetic import synthetic_patch
+from memit_vllm_plugin import compat
 
 
 def test_server_command_sets_load_format_and_merges_loader_config():
     cmd = server_command("M", ["/p/a.patch", "/p/b.patch"],
                          ["--port", "8000", "--model-loader-extra-config", '{"enable_multithread_load": true}'])
-    assert cmd[1:7] == ["-m", SERVER_MODULE, "--model", "M", "--load-format", "memit"]
+    assert cmd[1:7] == ["-m", SERVER_MODULE, "--model", "M", "--load-format", LOAD_FORMAT]
     assert json.loads(cmd[cmd.index("--model-loader-extra-config") + 1]) == {
-        "enable_multithread_load": True, "patches": ["/p/a.patch", "/p/b.patch"]}
+        "enable_multithread_load": True, PATCHES_KEY: ["/p/a.patch", "/p/b.patch"]}
     assert cmd[-2:] == ["--port", "8000"]
     eq_form = server_command("M", ["a"], ['--model-loader-extra-config={"num_threads": 2}'])
-    assert json.loads(eq_form[eq_form.index("--model-loader-extra-config") + 1]) == {"num_threads": 2, "patches": ["a"]}
+    extra = json.loads(eq_form[eq_form.index("--model-loader-extra-config") + 1])
+    assert extra == {"num_threads": 2, PATCHES_KEY: ["a"]}
     # The worker side of the admin routes: the qualified name vLLM resolves must be our class.
     from vllm.utils.import_utils import resolve_obj_by_qualname
 
@@ -39,9 +47,9 @@ def test_serve_refuses_another_load_format(tiny_models, tmp_path):
 
 def test_server_env_names_the_plugin_and_keeps_the_other_general_plugins():
     env = server_env({})["VLLM_PLUGINS"].split(",")
-    assert "memit_vllm" in env and "lora_filesystem_resolver" in env  # vLLM's own general plugin
-    assert server_env({"VLLM_PLUGINS": "other"})["VLLM_PLUGINS"] == "other,memit_vllm"
-    assert server_env({"VLLM_PLUGINS": "memit_vllm"})["VLLM_PLUGINS"] == "memit_vllm"
+    assert PLUGIN in env and "lora_filesystem_resolver" in env  # vLLM's own general plugin
+    assert server_env({"VLLM_PLUGINS": "other"})["VLLM_PLUGINS"] == f"other,{PLUGIN}"
+    assert server_env({"VLLM_PLUGINS": PLUGIN})["VLLM_PLUGINS"] == PLUGIN
 
 
 def test_serve_refuses_missing_patch_and_quantized_checkpoint(tiny_models, tmp_path):
@@ -58,3 +66,60 @@ def test_serve_refuses_missing_patch_and_quantized_checkpoint(tiny_models, tmp_p
     result = runner.invoke(main, ["serve", str(quantized), "--memit-patch", str(patch)])
     assert result.exit_code == 2
     assert "pre-quantized (gptq)" in result.output and "LoRA" in result.output
+
+
+def test_a_default_model_name_is_served_from_its_checkpoint_dir_under_its_name(smollm2):
+    assert default_model("smollm2-135m", ("--port", "1")) == (
+        str(smollm2), ("--served-model-name", "smollm2-135m", "--port", "1"))
+    assert default_model("smollm2-135m", ("--served-model-name=x",)) == (str(smollm2), ("--served-model-name=x",))
+    assert default_model("org/name", ("--port", "1")) == ("org/name", ("--port", "1"))
+
+
+def test_an_untested_vllm_is_refused_in_one_line_unless_allowed(monkeypatch, caplog):
+    monkeypatch.setattr(compat, "TESTED_VLLM", ">=0.1,<0.2")
+    monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
+    result = CliRunner().invoke(main, ["serve", "M"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1
+    assert f"vLLM {compat.vllm_version()} is installed" in result.output
+    assert f"{ALLOW_UNTESTED_ENV}=1" in result.output
+
+    # In vLLM's processes: one line, and no load format (vLLM itself must keep working).
+    monkeypatch.setattr(memit_vllm_plugin, "_registered", False)
+    monkeypatch.setattr(compat.logger, "propagate", False)  # vLLM's logging config may or may not be in place
+    compat.logger.addHandler(caplog.handler)
+    try:
+        memit_vllm_plugin.register()
+    finally:
+        compat.logger.removeHandler(caplog.handler)
+    [record] = caplog.records
+    assert record.levelno == logging.ERROR and f"the '{LOAD_FORMAT}' load format is not registered" in record.message
+
+    monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
+    compat.check_vllm()
+
+
+def test_a_made_up_architecture_in_the_table_is_enough_for_the_loader_and_export_lora(
+        made_up_architecture, tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+    from vllm.config.load import LoadConfig
+
+    from memit_vllm.lora_export import export_lora
+    from memit_vllm_plugin.loader import MemitModelLoader
+    from memit_vllm_plugin.patches import describe
+    from memit_vllm_plugin.worker import served_module
+
+    arch = ARCHITECTURES["madeup"]
+    patch = synthetic_patch(made_up_architecture, layers=(1, 2)).save(tmp_path / "p.patch")
+    loader = MemitModelLoader(LoadConfig(load_format=LOAD_FORMAT,
+                                         model_loader_extra_config={PATCHES_KEY: [str(patch)]}))
+    config = json.loads((made_up_architecture / "config.json").read_text())
+    hf_config = SimpleNamespace(to_dict=lambda: config, architectures=config["architectures"], model_type="madeup")
+    loader._check_before_loading(SimpleNamespace(model=str(made_up_architecture), revision=None, hf_config=hf_config))
+    assert describe(loader.patches.patches[0])["layers"] == [1, 2]
+
+    # The worker finds the served module through the table (the HF model has the served module names).
+    served = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    assert served_module(served, arch, "model.layers.2.mlp.down_proj.weight") is served.model.layers[2].mlp.down_proj
+
+    report = export_lora(patch, tmp_path / "adapter")
+    assert report["r"] == 2 and report["max_rel_error"] < 1e-6

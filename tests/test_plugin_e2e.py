@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from test_plugin_serve import hf_greedy, serve_cmd
-from vllm_server import vllm_server
+from memit_vllm.core.contract import PATCHES_ROUTE
+from memit_vllm.testing.server import hf_greedy, memit_serve_cmd, vllm_server
 
 pytestmark = pytest.mark.vllm
 
@@ -27,12 +27,12 @@ def test_served_patch_of_real_edits(smollm2, facts_patch, tmp_path):
     facts = json.loads(FACTS.read_text())
     patch = facts_patch
     edited = [f["prompt"].format(f["subject"]) for f in facts]
-    base_untouched = hf_greedy(smollm2, UNTOUCHED, n=6)
-    with vllm_server(serve_cmd(smollm2, patch), str(smollm2), tmp_path / "serve.log") as server:
+    base_untouched = hf_greedy(smollm2, UNTOUCHED, 6)
+    with vllm_server(memit_serve_cmd(smollm2, patch), str(smollm2), tmp_path / "serve.log") as server:
         completions = server.complete(edited, max_tokens=6)
         untouched = server.post("/v1/completions", {"model": server.model, "prompt": UNTOUCHED, "max_tokens": 6,
                                                     "temperature": 0, "return_token_ids": True})
-        listed = server.get("/memit/patches")["patches"]
+        listed = server.get(PATCHES_ROUTE)["patches"]
     for f, text in zip(facts, completions):
         assert text.strip().startswith(f["target_new"]), (f, text)
     got = [c["token_ids"] for c in sorted(untouched["choices"], key=lambda c: c["index"])]

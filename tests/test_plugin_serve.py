@@ -8,16 +8,14 @@ start with a patch made for another model.
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
-import torch
-import transformers
 
+from memit_vllm.core.contract import PATCHES_ROUTE
 from memit_vllm.patch import load_patch
 from memit_vllm.patch.tools import apply_patches, stack_patches
-from patch_fixtures import synthetic_patch
-from vllm_server import BASE_ARGS, vllm_server
+from memit_vllm.testing.server import hf_greedy, memit_serve_cmd, vllm_server
+from memit_vllm.testing.synthetic import synthetic_patch
 
 pytestmark = pytest.mark.vllm
 
@@ -27,28 +25,6 @@ PROMPTS = [
     "The currency of Japan is the", "My favourite food is",
 ]
 NEW_TOKENS = 8
-
-
-def serve_cmd(model, *patches) -> list[str]:
-    flags = [a for p in patches for a in ("--memit-patch", str(p))]
-    return [sys.executable, "-m", "memit_vllm", "serve", str(model), *flags, *BASE_ARGS]
-
-
-def hf_greedy(model_dir, prompts=PROMPTS, n=NEW_TOKENS) -> list[list[int]]:
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    out = []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt").input_ids
-        gen = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
-        out.append(gen[0, ids.shape[1]:].tolist())
-    return out
-
-
-def served_greedy(server, prompts=PROMPTS, n=NEW_TOKENS) -> list[list[int]]:
-    out = server.post("/v1/completions", {"model": server.model, "prompt": prompts, "max_tokens": n,
-                                          "temperature": 0, "return_token_ids": True})
-    return [c["token_ids"] for c in sorted(out["choices"], key=lambda c: c["index"])]
 
 
 @pytest.fixture(scope="module")
@@ -63,30 +39,30 @@ def patches(smollm2, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(smollm2, patches, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "serve.log"
-    with vllm_server(serve_cmd(smollm2, *patches), str(smollm2), log) as s:
+    with vllm_server(memit_serve_cmd(smollm2, *patches), str(smollm2), log) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def served(server):
-    return served_greedy(server)
+    return server.greedy(PROMPTS, NEW_TOKENS)
 
 
 def test_served_completions_equal_hf_merged_and_differ_from_base(smollm2, patches, served, tmp_path):
     merged = apply_patches([load_patch(p) for p in patches], smollm2, tmp_path / "merged")
-    assert served == hf_greedy(merged)
-    base = hf_greedy(smollm2)
+    assert served == hf_greedy(merged, PROMPTS, NEW_TOKENS)
+    base = hf_greedy(smollm2, PROMPTS, NEW_TOKENS)
     assert sum(a != b for a, b in zip(served, base)) >= 2, "the patches should change some greedy completions"
 
 
 def test_two_patches_at_serve_time_equal_one_stacked_patch(smollm2, patches, served, tmp_path):
     stacked = stack_patches([load_patch(p) for p in patches]).save(tmp_path / "stacked.patch")
-    assert served == hf_greedy(apply_patches([load_patch(stacked)], smollm2, tmp_path / "merged"))
+    assert served == hf_greedy(apply_patches([load_patch(stacked)], smollm2, tmp_path / "merged"), PROMPTS, NEW_TOKENS)
 
 
 def test_startup_logs_each_patch_and_route_lists_them(server, patches):
     log = server.log.read_text()
-    listed = server.get("/memit/patches")["patches"]
+    listed = server.get(PATCHES_ROUTE)["patches"]
     assert [p["path"] for p in listed] == [str(p) for p in patches]
     for info, (name, layers) in zip(listed, [("first", [8, 12]), ("second", [12, 16])]):
         assert info["id"] == load_patch(info["path"]).patch_id
@@ -101,7 +77,7 @@ def test_patch_for_another_model_stops_the_server(smollm2, tiny_models, tmp_path
     wrong = synthetic_patch(tiny_models["llama"], layers=(1,), name="tiny").save(tmp_path / "tiny.patch")
     log = tmp_path / "serve.log"
     with pytest.raises(RuntimeError, match=r"exited with [1-9]"):
-        with vllm_server(serve_cmd(smollm2, wrong), str(smollm2), log):
+        with vllm_server(memit_serve_cmd(smollm2, wrong), str(smollm2), log):
             pass
     text = log.read_text()
     assert "model.layers.1.mlp.down_proj.weight' differs from the base the patch was made for" in text

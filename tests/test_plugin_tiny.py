@@ -15,16 +15,17 @@ import pytest
 import torch
 import transformers
 
+from memit_vllm.core.contract import LOAD_FORMAT, PATCHES_KEY
 from memit_vllm.patch import load_patch
 from memit_vllm.patch.tools import apply_patches
-from patch_fixtures import synthetic_patch
-from test_plugin_serve import hf_greedy, served_greedy
-from vllm_server import VLLM_ENV, api_server_cmd, vllm_server
+from memit_vllm.testing.server import VLLM_ENV, api_server_cmd, hf_greedy, vllm_server
+from memit_vllm.testing.synthetic import synthetic_patch
 
 pytestmark = pytest.mark.vllm
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The capital of France is", "Once upon a time", "1, 2, 3, 4,", "The weather today"]
+TOKENS = 8
 
 
 def hf_prompt_logprobs(model_dir, prompts) -> list[list[float]]:
@@ -43,10 +44,10 @@ def hf_prompt_logprobs(model_dir, prompts) -> list[list[float]]:
 def test_tiny_gpt2_conv1d_served_with_stock_flags_matches_hf_merged(tiny_models, tmp_path):
     model = tiny_models["gpt2"]
     patch = synthetic_patch(model, layers=(1, 2), rank=2, seed=3, scale=1.0, name="gpt2").save(tmp_path / "g.patch")
-    cmd = api_server_cmd(model, "--load-format", "memit",
-                         "--model-loader-extra-config", json.dumps({"patches": [str(patch)]}))
+    cmd = api_server_cmd(model, "--load-format", LOAD_FORMAT,
+                         "--model-loader-extra-config", json.dumps({PATCHES_KEY: [str(patch)]}))
     with vllm_server(cmd, str(model), tmp_path / "serve.log") as server:
-        tokens = served_greedy(server, PROMPTS)
+        tokens = server.greedy(PROMPTS, TOKENS)
         out = server.post("/v1/completions", {"model": server.model, "prompt": PROMPTS, "max_tokens": 1,
                                               "temperature": 0, "prompt_logprobs": 0})
     served_logprobs = [[next(iter(d.values()))["logprob"] for d in c["prompt_logprobs"][1:]]
@@ -57,7 +58,7 @@ def test_tiny_gpt2_conv1d_served_with_stock_flags_matches_hf_merged(tiny_models,
         assert got == pytest.approx(exp, abs=1e-4)
     base = hf_prompt_logprobs(model, PROMPTS)
     assert max(abs(a - b) for g, e in zip(base, want) for a, b in zip(g, e)) > 1e-2, "the patch should matter"
-    assert tokens == hf_greedy(merged, PROMPTS)
+    assert tokens == hf_greedy(merged, PROMPTS, TOKENS)
 
 
 def test_tiny_qwen2_offline_llm_matches_hf_merged(tiny_models, tmp_path):
@@ -66,7 +67,7 @@ def test_tiny_qwen2_offline_llm_matches_hf_merged(tiny_models, tmp_path):
     prompt_args = [a for p in PROMPTS for a in ("--prompt", p)]
     proc = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "offline_llm.py"), str(model), str(patch), *prompt_args,
-         "--max-tokens", "8", "--dtype", "float32"],
+         "--max-tokens", str(TOKENS), "--dtype", "float32"],
         capture_output=True, text=True, timeout=600, env={**os.environ, **VLLM_ENV})
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -74,5 +75,5 @@ def test_tiny_qwen2_offline_llm_matches_hf_merged(tiny_models, tmp_path):
     assert "memit patch" in proc.stderr + proc.stdout
     merged = apply_patches([load_patch(patch)], model, tmp_path / "merged")
     tokens = [line["token_ids"] for line in lines]
-    assert tokens == hf_greedy(merged, PROMPTS)
-    assert tokens != hf_greedy(model, PROMPTS), "the patch should change some greedy completions"
+    assert tokens == hf_greedy(merged, PROMPTS, TOKENS)
+    assert tokens != hf_greedy(model, PROMPTS, TOKENS), "the patch should change some greedy completions"

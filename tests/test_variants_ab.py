@@ -15,9 +15,8 @@ import pytest
 
 from memit_vllm.patch import load_patch
 from memit_vllm.patch.tools import apply_patches
-from patch_fixtures import synthetic_patch
-from test_plugin_serve import hf_greedy
-from vllm_server import BASE_ARGS, vllm_server
+from memit_vllm.testing.server import BASE_ARGS, hf_greedy, memit_serve_cmd, vllm_server
+from memit_vllm.testing.synthetic import synthetic_patch
 
 pytestmark = pytest.mark.vllm
 
@@ -55,25 +54,18 @@ def variant_server(smollm2, facts_patch, tmp_path_factory):
 @pytest.fixture(scope="module")
 def merged_server(smollm2, facts_patch, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "merged.log"
-    cmd = [sys.executable, "-m", "memit_vllm", "serve", str(smollm2), "--memit-patch", str(facts_patch), *BASE_ARGS]
-    with vllm_server(cmd, str(smollm2), log) as s:
+    with vllm_server(memit_serve_cmd(smollm2, facts_patch), str(smollm2), log) as s:
         yield s
-
-
-def greedy(server, model: str) -> list[list[int]]:
-    out = server.post("/v1/completions", {"model": model, "prompt": PROMPTS, "max_tokens": TOKENS,
-                                          "temperature": 0, "return_token_ids": True})
-    return [c["token_ids"] for c in sorted(out["choices"], key=lambda c: c["index"])]
 
 
 def test_base_and_variant_from_one_server(variant_server, smollm2, facts_patch, tmp_path):
     models = {m["id"] for m in variant_server.get("/v1/models")["data"]}
     assert models == {"base", "edited"}
-    assert greedy(variant_server, "base") == hf_greedy(smollm2, PROMPTS, n=TOKENS)
+    assert variant_server.greedy(PROMPTS, TOKENS, "base") == hf_greedy(smollm2, PROMPTS, TOKENS)
     merged = apply_patches([load_patch(facts_patch)], smollm2, tmp_path / "merged")
-    edited = greedy(variant_server, "edited")
-    assert edited == hf_greedy(merged, PROMPTS, n=TOKENS)
-    assert edited[:3] != greedy(variant_server, "base")[:3]
+    edited = variant_server.greedy(PROMPTS, TOKENS, "edited")
+    assert edited == hf_greedy(merged, PROMPTS, TOKENS)
+    assert edited[:3] != variant_server.greedy(PROMPTS, TOKENS, "base")[:3]
 
 
 def test_variant_refusals(smollm2, tiny_models, tmp_path):

@@ -1,40 +1,18 @@
-"""Where MEMIT edits each supported architecture: the MLP down-projection of chosen layers.
-
-The edited matrix maps the MLP's hidden activation (d_ff) back to the residual stream (d_model).
-nn.Linear stores it as (d_model, d_ff); GPT-2's Conv1D as (d_ff, d_model), hence `conv1d`.
-"""
+"""A loaded causal LM as MEMIT edits it: the down-projections of the architecture table
+(memit_vllm.core.architectures), their shapes, and their checkpoint names."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..checkpoint import Checkpoint
+from ..compat import load_causal_lm
+from ..core.architectures import by_model_type
+from ..core.tokens import ensure_pad_token
 from ..errors import MemitError
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    layers: str  # attribute path of the decoder layer list
-    down_proj: str  # path of the down-projection inside one layer
-    conv1d: bool = False
-
-
-ARCHS = {
-    "llama": ArchSpec("model.layers", "mlp.down_proj"),
-    "qwen2": ArchSpec("model.layers", "mlp.down_proj"),
-    "mistral": ArchSpec("model.layers", "mlp.down_proj"),
-    "gpt2": ArchSpec("transformer.h", "mlp.c_proj", conv1d=True),
-    "gptj": ArchSpec("transformer.h", "mlp.fc_out"),
-    "gpt_neox": ArchSpec("gpt_neox.layers", "mlp.dense_4h_to_h"),
-}
-
-
-def arch_spec(model_type: str) -> ArchSpec:
-    if model_type not in ARCHS:
-        raise MemitError(f"architecture {model_type!r} is not supported; supported: {', '.join(sorted(ARCHS))}")
-    return ARCHS[model_type]
 
 
 class EditableModel:
@@ -42,34 +20,29 @@ class EditableModel:
 
     def __init__(self, model: nn.Module, checkpoint_keys: list[str] | None = None):
         self.model = model
-        self.spec = arch_spec(model.config.model_type)
-        self.layers: nn.ModuleList = model.get_submodule(self.spec.layers)
+        self.arch = by_model_type(model.config.model_type)
+        self.layers: nn.ModuleList = model.get_submodule(self.arch.layers)
         self.n_layers = len(self.layers)
         self._keys = set(checkpoint_keys) if checkpoint_keys is not None else None
 
     @property
     def d_ff(self) -> int:
         w = self.down_proj(0).weight
-        return w.shape[0] if self.spec.conv1d else w.shape[1]
+        return w.shape[0] if self.arch.conv1d else w.shape[1]
 
     @property
     def d_model(self) -> int:
         w = self.down_proj(0).weight
-        return w.shape[1] if self.spec.conv1d else w.shape[0]
+        return w.shape[1] if self.arch.conv1d else w.shape[0]
 
     def down_proj(self, layer: int) -> nn.Module:
-        return self.layers[layer].get_submodule(self.spec.down_proj)
+        return self.layers[layer].get_submodule(self.arch.down_proj)
 
     def param_name(self, layer: int) -> str:
         """The checkpoint key of layer `layer`'s down-projection weight."""
-        name = f"{self.spec.layers}.{layer}.{self.spec.down_proj}.weight"
-        if self._keys is None or name in self._keys:
-            return name
-        # Checkpoints saved without the base-model prefix (e.g. original GPT-2: "h.3.mlp.c_proj.weight").
-        matches = [k for k in self._keys if name.endswith("." + k)]
-        if len(matches) != 1:
-            raise MemitError(f"cannot find the checkpoint weight for {name!r} (candidates: {matches or 'none'})")
-        return matches[0]
+        if self._keys is None:
+            return self.arch.weight_name(layer)
+        return self.arch.checkpoint_name(layer, self._keys)
 
     def check_layers(self, layers: list[int]) -> None:
         bad = [l for l in layers if not 0 <= l < self.n_layers]
@@ -80,9 +53,20 @@ class EditableModel:
 
     def to_checkpoint_layout(self, delta: torch.Tensor) -> torch.Tensor:
         """A (d_model, d_ff) update in the weight's own layout."""
-        return delta.T.contiguous() if self.spec.conv1d else delta
+        return delta.T.contiguous() if self.arch.conv1d else delta
 
     @torch.no_grad()
     def add_to_weight(self, layer: int, delta: torch.Tensor) -> None:
         w = self.down_proj(layer).weight
         w += self.to_checkpoint_layout(delta).to(w.dtype)
+
+
+def load_editable(model: str | Path | Checkpoint):
+    """(tokenizer, EditableModel) of a checkpoint as the editor uses them: fp32, eval mode, weights
+    frozen, a pad token (batched sampling pads; many Llama tokenizers define none)."""
+    ckpt = model if isinstance(model, Checkpoint) else Checkpoint(model)
+    tok, hf = load_causal_lm(ckpt.path)
+    ensure_pad_token(tok)
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    return tok, EditableModel(hf, ckpt.keys())

@@ -3,28 +3,33 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import asdict
+from pathlib import Path
 
 import click
 
+from ..core.records import ZSRE_TARGETS
 from ..errors import MemitError
+from .hparams import parse_layers
 
 
-def parse_layers(value: str | None) -> list[int] | None:
-    if not value:
-        return None
-    try:
-        if "-" in value and "," not in value:
-            a, b = value.split("-")
-            return list(range(int(a), int(b) + 1))
-        return [int(x) for x in value.split(",")]
-    except ValueError as e:
-        raise MemitError(f"--layers {value!r}: expected a list like 4,5,6,7,8 or a range like 4-8") from e
+def check_out_file(out: str | os.PathLike) -> None:
+    """Fail before the edit, not after it: `out` must name a file whose directory exists or can be made."""
+    out = Path(out)
+    if out.is_dir():
+        raise MemitError(f"--out {out} is a directory; give the path of the patch file to write")
+    parent = out.parent
+    while not parent.exists():  # the nearest existing ancestor is where the missing dirs get created
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise MemitError(f"--out {out}: cannot write there ({parent} is not a writable directory)")
 
 
 @click.command("make-patch")
-@click.option("--model", required=True, help="HF checkpoint dir (or hub id) to edit.")
+@click.option("--model", required=True,
+              help="HF checkpoint dir, HF hub id, or default model name (memit-vllm model list) to edit.")
 @click.option("--requests", "requests_path", required=True, type=click.Path(),
               help="Edit requests: CounterFact/EasyEdit/zsRE JSON, or our JSON/JSONL/CSV records.")
 @click.option("--out", required=True, type=click.Path(), help="Patch file to write.")
@@ -39,7 +44,7 @@ def parse_layers(value: str | None) -> list[int] | None:
 @click.option("--name", default="", help="Patch name label.")
 @click.option("--version", "version_", default="", help="Patch version label.")
 @click.option("--limit", type=int, help="Use only the first N requests of the file.")
-@click.option("--zsre-target", type=click.Choice(["answers", "alt"]), default="answers", show_default=True,
+@click.option("--zsre-target", type=click.Choice(ZSRE_TARGETS), default="answers", show_default=True,
               help="zsRE: edit toward answers[0] (as MEMIT's code) or alt (as the toolkits).")
 @click.option("--device", help="torch device, e.g. cuda or cpu (default: cuda when available). Patches made on a GPU "
               "differ from CPU ones by float rounding.")
@@ -47,16 +52,18 @@ def parse_layers(value: str | None) -> list[int] | None:
 def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_weight, stats_corpus, stats_tokens,
                        stats_dtype, cache_dir, seed, name, version_, limit, zsre_target, device, as_json):
     """Compute MEMIT z vectors and layer deltas for the edit requests and write a patch file."""
-    from .memit import edit
-    from .requests import load_requests
+    from ..core.records import load_requests
+    from .memit import EditConfig, edit
 
+    check_out_file(out)
     requests = load_requests(requests_path, limit=limit, zsre_target=zsre_target)
+    config = EditConfig(hparams=hparams, layers=parse_layers(layers), mom2_update_weight=mom2_update_weight,
+                        stats_corpus=stats_corpus, stats_tokens=stats_tokens, stats_dtype=stats_dtype,
+                        cache_dir=cache_dir, seed=seed, name=name, version=version_, zsre_target=zsre_target,
+                        device=device, progress=not as_json)
     with warnings.catch_warnings(record=True):  # they are in the report, printed below
         warnings.simplefilter("always")
-        result = edit(model, requests, hparams=hparams, layers=parse_layers(layers), mom2_update_weight=mom2_update_weight,
-                      stats_corpus=stats_corpus, stats_tokens=stats_tokens, stats_dtype=stats_dtype,
-                      cache_dir=cache_dir, seed=seed, name=name, version=version_, zsre_target=zsre_target,
-                      device=device, progress=not as_json)
+        result = edit(model, requests, config)
     path = result.patch.save(out)
     report = {"patch": str(path), "patch_id": result.patch.patch_id, **asdict(result.report)}
     if as_json:

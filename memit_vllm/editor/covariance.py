@@ -20,10 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..cache import atomic_path
+from ..core.files import atomic_file
+from ..core.tokens import pad_id, pad_right
 from ..errors import MemitError
 from .arch import EditableModel
-from .prompts import pad_id, pad_right
 from .trace import capture
 
 SELF_OPENERS = ["The", "In", "A", "It", "When", "This", "One", "There", "After", "We", "As", "For", "If",
@@ -190,7 +190,7 @@ def layer_covariances(em: EditableModel, tok, layers: list[int], corpus: Corpus,
         raise MemitError(f"covariance corpus {corpus.description} yielded no tokens")
     seconds = time.monotonic() - start
     for l in todo:
-        with atomic_path(_cache_file(cache, model_sha, corpus, budget, dtype, l)) as tmp:
+        with atomic_file(_cache_file(cache, model_sha, corpus, budget, dtype, l)) as tmp:
             save_file({"mom2_sum": sums[l].cpu(), "count": torch.tensor([count], dtype=torch.float64).cpu()}, str(tmp),
                       metadata={"corpus": corpus.identity, "budget": str(budget), "dtype": dtype})
         out[l] = sums[l] / count

@@ -48,7 +48,8 @@ class HParams:
     def replace(self, **overrides) -> "HParams":
         unknown = set(overrides) - {f.name for f in fields(self)}
         if unknown:
-            raise MemitError(f"unknown hyperparameters {sorted(unknown)}; known: {sorted(f.name for f in fields(self))}")
+            known = sorted(f.name for f in fields(self))
+            raise MemitError(f"unknown hyperparameters {sorted(unknown)}; known: {known}")
         merged = {**self.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
         if merged["mom2_dtype"] not in ("float32", "float64"):
             raise MemitError(f"mom2_dtype must be float32 or float64, not {merged['mom2_dtype']!r}")
@@ -79,6 +80,19 @@ PRESETS = [
     # SmolLM2-135M, measured on counterfact_500 (docs/hyperparameters.md).
     Preset("llama", 30, 1536, [3, 4, 5, 6, 7, 8, 9], 768, v_num_grad_steps=40, source="measured, SmolLM2-135M"),
 ]
+
+
+def parse_layers(value: str | None) -> list[int] | None:
+    """Layers as `--layers` takes them: a list like 4,5,6,7,8 or a range like 4-8."""
+    if not value:
+        return None
+    try:
+        if "-" in value and "," not in value:
+            a, b = value.split("-")
+            return list(range(int(a), int(b) + 1))
+        return [int(x) for x in value.split(",")]
+    except ValueError as e:
+        raise MemitError(f"--layers {value!r}: expected a list like 4,5,6,7,8 or a range like 4-8") from e
 
 
 def derived_layers(n_layers: int) -> list[int]:

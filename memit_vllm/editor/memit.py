@@ -1,16 +1,19 @@
 """MEMIT end to end (paper eqs. 14-16): targets z at the last edited layer, then one closed-form
-update per layer, each re-measuring keys and residuals on the model with earlier updates applied.
+update per layer (`solve_layer_update`), each re-measuring keys and residuals on the model with earlier
+updates applied:
 
     Delta_l = R_l K_l^T (lambda C_l + K_l K_l^T)^-1,   R_l = (z - h^L) / (layers left)
 
-solved in float64 with `torch.linalg.solve` (never an explicit inverse).
+`edit` runs the steps in order (statistics, targets, layer updates); each returns its results, and the
+report and the patch are built from them.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -18,17 +21,54 @@ from tqdm.auto import tqdm
 
 from ..cache import cache_dir as default_cache_dir
 from ..checkpoint import Checkpoint, weights_sha256
+from ..core.architectures import by_model_type
+from ..core.records import EditRequest, load_requests, parse_record, validate_requests
+from ..core.tokens import pad_id, pad_right, target_ids
 from ..errors import MemitError
 from ..patch import BaseModel, Patch
-from .arch import EditableModel, arch_spec
+from .arch import EditableModel, load_editable
 from .covariance import Corpus, layer_covariances, resolve_corpus
 from .hparams import HParams, default_hparams, load_hparams_file
-from .prompts import context_templates, encode, pad_id, pad_right, target_ids
-from .requests import EditRequest, load_requests, parse_record, validate_requests
-from .targets import compute_targets
+from .prompts import context_templates, encode
+from .solve import solve_layer_update
+from .targets import BUCKET_OVERHEAD_TOKENS, TargetResult, compute_targets
 from .trace import capture
 
-KEY_BATCH_PROMPTS = 256
+KEY_BATCH_PROMPTS = 256  # prompts per forward when reading keys (memory/speed only)
+
+
+@dataclass
+class EditConfig:
+    """Everything `edit` takes besides the model and the requests (`make_patch(**kwargs)` builds one)."""
+
+    hparams: HParams | dict | str | Path | None = None  # HParams, a dict of overrides, or a JSON/YAML file
+    # Single hyperparameters over `hparams` (None: keep its value): layers, lambda, mom2_n_tokens, mom2_dtype.
+    layers: list[int] | None = None
+    mom2_update_weight: float | None = None
+    stats_corpus: str | None = None  # a .txt/.jsonl file, self:N or an HF dataset name
+    stats_tokens: int | None = None
+    stats_dtype: str | None = None
+    cache_dir: str | Path | None = None  # default: memit_vllm.cache.cache_dir()
+    seed: int = 0
+    name: str = ""
+    version: str = ""
+    zsre_target: str = "answers"
+    device: str | None = None  # default: cuda when available
+    progress: bool = True
+    # Speed only: results do not depend on these.
+    key_batch_prompts: int = KEY_BATCH_PROMPTS
+    bucket_overhead_tokens: float = BUCKET_OVERHEAD_TOKENS  # see targets.length_buckets
+
+    @classmethod
+    def of(cls, config: EditConfig | None = None, **kwargs) -> EditConfig:
+        """`config` (default: the defaults) with the fields `kwargs` names replaced."""
+        if config is not None and not isinstance(config, EditConfig):
+            raise MemitError(f"config must be an EditConfig, not {type(config).__name__}; pass options by keyword")
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            raise MemitError(f"unknown edit option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return replace(config or cls(), **kwargs)
 
 
 @dataclass
@@ -53,6 +93,19 @@ class EditResult:
     report: EditReport
 
 
+@dataclass
+class Statistics:
+    corpus: Corpus
+    covs: dict[int, torch.Tensor]  # layer -> C_l (float64)
+    info: dict[int, dict]  # layer -> tokens, cached (and seconds, when computed)
+
+
+@dataclass
+class LayerUpdates:
+    deltas: dict[str, torch.Tensor]  # checkpoint name -> delta (fp32, CPU, checkpoint layout)
+    delivered: dict[int, float]  # layer -> fraction of the residual its update delivered on the edited keys
+
+
 def _as_requests(requests, zsre_target: str) -> list[EditRequest]:
     if isinstance(requests, (str, Path)):
         return load_requests(requests, zsre_target=zsre_target)
@@ -61,7 +114,10 @@ def _as_requests(requests, zsre_target: str) -> list[EditRequest]:
     return validate_requests(out)
 
 
-def _hparams(em: EditableModel, hparams, overrides: dict) -> tuple[HParams, str]:
+def _hparams(em: EditableModel, config: EditConfig) -> tuple[HParams, str]:
+    overrides = {"layers": config.layers, "mom2_update_weight": config.mom2_update_weight,
+                 "mom2_n_tokens": config.stats_tokens, "mom2_dtype": config.stats_dtype}
+    hparams = config.hparams
     hp, source = default_hparams(em.model.config.model_type, em.n_layers, em.d_ff)
     if isinstance(hparams, HParams):
         hp, source = hparams, "given"
@@ -73,7 +129,8 @@ def _hparams(em: EditableModel, hparams, overrides: dict) -> tuple[HParams, str]
 
 
 @torch.no_grad()
-def _already_predicted(em: EditableModel, tok, requests: list[EditRequest]) -> list[int]:
+def _already_predicted(em: EditableModel, tok, requests: list[EditRequest],
+                      batch_prompts: int = KEY_BATCH_PROMPTS) -> list[int]:
     """Indices of requests whose new target is already the greedy continuation."""
     seqs, spans = [], []
     for r in requests:
@@ -81,8 +138,8 @@ def _already_predicted(em: EditableModel, tok, requests: list[EditRequest]) -> l
         seqs.append(enc.ids + tgt)
         spans.append((len(enc.ids), tgt))
     hits = []
-    for start in range(0, len(seqs), KEY_BATCH_PROMPTS):
-        ids, mask = pad_right(seqs[start : start + KEY_BATCH_PROMPTS], pad_id(tok))
+    for start in range(0, len(seqs), batch_prompts):
+        ids, mask = pad_right(seqs[start : start + batch_prompts], pad_id(tok))
         logits = em.model(input_ids=ids, attention_mask=mask).logits
         for j in range(ids.shape[0]):
             n, tgt = spans[start + j]
@@ -100,13 +157,14 @@ class KeyReader:
     prompts' batches run on up to the output layer (the others stop at the key layer). The kept states
     cost n x templates x tokens x d_model floats: ~0.35 GB per 1,000 SmolLM2 edits."""
 
-    def __init__(self, em: EditableModel, tok, requests: list[EditRequest], groups: list[list[str]]):
+    def __init__(self, em: EditableModel, tok, requests: list[EditRequest], groups: list[list[str]],
+                 batch_prompts: int = KEY_BATCH_PROMPTS):
         self.em, self.n, self.groups = em, len(requests), groups
         self.batches = []  # (ids, mask, lookup, bare)
         for t, template in enumerate(t for g in groups for t in g):
             encs = [encode(tok, template, r) for r in requests]
-            for start in range(0, len(encs), KEY_BATCH_PROMPTS):
-                part = encs[start : start + KEY_BATCH_PROMPTS]
+            for start in range(0, len(encs), batch_prompts):
+                part = encs[start : start + batch_prompts]
                 ids, mask = pad_right([e.ids for e in part], pad_id(tok))
                 self.batches.append((ids, mask, torch.tensor([e.lookup for e in part]), t == 0))
         self.saved: tuple[int, list[torch.Tensor], int] | None = None  # (layer, inputs per batch, tuple_len)
@@ -133,100 +191,96 @@ class KeyReader:
         return k_avg, torch.cat(outs)
 
 
-def edit(model: str | Path, requests, *, hparams=None, layers: list[int] | None = None,
-         mom2_update_weight: float | None = None,
-         stats_corpus: str | None = None, stats_tokens: int | None = None, stats_dtype: str | None = None,
-         cache_dir: str | Path | None = None, seed: int = 0, name: str = "", version: str = "",
-         zsre_target: str = "answers", device: str | None = None, progress: bool = True) -> EditResult:
-    """Compute a MEMIT patch for `requests` on the checkpoint `model`; see make_patch."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    t0 = time.monotonic()
-    requests = _as_requests(requests, zsre_target)
-    ckpt = Checkpoint(model)
-    arch_spec(ckpt.config.get("model_type", "?"))  # unsupported architectures fail before loading
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(ckpt.path)
-    if tok.pad_token is None:  # batched sampling pads; many Llama tokenizers define no pad token
-        tok.pad_token = tok.eos_token
-    hf = AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32).eval()
-    for p in hf.parameters():
-        p.requires_grad_(False)
-    em = EditableModel(hf, ckpt.keys())
-    hp, hp_source = _hparams(em, hparams, {"layers": layers, "mom2_update_weight": mom2_update_weight,
-                                           "mom2_n_tokens": stats_tokens, "mom2_dtype": stats_dtype})
-    em.check_layers(hp.layers)
-    report = EditReport(len(requests), hp.layers, hp_source, device=str(device))
-    # Sampled on the CPU whatever the device, so the same seed gives the same templates everywhere.
-    groups = context_templates(hf, tok, hp.context_template_seeds, hp.context_template_length, seed)
-    hf.to(device)
-    with torch.device(device):  # every tensor the editor creates lives beside the model
-        deltas, corpus = _run(em, tok, ckpt, requests, hp, groups, cache, stats_corpus, seed, report, progress)
-    report.seconds["total"] = time.monotonic() - t0
-
-    patch = Patch(
-        deltas=deltas,
-        base=BaseModel(str(model), ckpt.architecture, ckpt.config_sha256),
-        base_weights={n: ckpt.fingerprint(n) for n in deltas},
-        requests=[r.to_dict() for r in requests],
-        hparams={**hp.to_dict(), "seed": seed, "source": hp_source, "context_templates": groups},
-        covariance={"corpus": corpus.identity, "description": corpus.description,
-               "tokens": {str(l): report.covariance[l]["tokens"] for l in hp.layers}, "dtype": hp.mom2_dtype},
-        name=name, version=version,
-    )
-    return EditResult(patch, report)
+def statistics(em: EditableModel, tok, ckpt: Checkpoint, hp: HParams, config: EditConfig,
+               cache: Path) -> Statistics:
+    """C_l for every edited layer (cached)."""
+    corpus = resolve_corpus(config.stats_corpus, em, tok, config.seed)
+    covs, info = layer_covariances(em, tok, hp.layers, corpus, weights_sha256(ckpt, cache), hp.mom2_n_tokens,
+                                   hp.mom2_dtype, cache, config.progress)
+    return Statistics(corpus, covs, info)
 
 
-def _run(em: EditableModel, tok, ckpt: Checkpoint, requests: list[EditRequest], hp: HParams, groups, cache: Path,
-         stats_corpus: str | None, seed: int, report: EditReport, progress: bool) -> tuple[dict, Corpus]:
-    """Statistics, targets and the layer updates: the deltas (CPU, checkpoint layout) and the corpus."""
-    for i in _already_predicted(em, tok, requests):
-        msg = f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}"
-        report.warnings.append(msg)
-        warnings.warn(msg, stacklevel=2)
-
-    # Covariance statistics (cached).
-    t = time.monotonic()
-    corpus = resolve_corpus(stats_corpus, em, tok, seed)
-    model_sha = weights_sha256(ckpt, cache)
-    covs, report.covariance = layer_covariances(em, tok, hp.layers, corpus, model_sha, hp.mom2_n_tokens,
-                                                hp.mom2_dtype, cache, progress)
-    report.seconds["stats"] = time.monotonic() - t
-
-    # Targets z at the last edited layer.
-    t = time.monotonic()
+def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: TargetResult, covs: dict,
+                  progress: bool = True) -> LayerUpdates:
+    """One update per layer, applied to the model in turn; residuals re-measured on the model as updated so far."""
+    deltas, delivered = {}, {}
     z_layer = hp.layers[-1]
-    targets = compute_targets(em, tok, requests, [t for g in groups for t in g], z_layer, hp, progress)
-    report.z_target_prob = float(targets.target_prob.mean())
-    report.z_steps = float(targets.steps.float().mean())
-    report.seconds["z"] = time.monotonic() - t
-
-    # One update per layer, residuals re-measured on the model as updated so far.
-    t = time.monotonic()
-    deltas = {}
-    reader = KeyReader(em, tok, requests, groups)
     for i, layer in enumerate(tqdm(hp.layers, desc="layer updates", disable=not progress)):
         k, h = reader.read(layer, z_layer)
         K = k.T.double()  # [d_ff, n]
         R = (targets.z - h).T.double() / (len(hp.layers) - i)  # [d_model, n]
-        A = hp.mom2_update_weight * covs[layer].to(K.device) + K @ K.T
-        update = R @ torch.linalg.solve(A, K).T  # [d_model, d_ff]
-        report.delivered[layer] = float((update @ K).norm() / R.norm().clamp(min=1e-12))
+        update = solve_layer_update(K, R, covs[layer], hp.mom2_update_weight)  # [d_model, d_ff]
+        delivered[layer] = float((update @ K).norm() / R.norm().clamp(min=1e-12))
         update = update.float()
         em.add_to_weight(layer, update)
         deltas[em.param_name(layer)] = em.to_checkpoint_layout(update).contiguous().cpu()
-    report.seconds["update"] = time.monotonic() - t
-    return deltas, corpus
+    return LayerUpdates(deltas, delivered)
 
 
-def make_patch(model: str | Path, requests, **kwargs) -> Patch:
-    """MEMIT patch for `requests` (a file path, EditRequests, or request dicts) on checkpoint `model`.
+@contextmanager
+def _timed(seconds: dict, step: str):
+    t = time.monotonic()
+    yield
+    seconds[step] = time.monotonic() - t
 
-    Keyword arguments: hparams (HParams, dict or JSON/YAML file), layers, mom2_update_weight, stats_corpus (file, self:N or
-    HF dataset), stats_tokens, stats_dtype, cache_dir, seed, name, version, zsre_target, device (default: cuda
-    when available), progress.
+
+def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs) -> EditResult:
+    """Compute a MEMIT patch for `requests` on the checkpoint `model`; see make_patch."""
+    config = EditConfig.of(config, **kwargs)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t0 = time.monotonic()
+    requests = _as_requests(requests, config.zsre_target)
+    ckpt = Checkpoint(model)
+    by_model_type(ckpt.config.get("model_type", "?"))  # unsupported architectures fail before loading
+    cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+
+    torch.manual_seed(config.seed)
+    tok, em = load_editable(ckpt)
+    hp, hp_source = _hparams(em, config)
+    em.check_layers(hp.layers)
+    # Sampled on the CPU whatever the device, so the same seed gives the same templates everywhere.
+    groups = context_templates(em.model, tok, hp.context_template_seeds, hp.context_template_length, config.seed)
+    em.model.to(device)
+    with torch.device(device):  # every tensor the editor creates lives beside the model
+        warned = []
+        for i in _already_predicted(em, tok, requests, config.key_batch_prompts):
+            warned.append(f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}")
+            warnings.warn(warned[-1], stacklevel=2)
+        seconds = {}
+        with _timed(seconds, "stats"):
+            stats = statistics(em, tok, ckpt, hp, config, cache)
+        with _timed(seconds, "z"):
+            targets = compute_targets(em, tok, requests, [t for g in groups for t in g], hp.layers[-1], hp,
+                                      config.progress, config.bucket_overhead_tokens)
+        with _timed(seconds, "update"):
+            reader = KeyReader(em, tok, requests, groups, config.key_batch_prompts)
+            updates = layer_updates(em, reader, hp, targets, stats.covs, config.progress)
+    seconds["total"] = time.monotonic() - t0
+    report = EditReport(
+        len(requests), hp.layers, hp_source, seconds=seconds,
+        z_target_prob=float(targets.target_prob.mean()), z_steps=float(targets.steps.float().mean()),
+        delivered=updates.delivered, covariance=stats.info, warnings=warned, device=str(device))
+
+    patch = Patch(
+        deltas=updates.deltas,
+        base=BaseModel(str(model), ckpt.architecture, ckpt.config_sha256),
+        base_weights={n: ckpt.fingerprint(n) for n in updates.deltas},
+        requests=[r.to_dict() for r in requests],
+        hparams={**hp.to_dict(), "seed": config.seed, "source": hp_source, "context_templates": groups},
+        covariance={"corpus": stats.corpus.identity, "description": stats.corpus.description,
+                    "tokens": {str(l): stats.info[l]["tokens"] for l in hp.layers}, "dtype": hp.mom2_dtype},
+        name=config.name, version=config.version,
+    )
+    return EditResult(patch, report)
+
+
+def make_patch(model: str | Path, requests, config: EditConfig | None = None, **kwargs) -> Patch:
+    """MEMIT patch for `requests` (a file path, EditRequests, or request dicts) on checkpoint `model`
+    (a checkpoint dir, an HF hub id or a default model name).
+
+    Options: an EditConfig, or its fields as keyword arguments: hparams (HParams, dict or JSON/YAML
+    file), layers, mom2_update_weight, stats_corpus (file, self:N or HF dataset), stats_tokens,
+    stats_dtype, cache_dir, seed, name, version, zsre_target, device (default: cuda when available),
+    progress, and the speed knobs key_batch_prompts and bucket_overhead_tokens.
     """
-    return edit(model, requests, **kwargs).patch
+    return edit(model, requests, config, **kwargs).patch

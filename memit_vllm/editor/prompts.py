@@ -3,7 +3,8 @@
 The subject's last token is found from the tokenizer's character offsets on the exact text the
 model sees (BOS included), not by tokenizing the prefix separately: that trick in the reference
 code is off by one on tokenizers that add BOS. Targets are tokenized on their own and appended
-as ids, so target positions are exact whatever the tokenizer does at the boundary.
+as ids (memit_vllm.core.tokens), so target positions are exact whatever the tokenizer does at the
+boundary.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .requests import EditRequest
+from ..core.records import EditRequest
+from ..core.tokens import pad_id
+from ..errors import MemitError
 
 
 @dataclass(frozen=True)
@@ -37,29 +40,9 @@ def encode(tok, template: str, request: EditRequest) -> Encoded:
     enc = tok(text, return_offsets_mapping=True)
     hits = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < end and b > start]
     if not hits:
-        raise ValueError(f"subject {request.subject!r} maps to no token in {text!r}")
+        case = f" (case {request.case_id})" if request.case_id else ""
+        raise MemitError(f"request {request.text()!r}{case}: subject {request.subject!r} maps to no token in {text!r}")
     return Encoded(list(enc["input_ids"]), hits[-1])
-
-
-def target_ids(tok, target: str) -> list[int]:
-    ids = tok(target, add_special_tokens=False)["input_ids"]
-    if ids and tok.bos_token_id is not None and ids[0] == tok.bos_token_id:
-        ids = ids[1:]
-    return ids
-
-
-def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
-def pad_id(tok) -> int:
-    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
 
 @torch.no_grad()

@@ -25,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..compat import PrefixCache, resume_after
+from ..core.records import EditRequest
+from ..core.tokens import pad_id, pad_right, target_ids
 from .arch import EditableModel
 from .hparams import HParams
-from .prompts import encode, pad_id, pad_right, target_ids
-from .requests import EditRequest
-from .trace import capture, resume_after
+from .prompts import encode
+from .trace import capture
 
 KL_PROMPT = "{} is a"
 
@@ -80,6 +82,13 @@ def _build_rows(tok, requests: list[EditRequest], templates: list[str]) -> _Rows
                  t(tgt_len), t(first_row), t(kl_row))
 
 
+# The default of what one more padded forward+backward costs beyond its tokens, in row-tokens (each call
+# streams the weights of the layers above L and adds Python/autograd work). Batched z on 16 CounterFact edits,
+# SmolLM2, 2 CPU cores (bench/make_patch.py z-speed --edits 16 --group-costs 64,0,32,128,1e9):
+# 64 -> 55.0 s, 0 -> 67.9, 32 -> 59.1, 128 -> 57.0, one group -> 65.1.
+BUCKET_OVERHEAD_TOKENS = 64
+
+
 @dataclass
 class TargetResult:
     z: torch.Tensor  # [n, d_model] fp32: h_init + delta
@@ -90,15 +99,17 @@ class TargetResult:
 
 
 def compute_targets(em: EditableModel, tok, requests: list[EditRequest], templates: list[str], layer: int,
-                    hp: HParams, progress: bool = True) -> TargetResult:
+                    hp: HParams, progress: bool = True,
+                    bucket_overhead_tokens: float = BUCKET_OVERHEAD_TOKENS) -> TargetResult:
     """z for every request at `layer`, optimised in batches of hp.z_batch_edits edits. Batches are formed
-    from edits of similar suffix length (less padding); results come back in request order."""
+    from edits of similar suffix length (less padding); results come back in request order.
+    `bucket_overhead_tokens`: the cost of one more padded call, see `length_buckets` (speed only)."""
     order = sorted(range(len(requests)), key=lambda i: _suffix_len(tok, requests[i]))
     parts = []
     bar = tqdm(total=len(requests), desc="z vectors", unit="edit", disable=not progress)
     for start in range(0, len(requests), hp.z_batch_edits):
         chunk = [requests[i] for i in order[start : start + hp.z_batch_edits]]
-        parts.append(_optimise(em, tok, chunk, templates, layer, hp))
+        parts.append(_optimise(em, tok, chunk, templates, layer, hp, bucket_overhead_tokens))
         bar.update(len(chunk))
     bar.close()
     back = torch.tensor(order).argsort()  # the inverse permutation
@@ -109,13 +120,6 @@ def _suffix_len(tok, request: EditRequest) -> int:
     """Tokens from the subject's last one to the target's second-to-last: what each z step runs."""
     enc = encode(tok, "{}", request)
     return len(enc.ids) - enc.lookup + len(target_ids(tok, request.target_new)) - 1
-
-
-# What one more padded forward+backward costs beyond its tokens, in row-tokens (each call streams the
-# weights of the layers above L and adds Python/autograd work). Batched z on 16 CounterFact edits,
-# SmolLM2, 2 CPU cores (bench/make_patch.py z-speed --edits 16 --group-costs 64,0,32,128,1e9):
-# 64 -> 55.0 s, 0 -> 67.9, 32 -> 59.1, 128 -> 57.0, one group -> 65.1.
-BUCKET_OVERHEAD_TOKENS = 64
 
 
 def length_buckets(lengths: torch.Tensor, overhead: float) -> list[torch.Tensor]:
@@ -144,7 +148,8 @@ class _PrefixSplit:
     any layer, so its keys/values are computed once (left-padded, so every suffix starts at the same
     cache position) and each step runs only the suffix tokens through the layers above L."""
 
-    def __init__(self, em: EditableModel, rows: _Rows, h_layer: torch.Tensor):
+    def __init__(self, em: EditableModel, rows: _Rows, h_layer: torch.Tensor, bucket_overhead_tokens: float):
+        self.bucket_overhead_tokens = bucket_overhead_tokens
         lengths = rows.mask.sum(1)
         self.pre_len, self.suf_len = rows.lookup, lengths - rows.lookup
         width, self.S = int(rows.lookup.max()), int(self.suf_len.max())
@@ -156,23 +161,17 @@ class _PrefixSplit:
         self.positions = self.pre_len[:, None] + j[None]
         k = torch.arange(width)
         self.pre_mask = (k[None] >= width - self.pre_len[:, None]).long()  # left padding
-        self.cache = None
+        self.prefix = None
         if width:
             src = (k[None] - (width - self.pre_len[:, None])).clamp(min=0)
             pre_ids = rows.ids.gather(1, src) * self.pre_mask
-            with torch.no_grad():
-                cache = em.model.base_model(input_ids=pre_ids, attention_mask=self.pre_mask,
-                                            position_ids=(self.pre_mask.cumsum(1) - 1).clamp(min=0),
-                                            use_cache=True).past_key_values
-            self.cache = cache
-            # Rows that are all padding attend to nothing and may hold NaN; they are masked anyway.
-            self.kv = [(l.keys.nan_to_num(0.0), l.values.nan_to_num(0.0)) for l in cache.layers]
+            self.prefix = PrefixCache(em.model, pre_ids, self.pre_mask, (self.pre_mask.cumsum(1) - 1).clamp(min=0))
 
     def forward(self, em: EditableModel, layer: int, tuple_len: int, sel: torch.Tensor, delta: torch.Tensor):
         """Final hidden states [len(sel), S, d] of the suffixes (padding past each row's own length),
         with delta added at layer L's output; rows of similar suffix length run together."""
         parts, order = [], []
-        for group in length_buckets(self.suf_len[sel], BUCKET_OVERHEAD_TOKENS):
+        for group in length_buckets(self.suf_len[sel], self.bucket_overhead_tokens):
             width = int(self.suf_len[sel[group]].max())
             out = self._run(em, layer, tuple_len, sel[group], delta[group], width)
             parts.append(F.pad(out, (0, 0, 0, self.S - width)))
@@ -184,19 +183,17 @@ class _PrefixSplit:
         h = self.suf_h[rows, :width].index_put((torch.arange(len(rows)), torch.zeros(len(rows), dtype=torch.long)),
                                                delta, accumulate=True)
         mask = self.suf_mask[rows, :width]
-        kwargs = {}
-        if self.cache is not None:
-            for l, (k, v) in zip(self.cache.layers, self.kv):
-                l.keys, l.values = k[rows], v[rows]  # each call starts from the prefix alone
+        kwargs = {"use_cache": False}
+        if self.prefix is not None:
+            kwargs = self.prefix.continue_rows(rows)  # each call starts from the prefix alone
             mask = torch.cat([self.pre_mask[rows], mask], dim=1)
-            kwargs["past_key_values"] = self.cache
-        with resume_after(em, layer, h, tuple_len):
+        with resume_after(em.layers, layer, h, tuple_len):
             return em.model.base_model(input_ids=self.suf_ids[rows, :width], attention_mask=mask,
-                                       position_ids=self.positions[rows, :width], use_cache=self.cache is not None,
-                                       **kwargs).last_hidden_state
+                                       position_ids=self.positions[rows, :width], **kwargs).last_hidden_state
 
 
-def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams) -> TargetResult:
+def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams,
+              bucket_overhead_tokens: float) -> TargetResult:
     rows = _build_rows(tok, requests, templates)
     n, P = len(requests), rows.ids.shape[0]
     got = capture(em, rows.ids, rows.mask, outputs=[layer])
@@ -204,7 +201,7 @@ def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams) -
     h_init = h_layer[rows.first_row, rows.lookup[rows.first_row]]  # [n, d]
     max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
     lm_head = em.model.get_output_embeddings()
-    split = _PrefixSplit(em, rows, h_layer)
+    split = _PrefixSplit(em, rows, h_layer, bucket_overhead_tokens)
 
     deltas = [torch.zeros(h_init.shape[1], requires_grad=True) for _ in range(n)]
     opt = torch.optim.Adam(deltas, lr=hp.v_lr)

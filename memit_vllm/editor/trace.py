@@ -1,29 +1,24 @@
-"""Reading and short-circuiting a transformers model's layers, architecture-agnostically.
+"""Reading a transformers model's layers, architecture-agnostically.
 
-- `capture` runs a forward and records layer inputs and outputs and down-projection inputs, stopping
-  after the last layer anyone needs (the rest of the model is not computed); it can start at a layer
-  from hidden states an earlier capture recorded.
-- `resume_after` makes layers 0..L return a given hidden state, so a forward only computes the
-  layers above L: MEMIT's z optimisation edits the output of layer L, and everything below it is
-  the same at every step.
+`capture` runs a forward and records layer inputs and outputs and down-projection inputs, stopping
+after the last layer anyone needs (the rest of the model is not computed); it can start at a layer
+from hidden states an earlier capture recorded (`compat.resume_after`: MEMIT's z optimisation edits
+the output of layer L, and everything below it is the same at every step).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from ..compat import layer_input, layer_output, resume_after
 from .arch import EditableModel
 
 
 class _Stop(Exception):
     pass
-
-
-def _hidden(output):
-    return output[0] if isinstance(output, tuple) else output
 
 
 @dataclass
@@ -47,9 +42,9 @@ def capture(em: EditableModel, input_ids: torch.Tensor, attention_mask: torch.Te
 
     def on_layer(i):
         def hook(module, args, output):
-            got.tuple_len[i] = len(output) if isinstance(output, tuple) else 0
+            hidden, got.tuple_len[i] = layer_output(output)
             if i in outputs:
-                got.outputs[i] = _hidden(output).detach().clone()
+                got.outputs[i] = hidden.detach().clone()
             if i == last:
                 raise _Stop
         return hook
@@ -61,7 +56,7 @@ def capture(em: EditableModel, input_ids: torch.Tensor, attention_mask: torch.Te
 
     def on_input(i):
         def hook(module, args, kwargs):
-            got.inputs[i] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+            got.inputs[i] = layer_input(args, kwargs).detach().clone()
         return hook
 
     try:
@@ -71,7 +66,7 @@ def capture(em: EditableModel, input_ids: torch.Tensor, attention_mask: torch.Te
             handles.append(em.down_proj(i).register_forward_pre_hook(on_down_proj(i)))
         for i in inputs:
             handles.append(em.layers[i].register_forward_pre_hook(on_input(i), with_kwargs=True))
-        start = resume_after(em, resume[0] - 1, resume[1], resume[2]) if resume and resume[0] > 0 else nullcontext()
+        start = resume_after(em.layers, resume[0] - 1, *resume[1:]) if resume and resume[0] > 0 else nullcontext()
         try:
             with start:
                 em.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -82,25 +77,3 @@ def capture(em: EditableModel, input_ids: torch.Tensor, attention_mask: torch.Te
             h.remove()
     return got
 
-
-@contextmanager
-def resume_after(em: EditableModel, layer: int, hidden: torch.Tensor, tuple_len: int):
-    """Within the block, layers 0..`layer` do no work and layer `layer` outputs `hidden`."""
-
-    def wrap(h):
-        return (h,) + (None,) * (tuple_len - 1) if tuple_len else h
-
-    def passthrough(*args, **kwargs):
-        return wrap(args[0] if args else kwargs["hidden_states"])
-
-    def emit(*args, **kwargs):
-        return wrap(hidden)
-
-    stubs = [em.layers[i] for i in range(layer + 1)]
-    for i, module in enumerate(stubs):
-        module.forward = emit if i == layer else passthrough
-    try:
-        yield
-    finally:
-        for module in stubs:
-            del module.forward

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .data import FORMATS, ZSRE_TARGETS
+from ..core.records import FORMATS, ZSRE_TARGETS
 
 
 @click.command("eval")
@@ -34,7 +34,7 @@ from .data import FORMATS, ZSRE_TARGETS
               help="vllm backend: a server serving MODEL without patches, for the 'before' column.")
 def eval_command(model, patches, data, n, fmt, zsre_target, fluency, json_out, plot_out, batch_size, device,
                  backend, server, base_server):
-    """Score a model on CounterFact or zsRE before and after its patches (memit-reference.md section 5)."""
+    """Score a model on CounterFact or zsRE before and after its patches (metrics: README "Evaluation")."""
     from .report import format_table, plot, write_json
     from .run import evaluate
 

@@ -1,4 +1,4 @@
-"""The metrics of memit-reference.md section 5, as pure functions of per-prompt NLLs and accuracies.
+"""The MEMIT paper's metrics (README "Evaluation"), as pure functions of per-prompt NLLs and accuracies.
 
 A CounterFact comparison holds the mean per-token NLLs (new, true) of the two targets after one
 prompt; P(new) > P(true) means nll_new < nll_true. Scores and magnitudes average per record first,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..core.files import atomic_file
+
 
 def _title(result: dict) -> str:
     patches = ", ".join(f"{p['name'] or p['patch_id']} ({p['edits']} edits)" for p in result["patches"]) or "none"
@@ -23,7 +25,8 @@ def format_table(result: dict) -> str:
 
 
 def write_json(result: dict, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def plot(result: dict, path: str | Path) -> Path:
@@ -62,6 +65,7 @@ def bar_chart(panels: list[tuple[list[str], dict[str, dict], tuple | None]], tit
     axes[0][0].legend(loc="upper left", fontsize=8)
     fig.suptitle(title, fontsize=8, wrap=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:  # the temp name ends in .tmp: the format comes from the final name
+        fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
     return Path(path)

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..checkpoint import Checkpoint
+from ..core.records import CounterFactRecord, ZsreRecord, read_dataset
 from ..errors import MemitError
+from ..patch import load_patch
 from ..patch.merge import PatchSet
-from .data import CounterFactRecord, ZsreRecord, read_dataset
 from .metrics import COUNTERFACT_METRICS, ZSRE_METRICS, CounterFactScores, counterfact_metrics, zsre_metrics
 
 
@@ -63,14 +65,14 @@ def evaluate(model: str, data: str | Path, patches: Sequence[str | Path] = (), n
     by patch id), and gives "after" (or "before" without patches); `base_server`, serving no
     patches, gives "before" when patches are given (without it there is no "before").
     """
-    from .patching import load_patches, patch_info, resolve_model
+    from .patching import patch_info
 
     # Everything cheap and checkable goes first: a bad input fails before minutes of scoring.
     fmt, records = read_dataset(data, n, fmt, zsre_target)
     if fluency and not all(isinstance(r, CounterFactRecord) and r.generation_prompts for r in records):
         raise MemitError("fluency needs generation_prompts: only the full CounterFact format has them")
-    checkpoint = resolve_model(model)
-    loaded = load_patches(patches)
+    checkpoint = Checkpoint(model)
+    loaded = [load_patch(p) for p in patches]
     if loaded:
         PatchSet(loaded).validate(checkpoint)
 
@@ -89,7 +91,7 @@ def evaluate(model: str, data: str | Path, patches: Sequence[str | Path] = (), n
     if backend == "transformers":
         import torch
 
-        from .patching import apply_patches, load_model
+        from .patching import load_model, merge_into_model
         from .scoring import TransformersScorer
 
         result["device"] = device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,7 +99,7 @@ def evaluate(model: str, data: str | Path, patches: Sequence[str | Path] = (), n
         scorer = TransformersScorer(hf_model, tokenizer, batch_size=batch_size, progress=progress)
         result["before"] = measure(scorer)
         if loaded:
-            apply_patches(hf_model, checkpoint, loaded)
+            merge_into_model(hf_model, checkpoint, loaded)
             result["after"] = measure(scorer)
     elif backend == "vllm":
         from transformers import AutoTokenizer

@@ -2,8 +2,9 @@
 
 A target is scored after its prompt by feeding prompt ids + target ids as one sequence. Prompt and
 target are tokenized separately and the ids concatenated, so the target's token boundaries are the
-same whatever the prompt ends with (the MEMIT convention). Many sequences go in one forward, right
-padded: positions then count from 0 in every row, and the target's logits sit at fixed offsets.
+same whatever the prompt ends with (the MEMIT convention; see core.tokens). Many sequences go in one
+forward, right padded: positions then count from 0 in every row, and the target's logits sit at
+fixed offsets.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from ..core.tokens import pad_id, pad_right, target_ids
+from ..errors import MemitError
+
 
 @dataclass(frozen=True)
 class TargetScore:
@@ -24,13 +28,11 @@ class TargetScore:
 
 def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], list[int]]:
     """Prompt ids (with the BOS the tokenizer adds, if any) and ids of " " + target (never a BOS)."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
-    if target_ids and tokenizer.bos_token_id is not None and target_ids[0] == tokenizer.bos_token_id:
-        target_ids = target_ids[1:]
-    if not prompt_ids or not target_ids:
-        raise ValueError(f"empty tokenization for prompt {prompt!r} / target {target!r}")
-    return prompt_ids, target_ids
+    prompt_ids, ids = tokenizer(prompt)["input_ids"], target_ids(tokenizer, " " + target)
+    if not prompt_ids or not ids:
+        raise MemitError(f"prompt {prompt!r} / target {target!r}: one of them tokenizes to nothing, "
+                         "so it cannot be scored; fix or drop the record")
+    return prompt_ids, ids
 
 
 def map_batched(items: Sequence, batch_size: int, bar, fn: Callable[[list], list], key=None) -> list:
@@ -52,7 +54,7 @@ class TransformersScorer:
     def __init__(self, model, tokenizer, batch_size: int = 16, progress: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.progress = batch_size, progress
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = pad_id(tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -70,13 +72,7 @@ class TransformersScorer:
                            key=lambda pair: -sum(map(len, encoded[pair])))
 
     def _score_batch(self, encoded: list[tuple[list[int], list[int]]]) -> list[TargetScore]:
-        seqs = [p + t for p, t in encoded]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            ids[row, :len(s)] = torch.tensor(s)
-            mask[row, :len(s)] = 1
+        ids, mask = pad_right([p + t for p, t in encoded], self.pad_id)
         logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
         out = []
         for row, (p, t) in enumerate(encoded):

@@ -16,8 +16,17 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
+from ..core.contract import PATCHES_ROUTE
 from ..errors import MemitError
 from .scoring import TargetScore, encode_pair, map_batched
+
+
+class ServerError(MemitError):
+    """The server answered with an HTTP error; `status` is its code (404: the route is not served)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
 def request_json(url: str, route: str, body: dict | None = None, timeout: float = 600) -> dict:
@@ -28,7 +37,7 @@ def request_json(url: str, route: str, body: dict | None = None, timeout: float 
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
     except urllib.error.HTTPError as e:
-        raise MemitError(f"{url}{route} answered {e.code}: {e.read()[:300]!r}") from e
+        raise ServerError(f"{url}{route} answered {e.code}: {e.read()[:300]!r}", e.code) from e
     except OSError as e:
         raise MemitError(f"cannot reach the server at {url} ({e}); is it running?") from e
 
@@ -52,13 +61,13 @@ class ServedScorer:
         """Patch ids behind the scored model (GET /memit/patches): those the server merged, then the
         variant's own when the model is a `--memit-variant`; a plain vLLM server has none."""
         try:
-            served = self._request("/memit/patches")
-            variant = served.get("variants", {}).get(self.model)
-            return [p["id"] for p in served["patches"]] + ([variant] if variant else [])
-        except MemitError as e:
-            if " answered 404" in str(e):
+            served = self._request(PATCHES_ROUTE)
+        except ServerError as e:
+            if e.status == 404:
                 return []
             raise
+        variant = served.get("variants", {}).get(self.model)
+        return [p["id"] for p in served["patches"]] + ([variant] if variant else [])
 
     def _bar(self, total: int, desc: str):
         return tqdm(total=total, desc=desc, disable=not self.progress, file=sys.stderr, leave=False)
@@ -74,12 +83,16 @@ class ServedScorer:
         choices = sorted(out["choices"], key=lambda c: c["index"])
         return [_target_score(c["logprobs"], len(p), t) for c, (p, t) in zip(choices, encoded)]
 
+    def complete(self, prompts: list[str], max_tokens: int) -> list[str]:
+        """Greedy continuations (without their prompt) of the prompts, in one request."""
+        out = self._request("/v1/completions", {"model": self.model, "prompt": prompts, "max_tokens": max_tokens,
+                                                "temperature": 0})
+        return [c["text"] for c in sorted(out["choices"], key=lambda c: c["index"])]
+
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 100, desc: str = "generating") -> list[str]:
         """Greedy continuations with their prompt, like the transformers backend."""
         def batch_texts(batch: list[str]) -> list[str]:
-            out = self._request("/v1/completions", {"model": self.model, "prompt": batch,
-                                                     "max_tokens": max_new_tokens, "temperature": 0})
-            return [batch[c["index"]] + c["text"] for c in sorted(out["choices"], key=lambda c: c["index"])]
+            return [p + text for p, text in zip(batch, self.complete(batch, max_new_tokens))]
 
         return map_batched(prompts, self.batch_size, self._bar(len(set(prompts)), desc), batch_texts)
 

@@ -23,7 +23,8 @@ def _norm(x: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect_cmd(patch: str, as_json: bool) -> None:
     """Show what PATCH holds: ids, base model, facts, per-layer delta norm and numerical rank."""
-    from .tools import fact_text, inspect_patch
+    from ..core.records import fact_text
+    from .tools import inspect_patch
 
     r = inspect_patch(patch)
     if as_json:
@@ -35,6 +36,8 @@ def inspect_cmd(patch: str, as_json: bool) -> None:
     click.echo(f"created   {r['created']} by memit-vllm {r['tool_version']}")
     if r["parents"]:
         click.echo(f"parents   {', '.join(r['parents'])}")
+    if r["made_on"]:
+        click.echo(f"made on   {' -> '.join(r['made_on'])} (serve after exactly these, in this order)")
     click.echo(f"base      {base['name_or_path']} ({base['architecture']}, config {base['config_sha256'][:12]})")
     click.echo(f"layers    {len(r['layers'])}")
     for layer in r["layers"]:

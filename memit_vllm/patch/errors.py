@@ -33,3 +33,8 @@ class ShapeMismatchError(PatchError):
 
 class NonFiniteError(PatchError):
     """A delta holds NaN or Inf."""
+
+
+class LineageError(PatchError):
+    """A patch made on a stack (`make-patch --on`) is given without that stack, or in another order,
+    or a patch is given twice."""

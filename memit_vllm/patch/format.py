@@ -22,23 +22,24 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..cache import atomic_path
+from ..core.files import atomic_file
 from .errors import (CorruptPatchError, MissingMetadataError, NonFiniteError, NotAPatchError,
                      PatchError, UnsupportedVersionError)
 
 FORMAT_NAME = "memit-vllm.patch"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest this reader reads; a file is written at the lowest version that holds it
+LINEAGE_VERSION = 2  # version 2 added `made_on`: older readers must refuse a patch that needs its stack
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors limit
 
 # metadata key -> does it hold JSON
 _FIELDS = {
     "format": False, "format_version": False, "patch_id": False, "name": False, "version": False,
     "created": False, "tool_version": False, "base": True, "base_weights": True, "hparams": True,
-    "covariance": True, "stats": True, "requests": True, "parents": True,
+    "covariance": True, "stats": True, "requests": True, "parents": True, "made_on": True,
 }
 # JSON field -> the type its value must have (checked on load, so consumers can trust it)
 _JSON_TYPES = {"base": dict, "base_weights": dict, "hparams": dict, "covariance": dict, "stats": dict,
-               "requests": list, "parents": list}
+               "requests": list, "parents": list, "made_on": list}
 _REQUIRED = ("format", "format_version", "patch_id", "base", "base_weights", "requests")
 
 
@@ -101,6 +102,8 @@ class Patch:
     created: str = field(default_factory=_created_now)
     tool_version: str = ""
     path: Path | None = None  # where it was loaded from, if anywhere
+    made_on: list[str] = field(default_factory=list)  # ids of the stack it was computed on, in order
+    _patch_id: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.tool_version:
@@ -109,19 +112,34 @@ class Patch:
             self.tool_version = __version__
 
     # -- identity -----------------------------------------------------------------------------
+    @property
+    def format_version(self) -> int:
+        """1 for a patch made on the bare base; 2 for one made on a stack (readers of version 1 would
+        serve it without that stack, so they must refuse it)."""
+        return LINEAGE_VERSION if self.made_on else 1
+
     def _content_metadata(self) -> dict[str, str]:
         meta = {
-            "format": FORMAT_NAME, "format_version": str(FORMAT_VERSION), "name": self.name,
+            "format": FORMAT_NAME, "format_version": str(self.format_version), "name": self.name,
             "version": self.version, "tool_version": self.tool_version, "base": self.base.to_dict(),
             "base_weights": self.base_weights, "hparams": self.hparams, "covariance": self.covariance,
             "stats": self.stats, "requests": self.requests, "parents": self.parents,
         }
+        if self.made_on:  # absent otherwise, so the ids of version-1 patches are unchanged
+            meta["made_on"] = self.made_on
         return {k: json.dumps(v, sort_keys=True) if _FIELDS[k] else v for k, v in meta.items()}
 
     @property
     def patch_id(self) -> str:
         """Content hash over tensors (as stored: fp32) and metadata, not the creation time: same content,
-        same id, before and after a save."""
+        same id, before and after a save. Computed once; a patch loaded from a file reports the id its
+        header records (load_patch(verify_content=True) recomputes it and refuses a mismatch)."""
+        if self._patch_id is None:
+            self._patch_id = self.content_id()
+        return self._patch_id
+
+    def content_id(self) -> str:
+        """The id recomputed from the content (reads every delta)."""
         h = hashlib.sha256()
         for k, v in sorted(self._content_metadata().items()):
             h.update(f"{k}={v}\n".encode())
@@ -155,7 +173,7 @@ class Patch:
             offset += n
         raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        with atomic_path(path) as tmp:
+        with atomic_file(path) as tmp:
             with open(tmp, "wb") as f:
                 f.write(struct.pack("<Q", len(raw)))
                 f.write(raw)
@@ -232,7 +250,8 @@ def load_patch(path: str | os.PathLike, verify_content: bool = False) -> Patch:
         raise MissingMetadataError(f"{path}: format_version {meta['format_version']!r} is not an integer") from e
     if version > FORMAT_VERSION or version < 1:
         raise UnsupportedVersionError(
-            f"{path}: format version {version}; this memit-vllm reads versions 1..{FORMAT_VERSION} (upgrade memit-vllm)")
+            f"{path}: format version {version}; this memit-vllm reads versions 1..{FORMAT_VERSION} "
+            "(upgrade memit-vllm)")
     parsed = {}
     for k, is_json in _FIELDS.items():
         if is_json and k in meta:
@@ -250,19 +269,25 @@ def load_patch(path: str | os.PathLike, verify_content: bool = False) -> Patch:
         raise MissingMetadataError(
             f"{path}: metadata field 'base' must hold strings name_or_path, architecture, config_sha256") from e
     names = sorted(k for k in header if k != "__metadata__")
-    if set(names) != set(parsed["base_weights"]) or not all(isinstance(v, str) for v in parsed["base_weights"].values()):
+    fingerprints = parsed["base_weights"]
+    if set(names) != set(fingerprints) or not all(isinstance(v, str) for v in fingerprints.values()):
         raise MissingMetadataError(f"{path}: base_weights must map exactly the patched tensors to fingerprints")
+    made_on = parsed.get("made_on", [])
+    if not all(isinstance(i, str) for i in made_on) or (made_on and version < LINEAGE_VERSION):
+        raise MissingMetadataError(f"{path}: made_on must list patch ids, in a file of format version "
+                                   f">= {LINEAGE_VERSION}")
     patch = Patch(
         deltas=_LazyTensors(path, names), base=base, base_weights=parsed["base_weights"],
         requests=parsed["requests"], hparams=parsed.get("hparams", {}), covariance=parsed.get("covariance", {}),
         stats=parsed.get("stats", {}),
         name=meta.get("name", ""), version=meta.get("version", ""), parents=parsed.get("parents", []),
         created=meta.get("created", ""), tool_version=meta.get("tool_version", ""), path=path,
+        made_on=made_on, _patch_id=meta["patch_id"],
     )
     if verify_content:
         for name in names:
             if not torch.isfinite(patch.deltas[name]).all():
                 raise NonFiniteError(f"{path}: delta {name!r} holds NaN or Inf")
-        if patch.patch_id != meta["patch_id"]:
+        if patch.content_id() != meta["patch_id"]:
             raise CorruptPatchError(f"{path}: content does not match its patch id {meta['patch_id']} (modified?)")
     return patch

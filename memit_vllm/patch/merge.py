@@ -12,7 +12,8 @@ from collections.abc import Sequence
 import torch
 
 from ..checkpoint import Checkpoint, tensor_fingerprint
-from .errors import BaseMismatchError, NonFiniteError, PatchError, ShapeMismatchError
+from ..core.architectures import by_class
+from .errors import BaseMismatchError, LineageError, NonFiniteError, PatchError, ShapeMismatchError
 from .format import Patch
 
 
@@ -28,23 +29,32 @@ class PatchSet:
             if (p.base.architecture, p.base.config_sha256) != (first.base.architecture, first.base.config_sha256):
                 raise BaseMismatchError(
                     f"{_label(p)} is for {p.base.architecture} ({p.base.name_or_path}), {_label(first)} for "
-                    f"{first.base.architecture} ({first.base.name_or_path}): patches in one stack must share a base model")
+                    f"{first.base.architecture} ({first.base.name_or_path}): patches in one stack must share a "
+                    "base model")
             for name in set(p.deltas) & set(first.deltas):
                 if p.base_weights[name] != first.base_weights[name]:
                     raise BaseMismatchError(
                         f"{_label(p)} and {_label(first)} were made for different base weights {name!r}: "
                         "patches in one stack must share a base model")
+        check_lineage(self.patches)
         self.names = sorted({n for p in self.patches for n in p.deltas})
 
     def touches(self, name: str) -> bool:
         return any(name in p.deltas for p in self.patches)
 
-    def check_model(self, architecture: str, config_sha256: str | None = None) -> None:
+    def check_model(self, architecture: str) -> None:
+        """Every patch is for `architecture`, and changes only its MLP down-projections (the table's)."""
         for p in self.patches:
             if p.base.architecture != architecture:
                 raise BaseMismatchError(
                     f"{_label(p)} was made for {p.base.architecture} ({p.base.name_or_path}), "
                     f"not {architecture}: use a patch made for this model")
+        arch = by_class(architecture)
+        for p in self.patches:
+            other = [n for n in p.deltas if arch.layer_of(n) is None]
+            if other:
+                raise PatchError(f"{_label(p)} changes {other[0]!r}, which is not an MLP down-projection of "
+                                 f"{architecture} (*.{arch.down_proj}.weight): patches edit only those")
 
     def check_names(self, names: set[str] | Sequence[str]) -> None:
         missing = [n for n in self.names if n not in set(names)]
@@ -87,6 +97,24 @@ class PatchSet:
 
     def _owner(self, name: str) -> Patch:
         return next(p for p in self.patches if name in p.deltas)
+
+
+def check_lineage(patches: Sequence[Patch]) -> None:
+    """No patch twice, and each patch made on a stack (`made_on`) comes right after exactly that stack:
+    its update was solved on base + those patches, so without them (or in another order) it is another edit."""
+    ids = [p.patch_id for p in patches]
+    for i, p in enumerate(patches):
+        if p.patch_id in ids[:i]:
+            raise LineageError(f"{_label(p)} is given twice; a stack holds each patch once")
+        if p.made_on and p.made_on != ids[:i]:
+            missing = [m for m in p.made_on if m not in ids[:i]]
+            names = {q.patch_id: _label(q) for q in patches}
+            order = ", ".join(names.get(m, f"patch {m}") for m in [*p.made_on, p.patch_id])
+            raise LineageError(
+                f"{_label(p)} was made on the stack {p.made_on}"
+                + (f", and {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing" if missing else
+                   f", but is given after {ids[:i] or 'nothing'}")
+                + f": give exactly, in this order: {order}")
 
 
 def _label(p: Patch) -> str:

@@ -11,50 +11,22 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import Checkpoint
+from ..core.files import atomic_dir, check_new_dir
+from ..core.records import fact_key, fact_text
 from ..default_models import MANIFEST
-from ..errors import MemitError
-from .format import FORMAT_VERSION, Patch, load_patch
+from .format import Patch, load_patch
 from .merge import PatchSet
 
 # Weight formats other than safetensors: `apply` leaves them out, or a loader could pick up unedited weights.
 _OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
 APPLIED_FILE = "memit-vllm-applied.json"
 _COPY_CHUNK = 64 << 20
-
-
-# -- facts ------------------------------------------------------------------------------------------
-def _target(t) -> str:
-    return t.get("str", "") if isinstance(t, dict) else str(t or "")
-
-
-def _rewrite(request: dict) -> dict:
-    # CounterFact records keep the edit under "requested_rewrite"; the flat form is the edit itself.
-    return request.get("requested_rewrite", request) if isinstance(request, dict) else {}
-
-
-def fact_key(request: dict) -> str:
-    """What identifies a fact across patches: the prompt with its subject filled in."""
-    r = _rewrite(request)
-    prompt, subject = str(r.get("prompt", "")), str(r.get("subject", ""))
-    if not prompt:
-        return json.dumps(request, sort_keys=True)
-    return prompt.replace("{}", subject) if "{}" in prompt else prompt
-
-
-def fact_text(request: dict) -> str:
-    """One line: 'prompt -> new (was: old)'."""
-    r = _rewrite(request)
-    if "target_new" not in r:
-        return fact_key(request)
-    old = _target(r.get("target_true"))
-    return f"{fact_key(request)} -> {_target(r['target_new'])}" + (f" (was: {old})" if old else "")
 
 
 # -- inspect ----------------------------------------------------------------------------------------
@@ -88,8 +60,9 @@ def inspect_patch(path: str | os.PathLike) -> dict:
                        "rank": rank, "rank_tol": tol})
     return {
         "path": str(patch.path), "file_size": patch.path.stat().st_size, "patch_id": patch.patch_id,
-        "format_version": FORMAT_VERSION, "name": patch.name, "version": patch.version,
+        "format_version": patch.format_version, "name": patch.name, "version": patch.version,
         "created": patch.created, "tool_version": patch.tool_version, "parents": patch.parents,
+        "made_on": patch.made_on,
         "base": patch.base.to_dict(), "hparams": patch.hparams, "covariance": patch.covariance,
         "stats": patch.stats, "n_facts": len(patch.requests), "facts": patch.requests, "layers": layers,
     }
@@ -98,7 +71,7 @@ def inspect_patch(path: str | os.PathLike) -> dict:
 # -- verify -----------------------------------------------------------------------------------------
 def verify_patch(path: str | os.PathLike, model: str | os.PathLike) -> dict:
     """Check a patch against a model: content hash, finiteness, and for every tensor the base fingerprint,
-    shape and dtype. Raises the specific PatchError on the first failure; returns the report otherwise."""
+    shape and dtype. Raises the specific PatchError on the first failure; returns what was checked."""
     patch = load_patch(path, verify_content=True)
     ckpt = Checkpoint(model)
     ps = PatchSet([patch])
@@ -109,11 +82,11 @@ def verify_patch(path: str | os.PathLike, model: str | os.PathLike) -> dict:
         base = ckpt.tensor(name)
         ps.merge(name, base)  # raises on a fingerprint, shape, dtype or finiteness problem
         tensors.append({"name": name, "shape": list(base.shape), "weight_dtype": str(base.dtype).removeprefix("torch."),
-                        "delta_dtype": "float32", "fingerprint": "ok", "finite": True})
+                        "base_sha256": patch.base_weights[name]})
     return {
-        "ok": True, "patch": str(patch.path), "patch_id": patch.patch_id, "patch_id_ok": True,
-        "model": str(ckpt.path), "architecture": ckpt.architecture,
-        "config_matches": patch.base.config_sha256 == ckpt.config_sha256, "tensors": tensors,
+        "patch": str(patch.path), "patch_id": patch.patch_id, "model": str(ckpt.path),
+        "architecture": ckpt.architecture, "config_matches": patch.base.config_sha256 == ckpt.config_sha256,
+        "tensors": tensors,
     }
 
 
@@ -161,13 +134,9 @@ def apply_patches(patches: Sequence[Patch], model: str | os.PathLike, out: str |
     ckpt = Checkpoint(model)
     ps = PatchSet(patches)
     ps.validate(ckpt)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MemitError(f"{out} already exists; apply writes a new checkpoint dir (remove it or pick another)")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_new_dir(out, "apply")
     weights = set(ckpt.weight_files())
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         for src in sorted(ckpt.path.rglob("*")):
             rel = src.relative_to(ckpt.path)
             if src.is_dir() or rel.parts[0].startswith(".") or rel.name == MANIFEST:
@@ -184,10 +153,6 @@ def apply_patches(patches: Sequence[Patch], model: str | os.PathLike, out: str |
             {"patch_id": p.patch_id, "name": p.name, "version": p.version, "path": str(p.path or "")}
             for p in ps.patches]}
         (tmp / APPLIED_FILE).write_text(json.dumps(applied, indent=2) + "\n")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 
@@ -199,7 +164,8 @@ def _shared(values: list, ids: list[str]):
 
 def stack_patches(patches: Sequence[Patch], name: str = "", version: str = "") -> Patch:
     """One patch equal to applying `patches` in order: deltas summed (float64, stored fp32), facts
-    concatenated, the stacked ids as parents. All must share the base (PatchSet checks it)."""
+    concatenated, the stacked ids as parents, and the first one's `made_on` (a whole lineage stacks
+    into a patch made on the bare base). All must share the base and form a valid stack (PatchSet)."""
     ps = PatchSet(patches)
     ids = [p.patch_id for p in ps.patches]
     deltas, base_weights = {}, {}
@@ -214,6 +180,7 @@ def stack_patches(patches: Sequence[Patch], name: str = "", version: str = "") -
         covariance=_shared([p.covariance for p in ps.patches], ids),
         stats=_shared([p.stats for p in ps.patches], ids),
         name=name or "+".join(p.name or p.patch_id for p in ps.patches), version=version, parents=ids,
+        made_on=list(ps.patches[0].made_on),
     )
 
 
@@ -236,8 +203,10 @@ def diff_patches(a: Patch, b: Patch) -> dict:
         row["rel_diff"] = row["diff_norm"] / row["norm_a"] if same_shape and row["norm_a"] else None
         tensors.append(row)
     return {
-        "a": {"path": str(a.path or ""), "patch_id": a.patch_id, "name": a.name, "version": a.version},
-        "b": {"path": str(b.path or ""), "patch_id": b.patch_id, "name": b.name, "version": b.version},
+        "a": {"path": str(a.path or ""), "patch_id": a.patch_id, "name": a.name, "version": a.version,
+              "made_on": a.made_on},
+        "b": {"path": str(b.path or ""), "patch_id": b.patch_id, "name": b.name, "version": b.version,
+              "made_on": b.made_on},
         "same_base": (a.base.architecture, a.base.config_sha256) == (b.base.architecture, b.base.config_sha256) and all(
             a.base_weights[n] == b.base_weights[n] for n in a.base_weights.keys() & b.base_weights.keys()),
         "facts_added": [fact_text(fb[k]) for k in sorted(fb.keys() - fa.keys())],

@@ -25,16 +25,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.datastructures import State
 
+from memit_vllm.core.contract import (ADMIN_TOKEN_ENV, LOAD_FORMAT, LORA_METADATA_FILE, PATCHES_ROUTE, PLUGIN,
+                                      WEIGHTS_ROUTE, WORKER_EXTENSION)
 from memit_vllm.errors import MemitError
-from memit_vllm.lora_export import METADATA_FILE
-from memit_vllm.serve import WORKER_EXTENSION as EXTENSION
 
 from .hot_swap import HotSwap, SwapError
 from .patches import describe, load_patches
-
-ROUTE = "/memit/patches"
-WEIGHTS_ROUTE = "/memit/weights"
-TOKEN_ENV = "MEMIT_VLLM_ADMIN_TOKEN"
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -46,7 +42,7 @@ def _refusal(request: Request) -> JSONResponse | None:
     """Why this admin request may not proceed, or None."""
     state = request.app.state
     if state.memit_admin_token is None:
-        return _error(403, f"memit admin routes are off: start the server with {TOKEN_ENV} set")
+        return _error(403, f"memit admin routes are off: start the server with {ADMIN_TOKEN_ENV} set")
     given = request.headers.get("authorization", "")
     if not hmac.compare_digest(given.encode(), f"Bearer {state.memit_admin_token}".encode()):
         return _error(401, "missing or wrong admin token (Authorization: Bearer <token>)")
@@ -71,24 +67,24 @@ def variants(lora_modules) -> dict[str, str]:
     """Model name -> patch id of each LoRA adapter exported from a patch (`--memit-variant`)."""
     out = {}
     for m in lora_modules:
-        meta = Path(m.path) / METADATA_FILE
+        meta = Path(m.path) / LORA_METADATA_FILE
         if meta.is_file():
             out[m.name] = json.loads(meta.read_text())["patch_id"]
     return out
 
 
 class PatchesEndpoint:
-    name = "memit_vllm"
+    name = PLUGIN
     required_tasks = None
 
     def attach_router(self, app: FastAPI) -> None:
-        @app.get(ROUTE)
+        @app.get(PATCHES_ROUTE)
         async def memit_patches(request: Request) -> dict:
             state = request.app.state
             return {"patches": state.memit_swap.describe() if state.memit_swap else state.memit_patches,
                     "variants": state.memit_variants}
 
-        @app.post(ROUTE)
+        @app.post(PATCHES_ROUTE)
         async def memit_apply(request: Request) -> JSONResponse:
             try:
                 body = await request.json()
@@ -98,7 +94,7 @@ class PatchesEndpoint:
                 return _refusal(request) or _error(400, 'expected a JSON body {"path": "/path/to/file.patch"}')
             return await _run(request, lambda swap: swap.apply(body["path"]))
 
-        @app.delete(ROUTE + "/{patch_id}")
+        @app.delete(PATCHES_ROUTE + "/{patch_id}")
         async def memit_revert(patch_id: str, request: Request) -> JSONResponse:
             return await _run(request, lambda swap: swap.revert(patch_id))
 
@@ -107,15 +103,15 @@ class PatchesEndpoint:
             return await _run(request, lambda swap: swap.weight_hashes())
 
     async def init_state(self, engine_client, state: State, args: Namespace) -> None:
-        state.memit_admin_token = os.environ.get(TOKEN_ENV) or None
-        memit = getattr(args, "load_format", None) == "memit"
+        state.memit_admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
+        memit = getattr(args, "load_format", None) == LOAD_FORMAT
         patches = load_patches(args.model_loader_extra_config or {}) if memit else []
         state.memit_patches = [describe(p) for p in patches]
         state.memit_variants = variants(getattr(args, "lora_modules", None) or [])
         state.memit_swap, state.memit_swap_why = None, ""
-        if engine_client is None or not memit or getattr(args, "worker_extension_cls", None) != EXTENSION:
-            state.memit_swap_why = ("start it with `memit-vllm serve` (load format memit and "
-                                    f"--worker-extension-cls {EXTENSION})")
+        if engine_client is None or not memit or getattr(args, "worker_extension_cls", None) != WORKER_EXTENSION:
+            state.memit_swap_why = (f"start it with `memit-vllm serve` (load format {LOAD_FORMAT} and "
+                                    f"--worker-extension-cls {WORKER_EXTENSION})")
         elif getattr(args, "enable_lora", False):
             state.memit_swap_why = ("LoRA variants (--memit-variant, --enable-lora) wrap the down-projections; "
                                     "hot-swap a server without variants, or roll variants by restarting")

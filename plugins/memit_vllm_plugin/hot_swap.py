@@ -18,18 +18,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from vllm.logger import init_logger
-
 from memit_vllm.checkpoint import Checkpoint
+from memit_vllm.core.contract import DRAIN_TIMEOUT_ENV
 from memit_vllm.errors import MemitError
 from memit_vllm.patch import BaseMismatchError, Patch, PatchError, load_patch
 from memit_vllm.patch.merge import PatchSet
 
+from .compat import call_workers, drain, logger
 from .patches import describe
-
-logger = init_logger("vllm.memit_vllm")
-
-DRAIN_TIMEOUT_ENV = "MEMIT_VLLM_DRAIN_TIMEOUT"  # seconds to wait for in-flight requests (default 120)
 
 
 class SwapError(MemitError):
@@ -106,7 +102,7 @@ class HotSwap:
 
     async def weight_hashes(self) -> dict:
         names = sorted(self.touched)
-        served = (await self.engine.collective_rpc("memit_weight_hashes", args=(names,)))[0] if names else {}
+        served = (await call_workers(self.engine, "memit_weight_hashes", names))[0] if names else {}
         base = await asyncio.to_thread(lambda: {n: self.checkpoint.fingerprint(n) for n in names})
         return {"weights": {n: {"sha256": served[n], "base_sha256": base[n], "is_base": served[n] == base[n]}
                             for n in names}}
@@ -127,7 +123,7 @@ class HotSwap:
     async def _swap(self, stack: list[Patch], names: list[str]) -> None:
         previous = self.active
         try:
-            await asyncio.wait_for(self.engine.pause_generation(mode="wait", clear_cache=True), self.drain_timeout)
+            await asyncio.wait_for(drain(self.engine), self.drain_timeout)
         except asyncio.TimeoutError:
             await self.engine.resume_generation()
             raise SwapError(f"in-flight requests did not finish within {self.drain_timeout:g} s "
@@ -147,7 +143,7 @@ class HotSwap:
 
     async def _reload(self, stack: list[Patch], names: list[str]) -> None:
         start = time.perf_counter()
-        await self.engine.collective_rpc(
-            "memit_reload", args=([str(p.path) for p in stack], [self._id(p) for p in stack], names))
+        await call_workers(self.engine, "memit_reload", [str(p.path) for p in stack], [self._id(p) for p in stack],
+                           names)
         logger.info("memit: reloaded %d weights as base + %d patch(es) in %.3f s", len(names), len(stack),
                     time.perf_counter() - start)

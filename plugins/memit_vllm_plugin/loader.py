@@ -22,19 +22,16 @@ from safetensors import safe_open
 from torch import nn
 from vllm.config import ModelConfig
 from vllm.config.load import LoadConfig
-from vllm.logger import init_logger
 from vllm.model_executor.model_loader import DefaultModelLoader
 
 from memit_vllm.checkpoint import Checkpoint
+from memit_vllm.core.contract import PATCHES_KEY, refuse_quantized
 from memit_vllm.errors import MemitError
 from memit_vllm.patch import PatchError
 from memit_vllm.patch.merge import PatchSet
-from memit_vllm.serve import refuse_quantized
 
-from .patches import PATCHES_KEY, describe, load_patches
-
-# Under the "vllm." namespace so vLLM's logging config prints it like its own lines.
-logger = init_logger("vllm.memit_vllm")
+from .compat import logger, weight_files
+from .patches import describe, load_patches
 
 
 class MemitLoadError(RuntimeError):
@@ -90,8 +87,7 @@ class MemitModelLoader(DefaultModelLoader):
     def _check_before_loading(self, model_config: ModelConfig) -> None:
         hf_config = model_config.hf_config
         refuse_quantized(hf_config.to_dict())
-        folder, files, use_safetensors, _ = self._prepare_weights(
-            model_config.model, None, model_config.revision, fall_back_to_pt=True, allow_patterns_overrides=None)
+        folder, files, use_safetensors = weight_files(self, model_config)
         if not use_safetensors:
             raise PatchError(f"{model_config.model} has no safetensors weights; patches bind to safetensors "
                              "checkpoints (the base weights they were made for)")

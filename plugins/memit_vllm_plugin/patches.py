@@ -5,15 +5,11 @@ Shared by the loader (engine side) and the HTTP route (API server side), which s
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
-from safetensors import safe_open
-
+from memit_vllm.core.architectures import by_class
+from memit_vllm.core.contract import LOAD_FORMAT, PATCHES_KEY
 from memit_vllm.patch import Patch, PatchError, load_patch
-
-PATCHES_KEY = "patches"
-_LAYER = re.compile(r"\.(\d+)\.")
 
 
 def patch_paths(extra_config: Mapping) -> list[str]:
@@ -23,8 +19,8 @@ def patch_paths(extra_config: Mapping) -> list[str]:
     if isinstance(paths, str):
         paths = [paths]
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-        raise PatchError(f'load format memit needs model_loader_extra_config {{"{PATCHES_KEY}": ["file.patch", ...]}}, '
-                         f"got {dict(extra_config)!r}")
+        raise PatchError(f'load format {LOAD_FORMAT} needs model_loader_extra_config {{"{PATCHES_KEY}": '
+                         f'["file.patch", ...]}}, got {dict(extra_config)!r}')
     return paths
 
 
@@ -34,15 +30,7 @@ def load_patches(extra_config: Mapping) -> list[Patch]:
 
 def describe(patch: Patch) -> dict:
     """What a server reports about a patch: identity, size, and where in the model it acts."""
-    layers = sorted({int(m.group(1)) for n in patch.deltas if (m := _LAYER.search(n))})
-    return {"id": recorded_id(patch), "name": patch.name, "version": patch.version, "facts": len(patch.requests),
+    arch = by_class(patch.base.architecture)
+    layers = sorted({layer for n in patch.deltas if (layer := arch.layer_of(n)) is not None})
+    return {"id": patch.patch_id, "name": patch.name, "version": patch.version, "facts": len(patch.requests),
             "layers": layers, "weights": sorted(patch.deltas), "path": str(patch.path)}
-
-
-def recorded_id(patch: Patch) -> str:
-    """The id written in the file's header: re-hashing every delta (`Patch.patch_id`) would cost a
-    second full read of the patch at each server start."""
-    if patch.path is None:
-        return patch.patch_id
-    with safe_open(patch.path, "pt") as f:
-        return f.metadata()["patch_id"]

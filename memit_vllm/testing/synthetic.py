@@ -1,4 +1,4 @@
-"""Synthetic but real patches for the patch-format tests and the fuzz bench.
+"""Synthetic but real patches for the patch tests, the serving tests and the benchmarks.
 
 A synthetic patch holds random rank-k deltas on the MLP down-projection weights of a checkpoint,
 bound to that checkpoint by real fingerprints: everything but the MEMIT math of a real patch.
@@ -10,21 +10,20 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import struct
 from pathlib import Path
 
 import torch
 
-from memit_vllm.checkpoint import Checkpoint
-from memit_vllm.patch import BaseModel, Patch, load_patch
-
-# The down-projection weight of each architecture (GPT-2's c_proj is Conv1D: stored (d_ff, d_model)).
-DOWN_PROJ = re.compile(r"\.(\d+)\.mlp\.(down_proj|c_proj|fc_out|dense_4h_to_h)\.weight$")
+from ..checkpoint import Checkpoint
+from ..core.architectures import by_class
+from ..patch import BaseModel, Patch, load_patch
 
 
 def down_proj_names(ckpt: Checkpoint, layers) -> list[str]:
-    return [n for n in ckpt.keys() if (m := DOWN_PROJ.search(n)) and int(m.group(1)) in layers]
+    """The checkpoint keys of the down-projections of `layers` (from the architecture table)."""
+    arch = by_class(ckpt.architecture)
+    return [n for n in ckpt.keys() if arch.layer_of(n) in layers]
 
 
 def facts(tag: str, n: int) -> list[dict]:

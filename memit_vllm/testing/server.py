@@ -1,4 +1,7 @@
-"""Start a real vLLM OpenAI-compatible server as a subprocess on 127.0.0.1, and always stop it."""
+"""Start a real vLLM OpenAI-compatible server as a subprocess on 127.0.0.1, and always stop it.
+
+The settings are those of the project's CPU tests: fp32, a 1 GiB KV cache, eager mode (no compile).
+"""
 
 from __future__ import annotations
 
@@ -42,6 +45,27 @@ class Server:
                                             "temperature": 0, **kw})
         return [c["text"] for c in sorted(out["choices"], key=lambda c: c["index"])]
 
+    def greedy(self, prompts: list[str], n: int, model: str | None = None) -> list[list[int]]:
+        """The token ids of each prompt's greedy completion of `n` tokens (of `model`, default the server's)."""
+        out = self.post("/v1/completions", {"model": model or self.model, "prompt": prompts, "max_tokens": n,
+                                            "temperature": 0, "return_token_ids": True})
+        return [c["token_ids"] for c in sorted(out["choices"], key=lambda c: c["index"])]
+
+
+def hf_greedy(model_dir, prompts: list[str], n: int) -> list[list[int]]:
+    """The same as Server.greedy, from transformers in fp32: what a served model must reproduce."""
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    out = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids
+        gen = model.generate(ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.eos_token_id)
+        out.append(gen[0, ids.shape[1]:].tolist())
+    return out
+
 
 @contextmanager
 def vllm_server(cmd: list[str], model: str, log: Path, timeout: float = 600, env: dict | None = None):
@@ -59,9 +83,9 @@ def vllm_server(cmd: list[str], model: str, log: Path, timeout: float = 600, env
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).read()
                 break
-            except OSError:
+            except OSError as e:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"vLLM server not up after {timeout}s:\n{_tail(log)}")
+                    raise TimeoutError(f"vLLM server not up after {timeout}s:\n{_tail(log)}") from e
                 time.sleep(1)
         yield Server(f"http://127.0.0.1:{port}", model, proc, log)
     finally:
@@ -82,7 +106,14 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def api_server_cmd(model: str | Path, *extra: str) -> list[str]:
+    """vLLM's own server, without memit-vllm's command (the plugin still loads: it is installed)."""
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), *BASE_ARGS, *extra]
+
+
+def memit_serve_cmd(model: str | Path, *patches: str | Path) -> list[str]:
+    """`memit-vllm serve MODEL --memit-patch P ...` with the test server flags."""
+    flags = [a for p in patches for a in ("--memit-patch", str(p))]
+    return [sys.executable, "-m", "memit_vllm", "serve", str(model), *flags, *BASE_ARGS]
 
 
 def _tail(log: Path, n: int = 40) -> str:

@@ -1,0 +1,97 @@
+"""Every use the editor makes of framework internals, in one place, with the versions it was tested on.
+
+The editor reads and short-circuits a transformers model in ways its public API does not promise:
+- decoder layers return a bare hidden-state tensor or a tuple that starts with it (by architecture and
+  release), and take the hidden states as their first argument or as `hidden_states=`;
+- `resume_after` replaces the `forward` of layer instances for the length of a block;
+- `PrefixCache` rewrites the rows of a `DynamicCache` (`past_key_values.layers[i].keys/.values`);
+- `from_pretrained(dtype=...)` (called `torch_dtype` before 4.56).
+A transformers release outside TESTED_TRANSFORMERS may change any of these silently, so the editor
+refuses it (`check_transformers`) unless MEMIT_VLLM_ALLOW_UNTESTED=1. Torch is used through its public
+API only (module hooks, `torch.device` as a context manager).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .core.versions import untested
+from .errors import MemitError
+
+TESTED_TRANSFORMERS = ">=5.19,<5.20"
+
+
+def check_transformers(version: str | None = None) -> None:
+    """Refuse a transformers version (the installed one by default) outside TESTED_TRANSFORMERS."""
+    from importlib.metadata import version as installed
+
+    why = untested("transformers", version or installed("transformers"), TESTED_TRANSFORMERS,
+                   f"transformers{TESTED_TRANSFORMERS}")
+    if why:
+        raise MemitError(why)
+
+
+def load_causal_lm(path):
+    """(tokenizer, fp32 model in eval mode) of a checkpoint dir, after the version check."""
+    check_transformers()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return tok, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def layer_output(output) -> tuple[torch.Tensor, int]:
+    """A decoder layer's output as (hidden states, length of its tuple; 0 for a bare tensor)."""
+    if isinstance(output, tuple):
+        return output[0], len(output)
+    return output, 0
+
+
+def layer_input(args, kwargs) -> torch.Tensor:
+    """The hidden states a decoder layer was called with (positionally or by keyword)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _as_layer_output(hidden: torch.Tensor, tuple_len: int):
+    return (hidden,) + (None,) * (tuple_len - 1) if tuple_len else hidden
+
+
+@contextmanager
+def resume_after(layers, layer: int, hidden: torch.Tensor, tuple_len: int):
+    """Within the block, layers[0..`layer`] do no work and layers[`layer`] outputs `hidden` (in the
+    output form `tuple_len` describes, as `layer_output` read it)."""
+
+    def passthrough(*args, **kwargs):
+        return _as_layer_output(layer_input(args, kwargs), tuple_len)
+
+    def emit(*args, **kwargs):
+        return _as_layer_output(hidden, tuple_len)
+
+    stubs = [layers[i] for i in range(layer + 1)]
+    for i, module in enumerate(stubs):
+        module.forward = emit if i == layer else passthrough
+    try:
+        yield
+    finally:
+        for module in stubs:
+            del module.forward
+
+
+class PrefixCache:
+    """Keys/values of a batch of prefixes, computed once; each later forward continues from a chosen
+    subset of its rows (the cache's tensors are replaced by those rows before every call)."""
+
+    def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor):
+        with torch.no_grad():
+            self._cache = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=position_ids, use_cache=True).past_key_values
+        # Rows that are all padding attend to nothing and may hold NaN; they are masked anyway.
+        self._kv = [(l.keys.nan_to_num(0.0), l.values.nan_to_num(0.0)) for l in self._cache.layers]
+
+    def continue_rows(self, rows: torch.Tensor) -> dict:
+        """Forward keyword arguments that continue from the prefixes of `rows` alone."""
+        for l, (k, v) in zip(self._cache.layers, self._kv):
+            l.keys, l.values = k[rows], v[rows]
+        return {"past_key_values": self._cache, "use_cache": True}

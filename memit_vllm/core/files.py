@@ -1,0 +1,88 @@
+"""Atomic writes: a reader (or a crash) never sees half a file or half a directory.
+
+Write into a temp sibling, fsync it, rename over the final name, fsync the parent directory. The
+result gets the mode a plain open() would give under the current umask (mkstemp/mkdtemp make 0600/0700).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import MemitError
+
+
+def _umask_mode(mode: int) -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb+") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(dirpath))
+
+
+@contextmanager
+def atomic_file(final: str | os.PathLike, suffix: str = ""):
+    """Yield a temp path beside `final`; on success it is fsynced and renamed over `final`."""
+    final = Path(final)
+    if final.is_dir():
+        raise MemitError(f"{final} is a directory; give a file path to write")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, _umask_mode(0o666))
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_new_dir(out: str | os.PathLike, what: str) -> Path:
+    """`out` must not exist (or be an empty dir): writers of whole directories never overwrite."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MemitError(f"{out} already exists; {what} writes a new directory (remove it or pick another)")
+    return out
+
+
+@contextmanager
+def atomic_dir(final: str | os.PathLike, replace: bool = False):
+    """Yield a temp dir beside `final`; on success its files are fsynced and it is renamed to `final`
+    (which must not exist, or be empty, unless `replace`)."""
+    final = Path(final)
+    if not replace:
+        check_new_dir(final, "this command")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        tmp.chmod(_umask_mode(0o777))
+        if replace and final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)

@@ -1,0 +1,315 @@
+"""Edit records: the one schema, and the readers of every layout people already have.
+
+Layouts read (detected per record):
+- CounterFact, full schema: {case_id, requested_rewrite: {prompt "{}...", subject, target_new: {str},
+  target_true: {str}}, paraphrase_prompts, neighborhood_prompts, ...}
+- EasyEdit's shortened CounterFact: {prompt (subject spelled out), subject, target_new, ground_truth,
+  rephrase_prompt, locality_prompt, locality_ground_truth}
+- zsRE (MEND split): {subject, src, rephrase, answers: [...], alt, loc, loc_ans}
+- ours: {prompt, subject, target_new, target_true?, case_id?} with "{}" where the subject goes (or the
+  subject spelled out), in JSON, JSONL or CSV.
+
+Every reader ends in `EditRequest` (what make-patch edits and what a patch header records, see
+docs/patch-format.md) or, for evaluation, in `CounterFactRecord` / `ZsreRecord`. A malformed record is
+a MemitError naming the file, the record (the line, for JSONL) and what to fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..errors import MemitError
+
+ZSRE_TARGETS = ("answers", "alt")  # zsRE: edit toward answers[0] (MEMIT's code) or alt (the toolkits)
+FORMATS = ("counterfact", "counterfact-edit", "zsre")  # the evaluation layouts
+MAX_RECORDS_FILE_BYTES = 1 << 30  # a records file is read whole: refuse what cannot be one
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One fact to edit; `to_dict()` is what a patch header's `requests` holds."""
+
+    prompt: str  # holds "{}" exactly once, where the subject goes
+    subject: str
+    target_new: str  # with a leading space, as it follows the prompt
+    target_true: str | None = None
+    case_id: str | None = None
+
+    def text(self) -> str:
+        return self.prompt.format(self.subject)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class CounterFactRecord:
+    case_id: int | str
+    subject: str
+    prompt: str  # rewrite prompt with "{}" where the subject goes
+    target_new: str
+    target_true: str
+    paraphrase_prompts: list[str]
+    neighborhood_prompts: list[str]
+    # The true object of the neighbours: the edit's own target_true in full CounterFact, the
+    # separate locality_ground_truth in the shortened layout.
+    neighborhood_true: str
+    generation_prompts: list[str] = field(default_factory=list)
+
+    @property
+    def rewrite_prompt(self) -> str:
+        return self.prompt.format(self.subject)
+
+
+@dataclass(frozen=True)
+class ZsreRecord:
+    case_id: int | str
+    subject: str
+    src: str
+    rephrase: str
+    target: str  # answers[0] (the MEMIT code) or alt (the toolkits)
+    loc: str
+    loc_ans: str
+
+
+# -- field readers: every value is type-checked, so a wrong type is an error, never a stringified target --
+def _field(rec: dict, key: str, where: str):
+    if key not in rec:
+        raise MemitError(f"{where}: missing field {key!r}")
+    return rec[key]
+
+
+def _text(value, what: str, where: str) -> str:
+    if isinstance(value, str) and not value.strip():
+        raise MemitError(f"{where}: empty {what}")
+    if not isinstance(value, str):
+        raise MemitError(f"{where}: {what} must be a non-empty string, got {json.dumps(value)[:80]}")
+    return value
+
+
+def target_text(value, what: str, where: str) -> str:
+    """A target as CounterFact ({"str": ...}) or plain text."""
+    if isinstance(value, dict):
+        value = _field(value, "str", f"{where} {what}")
+    return _text(value, what, where)
+
+
+def _texts(value, what: str, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise MemitError(f"{where}: {what} must be a list of strings")
+    return [_text(v, what, where) for v in value]
+
+
+def _escape(s: str) -> str:
+    return s.replace("{", "{{").replace("}", "}}")
+
+
+def template_prompt(prompt, subject, where: str) -> str:
+    """The prompt with "{}" where the subject goes: kept if it holds "{}" once, else the subject's last
+    occurrence is replaced (literal braces elsewhere escaped, so .format(subject) gives the text back)."""
+    prompt, subject = _text(prompt, "prompt", where), _text(subject, "subject", where)
+    if prompt.count("{}") == 1:
+        return prompt
+    at = prompt.rfind(subject)
+    if at < 0:
+        raise MemitError(f"{where}: subject {subject!r} does not occur in prompt {prompt!r}; "
+                         "put '{}' where the subject goes or fix the subject")
+    return _escape(prompt[:at]) + "{}" + _escape(prompt[at + len(subject):])
+
+
+def _spaced(target: str) -> str:
+    return target if target.startswith(" ") else " " + target
+
+
+def _case_id(rec: dict) -> str | None:
+    value = rec.get("case_id")
+    return None if value is None else str(value)
+
+
+# -- edit requests -----------------------------------------------------------------------------------
+def parse_record(rec, where: str, zsre_target: str = "answers") -> EditRequest:
+    """One record of any supported layout as an EditRequest; `where` names it in errors."""
+    if not isinstance(rec, dict):
+        raise MemitError(f"{where}: a record must be a JSON object, got {type(rec).__name__}")
+    if "requested_rewrite" in rec:  # CounterFact, full schema
+        rw = rec["requested_rewrite"]
+        if isinstance(rw, list):
+            if not rw:
+                raise MemitError(f"{where}: requested_rewrite is an empty list")
+            rw = rw[0]
+        if not isinstance(rw, dict):
+            raise MemitError(f"{where}: requested_rewrite must be an object")
+        prompt, subject = _field(rw, "prompt", where), _field(rw, "subject", where)
+        new, true = _field(rw, "target_new", where), rw.get("target_true")
+    elif "src" in rec and "answers" in rec:  # zsRE
+        prompt, subject, true = rec["src"], _field(rec, "subject", where), None
+        if zsre_target == "answers":
+            answers = _texts(rec["answers"], "answers", where)
+            if not answers:
+                raise MemitError(f"{where}: answers is an empty list")
+            new = answers[0]
+        else:
+            new = _field(rec, "alt", where)
+    elif "target_new" in rec:  # EasyEdit shortened / ours
+        prompt, subject = _field(rec, "prompt", where), _field(rec, "subject", where)
+        new, true = rec["target_new"], rec.get("target_true", rec.get("ground_truth"))
+    else:
+        raise MemitError(f"{where}: unknown record layout (keys {sorted(rec)}); expected CounterFact, zsRE, or "
+                         "{prompt, subject, target_new[, target_true]}")
+    if isinstance(true, list):  # EasyEdit sometimes lists the true answers
+        true = true[0] if true else None
+    return EditRequest(
+        prompt=template_prompt(prompt, subject, where), subject=subject,
+        target_new=_spaced(target_text(new, "target_new", where)),
+        target_true=None if true in (None, "") else _spaced(target_text(true, "target_true", where)),
+        case_id=_case_id(rec))
+
+
+def read_records(path: str | Path) -> list[tuple[str, object]]:
+    """(where, record) of every record in a JSON (a list or one object), JSONL or CSV file; `where`
+    names the file and the record (its line, for JSONL) for error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise MemitError(f"{path} does not exist (or is not a regular file)")
+    if path.stat().st_size > MAX_RECORDS_FILE_BYTES:
+        raise MemitError(f"{path} is larger than {MAX_RECORDS_FILE_BYTES >> 20} MiB; split it")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MemitError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+    if path.suffix == ".csv":
+        return [(f"{path} row {i + 2}", dict(r)) for i, r in enumerate(csv.DictReader(io.StringIO(text)))]
+    if path.suffix == ".jsonl":
+        out = []
+        for i, line in enumerate(text.splitlines()):
+            if line.strip():
+                try:
+                    out.append((f"{path} record {len(out)} (line {i + 1})", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise MemitError(f"{path} line {i + 1} is not valid JSON ({e.msg})") from e
+        return out
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MemitError(f"{path} is not valid JSON ({e}); use .jsonl for one record per line") from e
+    return [(f"{path} record {i}", r) for i, r in enumerate(data if isinstance(data, list) else [data])]
+
+
+def load_requests(path: str | Path, limit: int | None = None, zsre_target: str = "answers") -> list[EditRequest]:
+    """The edit requests of a file (the first `limit`), validated."""
+    check_zsre_target(zsre_target)
+    if limit is not None and limit < 1:
+        raise MemitError(f"--limit {limit}: expected a positive number of records")
+    records = read_records(path)[:limit]
+    requests = [parse_record(r, where, zsre_target) for where, r in records]
+    return validate_requests(requests, str(path))
+
+
+def check_zsre_target(zsre_target: str) -> None:
+    if zsre_target not in ZSRE_TARGETS:
+        raise MemitError(f"zsRE target must be one of {', '.join(ZSRE_TARGETS)}, not {zsre_target!r}")
+
+
+def validate_requests(requests: list[EditRequest], source: str = "requests") -> list[EditRequest]:
+    """Reject what cannot be edited, before any model is loaded."""
+    if not requests:
+        raise MemitError(f"{source}: no edit requests")
+    seen: dict[tuple[str, str], tuple[int, str]] = {}
+    for i, r in enumerate(requests):
+        where = f"{source} record {i}" + (f" (case {r.case_id})" if r.case_id else "")
+        if r.prompt.count("{}") != 1:
+            raise MemitError(f"{where}: prompt {r.prompt!r} must hold '{{}}' exactly once")
+        if not r.target_new.strip():
+            raise MemitError(f"{where}: empty target_new")
+        key = (r.prompt, r.subject)
+        if key in seen and seen[key][1] != r.target_new:
+            raise MemitError(f"{where}: {r.text()!r} is asked to become {r.target_new!r}, but record "
+                             f"{seen[key][0]} asks for {seen[key][1]!r}; keep one")
+        seen.setdefault(key, (i, r.target_new))
+    return requests
+
+
+# -- facts as people read them (inspect, diff) --------------------------------------------------------
+def fact_key(request: dict) -> str:
+    """What identifies a fact across patches: the prompt with its subject filled in."""
+    try:
+        return parse_record(request, "fact").text()
+    except MemitError:  # a header written by another tool: show it as it is
+        return json.dumps(request, sort_keys=True)
+
+
+def fact_text(request: dict) -> str:
+    """One line: 'prompt -> new (was: old)'."""
+    try:
+        r = parse_record(request, "fact")
+    except MemitError:
+        return json.dumps(request, sort_keys=True)
+    old = f" (was:{r.target_true})" if r.target_true else ""
+    return f"{r.text()} ->{r.target_new}{old}"
+
+
+# -- evaluation records ------------------------------------------------------------------------------
+def detect_format(record) -> str:
+    if isinstance(record, dict):
+        if "requested_rewrite" in record:
+            return "counterfact"
+        if {"prompt", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt"} <= record.keys():
+            return "counterfact-edit"
+        if {"src", "rephrase", "answers", "loc", "loc_ans"} <= record.keys():
+            return "zsre"
+    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+    raise MemitError(f"unknown data format (first record: {keys}); expected one of: {', '.join(FORMATS)}")
+
+
+def _counterfact(r, where: str, i: int) -> CounterFactRecord:
+    req = parse_record(r, where)
+    rw = _field(r, "requested_rewrite", where)
+    rw = rw[0] if isinstance(rw, list) else rw
+    true = target_text(_field(rw, "target_true", where), "target_true", where)
+    return CounterFactRecord(
+        case_id=r.get("case_id", i), subject=req.subject, prompt=req.prompt, target_new=req.target_new.lstrip(" "),
+        target_true=true, paraphrase_prompts=_texts(r.get("paraphrase_prompts", []), "paraphrase_prompts", where),
+        neighborhood_prompts=_texts(r.get("neighborhood_prompts", []), "neighborhood_prompts", where),
+        neighborhood_true=true,
+        generation_prompts=_texts(r.get("generation_prompts", []), "generation_prompts", where))
+
+
+def _counterfact_edit(r, where: str, i: int) -> CounterFactRecord:
+    req = parse_record(r, where)
+    return CounterFactRecord(
+        case_id=r.get("case_id", i), subject=req.subject, prompt=req.prompt, target_new=req.target_new.lstrip(" "),
+        target_true=target_text(_field(r, "ground_truth", where), "ground_truth", where),
+        paraphrase_prompts=_texts(_field(r, "rephrase_prompt", where), "rephrase_prompt", where),
+        neighborhood_prompts=_texts(_field(r, "locality_prompt", where), "locality_prompt", where),
+        neighborhood_true=target_text(_field(r, "locality_ground_truth", where), "locality_ground_truth", where))
+
+
+def _zsre(r, where: str, i: int, target: str) -> ZsreRecord:
+    req = parse_record(r, where, target)
+    return ZsreRecord(case_id=r.get("case_id", i), subject=req.subject, src=r["src"],
+                      rephrase=_text(_field(r, "rephrase", where), "rephrase", where),
+                      target=req.target_new.lstrip(" "), loc=_text(_field(r, "loc", where), "loc", where),
+                      loc_ans=_text(_field(r, "loc_ans", where), "loc_ans", where))
+
+
+def read_dataset(path: str | Path, n: int | None = None, fmt: str = "auto",
+                 zsre_target: str = "answers") -> tuple[str, list[CounterFactRecord] | list[ZsreRecord]]:
+    """The first `n` records of a data file, and its format (detected from the first record if "auto")."""
+    check_zsre_target(zsre_target)
+    if fmt != "auto" and fmt not in FORMATS:
+        raise MemitError(f"unknown data format {fmt!r}; expected one of: auto, {', '.join(FORMATS)}")
+    raw = read_records(path)
+    if not raw:
+        raise MemitError(f"data file {path} holds no records")
+    raw = raw[:n] if n is not None else raw
+    if fmt == "auto":
+        fmt = detect_format(raw[0][1])
+    readers = {"counterfact": _counterfact, "counterfact-edit": _counterfact_edit,
+               "zsre": lambda r, where, i: _zsre(r, where, i, zsre_target)}
+    return fmt, [readers[fmt](r, where, i) for i, (where, r) in enumerate(raw)]
