@@ -15,6 +15,7 @@ from memit_vllm.compat import check_transformers
 from memit_vllm.core.versions import ALLOW_UNTESTED_ENV
 from memit_vllm.core.architectures import ARCHITECTURES
 from memit_vllm.editor import EditableModel, HParams, edit, load_requests, solve_layer_update
+from memit_vllm.editor import memit
 from memit_vllm.editor.memit import KeyReader
 from memit_vllm.editor.prompts import encode
 from memit_vllm.editor.reference import plain_z_delta
@@ -245,3 +246,40 @@ def test_unwritable_out_fails_before_loading_the_model(out, tmp_path, data_dir):
     got = make_patch_cli("--model", str(tmp_path / "no-model"), "--requests",
                          str(data_dir / "counterfact" / "counterfact_500.json"), "--out", str(tmp_path / out))
     assert got.returncode == 2 and f"--out {tmp_path / out}" in got.stderr and "no-model" not in got.stderr, got.stderr
+
+
+@pytest.mark.parametrize("hparams, message", [
+    ({"layers": "4,5"}, "layers must be a non-empty list of layer indices"),
+    ({"mom2_update_weight": -5}, "mom2_update_weight must be a positive number, not -5"),
+    ({"mom2_update_weight": float("nan")}, "mom2_update_weight must be a positive number"),
+    ({"z_batch_edits": 0}, "z_batch_edits must be an integer >= 1"),
+    ({"v_num_grad_steps": 2.5}, "v_num_grad_steps must be an integer >= 1"),
+    ({"preserve_lineage": "yes"}, "preserve_lineage must be true or false"),
+    ({"layers": [1, 9]}, r"layers \[9\] out of range: this model has layers 0..3"),
+])
+def test_bad_hparams_fail_before_loading_the_model(hparams, message, tiny_models, data_dir, monkeypatch):
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the hyperparameters were checked")
+
+    monkeypatch.setattr(memit, "load_editable", loaded)
+    with pytest.raises(MemitError, match=message):
+        edit(tiny_models["llama"], requests_from(data_dir, 1), hparams=hparams, progress=False)
+
+
+def test_damaged_or_foreign_cache_entries_are_recomputed_with_a_warning(tiny_models, data_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    first = tiny_edit(tiny_models["llama"], data_dir, tmp_path).report
+    entries = sorted((tmp_path / "cache" / "stats").rglob("layer*.safetensors"))
+    assert len(entries) == len(first.layers)
+    good = load_file(entries[1])
+    entries[0].write_bytes(b"")  # a crash left an empty file
+    save_file(good, str(entries[1]), metadata={"corpus": "another corpus"})  # another identity under this key
+    with pytest.warns(UserWarning, match="cannot be read") as caught:
+        again = tiny_edit(tiny_models["llama"], data_dir, tmp_path)
+    assert any("its identity differs; recomputing it" in str(w.message) for w in caught)
+    assert [again.report.covariance[l]["cached"] for l in first.layers[:2]] == [False, False]
+    assert all(again.report.covariance[l]["cached"] for l in first.layers[2:])
+    assert any("recomputing" in w for w in again.report.warnings)
+    reference = tiny_edit(tiny_models["llama"], data_dir, tmp_path / "fresh").patch
+    assert again.patch.patch_id == reference.patch_id  # the recomputed statistics are the same

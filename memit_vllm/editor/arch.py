@@ -44,13 +44,6 @@ class EditableModel:
             return self.arch.weight_name(layer)
         return self.arch.checkpoint_name(layer, self._keys)
 
-    def check_layers(self, layers: list[int]) -> None:
-        bad = [l for l in layers if not 0 <= l < self.n_layers]
-        if bad or not layers:
-            raise MemitError(f"layers {bad or layers} out of range: this model has layers 0..{self.n_layers - 1}")
-        if sorted(set(layers)) != list(layers):
-            raise MemitError(f"layers {layers} must be distinct and increasing")
-
     def to_checkpoint_layout(self, delta: torch.Tensor) -> torch.Tensor:
         """A (d_model, d_ff) update in the weight's own layout."""
         return delta.T.contiguous() if self.arch.conv1d else delta
@@ -70,3 +63,24 @@ def load_editable(model: str | Path | Checkpoint):
     for p in hf.parameters():
         p.requires_grad_(False)
     return tok, EditableModel(hf, ckpt.keys())
+
+
+def checkpoint_dims(ckpt: Checkpoint) -> tuple[str, int, int]:
+    """(model_type, number of layers, d_ff) read from the checkpoint's config and weight shapes, without
+    loading the model: the hyperparameters are resolved and checked before the heavy work."""
+    model_type = ckpt.config.get("model_type", "?")
+    arch = by_model_type(model_type)
+    keys = ckpt.keys()
+    layers = {arch.layer_of(k) for k in keys} - {None}
+    if not layers:
+        raise MemitError(f"{ckpt.path} holds no {arch.down_proj} weights: not a {model_type} checkpoint")
+    shape = ckpt.shape(arch.checkpoint_name(min(layers), keys))
+    return model_type, max(layers) + 1, shape[0] if arch.conv1d else shape[1]
+
+
+def check_layers(layers: list[int], n_layers: int) -> None:
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad or not layers:
+        raise MemitError(f"layers {bad or layers} out of range: this model has layers 0..{n_layers - 1}")
+    if sorted(set(layers)) != list(layers):
+        raise MemitError(f"layers {layers} must be distinct and increasing")

@@ -12,7 +12,7 @@ import click
 
 from ..core.records import ZSRE_TARGETS
 from ..errors import MemitError
-from .hparams import parse_layers
+from .hparams import METHODS, parse_layers
 
 
 def check_out_file(out: str | os.PathLike) -> None:
@@ -30,7 +30,7 @@ def check_out_file(out: str | os.PathLike) -> None:
 @click.command("make-patch")
 @click.option("--model", required=True,
               help="HF checkpoint dir, HF hub id, or default model name (memit-vllm model list) to edit.")
-@click.option("--requests", "requests_path", required=True, type=click.Path(),
+@click.option("--requests", "requests_path", type=click.Path(),
               help="Edit requests: CounterFact/EasyEdit/zsRE JSON, or our JSON/JSONL/CSV records.")
 @click.option("--out", required=True, type=click.Path(), help="Patch file to write.")
 @click.option("--hparams", type=click.Path(), help="Hyperparameters (JSON/YAML, reference key names).")
@@ -48,19 +48,36 @@ def check_out_file(out: str | os.PathLike) -> None:
               help="zsRE: edit toward answers[0] (as MEMIT's code) or alt (as the toolkits).")
 @click.option("--device", help="torch device, e.g. cuda or cpu (default: cuda when available). Patches made on a GPU "
               "differ from CPU ones by float rounding.")
+@click.option("--on", "on", multiple=True, type=click.Path(dir_okay=False),
+              help="Edit on top of this patch (repeat, in stack order): the new patch is solved on base + these "
+                   "and must be served after exactly them.")
+@click.option("--withdraw", multiple=True, metavar="SUBJECT|CASE_ID",
+              help="Restore the base model's answer for the facts of the --on patches with this subject or case "
+                   "id (repeat for more).")
+@click.option("--method", type=click.Choice(METHODS), help="Update rule (default: the hparams' method, memit).")
+@click.option("--preserve", type=click.Path(dir_okay=False),
+              help="JSON/JSONL prompts (optionally with the answer to keep) the update must leave alone.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
 def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_weight, stats_corpus, stats_tokens,
-                       stats_dtype, cache_dir, seed, name, version_, limit, zsre_target, device, as_json):
+                       stats_dtype, cache_dir, seed, name, version_, limit, zsre_target, device, on, withdraw,
+                       method, preserve, as_json):
     """Compute MEMIT z vectors and layer deltas for the edit requests and write a patch file."""
-    from ..core.records import load_requests
+    from ..checkpoint import Checkpoint
+    from ..core.records import load_requests, validate_requests
+    from .lineage import load_stack, withdrawal_requests
     from .memit import EditConfig, edit
 
     check_out_file(out)
-    requests = load_requests(requests_path, limit=limit, zsre_target=zsre_target)
+    if not requests_path and not withdraw:
+        raise MemitError("give the facts to edit with --requests FILE (or --withdraw with --on)")
+    requests = load_requests(requests_path, limit=limit, zsre_target=zsre_target) if requests_path else []
+    stack = load_stack(list(on), Checkpoint(model)) if on else []
+    if withdraw:
+        requests = validate_requests(requests + withdrawal_requests(stack, list(withdraw)), "--requests/--withdraw")
     config = EditConfig(hparams=hparams, layers=parse_layers(layers), mom2_update_weight=mom2_update_weight,
-                        stats_corpus=stats_corpus, stats_tokens=stats_tokens, stats_dtype=stats_dtype,
+                        method=method, stats_corpus=stats_corpus, stats_tokens=stats_tokens, stats_dtype=stats_dtype,
                         cache_dir=cache_dir, seed=seed, name=name, version=version_, zsre_target=zsre_target,
-                        device=device, progress=not as_json)
+                        device=device, progress=not as_json, on=stack, preserve=preserve)
     with warnings.catch_warnings(record=True):  # they are in the report, printed below
         warnings.simplefilter("always")
         result = edit(model, requests, config)
@@ -72,7 +89,12 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
     r = result.report
     for w in r.warnings:
         click.echo(f"warning: {w}", err=True)
-    click.echo(f"{r.n_edits} edits on {r.device}, layers {r.layers} ({r.hparams_source})")
+    click.echo(f"{r.n_edits} edits on {r.device}, layers {r.layers}, {r.method} ({r.hparams_source})")
+    if r.made_on:
+        click.echo(f"made on {' -> '.join(r.made_on)} ({r.preserved_keys} preserved keys per layer); serve it "
+                   "after exactly those patches")
+    for change in r.changed:
+        click.echo(f"changes {change}")
     click.echo(f"z: mean P(target) {r.z_target_prob:.3f} after {r.z_steps:.1f} steps; residual delivered per "
                f"layer: " + ", ".join(f"{l}: {v:.2f}" for l, v in r.delivered.items()))
     click.echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))

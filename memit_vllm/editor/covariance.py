@@ -8,15 +8,19 @@ budget and dtype, so a second make-patch (or one with other layers) reuses what 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import time
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -161,38 +165,100 @@ def accumulate(em: EditableModel, ids: torch.Tensor, mask: torch.Tensor, sums: d
     return int(real.sum())
 
 
+def _identity(model_sha: str, corpus: Corpus, budget: int | None, dtype: str, layer: int, d_ff: int) -> dict[str, str]:
+    """What a cache entry was computed from: stored in it, checked on every read."""
+    return {"model": model_sha, "corpus": corpus.identity, "budget": str(budget), "dtype": dtype,
+            "layer": str(layer), "d_ff": str(d_ff)}
+
+
+def _read_entry(f: Path, identity: dict[str, str], d_ff: int) -> tuple[torch.Tensor, int] | None:
+    """(C_l, token count) of a cache entry, or None (with a warning) when it is damaged or is not what its
+    key says: such an entry is recomputed, never trusted and never fatal."""
+    try:
+        with safe_open(f, "pt") as st:
+            meta = st.metadata() or {}
+            mom2, count = st.get_tensor("mom2_sum"), st.get_tensor("count")
+        n = int(count.item())
+        problem = ("its identity differs" if any(meta.get(k) != v for k, v in identity.items()) else
+                   "its token count is not positive" if n <= 0 else
+                   f"its shape is {tuple(mom2.shape)}" if tuple(mom2.shape) != (d_ff, d_ff) else
+                   "it holds NaN or Inf" if not torch.isfinite(mom2).all() else None)
+    except Exception as e:  # truncated, empty, not safetensors, missing tensors: all mean "recompute"
+        problem = f"it cannot be read ({type(e).__name__})"
+    if problem is None:
+        return mom2 / n, n
+    warnings.warn(f"covariance cache entry {f}: {problem}; recomputing it", stacklevel=3)
+    return None
+
+
+@contextmanager
+def _locked(directory: Path):
+    """One process computes an entry at a time: others wait here, then find it in the cache."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def layer_covariances(em: EditableModel, tok, layers: list[int], corpus: Corpus, model_sha: str,
                       budget: int | None, dtype: str, cache: Path, progress: bool = True) -> tuple[dict, dict]:
-    """C_l (float64) for each layer, from the cache where present; one corpus pass for the rest."""
+    """C_l (float64) for each layer, from the cache where present and sound; one corpus pass for the rest."""
+    files = {l: _cache_file(cache, model_sha, corpus, budget, dtype, l) for l in layers}
+    ids = {l: _identity(model_sha, corpus, budget, dtype, l, em.d_ff) for l in layers}
     out, info = {}, {}
-    todo = []
-    for layer in layers:
-        f = _cache_file(cache, model_sha, corpus, budget, dtype, layer)
-        if f.is_file():
-            t = load_file(f)
-            out[layer] = t["mom2_sum"] / t["count"].item()
-            info[layer] = {"tokens": int(t["count"].item()), "cached": True}
-        else:
-            todo.append(layer)
+
+    def from_cache(todo):
+        for layer in todo:
+            got = _read_entry(files[layer], ids[layer], em.d_ff) if files[layer].is_file() else None
+            if got is not None:
+                out[layer], info[layer] = got[0], {"tokens": got[1], "cached": True}
+        return [l for l in todo if l not in out]
+
+    todo = from_cache(layers)
     if not todo:
         return out, info
-
-    acc_dtype = torch.float64 if dtype == "float64" else torch.float32
-    sums = {l: torch.zeros(em.d_ff, em.d_ff, dtype=torch.float64) for l in todo}
-    count, start = 0, time.monotonic()
-    bar = tqdm(total=budget, desc="covariance", unit="tok", unit_scale=True, disable=not progress)
-    for batch in token_batches(tok, corpus, budget):
-        n = accumulate(em, *pad_right(batch, pad_id(tok)), sums, acc_dtype)
-        count += n
-        bar.update(n)
-    bar.close()
-    if count == 0:
-        raise MemitError(f"covariance corpus {corpus.description} yielded no tokens")
-    seconds = time.monotonic() - start
-    for l in todo:
-        with atomic_file(_cache_file(cache, model_sha, corpus, budget, dtype, l)) as tmp:
-            save_file({"mom2_sum": sums[l].cpu(), "count": torch.tensor([count], dtype=torch.float64).cpu()}, str(tmp),
-                      metadata={"corpus": corpus.identity, "budget": str(budget), "dtype": dtype})
-        out[l] = sums[l] / count
-        info[l] = {"tokens": count, "cached": False, "seconds": round(seconds, 2)}
+    with _locked(files[todo[0]].parent):
+        todo = from_cache(todo)  # another run may have computed them while this one waited
+        if not todo:
+            return out, info
+        acc_dtype = torch.float64 if dtype == "float64" else torch.float32
+        sums = {l: torch.zeros(em.d_ff, em.d_ff, dtype=torch.float64) for l in todo}
+        count, start = 0, time.monotonic()
+        bar = tqdm(total=budget, desc="covariance", unit="tok", unit_scale=True, disable=not progress)
+        for batch in token_batches(tok, corpus, budget):
+            n = accumulate(em, *pad_right(batch, pad_id(tok)), sums, acc_dtype)
+            count += n
+            bar.update(n)
+        bar.close()
+        if count == 0:
+            raise MemitError(f"covariance corpus {corpus.description} yielded no tokens")
+        seconds = time.monotonic() - start
+        for l in todo:
+            with atomic_file(files[l]) as tmp:
+                save_file({"mom2_sum": sums[l].cpu(), "count": torch.tensor([count], dtype=torch.float64)},
+                          str(tmp), metadata=ids[l])
+            out[l] = sums[l] / count
+            info[l] = {"tokens": count, "cached": False, "seconds": round(seconds, 2)}
     return out, info
+
+
+def layer_projections(covs: dict[int, torch.Tensor], threshold: float, layers: list[int], cache: Path,
+                      model_sha: str, corpus: Corpus, budget: int | None, dtype: str) -> dict[int, torch.Tensor]:
+    """AlphaEdit's null-space projection of each C_l (float64), cached beside the covariance it comes from
+    under the same key plus the threshold (an eigendecomposition of d_ff x d_ff per layer)."""
+    from .solve import nullspace_projection
+
+    out = {}
+    for layer in layers:
+        f = _cache_file(cache, model_sha, corpus, budget, dtype, layer)
+        f = f.with_name(f"layer{layer}.nullspace-{threshold!r}.safetensors")
+        if f.is_file():
+            out[layer] = load_file(f)["projection"]
+            continue
+        out[layer] = nullspace_projection(covs[layer], threshold).cpu()
+        with atomic_file(f) as tmp:
+            save_file({"projection": out[layer]}, str(tmp), metadata={"threshold": repr(threshold)})
+    return out

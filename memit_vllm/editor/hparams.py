@@ -11,6 +11,7 @@ lambda = 15000 on SmolLM2 (d_ff 1536, ratio 9.8) most of each residual is never 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -24,6 +25,9 @@ _REFERENCE_ONLY_KEYS = {
     "mom2_n_samples", "alg_name", "model_name", "device", "stats_dir", "model_parallel", "batch_size",
     "max_length",
 }
+
+
+METHODS = ("memit", "alphaedit")
 
 
 @dataclass
@@ -41,6 +45,12 @@ class HParams:
     mom2_n_tokens: int | None = None  # covariance token budget; None: the whole corpus
     mom2_dtype: str = "float32"  # accumulation of the outer products: float32 or float64
     z_batch_edits: int = 16  # edits optimised together (memory/speed only; results do not depend on it)
+    # The update rule (editor/solve.py): "memit" (eq. 14, preserved keys join the lambda*C memory term) or
+    # "alphaedit" (the update projected onto the near-null space of C, Fang et al. 2025).
+    method: str = "memit"
+    nullspace_threshold: float = 2e-2  # alphaedit: eigenvalues of C below this span the projection
+    L2: float = 10.0  # alphaedit: ridge on the update (the reference's name)
+    preserve_lineage: bool = True  # with --on: the lineage's facts join the preserved keys
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,9 +61,47 @@ class HParams:
             known = sorted(f.name for f in fields(self))
             raise MemitError(f"unknown hyperparameters {sorted(unknown)}; known: {known}")
         merged = {**self.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
-        if merged["mom2_dtype"] not in ("float32", "float64"):
-            raise MemitError(f"mom2_dtype must be float32 or float64, not {merged['mom2_dtype']!r}")
+        for name, value in merged.items():
+            _check(name, value)
         return HParams(**merged)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+# name -> (test, what the value must be); checked on every HParams made by replace(), before any model loads
+_RULES = {
+    "layers": (lambda v: isinstance(v, list) and v and all(_is_int(x) and x >= 0 for x in v),
+               "a non-empty list of layer indices, e.g. [4, 5, 6]"),
+    "mom2_update_weight": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "v_num_grad_steps": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "v_lr": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "v_weight_decay": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "clamp_norm_factor": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "kl_factor": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "v_early_stop_loss": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "context_template_length": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "context_template_seeds": (lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
+                               "a list of non-empty strings"),
+    "mom2_n_tokens": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 (or null: all tokens)"),
+    "mom2_dtype": (lambda v: v in ("float32", "float64"), "float32 or float64"),
+    "z_batch_edits": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
+    "nullspace_threshold": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "L2": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "preserve_lineage": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def _check(name: str, value) -> None:
+    test, what = _RULES[name]
+    if not test(value):
+        raise MemitError(f"hyperparameter {name} must be {what}, not {value!r}")
 
 
 @dataclass(frozen=True)

@@ -21,16 +21,17 @@ from tqdm.auto import tqdm
 
 from ..cache import cache_dir as default_cache_dir
 from ..checkpoint import Checkpoint, weights_sha256
-from ..core.architectures import by_model_type
 from ..core.records import EditRequest, load_requests, parse_record, validate_requests
 from ..core.tokens import pad_id, pad_right, target_ids
 from ..errors import MemitError
 from ..patch import BaseModel, Patch
-from .arch import EditableModel, load_editable
-from .covariance import Corpus, layer_covariances, resolve_corpus
+from .arch import EditableModel, check_layers, checkpoint_dims, load_editable
+from .covariance import Corpus, layer_covariances, layer_projections, resolve_corpus
 from .hparams import HParams, default_hparams, load_hparams_file
+from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
+from .preserve import PreservedKeys, read_preserve_file
 from .prompts import context_templates, encode
-from .solve import solve_layer_update
+from .solve import solve_alphaedit_update, solve_layer_update
 from .targets import BUCKET_OVERHEAD_TOKENS, TargetResult, compute_targets
 from .trace import capture
 
@@ -45,6 +46,7 @@ class EditConfig:
     # Single hyperparameters over `hparams` (None: keep its value): layers, lambda, mom2_n_tokens, mom2_dtype.
     layers: list[int] | None = None
     mom2_update_weight: float | None = None
+    method: str | None = None  # "memit" or "alphaedit" (hparams.METHODS)
     stats_corpus: str | None = None  # a .txt/.jsonl file, self:N or an HF dataset name
     stats_tokens: int | None = None
     stats_dtype: str | None = None
@@ -55,6 +57,8 @@ class EditConfig:
     zsre_target: str = "answers"
     device: str | None = None  # default: cuda when available
     progress: bool = True
+    on: list = field(default_factory=list)  # patches (files or Patch) to edit on, in stack order (lineage.py)
+    preserve: str | Path | None = None  # JSON/JSONL prompts whose outputs the update must leave alone
     # Speed only: results do not depend on these.
     key_batch_prompts: int = KEY_BATCH_PROMPTS
     bucket_overhead_tokens: float = BUCKET_OVERHEAD_TOKENS  # see targets.length_buckets
@@ -85,6 +89,10 @@ class EditReport:
     covariance: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     device: str = "cpu"
+    method: str = "memit"
+    made_on: list[str] = field(default_factory=list)  # ids of the stack the patch was made on
+    changed: list[str] = field(default_factory=list)  # facts of the lineage this patch changes
+    preserved_keys: int = 0  # key vectors per layer the update was solved to leave alone
 
 
 @dataclass
@@ -98,6 +106,7 @@ class Statistics:
     corpus: Corpus
     covs: dict[int, torch.Tensor]  # layer -> C_l (float64)
     info: dict[int, dict]  # layer -> tokens, cached (and seconds, when computed)
+    projections: dict[int, torch.Tensor] = field(default_factory=dict)  # alphaedit: layer -> P (float64)
 
 
 @dataclass
@@ -114,11 +123,11 @@ def _as_requests(requests, zsre_target: str) -> list[EditRequest]:
     return validate_requests(out)
 
 
-def _hparams(em: EditableModel, config: EditConfig) -> tuple[HParams, str]:
-    overrides = {"layers": config.layers, "mom2_update_weight": config.mom2_update_weight,
+def _hparams(dims: tuple[str, int, int], config: EditConfig) -> tuple[HParams, str]:
+    overrides = {"layers": config.layers, "mom2_update_weight": config.mom2_update_weight, "method": config.method,
                  "mom2_n_tokens": config.stats_tokens, "mom2_dtype": config.stats_dtype}
     hparams = config.hparams
-    hp, source = default_hparams(em.model.config.model_type, em.n_layers, em.d_ff)
+    hp, source = default_hparams(*dims)
     if isinstance(hparams, HParams):
         hp, source = hparams, "given"
     elif hparams is not None:
@@ -170,46 +179,56 @@ class KeyReader:
         self.saved: tuple[int, list[torch.Tensor], int] | None = None  # (layer, inputs per batch, tuple_len)
 
     @torch.no_grad()
-    def read(self, layer: int, out_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(self, layer: int, out_layer: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Keys at `layer` (averaged within, then across template groups) and layer `out_layer`'s output
-        at the subject's last token of the bare prompt, for every request: [n, d_ff], [n, d_model].
-        Only weights at or above the previously read layer may have changed since that read."""
+        at the subject's last token of the bare prompt (None: not read), for every request: [n, d_ff],
+        [n, d_model]. Only weights at or above the previously read layer may have changed since that read."""
         saved = self.saved if self.saved and self.saved[0] <= layer else None
         keys, outs, inputs = [], [], []
         for b, (ids, mask, lookup, bare) in enumerate(self.batches):
-            got = capture(self.em, ids, mask, outputs=[out_layer] if bare else [], keys=[layer], inputs=[layer],
+            read_out = bare and out_layer is not None
+            got = capture(self.em, ids, mask, outputs=[out_layer] if read_out else [], keys=[layer], inputs=[layer],
                           resume=(saved[0], saved[1][b], saved[2]) if saved else None)
             at = torch.arange(len(lookup)), lookup
             keys.append(got.keys[layer][at])
-            if bare:
+            if read_out:
                 outs.append(got.outputs[out_layer][at])
             inputs.append(got.inputs[layer])
         self.saved = (layer, inputs, got.tuple_len.get(layer - 1, 0))  # how layer-1 returns: resume_after mimics it
         k = torch.cat(keys).view(-1, self.n, keys[0].shape[-1])  # [templates, n, d_ff]
         bounds = torch.tensor([len(g) for g in self.groups]).cumsum(0).tolist()
         k_avg = torch.stack([k[a:b].mean(0) for a, b in zip([0, *bounds], bounds)]).mean(0)
-        return k_avg, torch.cat(outs)
+        return k_avg, torch.cat(outs) if outs else None
 
 
 def statistics(em: EditableModel, tok, ckpt: Checkpoint, hp: HParams, config: EditConfig,
                cache: Path) -> Statistics:
-    """C_l for every edited layer (cached)."""
+    """C_l for every edited layer, and AlphaEdit's projections when that is the method (cached). The
+    statistics are of the base checkpoint's weights, also when editing on a stack."""
     corpus = resolve_corpus(config.stats_corpus, em, tok, config.seed)
-    covs, info = layer_covariances(em, tok, hp.layers, corpus, weights_sha256(ckpt, cache), hp.mom2_n_tokens,
-                                   hp.mom2_dtype, cache, config.progress)
-    return Statistics(corpus, covs, info)
+    model_sha = weights_sha256(ckpt, cache)
+    covs, info = layer_covariances(em, tok, hp.layers, corpus, model_sha, hp.mom2_n_tokens, hp.mom2_dtype, cache,
+                                   config.progress)
+    projections = (layer_projections(covs, hp.nullspace_threshold, hp.layers, cache, model_sha, corpus,
+                                     hp.mom2_n_tokens, hp.mom2_dtype) if hp.method == "alphaedit" else {})
+    return Statistics(corpus, covs, info, projections)
 
 
-def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: TargetResult, covs: dict,
-                  progress: bool = True) -> LayerUpdates:
-    """One update per layer, applied to the model in turn; residuals re-measured on the model as updated so far."""
+def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: TargetResult, stats: Statistics,
+                  preserved: PreservedKeys | None = None, progress: bool = True) -> LayerUpdates:
+    """One update per layer, applied to the model in turn; residuals (and preserved keys) re-measured on
+    the model as updated so far."""
     deltas, delivered = {}, {}
     z_layer = hp.layers[-1]
     for i, layer in enumerate(tqdm(hp.layers, desc="layer updates", disable=not progress)):
         k, h = reader.read(layer, z_layer)
         K = k.T.double()  # [d_ff, n]
         R = (targets.z - h).T.double() / (len(hp.layers) - i)  # [d_model, n]
-        update = solve_layer_update(K, R, covs[layer], hp.mom2_update_weight)  # [d_model, d_ff]
+        kept = preserved.at(layer) if preserved else None
+        if hp.method == "alphaedit":
+            update = solve_alphaedit_update(K, R, stats.projections[layer], kept, hp.L2)
+        else:
+            update = solve_layer_update(K, R, stats.covs[layer], hp.mom2_update_weight, kept)  # [d_model, d_ff]
         delivered[layer] = float((update @ K).norm() / R.norm().clamp(min=1e-12))
         update = update.float()
         em.add_to_weight(layer, update)
@@ -231,21 +250,30 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     t0 = time.monotonic()
     requests = _as_requests(requests, config.zsre_target)
     ckpt = Checkpoint(model)
-    by_model_type(ckpt.config.get("model_type", "?"))  # unsupported architectures fail before loading
+    dims = checkpoint_dims(ckpt)  # unsupported architectures and bad settings fail before loading
+    hp, hp_source = _hparams(dims, config)
+    check_layers(hp.layers, dims[1])
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    stack = load_stack(config.on, ckpt)
+    lineage = lineage_facts(stack)
+    edited = {(r.prompt, r.subject) for r in requests}
+    kept_facts = [f for f in lineage if (f.prompt, f.subject) not in edited]  # changed facts must move
+    prompts = read_preserve_file(config.preserve) if config.preserve else []
 
     torch.manual_seed(config.seed)
     tok, em = load_editable(ckpt)
-    hp, hp_source = _hparams(em, config)
-    em.check_layers(hp.layers)
+    if not hp.preserve_lineage:
+        kept_facts = []
     # Sampled on the CPU whatever the device, so the same seed gives the same templates everywhere.
     groups = context_templates(em.model, tok, hp.context_template_seeds, hp.context_template_length, config.seed)
+    merge_stack(em, ckpt, stack)
     em.model.to(device)
-    with torch.device(device):  # every tensor the editor creates lives beside the model
-        warned = []
+    # Every warning of the run goes into the report too (the CLI prints the report's).
+    with torch.device(device), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         for i in _already_predicted(em, tok, requests, config.key_batch_prompts):
-            warned.append(f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}")
-            warnings.warn(warned[-1], stacklevel=2)
+            warnings.warn(f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}",
+                          stacklevel=2)
         seconds = {}
         with _timed(seconds, "stats"):
             stats = statistics(em, tok, ckpt, hp, config, cache)
@@ -254,12 +282,18 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
                                       config.progress, config.bucket_overhead_tokens)
         with _timed(seconds, "update"):
             reader = KeyReader(em, tok, requests, groups, config.key_batch_prompts)
-            updates = layer_updates(em, reader, hp, targets, stats.covs, config.progress)
+            preserved = PreservedKeys(em, tok, kept_facts, groups, prompts, config.key_batch_prompts)
+            updates = layer_updates(em, reader, hp, targets, stats, preserved, config.progress)
     seconds["total"] = time.monotonic() - t0
+    warned = [str(w.message) for w in caught]
+    for message in warned:  # again, outside the recording block, for callers that watch warnings
+        warnings.warn(message, stacklevel=2)
     report = EditReport(
         len(requests), hp.layers, hp_source, seconds=seconds,
         z_target_prob=float(targets.target_prob.mean()), z_steps=float(targets.steps.float().mean()),
-        delivered=updates.delivered, covariance=stats.info, warnings=warned, device=str(device))
+        delivered=updates.delivered, covariance=stats.info, warnings=warned, device=str(device), method=hp.method,
+        made_on=[p.patch_id for p in stack], changed=changed_facts(requests, lineage),
+        preserved_keys=preserved.count)
 
     patch = Patch(
         deltas=updates.deltas,
@@ -269,7 +303,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         hparams={**hp.to_dict(), "seed": config.seed, "source": hp_source, "context_templates": groups},
         covariance={"corpus": stats.corpus.identity, "description": stats.corpus.description,
                     "tokens": {str(l): stats.info[l]["tokens"] for l in hp.layers}, "dtype": hp.mom2_dtype},
-        name=config.name, version=config.version,
+        name=config.name, version=config.version, made_on=[p.patch_id for p in stack],
     )
     return EditResult(patch, report)
 

@@ -1,0 +1,70 @@
+"""Keys whose outputs an update must leave alone: the facts of earlier patches in the lineage
+(`make-patch --on`) and the user's `--preserve` prompts.
+
+Their summed outer products K_p K_p^T join the layer solve (solve.py), read at each layer on the model
+as updated so far, like the edit keys: for a lineage fact, the key at its subject's last token averaged
+over the context templates (how it was inserted); for a --preserve prompt, the key at every position of
+the prompt and of its answer but the last (every position whose output the answer depends on).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..core.records import EditRequest, read_records, target_text
+from ..core.tokens import pad_id, pad_right, target_ids
+from ..errors import MemitError
+from .trace import capture
+
+
+@dataclass(frozen=True)
+class PreservePrompt:
+    prompt: str
+    answer: str | None = None  # with its leading space, as it follows the prompt
+
+
+def read_preserve_file(path) -> list[PreservePrompt]:
+    """A JSON/JSONL file of prompt strings or {"prompt": ..., "answer": ...} objects."""
+    out = []
+    for where, rec in read_records(path):
+        if isinstance(rec, str):
+            rec = {"prompt": rec}
+        if not isinstance(rec, dict):
+            raise MemitError(f"{where}: expected a prompt string or {{\"prompt\": ..., \"answer\": ...}}")
+        prompt = target_text(rec.get("prompt"), "prompt", where)
+        answer = rec.get("answer")
+        answer = None if answer in (None, "") else target_text(answer, "answer", where)
+        out.append(PreservePrompt(prompt, answer if answer is None or answer.startswith(" ") else " " + answer))
+    if not out:
+        raise MemitError(f"--preserve {path}: no prompts")
+    return out
+
+
+class PreservedKeys:
+    """K_p K_p^T per layer, read on demand (layers in increasing order, as the update loop goes)."""
+
+    def __init__(self, em, tok, requests: list[EditRequest], groups: list[list[str]],
+                 prompts: list[PreservePrompt], batch_prompts: int):
+        from .memit import KeyReader  # the same reader as the edit keys
+
+        self.em = em
+        self.facts = KeyReader(em, tok, requests, groups, batch_prompts) if requests else None
+        seqs = [tok(p.prompt)["input_ids"] + (target_ids(tok, p.answer)[:-1] if p.answer else []) for p in prompts]
+        self.prompts = [pad_right(seqs[i:i + batch_prompts], pad_id(tok)) for i in range(0, len(seqs), batch_prompts)]
+        self.count = len(requests) + sum(len(s) for s in seqs)  # key vectors per layer
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    @torch.no_grad()
+    def at(self, layer: int) -> torch.Tensor:
+        total = torch.zeros(self.em.d_ff, self.em.d_ff, dtype=torch.float64)
+        if self.facts is not None:
+            k, _ = self.facts.read(layer, None)
+            total += k.double().T @ k.double()
+        for ids, mask in self.prompts:
+            k = capture(self.em, ids, mask, keys=[layer]).keys[layer][mask.bool()].double()
+            total += k.T @ k
+        return total

@@ -1,0 +1,178 @@
+"""Editing over time (issue 13): patches made on a stack, changed and withdrawn facts, the AlphaEdit
+update and preserved keys. Tiny models here; SmolLM2 served through vLLM in test_lineage_served.py."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from memit_vllm.checkpoint import Checkpoint
+from memit_vllm.core.records import load_requests
+from memit_vllm.editor import edit
+from memit_vllm.editor.solve import nullspace_projection, solve_alphaedit_update, solve_layer_update
+from memit_vllm.errors import MemitError
+from memit_vllm.patch import LineageError, load_patch
+from memit_vllm.patch.merge import PatchSet
+from memit_vllm.patch.tools import stack_patches
+
+CORPUS = "corpus/smollm2_self_2k.jsonl"
+FAST = {"v_num_grad_steps": 4, "context_template_seeds": ["The", "I"], "context_template_length": 5}
+
+
+def reqs(data_dir, start, n):
+    return load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=start + n)[start:]
+
+
+def tiny_edit(model, requests, data_dir, tmp_path, **kw):
+    return edit(model, requests, hparams={**FAST, **kw.pop("hparams", {})}, stats_corpus=str(data_dir / CORPUS),
+                stats_tokens=3000, cache_dir=tmp_path / "cache", progress=False, **kw)
+
+
+# -- the solves -------------------------------------------------------------------------------------------
+def spd_with_null_space(rng, d, small):
+    """A covariance whose eigenvalues are 1 except `small` of them at 1e-4."""
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    values = np.ones(d)
+    values[:small] = 1e-4
+    return (q * values) @ q.T, q[:, :small]
+
+
+def test_alphaedit_solve_equals_the_equation_written_out():
+    """Delta^T = (P (K_p K_p^T + K K^T) + L2 I)^-1 P K R^T, by hand in numpy float64."""
+    rng = np.random.default_rng(0)
+    d_model, d_ff, n, l2 = 5, 12, 3, 0.7
+    C, _ = spd_with_null_space(rng, d_ff, 6)
+    K, R, Kp = rng.standard_normal((d_ff, n)), rng.standard_normal((d_model, n)), rng.standard_normal((d_ff, 4))
+    P = nullspace_projection(torch.tensor(C), 1e-2).numpy()
+    expected = (np.linalg.inv(P @ (Kp @ Kp.T + K @ K.T) + l2 * np.eye(d_ff)) @ P @ K @ R.T).T
+    got = solve_alphaedit_update(torch.tensor(K), torch.tensor(R), torch.tensor(P), torch.tensor(Kp @ Kp.T), l2)
+    assert got.dtype == torch.float64 and got.shape == (d_model, d_ff)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_projection_is_symmetric_idempotent_and_spans_the_small_eigenvalues():
+    rng = np.random.default_rng(1)
+    C, null = spd_with_null_space(rng, 10, 4)
+    P = nullspace_projection(torch.tensor(C), 1e-2).numpy()
+    np.testing.assert_allclose(P, P.T, atol=1e-12)
+    np.testing.assert_allclose(P @ P, P, atol=1e-12)
+    assert round(np.trace(P)) == 4
+    np.testing.assert_allclose(P @ null, null, atol=1e-10)  # the small directions pass, the rest do not
+    assert np.linalg.norm(P @ (C @ rng.standard_normal(10))) < 1e-3
+
+
+def test_preserved_keys_hardly_move_under_either_rule():
+    """An update solved with K_p preserved changes the outputs at K_p far less than at the edited keys,
+    and far less than the same update solved without them."""
+    rng = np.random.default_rng(2)
+    d_model, d_ff = 6, 40
+    C, _ = spd_with_null_space(rng, d_ff, 30)
+    K, R = rng.standard_normal((d_ff, 3)), rng.standard_normal((d_model, 3))
+    Kp = rng.standard_normal((d_ff, 5))
+    t = lambda a: torch.tensor(a)  # noqa: E731
+    P = nullspace_projection(t(C), 1e-2)
+    for solve in (lambda kept: solve_alphaedit_update(t(K), t(R), P, kept, 1e-3),
+                  lambda kept: solve_layer_update(t(K), t(R), t(C), 1e-3, kept)):
+        free, held = solve(None).numpy(), solve(t(1e4 * Kp @ Kp.T)).numpy()
+        moved = np.linalg.norm(held @ Kp) / np.linalg.norm(held @ K)
+        assert moved < 1e-2, moved
+        assert np.linalg.norm(held @ Kp) < 0.05 * np.linalg.norm(free @ Kp)
+        np.testing.assert_allclose(held @ K, R, rtol=0.05, atol=0.05)  # the edits still land
+
+
+# -- lineage in the editor ----------------------------------------------------------------------------------
+@pytest.fixture
+def lineage(tiny_models, data_dir, tmp_path):
+    model = tiny_models["llama"]
+    a = tiny_edit(model, reqs(data_dir, 0, 2), data_dir, tmp_path, name="a").patch
+    b = tiny_edit(model, reqs(data_dir, 2, 2), data_dir, tmp_path, name="b", on=[a]).patch
+    return model, a, b
+
+
+def test_a_patch_made_on_a_stack_records_it_and_binds_to_the_base(lineage, tmp_path):
+    model, a, b = lineage
+    assert b.made_on == [a.patch_id] and a.made_on == [] and b.format_version == 2 and a.format_version == 1
+    ckpt = Checkpoint(model)
+    assert b.base_weights == {n: ckpt.fingerprint(n) for n in b.deltas}  # still the base's
+    path = b.save(tmp_path / "b.patch")
+    assert load_patch(path, verify_content=True).made_on == [a.patch_id]
+    PatchSet([a, b]).validate(ckpt)
+    for stack in ([b], [b, a], [a, b, a]):
+        with pytest.raises(LineageError):
+            PatchSet(stack)
+    with pytest.raises(LineageError, match=rf"{a.patch_id} is missing: give exactly, in this order: "
+                                           rf"patch {a.patch_id}, patch b"):
+        PatchSet([b])
+    with pytest.raises(LineageError, match=r"patch b was made on .*, but is given after \['mp1-.*, 'mp1-.*'\]: "
+                                           r"give exactly, in this order: patch a, patch b"):
+        PatchSet([a, stack_patches([a]), b])
+    one = stack_patches([a, b])  # a lineage stacks into one patch made on the bare base
+    assert one.made_on == [] and one.parents == [a.patch_id, b.patch_id]
+
+
+def test_the_child_is_solved_on_the_stack(lineage, data_dir, tmp_path):
+    """Made on the stack, the child differs from the same edits made on the base."""
+    model, a, b = lineage
+    blind = tiny_edit(model, reqs(data_dir, 2, 2), data_dir, tmp_path, name="b").patch
+    assert blind.made_on == []
+    diff = max((blind.deltas[n] - b.deltas[n]).abs().max().item() for n in b.deltas)
+    assert diff > 1e-4
+
+
+def test_on_nothing_is_plain_make_patch_byte_for_byte(tiny_models, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    model = tiny_models["llama"]
+    plain = tiny_edit(model, reqs(data_dir, 0, 2), data_dir, tmp_path).patch.save(tmp_path / "plain.patch")
+    on = tiny_edit(model, reqs(data_dir, 0, 2), data_dir, tmp_path, on=[]).patch.save(tmp_path / "on.patch")
+    assert plain.read_bytes() == on.read_bytes()
+
+
+def make_patch_cli(*args):
+    return subprocess.run([sys.executable, "-m", "memit_vllm", "make-patch", *map(str, args)], capture_output=True,
+                          text=True)
+
+
+def test_change_and_withdraw_facts_from_the_command_line(lineage, data_dir, tmp_path):
+    model, a, b = lineage
+    pa, pb = a.save(tmp_path / "a.patch"), b.save(tmp_path / "b.patch")
+    fact = load_patch(pa).requests[0]
+    hp = tmp_path / "hp.json"
+    hp.write_text(json.dumps(FAST))
+    common = ["--model", model, "--hparams", hp, "--stats-corpus", data_dir / CORPUS, "--stats-tokens", 3000,
+              "--cache-dir", tmp_path / "cache", "--json"]
+    change = tmp_path / "change.json"
+    change.write_text(json.dumps([{**fact, "target_new": " Mars"}]))
+    out = make_patch_cli("--requests", change, "--on", pa, "--on", pb, "--out", tmp_path / "c.patch", *common)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["changed"] == [f"{fact['prompt'].format(fact['subject'])}:{fact['target_new']} -> Mars"]
+    assert report["made_on"] == [a.patch_id, b.patch_id] and report["preserved_keys"] == 3  # 4 facts, 1 changed
+
+    out = make_patch_cli("--withdraw", fact["subject"], "--on", pa, "--on", pb, "--out", tmp_path / "w.patch",
+                         *common)
+    assert out.returncode == 0, out.stderr
+    withdrawn = load_patch(tmp_path / "w.patch").requests
+    assert withdrawn == [{**fact, "target_new": fact["target_true"], "target_true": fact["target_new"]}]
+
+    for args, message in ((["--withdraw", "Nobody"], "no fact of the --on patches"),
+                          (["--withdraw", fact["subject"]], "needs the patches that made the facts"),
+                          (["--requests", change, "--on", pb], "was made on the stack")):
+        on = ["--on", pa, "--on", pb] if "Nobody" in args else []
+        out = make_patch_cli(*args, *on, "--out", tmp_path / "x.patch", *common)
+        assert out.returncode == 2 and message in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert not (tmp_path / "x.patch").exists()
+
+
+def test_alphaedit_and_preserve_are_recorded_and_preserve_holds_the_prompts(tiny_models, data_dir, tmp_path):
+    model = tiny_models["qwen2"]
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text('{"prompt": "The capital of France is", "answer": "Paris"}\n"Water boils at"\n')
+    result = tiny_edit(model, reqs(data_dir, 0, 2), data_dir, tmp_path, method="alphaedit", preserve=keep,
+                       hparams={"nullspace_threshold": 1.0, "L2": 1.0})
+    assert result.patch.hparams["method"] == "alphaedit" and result.report.method == "alphaedit"
+    assert result.report.preserved_keys > 0
+    with pytest.raises(MemitError, match="method must be one of memit, alphaedit"):
+        tiny_edit(model, reqs(data_dir, 0, 2), data_dir, tmp_path, method="rome")
