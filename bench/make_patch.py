@@ -111,21 +111,12 @@ def covariance(args, model_dir):
 
 
 def without_conflicts(path: str, n: int) -> Path:
-    """The first n records of `path` after dropping each record whose (prompt, subject) an earlier one
-    asks to become something else (counterfact_edit_10k has such pairs; make-patch refuses them)."""
+    """The first n records of `path` that make-patch accepts together, as a temp file."""
     import json
 
-    from memit_vllm.core.records import parse_record, read_records
+    from memit_vllm.core.records import without_conflicts as keep
 
-    kept, seen, dropped = [], {}, 0
-    for where, rec in read_records(path):
-        r = parse_record(rec, where, "answers")
-        if seen.setdefault((r.prompt, r.subject), r.target_new) != r.target_new:
-            dropped += 1
-            continue
-        kept.append(rec)
-        if len(kept) == n:
-            break
+    kept, dropped = keep(path, n)
     out = Path(tempfile.mkdtemp()) / Path(path).name
     out.write_text(json.dumps(kept))
     print(f"{Path(path).name}: first {len(kept)} records without the {dropped} that conflict with an earlier one")

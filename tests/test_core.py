@@ -11,7 +11,7 @@ from safetensors import safe_open
 from memit_vllm.core.architectures import ARCHITECTURES, by_class, by_model_type, lora_classes
 from memit_vllm.core.files import atomic_dir, atomic_file
 from memit_vllm.core.records import (EditRequest, fact_text, load_requests, parse_record, read_dataset,
-                                     read_records)
+                                     read_records, without_conflicts)
 from memit_vllm.core.tokens import pad_id, target_ids
 from memit_vllm.errors import MemitError
 from memit_vllm.testing.tiny_models import CONFIGS
@@ -181,3 +181,15 @@ def test_token_conventions(smollm2):
     assert pad_id(tok) == (tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     ids = target_ids(tok, " Paris")
     assert ids and tok.bos_token_id not in ids[:1] and tok.decode(ids) == " Paris"
+
+
+def test_without_conflicts_keeps_the_first_request_of_a_fact(tmp_path):
+    rows = [{"prompt": "{} is in", "subject": "A", "target_new": "x"},
+            {"prompt": "{} is in", "subject": "A", "target_new": "y"},  # asks the same fact for another target
+            {"prompt": "{} is in", "subject": "A", "target_new": "x"},  # the same edit again: kept
+            {"prompt": "{} is in", "subject": "B", "target_new": "z"}]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(rows))
+    kept, dropped = without_conflicts(path, 2)
+    assert kept == [rows[0], rows[2]] and dropped == 1
+    assert without_conflicts(path)[0] == [rows[0], rows[2], rows[3]]

@@ -211,6 +211,22 @@ def load_requests(path: str | Path, limit: int | None = None, zsre_target: str =
     return validate_requests(requests, str(path))
 
 
+def without_conflicts(path: str | Path, n: int | None = None) -> tuple[list, int]:
+    """The first `n` raw records of `path` that make-patch accepts together: a record asking a fact that
+    an earlier record asks to become something else is dropped (counterfact_edit_10k has such pairs).
+    Returns (records, how many were dropped)."""
+    kept, seen, dropped = [], {}, 0
+    for where, rec in read_records(path):
+        r = parse_record(rec, where)
+        if seen.setdefault((r.prompt, r.subject), r.target_new) != r.target_new:
+            dropped += 1
+            continue
+        kept.append(rec)
+        if len(kept) == n:
+            break
+    return kept, dropped
+
+
 def check_zsre_target(zsre_target: str) -> None:
     if zsre_target not in ZSRE_TARGETS:
         raise MemitError(f"zsRE target must be one of {', '.join(ZSRE_TARGETS)}, not {zsre_target!r}")

@@ -1,0 +1,158 @@
+"""Choose the update rule and its settings by both views of quality (teacher-forced and generated),
+without recomputing what cannot change.
+
+The z vectors depend on the requests, the z settings and the LAST edited layer only: not on lambda, the
+method, its settings, the preserved keys or the lower layers. So they are computed once per run (and
+kept in --out: a rerun resumes), and each configuration re-runs only the layer updates (seconds) and
+the evaluation (`memit-vllm eval --generate`'s definitions: ES/PS/NS teacher forced; rewrite and
+paraphrase completions that start with the new target; neighbour and unrelated completions kept from
+the unedited model, first word and all tokens; KL on the held-out slice, which the statistics here
+exclude). One JSON per configuration in --out (a rerun skips those it finds) and a Markdown table.
+
+    .venv/bin/python bench/update_sweep.py --edits 100 --out /work/benchout/sweep \\
+        --configs '[{"name": "preset"}, {"name": "lambda x4", "mom2_update_weight": 3072},
+                    {"name": "alphaedit", "method": "alphaedit", "L2": 10}]'
+
+A configuration is a name plus hyperparameter overrides (docs/hyperparameters.md), and optionally
+"preserve_records": [start, stop]: the rewrite prompts (with their true answers) of those records of the
+data file become --preserve prompts: other subjects asked with the same relation templates as the edits,
+kept disjoint from the evaluated and the unrelated records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from memit_vllm.cache import cache_dir
+from memit_vllm.checkpoint import Checkpoint
+from memit_vllm.core.records import load_requests, read_dataset
+from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editable
+from memit_vllm.editor.arch import checkpoint_dims
+from memit_vllm.editor.memit import KeyReader, layer_updates, statistics
+from memit_vllm.editor.preserve import PreservedKeys, read_preserve_file
+from memit_vllm.editor.prompts import context_templates
+from memit_vllm.editor.targets import TargetResult, compute_targets
+from memit_vllm.evaluate.generation import covariance_budget, generation_task, unrelated_prompts
+from memit_vllm.evaluate.patching import swapped
+from memit_vllm.evaluate.run import measure_counterfact
+from memit_vllm.evaluate.scoring import TransformersScorer
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+CORPUS = DATA / "corpus" / "smollm2_self_2k.jsonl"
+SHOWN = ["ES", "PS", "NS", "rewrite_hit", "paraphrase_hit", "neighbour_word_kept", "unrelated_word_kept",
+         "unrelated_word_kept_confident", "unrelated_kept", "heldout_kl"]
+
+
+def targets_for(out: Path, em, tok, requests, templates, hp: HParams, seed: int):
+    """z for the requests (cached in `out`, keyed by what z depends on)."""
+    key = json.dumps([r.to_dict() for r in requests] + [hp.layers[-1], seed, {
+        k: v for k, v in hp.to_dict().items() if k.startswith(("v_", "clamp", "kl_", "context_"))}], sort_keys=True)
+    path = out / f"z-{len(requests)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
+    if path.is_file():
+        return TargetResult(**torch.load(path)), True
+    result = compute_targets(em, tok, requests, templates, hp.layers[-1], hp, progress=True)
+    torch.save(asdict(result), path)
+    return result, False
+
+
+def preserve_file(data: Path, span: list[int], tmp: Path) -> Path:
+    _, records = read_dataset(data, span[1])
+    path = tmp / f"preserve-{span[0]}-{span[1]}.jsonl"
+    path.write_text("".join(json.dumps({"prompt": r.rewrite_prompt, "answer": r.target_true}) + "\n"
+                            for r in records[span[0]:]))
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact_500.json"))
+    ap.add_argument("--edits", type=int, default=100)
+    ap.add_argument("--configs", required=True, help="JSON list of configurations (see the module docstring)")
+    ap.add_argument("--out", required=True, help="directory for the cached z and one JSON per configuration")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    configs = json.loads(args.configs)
+
+    ckpt = Checkpoint(args.model)
+    tok, em = load_editable(ckpt)
+    base_hp, source = default_hparams(*checkpoint_dims(ckpt))
+    requests = load_requests(args.data, limit=args.edits)
+    _, records = read_dataset(args.data, args.edits)
+    torch.manual_seed(args.seed)
+    groups = context_templates(em.model, tok, base_hp.context_template_seeds, base_hp.context_template_length,
+                               args.seed)
+    config = EditConfig(stats_corpus=str(CORPUS), stats_tokens=covariance_budget(tok, CORPUS), seed=args.seed)
+    stats = statistics(em, tok, ckpt, base_hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
+    t = time.monotonic()
+    targets, cached = targets_for(out, em, tok, requests, [t for g in groups for t in g], base_hp, args.seed)
+    print(f"z for {len(requests)} edits: {'cached' if cached else f'{time.monotonic() - t:.0f} s'}")
+
+    unrelated, unrelated_source = unrelated_prompts(args.data, "counterfact", records)
+    task = generation_task(tok, "counterfact", records, unrelated, unrelated_source, CORPUS)
+    scorer = TransformersScorer(em.model, tok, progress=False)
+    before_file = out / f"before-{args.edits}.json"
+    original = {em.arch.weight_name(l): em.down_proj(l).weight.detach().clone() for l in range(em.n_layers)}
+    if before_file.is_file():
+        before = json.loads(before_file.read_text())
+    else:
+        before = {"tf": measure_counterfact(scorer, records)}
+        before_file.write_text(json.dumps(before))
+    generated_before = task.complete(scorer)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for cfg in configs:
+            name = cfg["name"]
+            result_file = out / f"{name.replace(' ', '_').replace('/', '-')}-{args.edits}.json"
+            if result_file.is_file():
+                rows.append(json.loads(result_file.read_text()))
+                continue
+            overrides = {k: v for k, v in cfg.items() if k not in ("name", "preserve_records")}
+            hp = base_hp.replace(**overrides)
+            if hp.layers[-1] != base_hp.layers[-1]:
+                raise SystemExit(f"{name}: the last layer must stay {base_hp.layers[-1]} (z is computed there)")
+            if hp.method == "alphaedit":
+                stats = statistics(em, tok, ckpt, hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
+            prompts = (read_preserve_file(preserve_file(Path(args.data), cfg["preserve_records"], Path(tmp)))
+                       if "preserve_records" in cfg else [])
+            start = time.monotonic()
+            preserved = PreservedKeys(em, tok, [], groups, prompts, 256)
+            updates = layer_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, preserved,
+                                    progress=False)
+            seconds = time.monotonic() - start
+            after = measure_counterfact(scorer, records)
+            generated = task.metrics(task.complete(scorer), generated_before)
+            kl, _ = scorer.heldout_kl(task.heldout, lambda: swapped(em.model, original))
+            generated |= {"heldout_kl": kl}
+            row = {"name": name, "overrides": overrides, "preserve_records": cfg.get("preserve_records"),
+                   "update_seconds": round(seconds, 1), "delivered": updates.delivered,
+                   **after, **generated, "before": before["tf"]}
+            result_file.write_text(json.dumps(row, indent=1))
+            rows.append(row)
+            with torch.no_grad():  # back to the unedited weights for the next configuration
+                for n, w in original.items():
+                    em.model.get_parameter(n).copy_(w)
+            print(f"{name}: " + ", ".join(f"{k} {row[k]:.3f}" for k in SHOWN if k in row), flush=True)
+
+    print(f"\n{len(requests)} CounterFact edits ({args.data}), {source}; unedited ES {before['tf']['ES']:.3f} "
+          f"PS {before['tf']['PS']:.3f} NS {before['tf']['NS']:.3f}\n")
+    print("| configuration | " + " | ".join(SHOWN) + " |")
+    print("|---|" + "---|" * len(SHOWN))
+    for row in rows:
+        print(f"| {row['name']} | " + " | ".join(f"{row[k]:.3f}" if k in row else "-" for k in SHOWN) + " |")
+
+
+if __name__ == "__main__":
+    main()
