@@ -23,13 +23,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-from memit_vllm.core.contract import ADMIN_TOKEN_ENV, PATCHES_ROUTE
+from memit_vllm.core.contract import ADMIN_TOKEN_ENV, PATCH_DIR_ENV, PATCHES_ROUTE
 from memit_vllm.default_models import prepare
 from memit_vllm.testing.server import memit_serve_cmd, vllm_server
 from memit_vllm.testing.synthetic import synthetic_patch
 
 PROMPTS = [f"Fact number {i}: the capital of" for i in range(16)]
-TOKEN = "bench"
+TOKEN = "memit-vllm-bench-admin-token"  # at least MIN_ADMIN_TOKEN_LENGTH characters
 
 
 def tokens_per_s(server, model: str) -> float:
@@ -73,11 +73,12 @@ def main() -> None:
     print(f"\nLoRA overhead: {100 * (best['edited'] - best['base']) / best['base']:+.1f}% throughput; "
           f"server startup (with the adapter export) {startup:.1f} s\n")
 
-    with vllm_server(memit_serve_cmd(model), str(model), work / "swap.log", env={ADMIN_TOKEN_ENV: TOKEN}) as server:
+    admin_env = {ADMIN_TOKEN_ENV: TOKEN, PATCH_DIR_ENV: str(work)}  # hot apply takes files from there only
+    with vllm_server(memit_serve_cmd(model), str(model), work / "swap.log", env=admin_env) as server:
         before = max(tokens_per_s(server, str(model)) for _ in range(3))
         apply_s, revert_s, during = [], [], []
         for _ in range(3):
-            out, s = admin(server, "POST", PATCHES_ROUTE, {"path": str(patch)})
+            out, s = admin(server, "POST", PATCHES_ROUTE, {"path": patch.name})
             apply_s.append(s)
             during.append(tokens_per_s(server, str(model)))
             _, s = admin(server, "DELETE", f"{PATCHES_ROUTE}/{out['applied']['id']}")

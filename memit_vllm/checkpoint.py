@@ -66,16 +66,33 @@ class Checkpoint:
     def _weight_files(self) -> dict[str, Path]:
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return {k: self.path / f for k, f in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                files = {k: self.path / f for k, f in weight_map.items()}
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise MemitError(f"{index} is not a safetensors index (a JSON object with a 'weight_map' of "
+                                 "weight name -> shard file); re-save the checkpoint") from e
+            for f in sorted(set(files.values())):
+                with self._open(f):
+                    pass
+            return files
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise MemitError(f"{self.path} has no *.safetensors weights (only safetensors checkpoints are read)")
         out = {}
         for f in files:
-            with safe_open(f, "pt") as st:
+            with self._open(f) as st:
                 out.update({k: f for k in st.keys()})
         return out
+
+    def _open(self, f: Path):
+        """safe_open, with a damaged or missing shard as one clear error (safetensors checks the header
+        and that the file holds every byte it describes)."""
+        try:
+            return safe_open(f, "pt")
+        except Exception as e:  # SafetensorError, OSError: the message names the shard either way
+            raise MemitError(f"weight file {f} cannot be read as safetensors ({type(e).__name__}); is it "
+                             "truncated or missing? re-download or re-save the checkpoint") from e
 
     @cached_property
     def config(self) -> dict:
@@ -108,13 +125,13 @@ class Checkpoint:
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self._files:
             raise MemitError(f"{self.path} has no weight named {name!r}")
-        with safe_open(self._files[name], "pt") as st:
+        with self._open(self._files[name]) as st:
             return st.get_tensor(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
         if name not in self._files:
             raise MemitError(f"{self.path} has no weight named {name!r}")
-        with safe_open(self._files[name], "pt") as st:
+        with self._open(self._files[name]) as st:
             return tuple(st.get_slice(name).get_shape())
 
     def fingerprint(self, name: str) -> str:

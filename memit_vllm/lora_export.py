@@ -107,11 +107,12 @@ def export_lora(patch_path: str | os.PathLike, out: str | os.PathLike, max_rank:
     if max_rank is not None and not 1 <= max_rank <= VLLM_MAX_LORA_RANK:
         raise LoraExportError(f"--max-rank {max_rank}: vLLM serves LoRA ranks 1..{VLLM_MAX_LORA_RANK}")
     import torch
-    from safetensors.torch import save_file
 
     from .patch import load_patch
+    from .patch.merge import PatchSet
 
-    patch = load_patch(patch_path, verify_content=True)
+    patch = load_patch(patch_path)
+    PatchSet([patch]).check_model(patch.base.architecture)  # the checks every entry point runs
     arch, layers = _check_patch(patch)
     out = check_new_dir(out, "export-lora")
 
@@ -147,13 +148,22 @@ def export_lora(patch_path: str | os.PathLike, out: str | os.PathLike, max_rank:
         "truncated": any(x["truncated"] for x in report_layers), "layers": report_layers,
     }
 
+    try:
+        _write_adapter(out, tensors, config, report)
+    except OSError as e:  # unwritable place, full disk: atomic_dir leaves nothing behind
+        raise LoraExportError(f"cannot write the adapter to {out}: {e.strerror or e}") from e
+    return report
+
+
+def _write_adapter(out, tensors: dict, config: dict, report: dict) -> None:
+    from safetensors.torch import save_file
+
     with atomic_dir(out) as tmp:
         save_file({k: v.contiguous() for k, v in sorted(tensors.items())}, tmp / WEIGHTS_FILE,
-                  metadata={"format": "pt", "memit_patch_id": patch.patch_id})
+                  metadata={"format": "pt", "memit_patch_id": report["patch_id"]})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         meta = {k: v for k, v in report.items() if k != "out"}
         (tmp / LORA_METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return report
 
 
 @click.command("export-lora")

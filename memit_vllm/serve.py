@@ -20,8 +20,8 @@ from pathlib import Path
 import click
 
 from .core.architectures import by_class, lora_classes
-from .core.contract import (LOAD_FORMAT, LORA_METADATA_FILE, PATCHES_KEY, PLUGIN, SERVER_MODULE, WORKER_EXTENSION,
-                            refuse_quantized)
+from .core.contract import (LOAD_FORMAT, LORA_METADATA_FILE, PATCHES_KEY, PLUGIN, SERVER_MODULE, STATE_DIR_ENV,
+                            WORKER_EXTENSION, refuse_quantized)
 from .errors import MemitError
 
 OWN_FLAGS = ("--load-format", "--worker-extension-cls")
@@ -70,8 +70,8 @@ def variant_args(model: str, variants: list[tuple[str, str]], cache: Path) -> li
     checkpoint = Checkpoint(model)
     adapters, ranks = {}, []
     for name, path in variants:
-        patch = load_patch(path, verify_content=True)
-        PatchSet([patch]).validate(checkpoint)
+        patch = load_patch(path)
+        PatchSet([patch]).validate(checkpoint)  # the one validation every entry point runs
         out = cache / "lora" / patch.patch_id
         meta = out / LORA_METADATA_FILE
         report = json.loads(meta.read_text()) if meta.is_file() else export_lora(path, out)
@@ -108,6 +108,49 @@ def server_env(env: dict[str, str]) -> dict[str, str]:
     return {**env, "VLLM_PLUGINS": ",".join(names)}
 
 
+_DTYPES = {"float32": "float32", "float": "float32", "float16": "float16", "half": "float16", "bfloat16": "bfloat16"}
+
+
+def served_dtype(vllm_args) -> str | None:
+    """The dtype `--dtype` asks vLLM to serve in, when it names one (else the loader checks vLLM's choice)."""
+    args = list(vllm_args)
+    for i, arg in enumerate(args):
+        flag, eq, value = arg.partition("=")
+        if flag == "--dtype":
+            return _DTYPES.get(value if eq else (args[i + 1] if i + 1 < len(args) else ""))
+    return None
+
+
+def check_stack(paths: list[str], model: str, dtype: str | None) -> None:
+    """The one validation of a stack (merge.PatchSet), against MODEL's weights when it is a local checkpoint."""
+    import torch
+
+    from .checkpoint import Checkpoint
+    from .patch import load_patch
+    from .patch.merge import PatchSet
+
+    stack = PatchSet([load_patch(p) for p in paths], dtype=getattr(torch, dtype) if dtype else None)
+    if Path(model, "config.json").is_file():
+        stack.validate(Checkpoint(model))
+
+
+def restored_stack(state_dir: Path, paths: list[str]) -> list[str]:
+    """The patches to start with under `--memit-state`: the recorded stack if there is one (then the
+    --memit-patch list, if given, must be that same stack), else the --memit-patch list."""
+    from memit_vllm_plugin.admin import read_state
+
+    from .patch import load_patch
+
+    recorded = [str(p) for p in read_state(state_dir)]
+    if not recorded:
+        return paths
+    ids = [load_patch(p).patch_id for p in recorded]
+    if paths and [load_patch(p).patch_id for p in paths] != ids:
+        raise MemitError(f"{state_dir} records the active stack {ids}, which the --memit-patch list is not; "
+                         "drop --memit-patch to restore the recorded stack, or use another --memit-state dir")
+    return recorded
+
+
 @click.command("serve", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": True})
 @click.argument("model")
 @click.option("--memit-patch", "patches", multiple=True, type=click.Path(dir_okay=False),
@@ -115,8 +158,12 @@ def server_env(env: dict[str, str]) -> dict[str, str]:
 @click.option("--memit-variant", "variants", multiple=True, metavar="NAME=PATCH",
               help="Also serve PATCH as model NAME (a LoRA adapter exported from it) next to the base; repeat "
                    f"for more variants ({', '.join(lora_classes())}).")
+@click.option("--memit-state", "state", type=click.Path(file_okay=False), default=None,
+              help="Keep the active patch stack in this dir (written after every hot apply and revert) and "
+                   "serve the recorded stack at the next start.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
-def serve(model: str, patches: tuple[str, ...], variants: tuple[str, ...], vllm_args: tuple[str, ...]) -> None:
+def serve(model: str, patches: tuple[str, ...], variants: tuple[str, ...], state: str | None,
+          vllm_args: tuple[str, ...]) -> None:
     """Serve MODEL (a checkpoint dir, a default model's name or an HF hub id) with vLLM's OpenAI-compatible
     API, patches merged while it loads.
 
@@ -124,20 +171,28 @@ def serve(model: str, patches: tuple[str, ...], variants: tuple[str, ...], vllm_
     GET /memit/patches lists the patches being served. With MEMIT_VLLM_ADMIN_TOKEN set, patches can
     be applied and reverted while it runs (README "Hot apply and revert").
     """
+    from memit_vllm_plugin.admin import admin_token, max_patch_bytes, patch_dir
     from memit_vllm_plugin.compat import check_vllm
 
     from .cache import cache_dir
-    from .patch import load_patch
 
     # Fail here in a second rather than after vLLM has spent a minute starting its engine.
     check_vllm()
+    for check in (admin_token, patch_dir, max_patch_bytes):  # a weak token, a missing patch dir, ...
+        check(os.environ)
+    env = dict(os.environ)
     paths = [str(Path(p).resolve()) for p in patches]
-    for p in paths:
-        load_patch(p)
+    if state:
+        state_dir = Path(state).resolve()
+        state_dir.mkdir(parents=True, exist_ok=True)
+        paths = restored_stack(state_dir, paths)
+        env[STATE_DIR_ENV] = str(state_dir)
     model, vllm_args = default_model(model, vllm_args)
     config = Path(model, "config.json")
     if config.is_file():
         refuse_quantized(json.loads(config.read_text()))
+    if paths:
+        check_stack(paths, model, served_dtype(vllm_args))
     extra = variant_args(model, [parse_variant(v) for v in variants], cache_dir()) if variants else []
     cmd = server_command(model, paths, [*extra, *vllm_args])
-    os.execve(cmd[0], cmd, server_env(dict(os.environ)))
+    os.execve(cmd[0], cmd, server_env(env))

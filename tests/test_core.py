@@ -193,3 +193,16 @@ def test_without_conflicts_keeps_the_first_request_of_a_fact(tmp_path):
     kept, dropped = without_conflicts(path, 2)
     assert kept == [rows[0], rows[2]] and dropped == 1
     assert without_conflicts(path)[0] == [rows[0], rows[2], rows[3]]
+
+
+def test_a_damaged_checkpoint_is_one_clear_error(smollm2, tmp_path):
+    from memit_vllm.checkpoint import Checkpoint
+
+    data = (smollm2 / "model.safetensors").read_bytes()
+    (tmp_path / "config.json").write_text((smollm2 / "config.json").read_text())
+    (tmp_path / "model.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(MemitError, match="model.safetensors cannot be read as safetensors.*truncated"):
+        Checkpoint(tmp_path)
+    (tmp_path / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(MemitError, match="is not a safetensors index"):
+        Checkpoint(tmp_path)

@@ -176,3 +176,28 @@ def test_alphaedit_and_preserve_are_recorded_and_preserve_holds_the_prompts(tiny
     assert result.report.preserved_keys > 0
     with pytest.raises(MemitError, match="method must be one of memit, alphaedit"):
         tiny_edit(model, reqs(data_dir, 0, 2), data_dir, tmp_path, method="rome")
+
+
+def test_patch_tools_refuse_a_child_without_its_stack_and_change_nothing(lineage, tmp_path, data_dir):
+    from click.testing import CliRunner
+
+    from memit_vllm.cli import main
+
+    model, a, b = lineage
+    pa, pb = a.save(tmp_path / "a.patch"), b.save(tmp_path / "b.patch")
+
+    def cli(*args):
+        return CliRunner().invoke(main, [str(x) for x in args])
+
+    for args in (["verify", pb, "--model", model], ["verify", pb, pa, "--model", model],
+                 ["apply", pb, "--model", model, "--out", tmp_path / "out"],
+                 ["stack", pb, pa, "-o", tmp_path / "s.patch"], ["export-lora", pb, "-o", tmp_path / "lora"],
+                 ["eval", "--model", model, "--patch", pb, "--n", 1,
+                  "--data", data_dir / "counterfact" / "counterfact_500.json"]):
+        out = cli(*args)
+        assert out.exit_code == 2 and "was made on the stack" in out.output, (args, out.output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.patch", "b.patch", "cache"]
+    out = cli("verify", pa, pb, "--model", model, "--json")
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["stack"] == [a.patch_id, b.patch_id]
+    assert "made on" in cli("inspect", pb).output

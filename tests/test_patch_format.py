@@ -18,11 +18,16 @@ from safetensors.torch import save_file
 
 from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.cli import main
-from memit_vllm.patch import (FORMAT_NAME, BaseMismatchError, CorruptPatchError, MissingMetadataError,
+from memit_vllm.patch import (FORMAT_NAME, BaseMismatchError, CorruptPatchError, LineageError, MissingMetadataError,
                               NonFiniteError, NotAPatchError, Patch, PatchError, ShapeMismatchError,
                               UnsupportedVersionError, load_patch)
 from memit_vllm.patch.merge import PatchSet
 from memit_vllm.testing.synthetic import MUTATIONS, edit_header, mutate, synthetic_patch
+
+
+def fields(p: Patch) -> dict:
+    """A patch's constructor arguments, without what it caches (its id, its verification)."""
+    return {k: v for k, v in p.__dict__.items() if not k.startswith("_")}
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +57,11 @@ def test_round_trip_keeps_everything_and_reads_lazily(llama, tmp_path):
 
 def test_patch_id_is_that_of_the_stored_fp32_content(llama, tmp_path):
     p = synthetic_patch(llama)
-    p64 = Patch(**{**p.__dict__, "deltas": {n: d.double() for n, d in p.deltas.items()}})
+    p64 = Patch(**{**fields(p), "deltas": {n: d.double() for n, d in p.deltas.items()}})
     assert p64.patch_id == p.patch_id == load_patch(p64.save(tmp_path / "p.patch")).patch_id
     assert synthetic_patch(llama, seed=1).patch_id != p.patch_id
-    assert Patch(**{**p.__dict__, "name": "other"}).patch_id != p.patch_id
-    assert Patch(**{**p.__dict__, "created": "2001-01-01T00:00:00Z"}).patch_id == p.patch_id
+    assert Patch(**{**fields(p), "name": "other"}).patch_id != p.patch_id
+    assert Patch(**{**fields(p), "created": "2001-01-01T00:00:00Z"}).patch_id == p.patch_id
 
 
 def test_same_inputs_same_bytes(llama, tmp_path, monkeypatch):
@@ -82,7 +87,7 @@ def _error_cases(llama, smollm2, tmp_path):
     save_file({"w": torch.zeros(2)}, tmp_path / "foreign.safetensors")
     cases["foreign"] = (tmp_path / "foreign.safetensors", llama, NotAPatchError, "not a memit-vllm patch")
     for name, fn, err, text in [
-        ("future", lambda h: h["__metadata__"].update(format_version="2"), UnsupportedVersionError, "version 2"),
+        ("future", lambda h: h["__metadata__"].update(format_version="3"), UnsupportedVersionError, "version 3"),
         ("nometa", lambda h: h["__metadata__"].pop("base_weights"), MissingMetadataError, "base_weights"),
     ]:
         path = tmp_path / f"{name}.patch"
@@ -92,8 +97,10 @@ def _error_cases(llama, smollm2, tmp_path):
     tensor = "model.layers.1.mlp.down_proj.weight"
     cases["wrong base"] = (good, smollm2, BaseMismatchError, tensor)
     transposed = {n: d.T.contiguous() if n == tensor else d for n, d in p.deltas.items()}
-    cases["shape"] = (Patch(**{**p.__dict__, "deltas": transposed}).save(tmp_path / "shape.patch"), llama,
+    cases["shape"] = (Patch(**{**fields(p), "deltas": transposed}).save(tmp_path / "shape.patch"), llama,
                       ShapeMismatchError, tensor)
+    cases["lineage"] = (Patch(**{**fields(p), "made_on": ["mp1-" + "0" * 32]}).save(tmp_path / "on.patch"), llama,
+                        LineageError, "was made on the stack")
     nan = tmp_path / "nan.patch"
     nan.write_bytes(data[:-4] + struct.pack("<f", float("nan")))
     cases["nan"] = (nan, llama, NonFiniteError, "NaN")

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.core.architectures import ARCHITECTURES
 from memit_vllm.cli import main
+from memit_vllm.errors import MemitError
 from memit_vllm.patch import BaseMismatchError, load_patch
 from memit_vllm.patch.tools import APPLIED_FILE, apply_patches, diff_patches, numerical_rank, stack_patches
 from memit_vllm.testing.synthetic import facts, synthetic_patch
@@ -114,10 +115,10 @@ def test_apply_failure_midway_leaves_no_output(tiny_models, tmp_path, monkeypatc
     from memit_vllm.patch import tools
 
     def boom(*a):
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tools, "_write_merged_shard", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(MemitError, match="cannot write the merged checkpoint to .*: No space left on device"):
         apply_patches([synthetic_patch(tiny_models["llama"])], tiny_models["llama"], tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "taken").mkdir()
@@ -170,3 +171,20 @@ def test_diff_names_facts_and_tensor_differences(tiny_models, tmp_path):
     assert "~ x place 1 is located in -> City1 (was: Paris)  =>  x place 1 is located in -> Rome" in cli(
         "diff", a, b).output
 
+
+
+def test_outputs_that_cannot_be_written_are_one_line_errors(tiny_models, tmp_path):
+    model = tiny_models["llama"]
+    patch = synthetic_patch(model).save(tmp_path / "p.patch")
+    (tmp_path / "dir").mkdir()
+    blocked = tmp_path / "p.patch" / "below-a-file"  # no directory can be made there (not even by root)
+    for args, message in [
+        (["stack", patch, "-o", tmp_path / "dir"], "is a directory"),
+        (["stack", patch, "-o", blocked], "cannot write the patch to"),
+        (["apply", patch, "--model", model, "--out", blocked], "cannot write the merged checkpoint to"),
+        (["export-lora", patch, "--out", blocked], "cannot write the adapter to"),
+    ]:
+        result = cli(*args)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], (args, result.output)
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["dir", "p.patch"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from types import SimpleNamespace
 
@@ -15,6 +16,7 @@ from memit_vllm.cli import main
 from memit_vllm.core.architectures import ARCHITECTURES
 from memit_vllm.core.contract import LOAD_FORMAT, PATCHES_KEY, PLUGIN, SERVER_MODULE
 from memit_vllm.core.versions import ALLOW_UNTESTED_ENV
+from memit_vllm.patch import load_patch
 from memit_vllm.serve import default_model, server_command, server_env
 from memit_vllm.testing.synthetic import synthetic_patch
 from memit_vllm_plugin import compat
@@ -123,3 +125,31 @@ def test_a_made_up_architecture_in_the_table_is_enough_for_the_loader_and_export
 
     report = export_lora(patch, tmp_path / "adapter")
     assert report["r"] == 2 and report["max_rel_error"] < 1e-6
+
+
+def test_serve_refuses_a_weak_token_a_bad_patch_dir_and_a_state_it_does_not_match(tiny_models, tmp_path,
+                                                                                  monkeypatch):
+    from memit_vllm.core.contract import ADMIN_TOKEN_ENV, PATCH_DIR_ENV, STATE_FILE
+
+    def started(*args):
+        raise AssertionError("serve would start vLLM")
+
+    monkeypatch.setattr(os, "execve", started)
+    model = tiny_models["llama"]
+    runner = CliRunner()
+    for env, message in [({ADMIN_TOKEN_ENV: "short"}, "fewer than 16"),
+                         ({ADMIN_TOKEN_ENV: "0123456789abcdef\n"}, "whitespace"),
+                         ({PATCH_DIR_ENV: str(tmp_path / "none")}, "is not a directory")]:
+        result = runner.invoke(main, ["serve", str(model)], env=env)
+        assert result.exit_code == 2 and message in result.output, result.output
+
+    state = tmp_path / "state"
+    recorded = synthetic_patch(model, layers=(1,), seed=1).save(state / "patches" / "a" / "a.patch")
+    (state / STATE_FILE).write_text(json.dumps({"patches": [{"id": "mp1-" + "0" * 32, "file": "patches/a/a.patch"}]}))
+    result = runner.invoke(main, ["serve", str(model), "--memit-state", str(state)])
+    assert result.exit_code == 2 and "remove" in result.output and "holds patch" in result.output, result.output
+    (state / STATE_FILE).write_text(json.dumps({"patches": [{"id": load_patch(recorded).patch_id,
+                                                             "file": "patches/a/a.patch"}]}))
+    other = synthetic_patch(model, layers=(2,), seed=2).save(tmp_path / "other.patch")
+    result = runner.invoke(main, ["serve", str(model), "--memit-state", str(state), "--memit-patch", str(other)])
+    assert result.exit_code == 2 and "drop --memit-patch" in result.output, result.output

@@ -7,14 +7,17 @@ start with a patch made for another model.
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import urllib.request
 
 import pytest
 
-from memit_vllm.core.contract import PATCHES_ROUTE
+from memit_vllm.core.contract import LOAD_FORMAT, PATCHES_KEY, PATCHES_ROUTE, STACK_HEADER
 from memit_vllm.patch import load_patch
 from memit_vllm.patch.tools import apply_patches, stack_patches
-from memit_vllm.testing.server import hf_greedy, memit_serve_cmd, vllm_server
+from memit_vllm.testing.server import api_server_cmd, hf_greedy, memit_serve_cmd, vllm_server
 from memit_vllm.testing.synthetic import synthetic_patch
 
 pytestmark = pytest.mark.vllm
@@ -60,13 +63,29 @@ def test_two_patches_at_serve_time_equal_one_stacked_patch(smollm2, patches, ser
     assert served == hf_greedy(apply_patches([load_patch(stacked)], smollm2, tmp_path / "merged"), PROMPTS, NEW_TOKENS)
 
 
+def completion_headers(server, model: str | None = None):
+    """The response headers (case-insensitive) of one completion request (to `model`, default the server's)."""
+    req = urllib.request.Request(server.url + "/v1/completions", headers={"Content-Type": "application/json"},
+                                 data=json.dumps({"model": model or server.model, "prompt": "Hi",
+                                                  "max_tokens": 1}).encode())
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return r.headers
+
+
+def metrics_text(server) -> str:
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        return r.read().decode()
+
+
 def test_startup_logs_each_patch_and_route_lists_them(server, patches):
     log = server.log.read_text()
     listed = server.get(PATCHES_ROUTE)["patches"]
-    assert [p["path"] for p in listed] == [str(p) for p in patches]
+    ids = [load_patch(p).patch_id for p in patches]
+    assert [p["id"] for p in listed] == ids
+    assert str(patches[0].parent) not in json.dumps(listed)  # no server paths in the public answer
     for info, (name, layers) in zip(listed, [("first", [8, 12]), ("second", [12, 16])]):
-        assert info["id"] == load_patch(info["path"]).patch_id
-        assert (info["name"], info["version"], info["facts"], info["layers"]) == (name, "1", 4, layers)
+        assert (info["name"], info["version"], info["facts"], info["layers"], info["made_on"]) == (name, "1", 4,
+                                                                                                   layers, [])
         assert re.search(rf"memit patch {info['id']}: name='{name}' version='1' facts=4 layers=\[{layers[0]}, "
                          rf"{layers[1]}\]", log)
     assert "memit: merged 2 patch(es) into 3 weights" in log
@@ -75,10 +94,24 @@ def test_startup_logs_each_patch_and_route_lists_them(server, patches):
 def test_patch_for_another_model_stops_the_server(smollm2, tiny_models, tmp_path):
     # Same architecture (Llama) and the same weight names: only the fingerprints tell them apart.
     wrong = synthetic_patch(tiny_models["llama"], layers=(1,), name="tiny").save(tmp_path / "tiny.patch")
+    refusal = "model.layers.1.mlp.down_proj.weight' differs from the base the patch was made for"
+    # `memit-vllm serve` refuses it before an engine starts ...
+    out = subprocess.run(memit_serve_cmd(smollm2, wrong), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and refusal in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    # ... and vLLM's own server, given the load format directly, stops in the loader.
     log = tmp_path / "serve.log"
+    cmd = api_server_cmd(smollm2, "--load-format", LOAD_FORMAT, "--model-loader-extra-config",
+                         json.dumps({PATCHES_KEY: [str(wrong)]}))
     with pytest.raises(RuntimeError, match=r"exited with [1-9]"):
-        with vllm_server(memit_serve_cmd(smollm2, wrong), str(smollm2), log):
+        with vllm_server(cmd, str(smollm2), log):
             pass
     text = log.read_text()
-    assert "model.layers.1.mlp.down_proj.weight' differs from the base the patch was made for" in text
-    assert "refusing to serve a model without its patches" in text
+    assert refusal in text and "refusing to serve a model without its patches" in text
+
+
+def test_every_answer_names_the_stack_and_metrics_list_it(server, patches):
+    ids = [load_patch(p).patch_id for p in patches]
+    assert completion_headers(server)[STACK_HEADER] == ",".join(ids)
+    text = metrics_text(server)
+    for i, (pid, name) in enumerate(zip(ids, ("first", "second"))):
+        assert f'memit_active_patch_info{{id="{pid}",name="{name}",position="{i}",variant="",version="1"}} 1.0' in text

@@ -13,10 +13,12 @@ import sys
 
 import pytest
 
+from memit_vllm.core.contract import STACK_HEADER, VARIANT_HEADER
 from memit_vllm.patch import load_patch
 from memit_vllm.patch.tools import apply_patches
 from memit_vllm.testing.server import BASE_ARGS, hf_greedy, memit_serve_cmd, vllm_server
 from memit_vllm.testing.synthetic import synthetic_patch
+from test_plugin_serve import completion_headers, metrics_text
 
 pytestmark = pytest.mark.vllm
 
@@ -66,6 +68,14 @@ def test_base_and_variant_from_one_server(variant_server, smollm2, facts_patch, 
     edited = variant_server.greedy(PROMPTS, TOKENS, "edited")
     assert edited == hf_greedy(merged, PROMPTS, TOKENS)
     assert edited[:3] != variant_server.greedy(PROMPTS, TOKENS, "base")[:3]
+    # Every answer names what produced it, so gateway logs alone attribute the split.
+    pid = load_patch(facts_patch).patch_id
+    headers = completion_headers(variant_server, "edited")
+    assert (headers[VARIANT_HEADER], headers[STACK_HEADER]) == (f"edited={pid}", "none")
+    headers = completion_headers(variant_server, "base")
+    assert VARIANT_HEADER not in headers and headers[STACK_HEADER] == "none"
+    assert f'memit_active_patch_info{{id="{pid}",name="facts",position="0",variant="edited",version="1"}} 1.0' in (
+        metrics_text(variant_server))
 
 
 def test_variant_refusals(smollm2, tiny_models, tmp_path):

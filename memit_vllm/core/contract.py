@@ -22,6 +22,19 @@ WEIGHTS_ROUTE = "/memit/weights"
 # Environment of the server
 ADMIN_TOKEN_ENV = "MEMIT_VLLM_ADMIN_TOKEN"  # enables the admin routes (bearer token)
 DRAIN_TIMEOUT_ENV = "MEMIT_VLLM_DRAIN_TIMEOUT"  # seconds a hot swap waits for in-flight requests
+PATCH_DIR_ENV = "MEMIT_VLLM_PATCH_DIR"  # the only directory hot apply takes patch files from
+RPC_TIMEOUT_ENV = "MEMIT_VLLM_RPC_TIMEOUT"  # seconds a hot swap waits for the workers to reload
+MAX_PATCH_BYTES_ENV = "MEMIT_VLLM_MAX_PATCH_BYTES"  # the largest patch file hot apply reads
+STATE_DIR_ENV = "MEMIT_VLLM_STATE_DIR"  # set by `serve --memit-state DIR`: where the active stack persists
+MIN_ADMIN_TOKEN_LENGTH = 16  # a shorter admin token is refused at startup
+MAX_ADMIN_BODY_BYTES = 64 * 1024  # an admin request body above this is refused unread
+
+# Admin route details and the response headers that attribute every answer to the weights behind it
+WITH_DEPENDANTS_PARAM = "with_dependants"  # DELETE ...?with_dependants=true also reverts patches made on it
+SHOW_PATHS_PARAM = "paths"  # GET /memit/patches?paths=true (admin token): also the server-side files
+STACK_HEADER = "X-Memit-Patches"  # ids of the merged patch stack, "none" for the base
+VARIANT_HEADER = "X-Memit-Variant"  # NAME=PATCH_ID when the request's model is a --memit-variant
+STATE_FILE = "active.json"  # in the state dir: the active stack, in order
 
 
 def refuse_quantized(config: dict) -> None:

@@ -49,20 +49,25 @@ def inspect_cmd(patch: str, as_json: bool) -> None:
 
 
 @click.command("verify")
-@click.argument("patch")
+@click.argument("patches", nargs=-1, required=True)
 @click.option("--model", "-m", required=True, help="Checkpoint dir (or HF hub id) the patch is meant for.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="The dtype the model will be served in: merged weights must be finite in it "
+                   "(default: the checkpoint's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify_cmd(patch: str, model: str, as_json: bool) -> None:
-    """Check PATCH against MODEL: content hash, and every tensor's base fingerprint, shape, dtype, values.
+def verify_cmd(patches: tuple[str, ...], model: str, dtype: str | None, as_json: bool) -> None:
+    """Check PATCHES (one patch, or a stack in serving order) against MODEL: content hash, down-projections
+    only, the lineage, and every tensor's base fingerprint, shape, dtype, and values (finite, also merged).
 
     Exit 0 when all hold; otherwise a one-line error naming the first problem, exit 2.
     """
     from .tools import verify_patch
 
-    r = verify_patch(patch, model)
+    r = verify_patch(list(patches), model, dtype)
     if as_json:
         return _echo_json(r)
-    click.echo(f"patch {r['patch_id']}: content hash ok, all deltas finite")
+    for pid in r["stack"]:
+        click.echo(f"patch {pid}: content hash ok, all deltas finite")
     for t in r["tensors"]:
         click.echo(f"  ok  {t['name']}  {'x'.join(map(str, t['shape']))} {t['weight_dtype']}  fingerprint matches")
     if not r["config_matches"]:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
+import re
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..core.files import atomic_file
+from ..errors import MemitError
 from .errors import (CorruptPatchError, MissingMetadataError, NonFiniteError, NotAPatchError,
                      PatchError, UnsupportedVersionError)
 
@@ -76,7 +77,8 @@ class _LazyTensors(Mapping):
             with safe_open(self._path, "pt") as f:
                 return f.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
-            raise CorruptPatchError(f"{self._path}: tensor {name!r} cannot be read ({e})") from e
+            raise CorruptPatchError(f"{where(self._path)}: tensor {name!r} cannot be read "
+                                    f"({_safetensors_reason(e)})") from e
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -104,6 +106,7 @@ class Patch:
     path: Path | None = None  # where it was loaded from, if anywhere
     made_on: list[str] = field(default_factory=list)  # ids of the stack it was computed on, in order
     _patch_id: str | None = field(default=None, repr=False, compare=False)
+    _verified: bool = field(default=False, init=False, repr=False, compare=False)  # Patch.verify() passed
 
     def __post_init__(self):
         if not self.tool_version:
@@ -149,6 +152,22 @@ class Patch:
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return "mp1-" + h.hexdigest()[:32]
 
+    def verify(self) -> None:
+        """The content checks every consumer relies on (PatchSet runs them): at least one delta, every
+        delta finite, and, for a patch read from a file, the content hashing to the id its header records.
+        Done once per Patch."""
+        if self._verified:
+            return
+        label = where(self.path) if self.path else f"patch {self.name or self.patch_id}"
+        if not self.deltas:
+            raise PatchError(f"{label} holds no weight deltas; a patch changes at least one down-projection")
+        for name in sorted(self.deltas):
+            if not torch.isfinite(self.deltas[name]).all():
+                raise NonFiniteError(f"{label}: delta {name!r} holds NaN or Inf")
+        if self.path is not None and self.content_id() != self.patch_id:
+            raise CorruptPatchError(f"{label}: content does not match its patch id {self.patch_id} (modified?)")
+        self._verified = True
+
     @property
     def layers(self) -> list[str]:
         return sorted(self.deltas)
@@ -173,12 +192,15 @@ class Patch:
             offset += n
         raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        with atomic_file(path) as tmp:
-            with open(tmp, "wb") as f:
-                f.write(struct.pack("<Q", len(raw)))
-                f.write(raw)
-                for t in tensors.values():
-                    f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        try:
+            with atomic_file(path) as tmp:
+                with open(tmp, "wb") as f:
+                    f.write(struct.pack("<Q", len(raw)))
+                    f.write(raw)
+                    for t in tensors.values():
+                        f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        except OSError as e:  # unwritable place, full disk: nothing is left behind (atomic_file)
+            raise MemitError(f"cannot write the patch to {path}: {e.strerror or e}") from e
         return Path(path)
 
 
@@ -187,70 +209,88 @@ def _stored(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32).contiguous()
 
 
-def _read_header(path: Path) -> dict:
-    """Parse and check the header as strictly as safetensors does, so lazy reads cannot fail later."""
+# A header is parsed by safetensors itself (the same accept/reject as every reader of the file), after a
+# scan that bounds its cost: JSON of many tiny entries takes ~12x its size in memory to parse. A patch
+# header is a few metadata strings (the facts are one of them) and a few entries per tensor.
+MAX_HEADER_STRINGS = 40_000  # JSON strings in the header: ~4 per metadata field, 10 per tensor
+MAX_HEADER_STRUCTURE = 1 << 20  # header bytes outside its strings
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def where(path: Path) -> str:
+    """How messages name a patch file: its name, so one refusal reads the same from every entry point
+    (and a server's answers never show its own paths)."""
+    return path.name
+
+
+def _check_structure(path: Path, raw: bytes) -> None:
+    outside, at = 0, 0
+    for i, m in enumerate(_JSON_STRING.finditer(raw)):
+        outside += m.start() - at
+        at = m.end()
+        if i >= MAX_HEADER_STRINGS or outside > MAX_HEADER_STRUCTURE:
+            break
+    else:
+        if outside + len(raw) - at <= MAX_HEADER_STRUCTURE:
+            return
+    raise CorruptPatchError(f"{where(path)}: header has more entries than a patch holds (at most "
+                            f"{MAX_HEADER_STRINGS} JSON strings and {MAX_HEADER_STRUCTURE} bytes outside them)")
+
+
+def _safetensors_reason(e: Exception) -> str:
+    """safetensors' message without what it quotes from the file (a refused file's bytes stay out of
+    every answer)."""
+    text = re.sub(r"`[^`]*`|\"[^\"]*\"|'[^']*'|\([^)]*\)", "...", str(e))
+    return text.removeprefix("Error while deserializing header: ")
+
+
+def _read_header(path: Path) -> tuple[dict, dict[str, tuple[str, list[int]]]]:
+    """(metadata, tensor name -> (dtype, shape)) of a safetensors file, checked as strictly as safetensors
+    checks it (it parses it), so lazy tensor reads cannot fail later."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CorruptPatchError(f"{path}: {size} bytes is too short for a safetensors file")
+            raise CorruptPatchError(f"{where(path)}: {size} bytes is too short for a safetensors file")
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise CorruptPatchError(f"{path}: header length {n} does not fit the file ({size} bytes); truncated?")
-        raw = f.read(n)
+            raise CorruptPatchError(f"{where(path)}: not a safetensors file, or truncated (its header "
+                                    f"does not fit its {size} bytes)")
+        _check_structure(path, f.read(n))
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise CorruptPatchError(f"{path}: header is not valid JSON ({e})") from e
-    if not raw.startswith(b"{") or not isinstance(header, dict):
-        raise CorruptPatchError(f"{path}: header is not a JSON object")
-    meta = header.get("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        raise CorruptPatchError(f"{path}: __metadata__ must map strings to strings")
-    ranges = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, stop) = info["dtype"], info["shape"], info["data_offsets"]
-            if not all(type(x) is int and x >= 0 for x in (*shape, begin, stop)):
-                raise ValueError("negative or non-integer")
-        except (KeyError, TypeError, ValueError) as e:
-            raise CorruptPatchError(f"{path}: header entry {name!r} is malformed ({e})") from e
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: (f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CorruptPatchError(f"{where(path)}: not a valid safetensors file ({_safetensors_reason(e)}); "
+                                "truncated or modified?") from e
+    for name, (dtype, _) in tensors.items():
         if dtype != "F32":
-            raise CorruptPatchError(f"{path}: delta {name!r} is {dtype}; patches hold F32 deltas")
-        if stop - begin != math.prod(shape) * 4:
-            raise CorruptPatchError(f"{path}: delta {name!r} has byte range {begin}..{stop} for shape {shape}")
-        ranges.append((begin, stop, name))
-    end = 0
-    for begin, stop, name in sorted(ranges):
-        if begin != end:
-            raise CorruptPatchError(f"{path}: delta {name!r} starts at byte {begin}, expected {end} (overlap or gap)")
-        end = stop
-    if 8 + n + end != size:
-        raise CorruptPatchError(f"{path}: data section is {size - 8 - n} bytes, header describes {end}; truncated?")
-    return header
+            raise CorruptPatchError(f"{where(path)}: delta {name!r} is {dtype}; patches hold F32 deltas")
+    return meta, tensors
 
 
 def load_patch(path: str | os.PathLike, verify_content: bool = False) -> Patch:
     """Open a patch: metadata now, tensors lazily. `verify_content` also re-hashes the id and checks values."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise PatchError(f"patch file {path} does not exist")
-    header = _read_header(path)
-    meta = header.get("__metadata__")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise NotAPatchError(f"{path} is a safetensors file but not a memit-vllm patch (no format={FORMAT_NAME!r})")
+    if not path.is_file():
+        raise PatchError(f"{where(path)} is not a regular file")
+    meta, tensors = _read_header(path)
+    if meta.get("format") != FORMAT_NAME:
+        raise NotAPatchError(f"{where(path)} is a safetensors file but not a memit-vllm patch "
+                             f"(no format={FORMAT_NAME!r})")
     missing = [k for k in _REQUIRED if k not in meta]
     if missing:
-        raise MissingMetadataError(f"{path}: metadata lacks {', '.join(missing)}")
+        raise MissingMetadataError(f"{where(path)}: metadata lacks {', '.join(missing)}")
     try:
         version = int(meta["format_version"])
     except ValueError as e:
-        raise MissingMetadataError(f"{path}: format_version {meta['format_version']!r} is not an integer") from e
+        raise MissingMetadataError(f"{where(path)}: format_version is not an integer") from e
     if version > FORMAT_VERSION or version < 1:
         raise UnsupportedVersionError(
-            f"{path}: format version {version}; this memit-vllm reads versions 1..{FORMAT_VERSION} "
+            f"{where(path)}: format version {version}; this memit-vllm reads versions 1..{FORMAT_VERSION} "
             "(upgrade memit-vllm)")
     parsed = {}
     for k, is_json in _FIELDS.items():
@@ -258,23 +298,24 @@ def load_patch(path: str | os.PathLike, verify_content: bool = False) -> Patch:
             try:
                 parsed[k] = json.loads(meta[k])
             except (json.JSONDecodeError, RecursionError) as e:
-                raise MissingMetadataError(f"{path}: metadata field {k!r} is not valid JSON") from e
+                raise MissingMetadataError(f"{where(path)}: metadata field {k!r} is not valid JSON") from e
             if not isinstance(parsed[k], _JSON_TYPES[k]):
-                raise MissingMetadataError(f"{path}: metadata field {k!r} is not a JSON {_JSON_TYPES[k].__name__}")
+                raise MissingMetadataError(
+                    f"{where(path)}: metadata field {k!r} is not a JSON {_JSON_TYPES[k].__name__}")
     try:
         base = BaseModel(**parsed["base"])
         if not all(isinstance(v, str) for v in base.to_dict().values()):
             raise TypeError("non-string value")
     except TypeError as e:
         raise MissingMetadataError(
-            f"{path}: metadata field 'base' must hold strings name_or_path, architecture, config_sha256") from e
-    names = sorted(k for k in header if k != "__metadata__")
+            f"{where(path)}: metadata field 'base' must hold strings name_or_path, architecture, config_sha256") from e
+    names = sorted(tensors)
     fingerprints = parsed["base_weights"]
     if set(names) != set(fingerprints) or not all(isinstance(v, str) for v in fingerprints.values()):
-        raise MissingMetadataError(f"{path}: base_weights must map exactly the patched tensors to fingerprints")
+        raise MissingMetadataError(f"{where(path)}: base_weights must map exactly the patched tensors to fingerprints")
     made_on = parsed.get("made_on", [])
     if not all(isinstance(i, str) for i in made_on) or (made_on and version < LINEAGE_VERSION):
-        raise MissingMetadataError(f"{path}: made_on must list patch ids, in a file of format version "
+        raise MissingMetadataError(f"{where(path)}: made_on must list patch ids, in a file of format version "
                                    f">= {LINEAGE_VERSION}")
     patch = Patch(
         deltas=_LazyTensors(path, names), base=base, base_weights=parsed["base_weights"],
@@ -285,9 +326,5 @@ def load_patch(path: str | os.PathLike, verify_content: bool = False) -> Patch:
         made_on=made_on, _patch_id=meta["patch_id"],
     )
     if verify_content:
-        for name in names:
-            if not torch.isfinite(patch.deltas[name]).all():
-                raise NonFiniteError(f"{path}: delta {name!r} holds NaN or Inf")
-        if patch.content_id() != meta["patch_id"]:
-            raise CorruptPatchError(f"{path}: content does not match its patch id {meta['patch_id']} (modified?)")
+        patch.verify()
     return patch

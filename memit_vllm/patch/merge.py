@@ -1,8 +1,12 @@
-"""Applying patches to base weights: the one routine the offline `apply` and the vLLM loader share.
+"""Applying patches to base weights, and the one validation of a patch or a stack that every entry point
+runs (verify, apply, stack, eval, export-lora, serve's pre-check, the vLLM loader, hot apply, variants).
 
-Every patch binds to the base checkpoint's own weights (fingerprints), so a stack P1..Pn is checked
-weight by weight against the same base and merged as W + d1 + ... + dn in fp32, then cast back to
-the weight's dtype once.
+A PatchSet is only built from patches whose content checks out (Patch.verify: id, finite deltas), in a
+valid order (no patch twice, lineage); `check_model` allows only the architecture's down-projections;
+`merge` checks each weight's fingerprint, shape and dtype and that the merged weight is finite in the
+dtype it is served in. Every patch binds to the base checkpoint's own weights (fingerprints), so a stack
+P1..Pn is checked weight by weight against the same base and merged as W + d1 + ... + dn in fp32, then
+cast back to the weight's dtype once.
 """
 
 from __future__ import annotations
@@ -14,16 +18,20 @@ import torch
 from ..checkpoint import Checkpoint, tensor_fingerprint
 from ..core.architectures import by_class
 from .errors import BaseMismatchError, LineageError, NonFiniteError, PatchError, ShapeMismatchError
-from .format import Patch
+from .format import Patch, where
 
 
 class PatchSet:
     """An ordered stack of patches for one base model."""
 
-    def __init__(self, patches: Sequence[Patch]):
+    def __init__(self, patches: Sequence[Patch], dtype: torch.dtype | None = None):
+        """`dtype`: the dtype the merged weights are served in (default: each checkpoint weight's own)."""
         if not patches:
             raise PatchError("no patches given")
         self.patches = list(patches)
+        self.dtype = dtype
+        for p in self.patches:
+            p.verify()
         first = self.patches[0]
         for p in self.patches[1:]:
             if (p.base.architecture, p.base.config_sha256) != (first.base.architecture, first.base.config_sha256):
@@ -83,17 +91,31 @@ class PatchSet:
             if not base.is_floating_point():
                 raise ShapeMismatchError(
                     f"{_label(p)}: weight {name!r} is {base.dtype}; patches add to floating-point weights only")
-            if not torch.isfinite(delta).all():
-                raise NonFiniteError(f"{_label(p)}: delta {name!r} holds NaN or Inf")
             out = (base.to(torch.float32) if out is None else out) + delta.to(torch.float32)
-        return base if out is None else out.to(base.dtype)
+        if out is None:
+            return base
+        self.check_finite(name, out, self.dtype or base.dtype)
+        return out.to(base.dtype)
 
-    def validate(self, checkpoint: Checkpoint) -> None:
-        """Full check against a checkpoint on disk (reads each touched weight once)."""
+    def check_finite(self, name: str, merged: torch.Tensor, dtype: torch.dtype) -> None:
+        """A merged weight (or a stacked delta) must stay finite in the dtype it is served or stored in:
+        each delta may be finite and their sum, or the weight plus a large delta, not."""
+        if not torch.isfinite(merged.to(dtype)).all():
+            owners = ", ".join(_label(p) for p in self.patches if name in p.deltas)
+            raise NonFiniteError(f"{owners}: {name!r} overflows {str(dtype).removeprefix('torch.')} when "
+                                 "merged (a delta is too large for the weight's dtype)")
+
+    def validate(self, checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+        """Full check against a checkpoint on disk (reads each touched weight once); returns each touched
+        weight's base tensor metadata as {name: empty tensor of its shape and dtype}."""
         self.check_model(checkpoint.architecture)
         self.check_names(set(checkpoint.keys()))
+        checked = {}
         for name in self.names:
-            self.merge(name, checkpoint.tensor(name))
+            base = checkpoint.tensor(name)
+            self.merge(name, base)
+            checked[name] = base.new_empty(base.shape, device="meta")
+        return checked
 
     def _owner(self, name: str) -> Patch:
         return next(p for p in self.patches if name in p.deltas)
@@ -118,5 +140,4 @@ def check_lineage(patches: Sequence[Patch]) -> None:
 
 
 def _label(p: Patch) -> str:
-    where = f" ({p.path})" if p.path else ""
-    return f"patch {p.name or p.patch_id}{where}"
+    return f"patch {p.name or p.patch_id}" + (f" ({where(p.path)})" if p.path else "")

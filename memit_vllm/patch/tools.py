@@ -20,6 +20,7 @@ from ..checkpoint import Checkpoint
 from ..core.files import atomic_dir, check_new_dir
 from ..core.records import fact_key, fact_text
 from ..default_models import MANIFEST
+from ..errors import MemitError
 from .format import Patch, load_patch
 from .merge import PatchSet
 
@@ -69,24 +70,23 @@ def inspect_patch(path: str | os.PathLike) -> dict:
 
 
 # -- verify -----------------------------------------------------------------------------------------
-def verify_patch(path: str | os.PathLike, model: str | os.PathLike) -> dict:
-    """Check a patch against a model: content hash, finiteness, and for every tensor the base fingerprint,
-    shape and dtype. Raises the specific PatchError on the first failure; returns what was checked."""
-    patch = load_patch(path, verify_content=True)
+def verify_patch(paths, model: str | os.PathLike, dtype: str | None = None) -> dict:
+    """Check a patch, or a stack of patches in serving order (a patch made on a stack is checked with that
+    stack before it), against a model with the one validation every entry point runs (PatchSet): content
+    hash, finiteness, the architecture's down-projections only, the lineage, and for every tensor the base
+    fingerprint, shape, dtype and a merged weight finite in `dtype` (default: the checkpoint's). Raises
+    the specific PatchError on the first failure; returns what was checked (`patch`, `patch_id`: the last)."""
+    patches = [load_patch(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     ckpt = Checkpoint(model)
-    ps = PatchSet([patch])
-    ps.check_model(ckpt.architecture)
-    ps.check_names(set(ckpt.keys()))
-    tensors = []
-    for name in ps.names:
-        base = ckpt.tensor(name)
-        ps.merge(name, base)  # raises on a fingerprint, shape, dtype or finiteness problem
-        tensors.append({"name": name, "shape": list(base.shape), "weight_dtype": str(base.dtype).removeprefix("torch."),
-                        "base_sha256": patch.base_weights[name]})
+    checked = PatchSet(patches, dtype=getattr(torch, dtype) if dtype else None).validate(ckpt)
+    fingerprints = {n: f for p in patches for n, f in p.base_weights.items()}
+    tensors = [{"name": name, "shape": list(base.shape), "weight_dtype": str(base.dtype).removeprefix("torch."),
+                "base_sha256": fingerprints[name]} for name, base in checked.items()]
+    last = patches[-1]
     return {
-        "patch": str(patch.path), "patch_id": patch.patch_id, "model": str(ckpt.path),
-        "architecture": ckpt.architecture, "config_matches": patch.base.config_sha256 == ckpt.config_sha256,
-        "tensors": tensors,
+        "patch": str(last.path), "patch_id": last.patch_id, "stack": [p.patch_id for p in patches],
+        "model": str(ckpt.path), "architecture": ckpt.architecture,
+        "config_matches": all(p.base.config_sha256 == ckpt.config_sha256 for p in patches), "tensors": tensors,
     }
 
 
@@ -135,6 +135,14 @@ def apply_patches(patches: Sequence[Patch], model: str | os.PathLike, out: str |
     ps = PatchSet(patches)
     ps.validate(ckpt)
     out = check_new_dir(out, "apply")
+    try:
+        _write_checkpoint(ckpt, ps, out)
+    except OSError as e:  # unwritable place, full disk: atomic_dir leaves nothing behind
+        raise MemitError(f"cannot write the merged checkpoint to {out}: {e.strerror or e}") from e
+    return out
+
+
+def _write_checkpoint(ckpt: Checkpoint, ps: PatchSet, out: Path) -> None:
     weights = set(ckpt.weight_files())
     with atomic_dir(out) as tmp:
         for src in sorted(ckpt.path.rglob("*")):
@@ -153,7 +161,6 @@ def apply_patches(patches: Sequence[Patch], model: str | os.PathLike, out: str |
             {"patch_id": p.patch_id, "name": p.name, "version": p.version, "path": str(p.path or "")}
             for p in ps.patches]}
         (tmp / APPLIED_FILE).write_text(json.dumps(applied, indent=2) + "\n")
-    return out
 
 
 # -- stack ------------------------------------------------------------------------------------------
@@ -167,11 +174,14 @@ def stack_patches(patches: Sequence[Patch], name: str = "", version: str = "") -
     concatenated, the stacked ids as parents, and the first one's `made_on` (a whole lineage stacks
     into a patch made on the bare base). All must share the base and form a valid stack (PatchSet)."""
     ps = PatchSet(patches)
+    ps.check_model(ps.patches[0].base.architecture)
     ids = [p.patch_id for p in ps.patches]
     deltas, base_weights = {}, {}
     for n in ps.names:
         owners = [p for p in ps.patches if n in p.deltas]
-        deltas[n] = sum(p.deltas[n].to(torch.float64) for p in owners).to(torch.float32)
+        summed = sum(p.deltas[n].to(torch.float64) for p in owners)
+        ps.check_finite(n, summed, torch.float32)  # what the file stores
+        deltas[n] = summed.to(torch.float32)
         base_weights[n] = owners[0].base_weights[n]
     return Patch(
         deltas=deltas, base=ps.patches[0].base, base_weights=base_weights,

@@ -90,6 +90,11 @@ async def drain(engine) -> None:
     await engine.pause_generation(mode="wait", clear_cache=True)
 
 
+def served_dtype(engine):
+    """The torch dtype the engine serves its weights in."""
+    return engine.model_config.dtype
+
+
 async def call_workers(engine, method: str, *args) -> list:
     """Run `method` of the worker extension on every worker; their results, in rank order."""
     return await engine.collective_rpc(method, args=args)

@@ -2,11 +2,15 @@
 
 apply/revert: validate fully (off the event loop, so requests keep flowing), pause the engine until
 in-flight requests finish, reload only the touched weights on every worker as base + active patches,
-reset the prefix cache (its KV was computed with the old weights), resume. If the reload fails, the
-touched weights are reloaded from the previous stack, so the server keeps serving what it served.
+reset the prefix cache (its KV was computed with the old weights), resume. Every worker call runs under
+a timeout. If the reload fails, the touched weights are reloaded from the previous stack; if that fails
+too, the weights are unknown: the engine stays paused and the server reports itself unhealthy (`/health`
+503, every route but GET /memit/patches and /metrics refused) until it is restarted.
 
 The server keeps its own copy of every active patch (the workers read those), so moving or deleting
-the operator's file after an apply cannot break a later revert.
+the operator's file after an apply cannot break a later revert. The copies live in a temp dir removed
+when the server stops, or, with a state dir (`serve --memit-state DIR`), in DIR, with the stack recorded
+after every change so that the next start serves it again.
 """
 
 from __future__ import annotations
@@ -16,14 +20,17 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 from memit_vllm.checkpoint import Checkpoint
-from memit_vllm.core.contract import DRAIN_TIMEOUT_ENV
+from memit_vllm.core.contract import DRAIN_TIMEOUT_ENV, RPC_TIMEOUT_ENV, WITH_DEPENDANTS_PARAM
 from memit_vllm.errors import MemitError
-from memit_vllm.patch import BaseMismatchError, Patch, PatchError, load_patch
+from memit_vllm.patch import BaseMismatchError, LineageError, Patch, load_patch
 from memit_vllm.patch.merge import PatchSet
 
+from . import metrics
+from .admin import copy_from_dir, write_state
 from .compat import call_workers, drain, logger
 from .patches import describe
 
@@ -36,114 +43,225 @@ class SwapError(MemitError):
         self.status = status
 
 
+def _seconds(env_name: str, default: str) -> float:
+    value = os.environ.get(env_name, default)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise MemitError(f"{env_name}={value!r}: expected a positive number of seconds")
+    return seconds
+
+
 class HotSwap:
-    def __init__(self, engine, model: str, patches: list[Patch]):
+    def __init__(self, engine, model: str, patches: list[Patch], patch_dir: Path | None = None,
+                 max_patch_bytes: int = 0, state_dir: Path | None = None, dtype=None):
         self.engine = engine
         self.checkpoint = Checkpoint(model)
-        self.store = Path(tempfile.mkdtemp(prefix="memit-vllm-active-"))
-        self.info = {}  # patch id -> describe() of the operator's file
-        self.active = [self._keep(p.path) for p in patches]
-        # Every weight a patch has touched since start: after a revert these should hash to the base.
-        self.touched = {n for p in patches for n in p.deltas}
+        self.patch_dir, self.max_patch_bytes, self.state_dir, self.dtype = patch_dir, max_patch_bytes, state_dir, dtype
+        if state_dir is None:
+            self.store = Path(tempfile.mkdtemp(prefix="memit-vllm-active-"))
+            weakref.finalize(self, shutil.rmtree, self.store, True)  # at server stop (interpreter exit)
+        else:
+            self.store = state_dir / "patches"
+            self.store.mkdir(parents=True, exist_ok=True)
+        self.sources = {}  # patch id -> where the operator's file was (shown to admins only)
+        self.active = [self._keep_startup(p) for p in patches]
+        # The base fingerprint of every weight a validated patch touches: a reload of base bytes checks it.
+        self.base = {n: fp for p in patches for n, fp in p.base_weights.items()}
+        self.touched = set(self.base)  # every weight a patch has touched since start (GET /memit/weights)
+        self.unhealthy: str | None = None
         self.lock = asyncio.Lock()
-        self.drain_timeout = float(os.environ.get(DRAIN_TIMEOUT_ENV, "120"))
+        self.drain_timeout = _seconds(DRAIN_TIMEOUT_ENV, "120")
+        self.rpc_timeout = _seconds(RPC_TIMEOUT_ENV, "300")
+        self._save_state()
 
-    def _keep(self, source: str | Path, check=None) -> Patch:
-        """Copy a patch file into the server's store, verify the copy (the bytes the workers will read),
-        run `check` on it, and keep it under its id. Nothing is kept if any of that fails."""
-        incoming = self.store / f"incoming-{os.getpid()}-{time.monotonic_ns()}.patch"
-        try:
-            shutil.copyfile(source, incoming)
-            patch = load_patch(incoming, verify_content=True)
-            if check:
-                check(patch)
-            pid = patch.patch_id  # verified equal to the recorded id above
-            kept = incoming.rename(self.store / f"{pid}.patch")
-        except OSError as e:
-            raise PatchError(f"cannot read patch file {source}: {e.strerror or e}") from e
-        finally:
-            incoming.unlink(missing_ok=True)
-        kept = load_patch(kept)
-        self.info[pid] = {**describe(kept), "path": str(source)}
-        return kept
+    # -- the store -------------------------------------------------------------------------------
+    def _keep_startup(self, patch: Patch) -> Patch:
+        """A patch the server started with (already merged by the loader): kept as is when it is a
+        restored copy in the store, else copied into it."""
+        self.sources[patch.patch_id] = str(patch.path)
+        if patch.path.resolve().is_relative_to(self.store.resolve()):
+            return patch
+        incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.store))
+        shutil.copyfile(patch.path, incoming / patch.path.name)
+        return self._commit(incoming, load_patch(incoming / patch.path.name))
 
-    def _forget(self, patch: Patch) -> dict:
-        patch.path.unlink(missing_ok=True)
-        return self.info.pop(self._id(patch))
+    def _commit(self, incoming: Path, patch: Patch) -> Patch:
+        kept = self.store / patch.patch_id
+        shutil.rmtree(kept, ignore_errors=True)
+        incoming.rename(kept)
+        return load_patch(kept / patch.path.name)
 
-    def _id(self, patch: Patch) -> str:
-        return patch.path.stem
+    def _forget(self, patch: Patch) -> None:
+        shutil.rmtree(patch.path.parent, ignore_errors=True)
+        self.sources.pop(patch.patch_id, None)
 
-    def describe(self) -> list[dict]:
-        return [self.info[self._id(p)] for p in self.active]
+    def _save_state(self) -> None:
+        if self.state_dir is not None:
+            write_state(self.state_dir, self.active)
 
-    async def apply(self, path: str) -> dict:
+    def describe(self, paths: bool = False) -> list[dict]:
+        """The active stack; with `paths` (admins) also each patch's operator file and kept copy."""
+        return [{**describe(p), **({"source": self.sources.get(p.patch_id), "file": str(p.path)} if paths else {})}
+                for p in self.active]
+
+    # -- changes ---------------------------------------------------------------------------------
+    def _healthy(self) -> None:
+        if self.unhealthy:
+            raise SwapError(f"the server is unhealthy ({self.unhealthy}); restart it", 503)
+
+    async def apply(self, name: str) -> dict:
+        self._healthy()
         async with self.lock:
+            self._healthy()
             start = time.perf_counter()
-            patch = await asyncio.to_thread(self._validated, path)
             try:
-                await self._swap(self.active + [patch], sorted(patch.deltas))
+                patch = await asyncio.to_thread(self._validated, name)
+            except SwapError:
+                metrics.SWAPS.labels("apply", "refused").inc()
+                raise
+            try:
+                await self._swap(self.active + [patch], sorted(patch.deltas), "apply")
             except BaseException:
                 self._forget(patch)
                 raise
-            return {"applied": self.info[self._id(patch)], "active": self.describe(),
-                    "seconds": round(time.perf_counter() - start, 3)}
+            self.sources[patch.patch_id] = name
+            self._save_state()
+            return self._done("apply", start, applied=describe(patch))
 
-    async def revert(self, patch_id: str) -> dict:
+    async def revert(self, patch_id: str, with_dependants: bool = False) -> dict:
+        self._healthy()
         async with self.lock:
+            self._healthy()
             start = time.perf_counter()
-            gone = next((p for p in self.active if self._id(p) == patch_id), None)
-            if gone is None:
-                raise SwapError(f"patch {patch_id} is not active; active: "
-                                f"{[self._id(p) for p in self.active] or 'none'}", 404)
-            await self._swap([p for p in self.active if p is not gone], sorted(gone.deltas))
-            return {"reverted": self._forget(gone), "active": self.describe(),
-                    "seconds": round(time.perf_counter() - start, 3)}
+            try:
+                removed = self._removal(patch_id, with_dependants)
+                gone = {p.patch_id for p in removed}
+                stack = [p for p in self.active if p.patch_id not in gone]
+                names = sorted({n for p in removed for n in p.deltas})
+                await asyncio.to_thread(self._check_base, names)
+            except SwapError:
+                metrics.SWAPS.labels("revert", "refused").inc()
+                raise
+            await self._swap(stack, names, "revert")
+            reverted = [describe(p) for p in removed]
+            self._save_state()
+            for p in removed:
+                self._forget(p)
+            return self._done("revert", start, reverted=reverted)
 
-    async def weight_hashes(self) -> dict:
-        names = sorted(self.touched)
-        served = (await call_workers(self.engine, "memit_weight_hashes", names))[0] if names else {}
-        base = await asyncio.to_thread(lambda: {n: self.checkpoint.fingerprint(n) for n in names})
-        return {"weights": {n: {"sha256": served[n], "base_sha256": base[n], "is_base": served[n] == base[n]}
-                            for n in names}}
+    def _done(self, action: str, start: float, **what) -> dict:
+        seconds = time.perf_counter() - start
+        metrics.SWAPS.labels(action, {"apply": "applied", "revert": "reverted"}[action]).inc()
+        metrics.SECONDS.labels(action).observe(seconds)
+        metrics.show_active(self.describe(), {})  # no variants: LoRA servers cannot hot-swap
+        logger.info("memit: %s done in %.3f s; active: %s", action, seconds, [p.patch_id for p in self.active])
+        return {**what, "active": self.describe(), "seconds": round(seconds, 3)}
 
-    def _validated(self, path: str) -> Patch:
-        def check(patch: Patch) -> None:
-            if any(self._id(p) == patch.patch_id for p in self.active):
-                raise SwapError(f"patch {patch.patch_id} ({path}) is already active", 409)
-            PatchSet(self.active + [patch]).validate(self.checkpoint)
+    def _removal(self, patch_id: str, with_dependants: bool) -> list[Patch]:
+        """The patch to revert, and the active patches made on it (their `made_on` lists it): without
+        it they are other edits than the ones made, so they go too, or the revert is refused."""
+        gone = next((p for p in self.active if p.patch_id == patch_id), None)
+        if gone is None:
+            raise SwapError(f"patch {patch_id} is not active; active: "
+                            f"{[p.patch_id for p in self.active] or 'none'}", 404)
+        dependants = [p for p in self.active if patch_id in p.made_on]
+        if dependants and not with_dependants:
+            raise SwapError(f"patches {[p.patch_id for p in dependants]} were made on {patch_id}; revert them "
+                            f"first, or add ?{WITH_DEPENDANTS_PARAM}=true to revert them with it", 409)
+        return [gone, *dependants]
 
+    def _check_base(self, names: list[str]) -> None:
+        """The checkpoint bytes a revert reloads must still be the base the server started on."""
+        for n in names:
+            if self.checkpoint.fingerprint(n) != self.base[n]:
+                raise SwapError(f"the checkpoint's weight {n!r} changed on disk since this server loaded it; "
+                                "nothing reverted: restart the server on the checkpoint it should serve", 409)
+
+    def _validated(self, name: str) -> Patch:
+        """Copy the patch file into the store (bounded), then validate the copy (the bytes the workers
+        will read) on top of the active stack, with the one validation every entry point runs."""
+        if self.patch_dir is None:
+            raise SwapError("hot apply is off: start the server with MEMIT_VLLM_PATCH_DIR naming the "
+                            "directory to take patch files from", 403)
+        incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.store))
         try:
-            return self._keep(path, check)
-        except BaseMismatchError as e:
+            dest = incoming / Path(name).name
+            copy_from_dir(self.patch_dir, name, dest, self.max_patch_bytes)
+            patch = load_patch(dest)
+            PatchSet(self.active + [patch], dtype=self.dtype).validate(self.checkpoint)
+            kept = self._commit(incoming, patch)
+        except (BaseMismatchError, LineageError) as e:
             raise SwapError(str(e), 409) from e
-        except PatchError as e:
+        except MemitError as e:
             raise SwapError(str(e), 422) from e
+        except OSError as e:
+            raise SwapError(f"cannot keep a copy of {name!r}: {e.strerror or e}", 507) from e
+        finally:
+            shutil.rmtree(incoming, ignore_errors=True)
+        self.base.update(kept.base_weights)
+        return kept
 
-    async def _swap(self, stack: list[Patch], names: list[str]) -> None:
+    async def _swap(self, stack: list[Patch], names: list[str], action: str) -> None:
         previous = self.active
         try:
             await asyncio.wait_for(drain(self.engine), self.drain_timeout)
         except asyncio.TimeoutError:
-            await self.engine.resume_generation()
+            await self._resume()
+            metrics.SWAPS.labels(action, "refused").inc()
             raise SwapError(f"in-flight requests did not finish within {self.drain_timeout:g} s "
                             f"({DRAIN_TIMEOUT_ENV}); nothing changed", 503) from None
         try:
+            await self._reload(stack, names)
+        except Exception as e:  # vLLM reports a worker's failure as a bare Exception; a timeout is one too
+            metrics.SWAPS.labels(action, "failed").inc()
+            logger.error("memit: reloading %s failed (%s); restoring the previous patch set", names, _why(e))
             try:
-                await self._reload(stack, names)
-            except Exception as e:
-                logger.error("memit: reloading %s failed (%s); restoring the previous patch set", names, e)
                 await self._reload(previous, names)
-                raise SwapError(f"reloading the weights failed ({e}); the previous patch set is restored", 500) from e
-            self.active = stack
-            self.touched.update(names)
-        finally:
-            await self.engine.reset_prefix_cache()
-            await self.engine.resume_generation()
+            except Exception as e2:
+                self._fail(f"reloading failed ({_why(e)}) and restoring the previous weights failed too ({_why(e2)})")
+                raise SwapError(f"reloading the weights failed ({_why(e)}), and so did restoring the previous "
+                                f"ones ({_why(e2)}): the weights are unknown, the server refuses all traffic "
+                                "(health 503); restart it", 500) from e2
+            await self._resume()
+            raise SwapError(f"reloading the weights failed ({_why(e)}); the previous patch set is restored",
+                            500) from e
+        self.active = stack
+        self.touched.update(names)
+        await self._resume()
+
+    async def _resume(self) -> None:
+        try:
+            await asyncio.wait_for(self.engine.reset_prefix_cache(), self.rpc_timeout)
+            await asyncio.wait_for(self.engine.resume_generation(), self.rpc_timeout)
+        except Exception as e:
+            self._fail(f"resuming the engine failed ({_why(e)})")
+            raise SwapError(f"resuming the engine failed ({_why(e)}); restart the server", 500) from e
+
+    def _fail(self, reason: str) -> None:
+        self.unhealthy = reason
+        logger.critical("memit: %s; the server refuses all traffic (health 503) until it is restarted", reason)
 
     async def _reload(self, stack: list[Patch], names: list[str]) -> None:
         start = time.perf_counter()
-        await call_workers(self.engine, "memit_reload", [str(p.path) for p in stack], [self._id(p) for p in stack],
-                           names)
+        await asyncio.wait_for(call_workers(self.engine, "memit_reload", [str(p.path) for p in stack],
+                                            [p.patch_id for p in stack], names, {n: self.base[n] for n in names}),
+                               self.rpc_timeout)
         logger.info("memit: reloaded %d weights as base + %d patch(es) in %.3f s", len(names), len(stack),
                     time.perf_counter() - start)
+
+    async def weight_hashes(self) -> dict:
+        names = sorted(self.touched)
+        served = (await asyncio.wait_for(call_workers(self.engine, "memit_weight_hashes", names),
+                                         self.rpc_timeout))[0] if names else {}
+        base = await asyncio.to_thread(lambda: {n: self.checkpoint.fingerprint(n) for n in names})
+        return {"weights": {n: {"sha256": served[n], "base_sha256": base[n], "is_base": served[n] == base[n]}
+                            for n in names}}
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, asyncio.TimeoutError):
+        return f"no answer within the timeout ({RPC_TIMEOUT_ENV})"
+    return str(e) or type(e).__name__

@@ -60,12 +60,13 @@ class MemitModelLoader(DefaultModelLoader):
             return
         # Our own time (checks + merging), excluding vLLM's reading and loading: the cost of a patch.
         start = time.perf_counter()
+        self.patches.dtype = model_config.dtype  # merged weights must be finite in the dtype they are served in
         try:
             self._check_before_loading(model_config)
             for p in self.patches.patches:
                 info = describe(p)
                 logger.info("memit patch %s: name=%r version=%r facts=%d layers=%s (%s)", info["id"], info["name"],
-                            info["version"], info["facts"], info["layers"], info["path"])
+                            info["version"], info["facts"], info["layers"], p.path)
             seen = set()
             spent = time.perf_counter() - start
             for name, tensor in super().get_all_weights(model_config, model):

@@ -29,8 +29,9 @@ def load_patches(extra_config: Mapping) -> list[Patch]:
 
 
 def describe(patch: Patch) -> dict:
-    """What a server reports about a patch: identity, size, and where in the model it acts."""
+    """What a server reports about a patch to anyone: identity, size, lineage and where in the model it
+    acts; not where its file is (server paths are for admins: GET /memit/patches?paths=true)."""
     arch = by_class(patch.base.architecture)
     layers = sorted({layer for n in patch.deltas if (layer := arch.layer_of(n)) is not None})
     return {"id": patch.patch_id, "name": patch.name, "version": patch.version, "facts": len(patch.requests),
-            "layers": layers, "weights": sorted(patch.deltas), "path": str(patch.path)}
+            "layers": layers, "weights": sorted(patch.deltas), "made_on": patch.made_on}

@@ -14,6 +14,7 @@ from torch import nn
 from memit_vllm.checkpoint import Checkpoint, tensor_fingerprint
 from memit_vllm.core.architectures import Architecture, by_class
 from memit_vllm.patch import PatchError, load_patch
+from memit_vllm.patch.format import where
 from memit_vllm.patch.merge import PatchSet
 
 from .compat import reload_layers, served_weight
@@ -41,16 +42,25 @@ class MemitWorkerExtension:
         model = self.get_model()
         return [served_module(model, arch, n) for n in names]
 
-    def memit_reload(self, patch_paths: list[str], patch_ids: list[str], names: list[str]) -> None:
-        """Make each weight in `names` equal base + the deltas of the given patches (in order)."""
+    def memit_reload(self, patch_paths: list[str], patch_ids: list[str], names: list[str],
+                     base_fingerprints: dict[str, str]) -> None:
+        """Make each weight in `names` equal base + the deltas of the given patches (in order). A weight
+        no patch touches any more is reloaded only if the checkpoint still holds its base bytes."""
         ckpt = Checkpoint(self.model_config.model)
-        patches = [load_patch(p, verify_content=True) for p in patch_paths]
+        patches = [load_patch(p) for p in patch_paths]
         for p, expected in zip(patches, patch_ids):
             if p.patch_id != expected:
-                raise PatchError(f"{p.path} changed on disk after it was validated ({p.patch_id} != {expected})")
-        stack = PatchSet(patches) if patches else None
-        weights = [(n, stack.merge(n, ckpt.tensor(n)) if stack and stack.touches(n) else ckpt.tensor(n))
-                   for n in names]
+                raise PatchError(f"{where(p.path)} changed on disk after it was validated ({p.patch_id} != {expected})")
+        stack = PatchSet(patches, dtype=self.model_config.dtype) if patches else None
+        weights = []
+        for n in names:
+            base = ckpt.tensor(n)
+            if stack and stack.touches(n):
+                weights.append((n, stack.merge(n, base)))
+            elif tensor_fingerprint(base) != base_fingerprints[n]:
+                raise PatchError(f"the checkpoint's weight {n!r} changed on disk; refusing to serve it as the base")
+            else:
+                weights.append((n, base))
         reload_layers(self, self._memit_served_modules(ckpt, names), weights)
 
     def memit_weight_hashes(self, names: list[str]) -> dict[str, str]:
