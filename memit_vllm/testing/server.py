@@ -69,12 +69,15 @@ def hf_greedy(model_dir, prompts: list[str], n: int) -> list[list[int]]:
 
 @contextmanager
 def vllm_server(cmd: list[str], model: str, log: Path, timeout: float = 600, env: dict | None = None):
-    """Run `cmd` (a server command line without --host/--port) and yield a Server once /health is up."""
+    """Run `cmd` (a server command line without --host/--port) and yield a Server once /health is up.
+    The server runs in its own session (so it can be stopped as a group); a SIGTERM to this process
+    becomes SystemExit while it runs, so the server is stopped then too, not orphaned."""
     port = free_port()
     full_env = {**os.environ, **VLLM_ENV, **(env or {})}
     with open(log, "wb") as logf:
         proc = subprocess.Popen([*cmd, "--host", "127.0.0.1", "--port", str(port)], stdout=logf,
                                 stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+    previous = _exit_on_sigterm()
     try:
         deadline = time.monotonic() + timeout
         while True:
@@ -90,6 +93,19 @@ def vllm_server(cmd: list[str], model: str, log: Path, timeout: float = 600, env
         yield Server(f"http://127.0.0.1:{port}", model, proc, log)
     finally:
         stop(proc)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm():
+    """Make SIGTERM raise SystemExit (finally blocks run); the previous handler, or None off the main thread."""
+    def exit_(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        return signal.signal(signal.SIGTERM, exit_)
+    except ValueError:  # not the main thread: leave signals alone
+        return None
 
 
 def stop(proc: subprocess.Popen) -> None:
