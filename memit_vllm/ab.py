@@ -20,7 +20,8 @@ import click
 from .core.files import atomic_file
 from .core.records import read_dataset
 from .errors import MemitError
-from .evaluate.metrics import COUNTERFACT_METRICS, ZSRE_METRICS
+from .evaluate.generation import NEW_TOKENS
+from .evaluate.metrics import COUNTERFACT_METRICS, GENERATION_METRICS, ZSRE_METRICS
 
 GENERATE_TOKENS = 16
 LATENCY_CONCURRENCY = 4  # parallel single-prompt requests while latency is measured
@@ -39,37 +40,15 @@ class Arm:
 
 def parse_arm(label: str, spec: str) -> Arm:
     """`http://host:port[:MODEL]`: a trailing `:X` is a model unless X is a port number."""
-    if not spec.startswith(("http://", "https://")):
-        raise MemitError(f"--{label.lower()} {spec!r}: expected http(s)://HOST:PORT[:MODEL]")
-    head, sep, tail = spec.rpartition(":")
-    if sep and not tail.isdigit() and not tail.startswith("//") and head not in ("http", "https"):
-        return Arm(label, head.rstrip("/"), tail)
-    return Arm(label, spec.rstrip("/"), None)
+    from .evaluate.served import split_endpoint
+
+    return Arm(label, *split_endpoint(f"--{label.lower()}", spec))
 
 
 def read_regression(path: str | Path) -> list[dict]:
-    """Prompts as a JSON list or JSONL of strings or {"prompt", "answer"?} objects. The content decides
-    which, whatever the file's suffix (unlike edit records, core.records.read_records)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise MemitError(f"--regression {path}: cannot read it as UTF-8 text ({e})") from e
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise MemitError(f"--regression {path}: neither JSON nor JSONL ({e})") from e
-    out = []
-    for i, item in enumerate(items if isinstance(items, list) else [items]):
-        item = {"prompt": item} if isinstance(item, str) else item
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"]:
-            raise MemitError(f"--regression {path}: item {i} is not a prompt string or {{\"prompt\": ...}}")
-        out.append({"prompt": item["prompt"], "answer": item.get("answer")})
-    if not out:
-        raise MemitError(f"--regression {path} holds no prompts")
-    return out
+    from .evaluate.generation import read_prompts
+
+    return read_prompts(path, "--regression")
 
 
 def _tokenizer_for(arm: Arm, tokenizer: str | None):
@@ -114,24 +93,19 @@ def _hit(completion: str, target: str) -> bool:
     return completion.strip().startswith(target.strip())
 
 
-def run_arm(arm: Arm, records: list, fmt: str, regression: list[dict], tokenizer, batch_size: int) -> dict:
+def run_arm(arm: Arm, records: list, fmt: str, regression: list[dict], tokenizer, batch_size: int, task) -> dict:
+    """The arm's teacher-forced scores, its completions of the `task`'s prompts (`generated`, with its
+    `scorer`: internal, dropped from the result) and its latency on the rewrite, paraphrase and regression
+    prompts."""
     from .evaluate.run import measure_counterfact, measure_zsre
     from .evaluate.served import ServedScorer
 
     scorer = ServedScorer(arm.url, tokenizer, batch_size=batch_size, model=arm.model)
     metrics = measure_zsre(scorer, records) if fmt == "zsre" else measure_counterfact(scorer, records)
-    if fmt == "zsre":
-        gen = [(r.src, r.target) for r in records] + [(r.rephrase, r.target) for r in records]
-    else:
-        gen = [(r.rewrite_prompt, r.target_new) for r in records]
-        gen += [(p, r.target_new) for r in records for p in r.paraphrase_prompts]
-    texts, seconds = _timed_completions(scorer, [p for p, _ in gen] + [x["prompt"] for x in regression])
-    n_rewrite = len(records)
-    hits = [_hit(t, target) for t, (_, target) in zip(texts, gen)]
-    metrics["rewrite_hit"] = sum(hits[:n_rewrite]) / n_rewrite
-    metrics["paraphrase_hit"] = sum(hits[n_rewrite:]) / max(len(hits) - n_rewrite, 1)
+    texts, seconds = _timed_completions(scorer, task.hit_prompts + [x["prompt"] for x in regression])
     return {"arm": arm.name, "url": arm.url, "model": scorer.model, "patches": scorer.served_patch_ids(),
-            "metrics": metrics, "latency": _percentiles(seconds), "regression_answers": texts[len(gen):]}
+            "metrics": metrics, "latency": _percentiles(seconds), "regression_answers": texts[len(task.hit_prompts):],
+            "generated": task.complete(scorer), "scorer": scorer}
 
 
 def _agreement(answers: list[str], prompts: list[dict], control: list[str]) -> float:
@@ -142,30 +116,41 @@ def _agreement(answers: list[str], prompts: list[dict], control: list[str]) -> f
 
 
 def compare(a: Arm, b: Arm, edits: str, regression: str | None = None, n: int | None = None,
-            tokenizer: str | None = None, batch_size: int = 16) -> dict:
+            tokenizer: str | None = None, batch_size: int = 16, new_tokens: int = NEW_TOKENS,
+            unrelated: str | None = None, heldout: str | None = None) -> dict:
     """Both arms on the same data; regression answers are compared with each item's "answer", or with
-    arm A's answer where an item has none (A is the control arm)."""
+    arm A's answer where an item has none (A is the control arm). The generated metrics are `eval
+    --generate`'s with A as the unedited model: what B kept of A's completions, KL(A || B)."""
+    from .evaluate.generation import generation_task, served_kl, unrelated_prompts
+
     fmt, records = read_dataset(edits, n)
     prompts = read_regression(regression) if regression else []
+    others, source = unrelated_prompts(edits, fmt, records, unrelated=unrelated)
     tok = _tokenizer_for(a, tokenizer)
-    arms = [run_arm(arm, records, fmt, prompts, tok, batch_size) for arm in (a, b)]
-    if prompts:
-        for arm in arms:
+    task = generation_task(tok, fmt, records, others, source, heldout, new_tokens=new_tokens)
+    arms = [run_arm(arm, records, fmt, prompts, tok, batch_size, task) for arm in (a, b)]
+    control = arms[0]["generated"]
+    task.info["unrelated_confident"] = task.confident(control)
+    kl = {"heldout_kl_top20": served_kl(arms[0]["scorer"], arms[1]["scorer"], task.heldout)} if task.heldout else {}
+    for arm, arm_kl in zip(arms, (dict.fromkeys(kl, 0.0), kl)):  # KL(A || A) = 0
+        arm["metrics"] |= task.metrics(arm.pop("generated"), control) | arm_kl
+        del arm["scorer"]
+        if prompts:
             arm["metrics"]["regression_agreement"] = _agreement(arm["regression_answers"], prompts,
                                                                 arms[0]["regression_answers"])
-    meanings = dict(ZSRE_METRICS if fmt == "zsre" else
-                    {k: v for k, v in COUNTERFACT_METRICS.items() if k in arms[0]["metrics"]})
-    meanings["rewrite_hit"] = "greedy completion of the rewrite prompt starts with the new target"
-    meanings["paraphrase_hit"] = "same, on paraphrases"
+    known = {**(ZSRE_METRICS if fmt == "zsre" else COUNTERFACT_METRICS), **GENERATION_METRICS}
+    meanings = {k: v for k, v in known.items() if k in arms[0]["metrics"]}
     if prompts:
         meanings["regression_agreement"] = "regression prompts answered as expected (given answer, else as A)"
     return {"edits": str(Path(edits).resolve()), "format": fmt, "n": len(records),
             "regression": str(Path(regression).resolve()) if regression else None,
-            "regression_prompts": len(prompts), "metrics": meanings, "A": arms[0], "B": arms[1],
-            "delta": {k: arms[1]["metrics"][k] - arms[0]["metrics"][k] for k in meanings}}
+            "regression_prompts": len(prompts), "generation": task.info, "metrics": meanings, "A": arms[0],
+            "B": arms[1], "delta": {k: arms[1]["metrics"][k] - arms[0]["metrics"][k] for k in meanings}}
 
 
 def format_table(result: dict) -> str:
+    from .evaluate.report import value_text
+
     a, b = result["A"], result["B"]
     width = max(map(len, [*result["metrics"], "latency p99 (ms)"]))
     lines = [f"A = {a['arm']} (patches: {', '.join(a['patches']) or 'none'})",
@@ -174,8 +159,8 @@ def format_table(result: dict) -> str:
              f"{result['regression_prompts']} regression prompts",
              f"{'metric':<{width}}  {'A':>9}  {'B':>9}  {'B - A':>9}"]
     for k, meaning in result["metrics"].items():
-        lines.append(f"{k:<{width}}  {a['metrics'][k]:>9.4f}  {b['metrics'][k]:>9.4f}  "
-                     f"{result['delta'][k]:>+9.4f}   {meaning}")
+        lines.append(f"{k:<{width}}  {value_text(k, a['metrics'][k], False)}  {value_text(k, b['metrics'][k], False)}  "
+                     f"{value_text(k, result['delta'][k], True)}   {meaning}")
     for q in ("p50", "p90", "p99"):
         key = f"{q}_ms"
         lines.append(f"{f'latency {q} (ms)':<{width}}  {a['latency'][key]:>9.1f}  {b['latency'][key]:>9.1f}  "
@@ -186,12 +171,15 @@ def format_table(result: dict) -> str:
 def plot(result: dict, path: str | Path) -> Path:
     from .evaluate.report import bar_chart
 
-    scores = [k for k in result["metrics"] if not k.endswith("_magnitude")]
+    scores = [k for k in result["metrics"] if not k.endswith("_magnitude") and not k.startswith("heldout_kl")]
+    kls = [k for k in result["metrics"] if k.startswith("heldout_kl")]
     series = {"A": result["A"]["metrics"], "B": result["B"]["metrics"]}
     latency = {label: {f"{q} ms": result[label]["latency"][f"{q}_ms"] for q in ("p50", "p90", "p99")}
                for label in ("A", "B")}
     title = f"A = {result['A']['arm']}   B = {result['B']['arm']}   ({result['n']} edits)"
-    return bar_chart([(scores, series, (0, 1.08)), (["p50 ms", "p90 ms", "p99 ms"], latency, None)], title, path)
+    panels = [(scores, series, (0, 1.08)), *([(kls, series, None)] if kls else []),
+              (["p50 ms", "p90 ms", "p99 ms"], latency, None)]
+    return bar_chart(panels, title, path)
 
 
 @click.command("ab")
@@ -207,10 +195,17 @@ def plot(result: dict, path: str | Path) -> Path:
               help="Write the full result here ('-': print it instead of the table).")
 @click.option("--plot", "plot_out", default="ab.png", show_default=True, metavar="PNG", help="Chart of A vs B.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-def ab_command(arm_a, arm_b, edits, regression, n, tokenizer, json_out, plot_out, batch_size):
+@click.option("--new-tokens", type=click.IntRange(min=1), default=NEW_TOKENS, show_default=True,
+              help="Greedy tokens per completion of the generated metrics (as `eval --generate`).")
+@click.option("--unrelated", default=None, metavar="FILE", help="Prompts no edit concerns (as `eval --unrelated`; "
+              "default: the edit prompts of the records after the first N).")
+@click.option("--heldout", default=None, metavar="FILE", help="Text for the KL between the arms (as `eval --heldout`).")
+def ab_command(arm_a, arm_b, edits, regression, n, tokenizer, json_out, plot_out, batch_size, new_tokens, unrelated,
+               heldout):
     """Compare two served arms on edit success, regressions and latency (table, JSON, PNG)."""
     a, b = parse_arm("A", arm_a), parse_arm("B", arm_b)
-    result = compare(a, b, edits, regression, n=n, tokenizer=tokenizer, batch_size=batch_size)
+    result = compare(a, b, edits, regression, n=n, tokenizer=tokenizer, batch_size=batch_size,
+                     new_tokens=new_tokens, unrelated=unrelated, heldout=heldout)
     if not result["regression_prompts"]:
         for arm in ("A", "B"):
             del result[arm]["regression_answers"]

@@ -4,6 +4,7 @@ requests against a stub OpenAI server."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -51,8 +52,28 @@ def test_agreement_uses_the_given_answer_else_arm_a():
     assert _agreement(control, prompts, control) == pytest.approx(2 / 3)  # A misses the given answer
 
 
+def _choice(index: int, ids: list[int], body: dict) -> dict:
+    """A token-id prompt: greedy -> its ids reversed, the first one at log 0.6 over log 0.1; echo -> per
+    position the top-k candidates 1..k at logprob -rank, plus the actual token at -50."""
+    if body.get("echo"):
+        tops = [None] + [{f"token_id:{t}": -float(t) for t in range(1, body["logprobs"] + 1)} | {f"token_id:{i}": -50.0}
+                         for i in ids[1:]]
+        return {"index": index, "logprobs": {"top_logprobs": tops}}
+    first = {f"token_id:{ids[-1]}": math.log(0.6), "token_id:0": math.log(0.1)}
+    return {"index": index, "token_ids": ids[::-1], "logprobs": {"top_logprobs": [first]}}
+
+
+class _CharTokenizer:
+    def __call__(self, text):
+        return {"input_ids": [ord(ch) for ch in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
 class _StubServer(BaseHTTPRequestHandler):
-    """/v1/models and /v1/completions (echoes each prompt reversed); `status` answers /memit/patches."""
+    """/v1/models and /v1/completions (text prompts: reversed; token ids: `_choice`); `status` answers
+    /memit/patches."""
 
     status = 404
 
@@ -69,8 +90,10 @@ class _StubServer(BaseHTTPRequestHandler):
         self._answer(self.status, {"error": "no"})
 
     def do_POST(self):
-        prompts = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompt"]
-        self._answer(200, {"choices": [{"index": i, "text": p[::-1]} for i, p in reversed(list(enumerate(prompts)))]})
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        choices = [{"index": i, "text": p[::-1]} if isinstance(p, str) else _choice(i, p, body)
+                   for i, p in enumerate(body["prompt"])]
+        self._answer(200, {"choices": choices[::-1]})
 
     def log_message(self, *args):
         pass
@@ -93,3 +116,12 @@ def test_plain_server_serves_no_patches_and_other_errors_carry_their_status(stub
     with pytest.raises(ServerError, match="/memit/patches answered 500") as e:
         scorer.served_patch_ids()
     assert e.value.status == 500
+
+
+def test_greedy_and_top_logprobs_requests(stub):
+    scorer = ServedScorer(stub, tokenizer=_CharTokenizer())
+    first, second = scorer.greedy(["ab", "xyz"], 4)  # in prompt order, whatever the answer's order
+    assert (first.tokens, first.text, second.text) == ((ord("b"), ord("a")), "ba", "zyx")
+    assert first.margin == pytest.approx(0.5)
+    (tops,) = scorer.top_logprobs([[7, 100, 200]], k=3)
+    assert tops == [{1: -1.0, 2: -2.0, 3: -3.0}] * 2  # one per predicted token; the echoed actual one dropped

@@ -43,7 +43,8 @@ class Corpus:
     description: str
 
 
-def _file_corpus(path: Path) -> Corpus:
+def file_corpus(path: Path) -> Corpus:
+    """A local .txt (blank-line separated) or .jsonl ({"text": ...} per line) corpus, identified by its hash."""
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
 
     def texts():
@@ -106,7 +107,7 @@ def resolve_corpus(source: str | None, em: EditableModel, tok, seed: int) -> Cor
     if path.exists():
         if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
             raise MemitError(f"--stats-corpus {source}: local corpora are .txt or .jsonl files")
-        return _file_corpus(path)
+        return file_corpus(path)
     if source.startswith((".", "/", "~")) or source.endswith((".txt", ".jsonl")):
         raise MemitError(f"--stats-corpus {source}: no such file")
     return _hf_corpus(source)

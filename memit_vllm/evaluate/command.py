@@ -8,6 +8,7 @@ import sys
 import click
 
 from ..core.records import FORMATS, ZSRE_TARGETS
+from .generation import HELDOUT_TEXTS, NEW_TOKENS
 
 
 @click.command("eval")
@@ -20,6 +21,14 @@ from ..core.records import FORMATS, ZSRE_TARGETS
 @click.option("--zsre-target", type=click.Choice(ZSRE_TARGETS), default="answers", show_default=True,
               help="zsRE target: answers[0] (the MEMIT code) or alt (the editing toolkits).")
 @click.option("--fluency", is_flag=True, help="Also measure GE on greedy 100-token generations (slow).")
+@click.option("--generate", is_flag=True, help="Also the generated metrics: greedy completions of the rewrite, "
+              "paraphrase, neighbour and unrelated prompts, and the next-token KL on held-out text.")
+@click.option("--new-tokens", type=click.IntRange(min=1), default=NEW_TOKENS, show_default=True,
+              help="--generate: greedy tokens per completion.")
+@click.option("--unrelated", default=None, metavar="FILE", help="--generate: prompts (JSON list / JSONL of strings "
+              "or {prompt}) that no edit concerns (default: the edit prompts of the records after the first N).")
+@click.option("--heldout", default=None, metavar="FILE", help="--generate: .txt/.jsonl text for the KL, of which "
+              f"the last {HELDOUT_TEXTS} texts are used (default: ../shared/data/corpus/smollm2_self_2k.jsonl).")
 @click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[PATH]",
               help="Write every metric as JSON to PATH, or to stdout (instead of the table) without PATH.")
 @click.option("--plot", "plot_out", default=None, metavar="PNG", help="Write a before/after bar chart.")
@@ -28,19 +37,21 @@ from ..core.records import FORMATS, ZSRE_TARGETS
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")
 @click.option("--backend", type=click.Choice(("transformers", "vllm")), default="transformers", show_default=True,
               help="Score in memory (transformers) or through running vLLM servers (--server, --base-server).")
-@click.option("--server", default=None, metavar="URL",
-              help="vllm backend: a server serving MODEL with exactly the --patch stack (e.g. `memit-vllm serve`).")
-@click.option("--base-server", default=None, metavar="URL",
+@click.option("--server", default=None, metavar="URL[:MODEL]",
+              help="vllm backend: a server serving MODEL with exactly the --patch stack (e.g. `memit-vllm serve`); "
+                   ":MODEL picks one of its models (a --memit-variant).")
+@click.option("--base-server", default=None, metavar="URL[:MODEL]",
               help="vllm backend: a server serving MODEL without patches, for the 'before' column.")
-def eval_command(model, patches, data, n, fmt, zsre_target, fluency, json_out, plot_out, batch_size, device,
-                 backend, server, base_server):
+def eval_command(model, patches, data, n, fmt, zsre_target, fluency, generate, new_tokens, unrelated, heldout,
+                 json_out, plot_out, batch_size, device, backend, server, base_server):
     """Score a model on CounterFact or zsRE before and after its patches (metrics: README "Evaluation")."""
     from .report import format_table, plot, write_json
     from .run import evaluate
 
     result = evaluate(model, data, patches, n=n, fmt=fmt, zsre_target=zsre_target, fluency=fluency,
                       batch_size=batch_size, device=device, progress=sys.stderr.isatty(),
-                      backend=backend, server=server, base_server=base_server)
+                      backend=backend, server=server, base_server=base_server, generate=generate,
+                      new_tokens=new_tokens, unrelated=unrelated, heldout=heldout)
     if plot_out:
         plot(result, plot_out)
     if json_out == "-":

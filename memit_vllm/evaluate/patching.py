@@ -9,6 +9,7 @@ patch.tools.apply_patches, writes a merged checkpoint directory instead.)
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 
@@ -28,20 +29,39 @@ def load_model(checkpoint: Checkpoint, device: str = "cpu"):
 
 
 @torch.no_grad()
-def merge_into_model(model, checkpoint: Checkpoint, patches: Sequence[Patch]) -> None:
+def merge_into_model(model, checkpoint: Checkpoint, patches: Sequence[Patch]) -> dict[str, torch.Tensor]:
     """Set every patched parameter of the loaded `model` to checkpoint weight + deltas (one merge per
-    weight, whole stack)."""
+    weight, whole stack); return the replaced values (parameter name -> tensor), for `swapped`."""
     stack = PatchSet(patches)
     stack.check_model(checkpoint.architecture)  # every name is a down-projection of this architecture
     stack.check_names(set(checkpoint.keys()))
     arch = by_class(checkpoint.architecture)
+    replaced = {}
     for name in stack.names:
         merged = stack.merge(name, checkpoint.tensor(name))
-        param = model.get_parameter(arch.weight_name(arch.layer_of(name)))
+        param_name = arch.weight_name(arch.layer_of(name))
+        param = model.get_parameter(param_name)
         if tuple(merged.shape) != tuple(param.shape):
             raise ShapeMismatchError(f"weight {name!r} is {tuple(merged.shape)} in the checkpoint but "
                                      f"{tuple(param.shape)} in the loaded model; cannot apply the patch")
+        replaced[param_name] = param.detach().clone()
         param.copy_(merged.to(param.dtype))
+    return replaced
+
+
+@contextmanager
+@torch.no_grad()
+def swapped(model, values: dict[str, torch.Tensor]):
+    """The parameters named in `values` set to them inside the block, and back after it: the unedited
+    model next to the edited one without a second copy (only the patched weights are held twice)."""
+    previous = {name: model.get_parameter(name).detach().clone() for name in values}
+    for name, value in values.items():
+        model.get_parameter(name).copy_(value)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            model.get_parameter(name).copy_(value)
 
 
 def patch_info(patch: Patch) -> dict:

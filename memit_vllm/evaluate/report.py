@@ -14,13 +14,37 @@ def _title(result: dict) -> str:
             f"{result['backend']}); patches: {patches}")
 
 
+def _generation_note(info: dict) -> str:
+    """Where the generated metrics' prompts and text came from, and whether the KL text is held out."""
+    heldout = info["heldout"]
+    lines = [f"generated: {info['new_tokens']} greedy tokens; {info['unrelated_prompts']} unrelated prompts "
+             f"({info['unrelated']}), {info.get('unrelated_confident', '?')} of them confident "
+             f"(unedited p1 - p2 >= {info['confident_margin']})"]
+    if heldout is None:
+        lines.append("no held-out text (pass --heldout FILE): no KL")
+    else:
+        lines.append(f"KL on {heldout['positions']} positions of {heldout['texts']} texts, the {heldout['slice']} "
+                     f"of {heldout['path']}")
+        if heldout["covariance_overlap"]:
+            lines.append("WARNING: a patch's covariance read these texts; they are not held out from it")
+    return "\n".join(lines)
+
+
+def value_text(name: str, value: float, signed: bool) -> str:
+    """KLs are small: three significant digits in scientific notation; the rest four decimals."""
+    spec = (">+9" if signed else ">9") + (".2e" if name.startswith("heldout_kl") else ".4f")
+    return f"{value:{spec}}"
+
+
 def format_table(result: dict) -> str:
     columns = [c for c in ("before", "after", "delta") if c in result]
     width = max(map(len, result["metrics"]))
-    lines = [_title(result), f"{'metric':<{width}}  " + "  ".join(f"{c:>8}" for c in columns)]
+    lines = [_title(result), f"{'metric':<{width}}  " + "  ".join(f"{c:>9}" for c in columns)]
     for name, meaning in result["metrics"].items():
-        values = [f"{result[c][name]:>8.4f}" if c != "delta" else f"{result[c][name]:>+8.4f}" for c in columns]
+        values = [value_text(name, result[c][name], c == "delta") for c in columns]
         lines.append(f"{name:<{width}}  " + "  ".join(values) + f"   {meaning}")
+    if result.get("generation"):
+        lines.append(_generation_note(result["generation"]))
     return "\n".join(lines)
 
 
@@ -30,11 +54,12 @@ def write_json(result: dict, path: str | Path) -> None:
 
 
 def plot(result: dict, path: str | Path) -> Path:
-    """Grouped bars per metric; scores, magnitudes and GE get their own panels (different scales)."""
+    """Grouped bars per metric; scores, magnitudes, GE and the KLs get their own panels (different scales)."""
     names = list(result["metrics"])
     series = {c: result[c] for c in ("before", "after") if c in result}
-    panels = [([n for n in names if not n.endswith("_magnitude") and n != "GE"], (0, 1.08)),
-              ([n for n in names if n.endswith("_magnitude")], None), ([n for n in names if n == "GE"], None)]
+    own_panel = [lambda n: n.endswith("_magnitude"), lambda n: n == "GE", lambda n: n.startswith("heldout_kl")]
+    panels = [([n for n in names if not any(f(n) for f in own_panel)], (0, 1.08)),
+              *(([n for n in names if f(n)], None) for f in own_panel)]
     return bar_chart([(p, series, lim) for p, lim in panels if p], _title(result), path)
 
 
@@ -57,8 +82,8 @@ def bar_chart(panels: list[tuple[list[str], dict[str, dict], tuple | None]], tit
         for k, (label, values) in enumerate(series.items()):
             xs = [i + (k - (len(series) - 1) / 2) * bar for i in range(len(names))]
             bars = ax.bar(xs, [values[n] for n in names], bar, label=label, color=COLORS[k % len(COLORS)])
-            ax.bar_label(bars, fmt="%.2f", fontsize=7)
-        ax.set_xticks(range(len(names)), [n.replace("_magnitude", "\nmagnitude") for n in names], fontsize=8)
+            ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        ax.set_xticks(range(len(names)), [n.replace("_", "\n") for n in names], fontsize=8)
         ax.axhline(0, color="black", linewidth=0.6)
         if ylim:
             ax.set_ylim(*ylim)

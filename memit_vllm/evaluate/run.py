@@ -10,7 +10,15 @@ from ..core.records import CounterFactRecord, ZsreRecord, read_dataset
 from ..errors import MemitError
 from ..patch import load_patch
 from ..patch.merge import PatchSet
-from .metrics import COUNTERFACT_METRICS, ZSRE_METRICS, CounterFactScores, counterfact_metrics, zsre_metrics
+from .generation import NEW_TOKENS, generation_task, heldout_texts, served_kl, unrelated_prompts
+from .metrics import (
+    COUNTERFACT_METRICS,
+    GENERATION_METRICS,
+    ZSRE_METRICS,
+    CounterFactScores,
+    counterfact_metrics,
+    zsre_metrics,
+)
 
 
 def measure_counterfact(scorer, records: Sequence[CounterFactRecord], fluency: bool = False) -> dict[str, float]:
@@ -57,13 +65,19 @@ def measure_zsre(scorer, records: Sequence[ZsreRecord]) -> dict[str, float]:
 def evaluate(model: str, data: str | Path, patches: Sequence[str | Path] = (), n: int | None = None,
              fmt: str = "auto", zsre_target: str = "answers", fluency: bool = False, batch_size: int = 16,
              device: str | None = None, progress: bool = False, backend: str = "transformers",
-             server: str | None = None, base_server: str | None = None) -> dict:
+             server: str | None = None, base_server: str | None = None, generate: bool = False,
+             new_tokens: int = NEW_TOKENS, unrelated: str | Path | None = None,
+             heldout: str | Path | None = None) -> dict:
     """Metrics before and/or after the patches as one JSON-ready dict; see README "Evaluation".
 
     backend "transformers" scores the base model, merges the patches in memory and scores again.
     backend "vllm" scores through running servers: `server` must serve exactly `patches` (checked
     by patch id), and gives "after" (or "before" without patches); `base_server`, serving no
-    patches, gives "before" when patches are given (without it there is no "before").
+    patches, gives "before" when patches are given (without it there is no "before"). A server is
+    `URL[:MODEL]` (MODEL: which of its models, e.g. a `--memit-variant`).
+
+    `generate` adds the generated metrics (`generation` module): completions of `new_tokens`, the
+    `unrelated` prompts file (default: records after the first n), KL on `heldout` text.
     """
     from .patching import patch_info
 
@@ -76,12 +90,22 @@ def evaluate(model: str, data: str | Path, patches: Sequence[str | Path] = (), n
     if loaded:
         PatchSet(loaded).validate(checkpoint)
 
+    if generate:
+        prompts, source = unrelated_prompts(data, fmt, records, loaded, unrelated, zsre_target)
+        if heldout is not None:
+            heldout_texts(heldout)  # a bad file fails here, before the model loads
+
+        def plan(tokenizer):
+            return generation_task(tokenizer, fmt, records, prompts, source, heldout, loaded, new_tokens)
+
     def measure(scorer):
         if fmt == "zsre":
             return measure_zsre(scorer, records)
         return measure_counterfact(scorer, records, fluency)
 
-    descriptions = ZSRE_METRICS if fmt == "zsre" else COUNTERFACT_METRICS
+    descriptions = {**(ZSRE_METRICS if fmt == "zsre" else COUNTERFACT_METRICS),
+                    **(GENERATION_METRICS if generate else {})}
+    generated, kl = {}, {}  # phase -> completions; metric -> value
     result = {
         "model": model, "model_path": str(checkpoint.path), "architecture": checkpoint.architecture,
         "data": str(Path(data).resolve()), "format": fmt, "n": len(records), "backend": backend,
@@ -91,37 +115,61 @@ def evaluate(model: str, data: str | Path, patches: Sequence[str | Path] = (), n
     if backend == "transformers":
         import torch
 
-        from .patching import load_model, merge_into_model
+        from .patching import load_model, merge_into_model, swapped
         from .scoring import TransformersScorer
 
         result["device"] = device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         hf_model, tokenizer = load_model(checkpoint, device)
+        task = plan(tokenizer) if generate else None
         scorer = TransformersScorer(hf_model, tokenizer, batch_size=batch_size, progress=progress)
         result["before"] = measure(scorer)
+        if task:
+            generated["before"] = task.complete(scorer)
         if loaded:
-            merge_into_model(hf_model, checkpoint, loaded)
+            unedited = merge_into_model(hf_model, checkpoint, loaded)
             result["after"] = measure(scorer)
+            if task:
+                generated["after"] = task.complete(scorer)
+                if task.heldout:
+                    kl["heldout_kl"], kl["heldout_kl_top20"] = scorer.heldout_kl(
+                        task.heldout, lambda: swapped(hf_model, unedited))
     elif backend == "vllm":
         from transformers import AutoTokenizer
 
-        from .served import ServedScorer
+        from .served import ServedScorer, split_endpoint
 
         if not server:
             raise MemitError("the vllm backend needs --server URL (e.g. of `memit-vllm serve M --memit-patch P`)")
         tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
-        phases = [("after" if loaded else "before", server, [p.patch_id for p in loaded])]
+        task = plan(tokenizer) if generate else None
+        phases = [("after" if loaded else "before", ("--server", server), [p.patch_id for p in loaded])]
         if base_server and loaded:
-            phases.insert(0, ("before", base_server, []))
-        for phase, url, expected in phases:
-            scorer = ServedScorer(url, tokenizer, batch_size=batch_size, progress=progress)
+            phases.insert(0, ("before", ("--base-server", base_server), []))
+        scorers = {}
+        for phase, (flag, spec), expected in phases:
+            url, model_name = split_endpoint(flag, spec)
+            scorer = scorers[phase] = ServedScorer(url, tokenizer, batch_size=batch_size, progress=progress,
+                                                   model=model_name)
             served = scorer.served_patch_ids()
             if served != expected:
-                raise MemitError(f"the server at {url} serves patches {served or 'none'}, but the {phase} "
+                raise MemitError(f"the server at {spec} serves patches {served or 'none'}, but the {phase} "
                                  f"scores need {expected or 'none'}: start it with exactly those patches")
-            result[f"{phase}_server"] = url
+            result[f"{phase}_server"] = spec
             result[phase] = measure(scorer)
+            if task:
+                generated[phase] = task.complete(scorer)
+        if task and task.heldout and len(scorers) == 2:
+            kl["heldout_kl_top20"] = served_kl(scorers["before"], scorers["after"], task.heldout)
     else:
         raise MemitError(f"unknown backend {backend!r}; expected transformers or vllm")
+    if generate:
+        result["generation"] = task.info
+        reference = generated.get("before")
+        if reference:
+            task.info["unrelated_confident"] = task.confident(reference)
+            result["before"] |= task.metrics(reference, reference) | dict.fromkeys(kl, 0.0)
+        if "after" in generated:
+            result["after"] |= task.metrics(generated["after"], reference) | kl
     if "before" in result and "after" in result:
         result["delta"] = {k: result["after"][k] - v for k, v in result["before"].items()}
     shown = result.get("before", result.get("after"))

@@ -9,6 +9,7 @@ fixed offsets.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from ..core.tokens import pad_id, pad_right, target_ids
 from ..errors import MemitError
+from .metrics import KL_TOP_K, Completion, topk_kl
 
 
 @dataclass(frozen=True)
@@ -86,15 +88,63 @@ class TransformersScorer:
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], max_new_tokens: int = 100, desc: str = "generating") -> list[str]:
         """Greedy continuations, returned with their prompt (the text the MEMIT code measures)."""
-        return map_batched(prompts, self.batch_size, self._bar(len(set(prompts)), desc),
-                           lambda batch: self._generate_batch(batch, max_new_tokens))
+        def batch_texts(batch: list[str]) -> list[str]:
+            return [p + c.text for p, c in zip(batch, self._greedy_batch(batch, max_new_tokens, margins=False))]
 
-    def _generate_batch(self, batch: list[str], max_new_tokens: int) -> list[str]:
+        return map_batched(prompts, self.batch_size, self._bar(len(set(prompts)), desc), batch_texts)
+
+    @torch.no_grad()
+    def greedy(self, prompts: Sequence[str], max_new_tokens: int, desc: str = "greedy") -> list[Completion]:
+        """Greedy completions (tokens, text, first-token margin), in batches of similar prompt length."""
+        return map_batched(prompts, self.batch_size, self._bar(len(set(prompts)), desc),
+                           lambda batch: self._greedy_batch(batch, max_new_tokens),
+                           key=lambda p: len(self.tokenizer(p)["input_ids"]))
+
+    def _greedy_batch(self, batch: list[str], max_new_tokens: int, margins: bool = True) -> list[Completion]:
+        """`margins=False` (margin NaN) keeps no per-step logits: long generations would hold vocab x steps."""
         encoded = [self.tokenizer(p)["input_ids"] for p in batch]
         width = max(map(len, encoded))
         # Left padding here: generation appends at the right end of every row.
         ids = torch.tensor([[self.pad_id] * (width - len(e)) + e for e in encoded], device=self.device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=self.device)
         out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                  do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=self.pad_id)
-        return [p + self.tokenizer.decode(seq[width:], skip_special_tokens=True) for p, seq in zip(batch, out)]
+                                  do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=self.pad_id,
+                                  output_logits=margins, return_dict_in_generate=True)
+        top2 = (torch.softmax(out.logits[0].float(), -1).topk(2, -1).values.tolist() if margins
+                else [(math.nan, math.nan)] * len(batch))
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [self.tokenizer.eos_token_id if eos is None else eos])
+        completions = []
+        for seq, (p1, p2) in zip(out.sequences[:, width:].tolist(), top2):
+            # generate pads a row after its EOS; a served completion ends with that EOS.
+            seq = seq[:next((i + 1 for i, t in enumerate(seq) if t in eos), len(seq))]
+            completions.append(Completion(tuple(seq), self.tokenizer.decode(seq, skip_special_tokens=True), p1 - p2))
+        return completions
+
+    @torch.no_grad()
+    def heldout_kl(self, texts: Sequence[list[int]], reference, k: int = KL_TOP_K,
+                   batch_size: int = 4) -> tuple[float, float]:
+        """Mean over the next-token positions of `texts` (token ids) of KL(P_ref || P_model): exact, and by
+        `metrics.topk_kl` from the two top-k lists (what a server can return). `reference()` is a context
+        in which the model is the reference (the unedited weights swapped in)."""
+        exact, estimate, positions = 0.0, 0.0, 0
+        with self._bar(len(texts), "held-out KL") as bar:
+            for start in range(0, len(texts), batch_size):
+                batch = texts[start:start + batch_size]
+                ids, mask = pad_right(batch, self.pad_id)
+                ids, mask = ids.to(self.device), mask.to(self.device)
+                logq = self._next_token_logprobs(ids, mask)
+                with reference():
+                    logp = self._next_token_logprobs(ids, mask)
+                real = mask[:, 1:].bool()  # position j predicts token j + 1
+                logp, logq = logp[real], logq[real]
+                exact += (logp.exp() * (logp - logq)).sum().item()
+                tops = [torch.topk(x, k, -1) for x in (logp, logq)]
+                (pv, pi), (qv, qi) = [(t.values.tolist(), t.indices.tolist()) for t in tops]
+                estimate += sum(topk_kl(dict(zip(pi[j], pv[j])), dict(zip(qi[j], qv[j]))) for j in range(len(pv)))
+                positions += len(pv)
+                bar.update(len(batch))
+        return exact / positions, estimate / positions
+
+    def _next_token_logprobs(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), -1)

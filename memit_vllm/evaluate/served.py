@@ -9,6 +9,7 @@ vLLM import: the server is a separate process, e.g. `memit-vllm serve M --memit-
 from __future__ import annotations
 
 import json
+import math
 import sys
 import urllib.error
 import urllib.request
@@ -18,6 +19,7 @@ from tqdm import tqdm
 
 from ..core.contract import PATCHES_ROUTE
 from ..errors import MemitError
+from .metrics import KL_TOP_K, Completion
 from .scoring import TargetScore, encode_pair, map_batched
 
 
@@ -27,6 +29,16 @@ class ServerError(MemitError):
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
+
+
+def split_endpoint(flag: str, spec: str) -> tuple[str, str | None]:
+    """`http://host:port[:MODEL]` as (url, model or None): a trailing `:X` is a model unless X is a port."""
+    if not spec.startswith(("http://", "https://")):
+        raise MemitError(f"{flag} {spec!r}: expected http(s)://HOST:PORT[:MODEL]")
+    head, sep, tail = spec.rpartition(":")
+    if sep and not tail.isdigit() and not tail.startswith("//") and head not in ("http", "https"):
+        return head.rstrip("/"), tail
+    return spec.rstrip("/"), None
 
 
 def request_json(url: str, route: str, body: dict | None = None, timeout: float = 600) -> dict:
@@ -95,6 +107,40 @@ class ServedScorer:
             return [p + text for p, text in zip(batch, self.complete(batch, max_new_tokens))]
 
         return map_batched(prompts, self.batch_size, self._bar(len(set(prompts)), desc), batch_texts)
+
+
+    def greedy(self, prompts: Sequence[str], max_new_tokens: int, desc: str = "greedy") -> list[Completion]:
+        """Greedy completions of the prompts' token ids (as the transformers backend feeds them): the
+        generated ids (`return_token_ids`; an EOS that stops one is its last), their text decoded here,
+        and the first token's top-2 margin from `logprobs=2`."""
+        def batch_completions(batch: list[str]) -> list[Completion]:
+            out = self._request("/v1/completions", {
+                "model": self.model, "prompt": [self.tokenizer(p)["input_ids"] for p in batch],
+                "max_tokens": max_new_tokens, "temperature": 0, "logprobs": 2, "return_token_ids": True,
+                "return_tokens_as_token_ids": True})
+            completions = []
+            for c in sorted(out["choices"], key=lambda c: c["index"]):
+                p1, p2 = sorted(map(math.exp, c["logprobs"]["top_logprobs"][0].values()), reverse=True)[:2]
+                tokens = tuple(c["token_ids"])
+                completions.append(Completion(tokens, self.tokenizer.decode(tokens, skip_special_tokens=True), p1 - p2))
+            return completions
+
+        return map_batched(prompts, self.batch_size, self._bar(len(set(prompts)), desc), batch_completions)
+
+    def top_logprobs(self, texts: Sequence[list[int]], k: int = KL_TOP_K) -> list[list[dict[int, float]]]:
+        """Per text (token ids), per position predicting token 1.. : the top-k next-token log-probabilities
+        (token id -> logprob), from the echoed prompt logprobs. The echo adds the actual token where it is
+        not among the top k; it is dropped, so every position holds exactly the k largest."""
+        def batch_tops(batch: list[tuple[int, ...]]) -> list[list[dict[int, float]]]:
+            out = self._request("/v1/completions", {
+                "model": self.model, "prompt": [list(t) for t in batch], "max_tokens": 0, "echo": True,
+                "logprobs": k, "temperature": 0, "return_tokens_as_token_ids": True})
+            return [[{int(t.removeprefix("token_id:")): lp for t, lp in sorted(top.items(), key=lambda x: -x[1])[:k]}
+                     for top in c["logprobs"]["top_logprobs"][1:]]
+                    for c in sorted(out["choices"], key=lambda c: c["index"])]
+
+        return map_batched([tuple(t) for t in texts], self.batch_size, self._bar(len(texts), "held-out logprobs"),
+                           batch_tops)
 
 
 def _target_score(logprobs: dict, prompt_len: int, target: list[int]) -> TargetScore:
