@@ -2,7 +2,6 @@
 layout and every malformed case, atomic writes, token conventions."""
 
 import json
-import os
 import stat
 
 import pytest
@@ -154,23 +153,24 @@ def test_fact_text_reads_header_records_and_foreign_ones():
 
 # -- files -----------------------------------------------------------------------------------------------
 def test_atomic_file_keeps_the_umask_mode_and_leaves_nothing_on_failure(tmp_path):
-    old = os.umask(0o022)
-    try:
-        with atomic_file(tmp_path / "a.txt") as tmp:
-            tmp.write_text("x")
-        assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
-        with pytest.raises(RuntimeError), atomic_file(tmp_path / "b.txt") as tmp:
-            tmp.write_text("half")
-            raise RuntimeError
-        with atomic_dir(tmp_path / "d") as tmp:
-            (tmp / "f").write_text("y")
-        assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755 and (tmp_path / "d" / "f").read_text() == "y"
-        with pytest.raises(MemitError, match="already exists"), atomic_dir(tmp_path / "d"):
-            pass
-        with pytest.raises(MemitError, match="is a directory"), atomic_file(tmp_path / "d"):
-            pass
-    finally:
-        os.umask(old)
+    (tmp_path / "plain").touch()  # what a plain open() and mkdir give under this process's umask
+    (tmp_path / "plain_dir").mkdir()
+    plain, plain_dir = (stat.S_IMODE((tmp_path / n).stat().st_mode) for n in ("plain", "plain_dir"))
+    (tmp_path / "plain").unlink()
+    (tmp_path / "plain_dir").rmdir()
+    with atomic_file(tmp_path / "a.txt") as tmp:
+        tmp.write_text("x")
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == plain
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "b.txt") as tmp:
+        tmp.write_text("half")
+        raise RuntimeError
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("y")
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == plain_dir and (tmp_path / "d" / "f").read_text() == "y"
+    with pytest.raises(MemitError, match="already exists"), atomic_dir(tmp_path / "d"):
+        pass
+    with pytest.raises(MemitError, match="is a directory"), atomic_file(tmp_path / "d"):
+        pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "d"]
 
 
@@ -206,3 +206,9 @@ def test_a_damaged_checkpoint_is_one_clear_error(smollm2, tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text("{not json")
     with pytest.raises(MemitError, match="is not a safetensors index"):
         Checkpoint(tmp_path)
+
+
+def test_stray_braces_in_a_prompt_are_one_clear_error():
+    with pytest.raises(MemitError, match=r"holds braces besides the one '\{\}'.*double them"):
+        parse_record({"prompt": "{} is {x}", "subject": "s", "target_new": "t"}, "r")
+    assert parse_record({"prompt": "{} is {{x}}", "subject": "s", "target_new": "t"}, "r").text() == "s is {x}"

@@ -15,10 +15,19 @@ from pathlib import Path
 from ..errors import MemitError
 
 
-def _umask_mode(mode: int) -> int:
+def _read_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return mode & ~umask
+    return umask
+
+
+# Read once, at import: os.umask can only be read by setting it, which would race with threads that
+# create files meanwhile (the server writes its state file from a worker thread).
+_UMASK = _read_umask()
+
+
+def _umask_mode(mode: int) -> int:
+    return mode & ~_UMASK
 
 
 def _fsync_dir(path: Path) -> None:

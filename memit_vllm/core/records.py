@@ -114,13 +114,18 @@ def template_prompt(prompt, subject, where: str) -> str:
     """The prompt with "{}" where the subject goes: kept if it holds "{}" once, else the subject's last
     occurrence is replaced (literal braces elsewhere escaped, so .format(subject) gives the text back)."""
     prompt, subject = _text(prompt, "prompt", where), _text(subject, "subject", where)
-    if prompt.count("{}") == 1:
-        return prompt
-    at = prompt.rfind(subject)
-    if at < 0:
-        raise MemitError(f"{where}: subject {subject!r} does not occur in prompt {prompt!r}; "
-                         "put '{}' where the subject goes or fix the subject")
-    return _escape(prompt[:at]) + "{}" + _escape(prompt[at + len(subject):])
+    if prompt.count("{}") != 1:
+        at = prompt.rfind(subject)
+        if at < 0:
+            raise MemitError(f"{where}: subject {subject!r} does not occur in prompt {prompt!r}; "
+                             "put '{}' where the subject goes or fix the subject")
+        prompt = _escape(prompt[:at]) + "{}" + _escape(prompt[at + len(subject):])
+    try:
+        prompt.format(subject)
+    except (KeyError, IndexError, ValueError) as e:
+        raise MemitError(f"{where}: prompt {prompt!r} holds braces besides the one '{{}}' for the subject; "
+                         "double them ('{{' and '}}') to keep them literal") from e
+    return prompt
 
 
 def _spaced(target: str) -> str:

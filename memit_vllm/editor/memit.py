@@ -266,17 +266,17 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         kept_facts = []
     # Sampled on the CPU whatever the device, so the same seed gives the same templates everywhere.
     groups = context_templates(em.model, tok, hp.context_template_seeds, hp.context_template_length, config.seed)
-    merge_stack(em, ckpt, stack)
     em.model.to(device)
     # Every warning of the run goes into the report too (the CLI prints the report's).
     with torch.device(device), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        seconds = {}
+        with _timed(seconds, "stats"):  # of the base weights (the cache key), before the stack is merged
+            stats = statistics(em, tok, ckpt, hp, config, cache)
+        merge_stack(em, ckpt, stack)
         for i in _already_predicted(em, tok, requests, config.key_batch_prompts):
             warnings.warn(f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}",
                           stacklevel=2)
-        seconds = {}
-        with _timed(seconds, "stats"):
-            stats = statistics(em, tok, ckpt, hp, config, cache)
         with _timed(seconds, "z"):
             targets = compute_targets(em, tok, requests, [t for g in groups for t in g], hp.layers[-1], hp,
                                       config.progress, config.bucket_overhead_tokens)
@@ -315,6 +315,7 @@ def make_patch(model: str | Path, requests, config: EditConfig | None = None, **
     Options: an EditConfig, or its fields as keyword arguments: hparams (HParams, dict or JSON/YAML
     file), layers, mom2_update_weight, stats_corpus (file, self:N or HF dataset), stats_tokens,
     stats_dtype, cache_dir, seed, name, version, zsre_target, device (default: cuda when available),
-    progress, and the speed knobs key_batch_prompts and bucket_overhead_tokens.
+    progress, method, on (patches to edit on, README "Editing over time"), preserve (a prompts file), and
+    the speed knobs key_batch_prompts and bucket_overhead_tokens.
     """
     return edit(model, requests, config, **kwargs).patch

@@ -105,7 +105,9 @@ class Patch:
     tool_version: str = ""
     path: Path | None = None  # where it was loaded from, if anywhere
     made_on: list[str] = field(default_factory=list)  # ids of the stack it was computed on, in order
-    _patch_id: str | None = field(default=None, repr=False, compare=False)
+    # Computed on first use; set by load_patch to the recorded id. Not an init field, so a copy made with
+    # dataclasses.replace (other content) computes its own.
+    _patch_id: str | None = field(default=None, init=False, repr=False, compare=False)
     _verified: bool = field(default=False, init=False, repr=False, compare=False)  # Patch.verify() passed
 
     def __post_init__(self):
@@ -323,8 +325,9 @@ def load_patch(path: str | os.PathLike, verify_content: bool = False) -> Patch:
         stats=parsed.get("stats", {}),
         name=meta.get("name", ""), version=meta.get("version", ""), parents=parsed.get("parents", []),
         created=meta.get("created", ""), tool_version=meta.get("tool_version", ""), path=path,
-        made_on=made_on, _patch_id=meta["patch_id"],
+        made_on=made_on,
     )
+    patch._patch_id = meta["patch_id"]
     if verify_content:
         patch.verify()
     return patch
