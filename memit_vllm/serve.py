@@ -111,7 +111,7 @@ def server_env(env: dict[str, str]) -> dict[str, str]:
 _DTYPES = {"float32": "float32", "float": "float32", "float16": "float16", "half": "float16", "bfloat16": "bfloat16"}
 
 
-def served_dtype(vllm_args) -> str | None:
+def dtype_flag(vllm_args) -> str | None:
     """The dtype `--dtype` asks vLLM to serve in, when it names one (else the loader checks vLLM's choice)."""
     args = list(vllm_args)
     for i, arg in enumerate(args):
@@ -171,14 +171,14 @@ def serve(model: str, patches: tuple[str, ...], variants: tuple[str, ...], state
     GET /memit/patches lists the patches being served. With MEMIT_VLLM_ADMIN_TOKEN set, patches can
     be applied and reverted while it runs (README "Hot apply and revert").
     """
-    from memit_vllm_plugin.admin import admin_token, max_patch_bytes, patch_dir
+    from memit_vllm_plugin.admin import admin_token, drain_timeout, max_patch_bytes, patch_dir, rpc_timeout
     from memit_vllm_plugin.compat import check_vllm
 
     from .cache import cache_dir
 
     # Fail here in a second rather than after vLLM has spent a minute starting its engine.
     check_vllm()
-    for check in (admin_token, patch_dir, max_patch_bytes):  # a weak token, a missing patch dir, ...
+    for check in (admin_token, patch_dir, max_patch_bytes, drain_timeout, rpc_timeout):  # a weak token, ...
         check(os.environ)
     env = dict(os.environ)
     paths = [str(Path(p).resolve()) for p in patches]
@@ -192,7 +192,7 @@ def serve(model: str, patches: tuple[str, ...], variants: tuple[str, ...], state
     if config.is_file():
         refuse_quantized(json.loads(config.read_text()))
     if paths:
-        check_stack(paths, model, served_dtype(vllm_args))
+        check_stack(paths, model, dtype_flag(vllm_args))
     extra = variant_args(model, [parse_variant(v) for v in variants], cache_dir()) if variants else []
     cmd = server_command(model, paths, [*extra, *vllm_args])
     os.execve(cmd[0], cmd, server_env(env))

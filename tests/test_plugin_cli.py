@@ -129,7 +129,7 @@ def test_a_made_up_architecture_in_the_table_is_enough_for_the_loader_and_export
 
 def test_serve_refuses_a_weak_token_a_bad_patch_dir_and_a_state_it_does_not_match(tiny_models, tmp_path,
                                                                                   monkeypatch):
-    from memit_vllm.core.contract import ADMIN_TOKEN_ENV, PATCH_DIR_ENV, STATE_FILE
+    from memit_vllm.core.contract import ADMIN_TOKEN_ENV, DRAIN_TIMEOUT_ENV, PATCH_DIR_ENV, RPC_TIMEOUT_ENV, STATE_FILE
 
     def started(*args):
         raise AssertionError("serve would start vLLM")
@@ -139,7 +139,9 @@ def test_serve_refuses_a_weak_token_a_bad_patch_dir_and_a_state_it_does_not_matc
     runner = CliRunner()
     for env, message in [({ADMIN_TOKEN_ENV: "short"}, "fewer than 16"),
                          ({ADMIN_TOKEN_ENV: "0123456789abcdef\n"}, "whitespace"),
-                         ({PATCH_DIR_ENV: str(tmp_path / "none")}, "is not a directory")]:
+                         ({PATCH_DIR_ENV: str(tmp_path / "none")}, "is not a directory"),
+                         ({DRAIN_TIMEOUT_ENV: "soon"}, "expected a positive number of seconds"),
+                         ({RPC_TIMEOUT_ENV: "-1"}, "expected a positive number of seconds")]:
         result = runner.invoke(main, ["serve", str(model)], env=env)
         assert result.exit_code == 2 and message in result.output, result.output
 

@@ -16,8 +16,8 @@ import stat
 from collections.abc import Mapping
 from pathlib import Path
 
-from memit_vllm.core.contract import (ADMIN_TOKEN_ENV, MAX_PATCH_BYTES_ENV, MIN_ADMIN_TOKEN_LENGTH, PATCH_DIR_ENV,
-                                      STATE_FILE)
+from memit_vllm.core.contract import (ADMIN_TOKEN_ENV, DRAIN_TIMEOUT_ENV, MAX_PATCH_BYTES_ENV, MIN_ADMIN_TOKEN_LENGTH,
+                                      PATCH_DIR_ENV, RPC_TIMEOUT_ENV, STATE_FILE)
 from memit_vllm.core.files import atomic_file
 from memit_vllm.errors import MemitError
 from memit_vllm.patch import Patch, PatchError, load_patch
@@ -56,6 +56,27 @@ def patch_dir(env: Mapping[str, str]) -> Path | None:
     if not path.is_dir():
         raise MemitError(f"{PATCH_DIR_ENV}={value} is not a directory")
     return path
+
+
+def _seconds(env: Mapping[str, str], name: str, default: str) -> float:
+    value = env.get(name, default)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise MemitError(f"{name}={value!r}: expected a positive number of seconds")
+    return seconds
+
+
+def drain_timeout(env: Mapping[str, str]) -> float:
+    """Seconds a hot swap waits for in-flight requests (default 120)."""
+    return _seconds(env, DRAIN_TIMEOUT_ENV, "120")
+
+
+def rpc_timeout(env: Mapping[str, str]) -> float:
+    """Seconds a worker call may take before the swap counts as failed (default 300)."""
+    return _seconds(env, RPC_TIMEOUT_ENV, "300")
 
 
 def max_patch_bytes(env: Mapping[str, str]) -> int:

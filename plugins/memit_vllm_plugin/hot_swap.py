@@ -30,7 +30,7 @@ from memit_vllm.patch import BaseMismatchError, LineageError, Patch, load_patch
 from memit_vllm.patch.merge import PatchSet
 
 from . import metrics
-from .admin import copy_from_dir, write_state
+from .admin import copy_from_dir, drain_timeout, rpc_timeout, write_state
 from .compat import call_workers, drain, logger
 from .patches import describe
 
@@ -41,17 +41,6 @@ class SwapError(MemitError):
     def __init__(self, message: str, status: int):
         super().__init__(message)
         self.status = status
-
-
-def _seconds(env_name: str, default: str) -> float:
-    value = os.environ.get(env_name, default)
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise MemitError(f"{env_name}={value!r}: expected a positive number of seconds")
-    return seconds
 
 
 class HotSwap:
@@ -73,8 +62,8 @@ class HotSwap:
         self.touched = set(self.base)  # every weight a patch has touched since start (GET /memit/weights)
         self.unhealthy: str | None = None
         self.lock = asyncio.Lock()
-        self.drain_timeout = _seconds(DRAIN_TIMEOUT_ENV, "120")
-        self.rpc_timeout = _seconds(RPC_TIMEOUT_ENV, "300")
+        self.drain_timeout = drain_timeout(os.environ)
+        self.rpc_timeout = rpc_timeout(os.environ)
         self._save_state()
 
     # -- the store -------------------------------------------------------------------------------
