@@ -46,7 +46,7 @@ def parse_arm(label: str, spec: str) -> Arm:
 
 
 def read_regression(path: str | Path) -> list[dict]:
-    from .evaluate.generation import read_prompts
+    from .core.records import read_prompts
 
     return read_prompts(path, "--regression")
 

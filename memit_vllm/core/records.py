@@ -256,6 +256,32 @@ def validate_requests(requests: list[EditRequest], source: str = "requests") -> 
     return requests
 
 
+def read_prompts(path: str | Path, flag: str) -> list[dict]:
+    """Prompts as a JSON list or JSONL of strings or {"prompt", "answer"?} objects (eval --unrelated, ab
+    --regression, make-patch --preserve). The content decides which, whatever the file's suffix (unlike
+    edit records, read_records)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MemitError(f"{flag} {path}: cannot read it as UTF-8 text ({e})") from e
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise MemitError(f"{flag} {path}: neither JSON nor JSONL ({e})") from e
+    out = []
+    for i, item in enumerate(items if isinstance(items, list) else [items]):
+        item = {"prompt": item} if isinstance(item, str) else item
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"]:
+            raise MemitError(f"{flag} {path}: item {i} is not a prompt string or {{\"prompt\": ...}}")
+        out.append({"prompt": item["prompt"], "answer": item.get("answer")})
+    if not out:
+        raise MemitError(f"{flag} {path} holds no prompts")
+    return out
+
+
 # -- facts as people read them (inspect, diff) --------------------------------------------------------
 def fact_key(request: dict) -> str:
     """What identifies a fact across patches: the prompt with its subject filled in."""

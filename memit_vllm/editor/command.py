@@ -62,22 +62,22 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
                        stats_dtype, cache_dir, seed, name, version_, limit, zsre_target, device, on, withdraw,
                        method, preserve, as_json):
     """Compute MEMIT z vectors and layer deltas for the edit requests and write a patch file."""
-    from ..checkpoint import Checkpoint
     from ..core.records import load_requests, validate_requests
-    from .lineage import load_stack, withdrawal_requests
+    from ..patch import load_patch
+    from .lineage import withdrawal_requests
     from .memit import EditConfig, edit
 
     check_out_file(out)
     if not requests_path and not withdraw:
         raise MemitError("give the facts to edit with --requests FILE (or --withdraw with --on)")
     requests = load_requests(requests_path, limit=limit, zsre_target=zsre_target) if requests_path else []
-    stack = load_stack(list(on), Checkpoint(model)) if on else []
-    if withdraw:
-        requests = validate_requests(requests + withdrawal_requests(stack, list(withdraw)), "--requests/--withdraw")
+    if withdraw:  # the facts only (headers); edit() validates the stack against the model, once
+        facts_of = [load_patch(p) for p in on]
+        requests = validate_requests(requests + withdrawal_requests(facts_of, list(withdraw)), "--requests/--withdraw")
     config = EditConfig(hparams=hparams, layers=parse_layers(layers), mom2_update_weight=mom2_update_weight,
                         method=method, stats_corpus=stats_corpus, stats_tokens=stats_tokens, stats_dtype=stats_dtype,
                         cache_dir=cache_dir, seed=seed, name=name, version=version_, zsre_target=zsre_target,
-                        device=device, progress=not as_json, on=stack, preserve=preserve)
+                        device=device, progress=not as_json, on=list(on), preserve=preserve)
     with warnings.catch_warnings(record=True):  # they are in the report, printed below
         warnings.simplefilter("always")
         result = edit(model, requests, config)

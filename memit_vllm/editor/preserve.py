@@ -13,9 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.records import EditRequest, read_records, target_text
+from ..core.records import EditRequest, read_prompts, target_text
 from ..core.tokens import pad_id, pad_right, target_ids
-from ..errors import MemitError
 from .trace import capture
 
 
@@ -26,19 +25,11 @@ class PreservePrompt:
 
 
 def read_preserve_file(path) -> list[PreservePrompt]:
-    """A JSON/JSONL file of prompt strings or {"prompt": ..., "answer": ...} objects."""
+    """The prompts of a --preserve file (core.records.read_prompts: prompt strings or {"prompt", "answer"})."""
     out = []
-    for where, rec in read_records(path):
-        if isinstance(rec, str):
-            rec = {"prompt": rec}
-        if not isinstance(rec, dict):
-            raise MemitError(f"{where}: expected a prompt string or {{\"prompt\": ..., \"answer\": ...}}")
-        prompt = target_text(rec.get("prompt"), "prompt", where)
-        answer = rec.get("answer")
-        answer = None if answer in (None, "") else target_text(answer, "answer", where)
-        out.append(PreservePrompt(prompt, answer if answer is None or answer.startswith(" ") else " " + answer))
-    if not out:
-        raise MemitError(f"--preserve {path}: no prompts")
+    for p in read_prompts(path, "--preserve"):
+        answer = target_text(p["answer"], "answer", f"--preserve {path}") if p["answer"] else None
+        out.append(PreservePrompt(p["prompt"], answer if answer is None or answer.startswith(" ") else " " + answer))
     return out
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core.records import CounterFactRecord, parse_record, read_dataset
+from ..core.records import CounterFactRecord, parse_record, read_dataset, read_prompts
 from ..errors import MemitError
 from .metrics import CONFIDENT_MARGIN, KL_TOP_K, Completion, GeneratedRecord, hit_metrics, kept_metrics, topk_kl
 
@@ -26,31 +25,6 @@ HELDOUT_TEXTS = 100  # the held-out slice: the last texts of the held-out file
 HELDOUT_MAX_TOKENS = 64  # per text: the KL costs two forwards per position (CPU minutes)
 # The project's covariance corpus beside the checkout (README "Where things live"); --heldout overrides.
 HELDOUT_DEFAULT = Path(__file__).resolve().parents[3] / "shared" / "data" / "corpus" / "smollm2_self_2k.jsonl"
-
-
-def read_prompts(path: str | Path, flag: str) -> list[dict]:
-    """Prompts as a JSON list or JSONL of strings or {"prompt", "answer"?} objects. The content decides
-    which, whatever the file's suffix (unlike edit records, core.records.read_records)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise MemitError(f"{flag} {path}: cannot read it as UTF-8 text ({e})") from e
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise MemitError(f"{flag} {path}: neither JSON nor JSONL ({e})") from e
-    out = []
-    for i, item in enumerate(items if isinstance(items, list) else [items]):
-        item = {"prompt": item} if isinstance(item, str) else item
-        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or not item["prompt"]:
-            raise MemitError(f"{flag} {path}: item {i} is not a prompt string or {{\"prompt\": ...}}")
-        out.append({"prompt": item["prompt"], "answer": item.get("answer")})
-    if not out:
-        raise MemitError(f"{flag} {path} holds no prompts")
-    return out
 
 
 def _edit_prompt(record) -> str:
