@@ -42,6 +42,11 @@ class EditRequest:
     def text(self) -> str:
         return self.prompt.format(self.subject)
 
+    @property
+    def fact(self) -> tuple[str, str]:
+        """What a request is about, whatever its target: two requests with the same fact edit one thing."""
+        return self.prompt, self.subject
+
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
@@ -223,7 +228,7 @@ def without_conflicts(path: str | Path, n: int | None = None) -> tuple[list, int
     kept, seen, dropped = [], {}, 0
     for where, rec in read_records(path):
         r = parse_record(rec, where)
-        if seen.setdefault((r.prompt, r.subject), r.target_new) != r.target_new:
+        if seen.setdefault(r.fact, r.target_new) != r.target_new:
             dropped += 1
             continue
         kept.append(rec)
@@ -248,7 +253,7 @@ def validate_requests(requests: list[EditRequest], source: str = "requests") -> 
             raise MemitError(f"{where}: prompt {r.prompt!r} must hold '{{}}' exactly once")
         if not r.target_new.strip():
             raise MemitError(f"{where}: empty target_new")
-        key = (r.prompt, r.subject)
+        key = r.fact
         if key in seen and seen[key][1] != r.target_new:
             raise MemitError(f"{where}: {r.text()!r} is asked to become {r.target_new!r}, but record "
                              f"{seen[key][0]} asks for {seen[key][1]!r}; keep one")

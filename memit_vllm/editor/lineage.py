@@ -40,10 +40,6 @@ def merge_stack(em, ckpt: Checkpoint, stack: list[Patch]) -> None:
         weight.copy_(ps.merge(name, ckpt.tensor(name)).to(weight.dtype))
 
 
-def _key(r: EditRequest) -> tuple[str, str]:
-    return r.prompt, r.subject
-
-
 def lineage_facts(stack: list[Patch]) -> list[EditRequest]:
     """Every fact the stack edited, as it stands after the whole stack: a later patch's request for the
     same fact replaces the earlier one, keeping the earliest recorded target_true (the base's answer)."""
@@ -51,16 +47,16 @@ def lineage_facts(stack: list[Patch]) -> list[EditRequest]:
     for p in stack:
         for i, rec in enumerate(p.requests):
             r = parse_record(rec, f"patch {p.name or p.patch_id} request {i}")
-            old = facts.get(_key(r))
-            facts[_key(r)] = replace(r, target_true=old.target_true or r.target_true) if old else r
+            old = facts.get(r.fact)
+            facts[r.fact] = replace(r, target_true=old.target_true or r.target_true) if old else r
     return list(facts.values())
 
 
 def changed_facts(requests: list[EditRequest], lineage: list[EditRequest]) -> list[str]:
     """'fact: old -> new' for each request that changes a fact the lineage edited."""
-    old = {_key(r): r for r in lineage}
-    return [f"{r.text()}:{old[_key(r)].target_new} ->{r.target_new}" for r in requests
-            if _key(r) in old and old[_key(r)].target_new != r.target_new]
+    old = {r.fact: r for r in lineage}
+    return [f"{r.text()}:{old[r.fact].target_new} ->{r.target_new}" for r in requests
+            if r.fact in old and old[r.fact].target_new != r.target_new]
 
 
 def withdrawal_requests(stack: list[Patch], selectors: list[str]) -> list[EditRequest]:

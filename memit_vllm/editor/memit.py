@@ -256,8 +256,8 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     stack = load_stack(config.on, ckpt)
     lineage = lineage_facts(stack)
-    edited = {(r.prompt, r.subject) for r in requests}
-    kept_facts = [f for f in lineage if (f.prompt, f.subject) not in edited]  # changed facts must move
+    edited = {r.fact for r in requests}
+    kept_facts = [f for f in lineage if f.fact not in edited]  # changed facts must move
     prompts = read_preserve_file(config.preserve) if config.preserve else []
 
     torch.manual_seed(config.seed)
