@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/make_patch.py z-speed  [--edits 8]
     .venv/bin/python bench/make_patch.py covariance [--tokens 50000]
+    .venv/bin/python bench/make_patch.py spectrum [--thresholds 5e-3,1e-2,2e-2]
     .venv/bin/python bench/make_patch.py scaling  [--sizes 10,100] [--data FILE] [--eval]
                                                   [--layers 3-9] [--lambda 768] [--hparams '{"v_num_grad_steps": 40}']
 
@@ -110,6 +111,29 @@ def covariance(args, model_dir):
     print(f"ratio {ours / bare:.2f}x the bare forward")
 
 
+def spectrum(args, model_dir):
+    """Eigenvalues of each preset layer's C_l and, per AlphaEdit threshold, the directions its projection
+    keeps and the share of the corpus key energy, tr(P C) / tr(C), that passes it (float64 eigvalsh of the
+    make-patch statistics: computed once, then from the cache)."""
+    from memit_vllm.cache import cache_dir
+    from memit_vllm.checkpoint import Checkpoint
+    from memit_vllm.editor import EditConfig, default_hparams
+    from memit_vllm.editor.memit import statistics
+
+    tok, model, em = load(model_dir)
+    hp, _ = default_hparams(model.config.model_type, em.n_layers, em.d_ff)
+    stats = statistics(em, tok, Checkpoint(model_dir), hp, EditConfig(stats_corpus=str(CORPUS)), cache_dir())
+    thresholds = [float(x) for x in args.thresholds.split(",")]
+    print(f"{CORPUS.name}, {stats.info[hp.layers[0]]['tokens']} tokens; per threshold: directions kept of "
+          f"{em.d_ff} / energy passed")
+    print("| layer | min | median | mean | max | " + " | ".join(f"{t:g}" for t in thresholds) + " |")
+    print("|---|---|---|---|---|" + "---|" * len(thresholds))
+    for layer in hp.layers:
+        e = torch.linalg.eigvalsh(stats.covs[layer].double())
+        cells = [f"{int((e < t).sum())} / {100 * float(e[e < t].sum() / e.sum()):.1f}%" for t in thresholds]
+        print(f"| {layer} | {e[0]:.4f} | {e.median():.4f} | {e.mean():.4f} | {e[-1]:.2f} | " + " | ".join(cells) + " |")
+
+
 def without_conflicts(path: str, n: int) -> Path:
     """The first n records of `path` that make-patch accepts together, as a temp file."""
     import json
@@ -158,7 +182,8 @@ def scaling(args, model_dir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["z-speed", "covariance", "scaling"])
+    ap.add_argument("what", choices=["z-speed", "covariance", "scaling", "spectrum"])
+    ap.add_argument("--thresholds", default="5e-3,1e-2,2e-2", help="spectrum: AlphaEdit thresholds to tabulate")
     ap.add_argument("--model", default=None, help="checkpoint dir (default: the prepared smollm2-135m)")
     ap.add_argument("--edits", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=50000)
@@ -176,7 +201,7 @@ def main():
     ap.add_argument("--hparams", help="JSON of other overrides, e.g. '{\"v_num_grad_steps\": 25}'")
     args = ap.parse_args()
     model_dir = Path(args.model) if args.model else prepare("smollm2-135m")
-    {"z-speed": z_speed, "covariance": covariance, "scaling": scaling}[args.what](args, model_dir)
+    {"z-speed": z_speed, "covariance": covariance, "scaling": scaling, "spectrum": spectrum}[args.what](args, model_dir)
 
 
 if __name__ == "__main__":
