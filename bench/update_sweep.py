@@ -36,7 +36,7 @@ from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.core.records import load_requests, read_dataset
 from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editable
 from memit_vllm.editor.arch import checkpoint_dims
-from memit_vllm.editor.memit import KeyReader, layer_updates, statistics
+from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, layer_updates, statistics
 from memit_vllm.editor.preserve import PreservedKeys, read_preserve_file
 from memit_vllm.editor.prompts import context_templates
 from memit_vllm.editor.targets import TargetResult, compute_targets
@@ -128,7 +128,7 @@ def main():
             prompts = (read_preserve_file(preserve_file(Path(args.data), cfg["preserve_records"], Path(tmp)))
                        if "preserve_records" in cfg else [])
             start = time.monotonic()
-            preserved = PreservedKeys(em, tok, [], groups, prompts, 256)
+            preserved = PreservedKeys(em, tok, [], groups, prompts, KEY_BATCH_PROMPTS)
             updates = layer_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, preserved,
                                     progress=False)
             seconds = time.monotonic() - start
