@@ -57,12 +57,14 @@ def _register_commands() -> None:
     `memit-vllm --help` stays fast."""
     from .ab import ab_command
     from .editor.command import make_patch_command
+    from .editor.stats_command import stats_group
     from .evaluate.command import eval_command
     from .lora_export import export_lora_command
     from .patch.commands import PATCH_COMMANDS
     from .serve import serve
 
-    for command in (make_patch_command, *PATCH_COMMANDS, serve, eval_command, ab_command, export_lora_command):
+    for command in (make_patch_command, stats_group, *PATCH_COMMANDS, serve, eval_command, ab_command,
+                    export_lora_command):
         main.add_command(command)
 
 

@@ -39,6 +39,8 @@ def check_out_file(out: str | os.PathLike) -> None:
 @click.option("--stats-corpus", help="Covariance corpus: a .txt/.jsonl file, self:N, or an HF dataset name.")
 @click.option("--stats-tokens", type=int, help="Token budget for the covariance (default: the whole corpus).")
 @click.option("--stats-dtype", type=click.Choice(["float32", "float64"]), help="Covariance product precision.")
+@click.option("--stats", "stats_file", type=click.Path(dir_okay=False),
+              help="Covariance statistics from this file (memit-vllm stats compute/merge/import) instead of a pass.")
 @click.option("--cache-dir", type=click.Path(), help="Cache dir (default $MEMIT_VLLM_CACHE or XDG cache).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--name", default="", help="Patch name label.")
@@ -59,14 +61,17 @@ def check_out_file(out: str | os.PathLike) -> None:
               help="JSON/JSONL prompts (optionally with the answer to keep) the update must leave alone.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
 def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_weight, stats_corpus, stats_tokens,
-                       stats_dtype, cache_dir, seed, name, version_, limit, zsre_target, device, on, withdraw,
-                       method, preserve, as_json):
-    """Compute MEMIT z vectors and layer deltas for the edit requests and write a patch file."""
+                       stats_dtype, stats_file, cache_dir, seed, name, version_, limit, zsre_target, device, on,
+                       withdraw, method, preserve, as_json):
+    """Compute MEMIT z vectors and layer deltas for the edit requests and write a patch file (under
+    torchrun: the work split across the processes, rank 0 writes; README "Large jobs")."""
     from ..core.records import load_requests, validate_requests
     from ..patch import load_patch
+    from . import distributed
     from .lineage import withdrawal_requests
     from .memit import EditConfig, edit
 
+    distributed.init_from_env()
     check_out_file(out)
     if not requests_path and not withdraw:
         raise MemitError("give the facts to edit with --requests FILE (or --withdraw with --on)")
@@ -76,11 +81,13 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
         requests = validate_requests(requests + withdrawal_requests(facts_of, list(withdraw)), "--requests/--withdraw")
     config = EditConfig(hparams=hparams, layers=parse_layers(layers), mom2_update_weight=mom2_update_weight,
                         method=method, stats_corpus=stats_corpus, stats_tokens=stats_tokens, stats_dtype=stats_dtype,
-                        cache_dir=cache_dir, seed=seed, name=name, version=version_, zsre_target=zsre_target,
-                        device=device, progress=not as_json, on=list(on), preserve=preserve)
+                        stats=stats_file, cache_dir=cache_dir, seed=seed, name=name, version=version_,
+                        zsre_target=zsre_target, device=device, progress=not as_json, on=list(on), preserve=preserve)
     with warnings.catch_warnings(record=True):  # they are in the report, printed below
         warnings.simplefilter("always")
         result = edit(model, requests, config)
+    if not distributed.is_main():
+        return
     path = result.patch.save(out)
     report = {"patch": str(path), "patch_id": result.patch.patch_id, **asdict(result.report)}
     if as_json:

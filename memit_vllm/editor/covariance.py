@@ -3,7 +3,9 @@
 The reference makes one corpus pass per layer; here one forward per batch feeds every edited layer
 and stops after the deepest one. Sums are accumulated in float64 (products in float32 unless
 mom2_dtype is float64) and cached on disk per layer, keyed by model content, corpus identity, token
-budget and dtype, so a second make-patch (or one with other layers) reuses what was computed.
+budget and dtype (`stats_identity`, also the identity of a stats file: stats_file.py), so a second
+make-patch (or one with other layers) reuses what was computed. A pass can be split into shards
+(`Shard`: other machines, or the ranks of torch.distributed) whose sums add up to the one-pass sums.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import json
 import os
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -27,6 +29,7 @@ from tqdm.auto import tqdm
 from ..core.files import atomic_file
 from ..core.tokens import pad_id, pad_right
 from ..errors import MemitError
+from . import distributed
 from .arch import EditableModel
 from .trace import capture
 
@@ -129,14 +132,49 @@ def _sample_self(em: EditableModel, tok, n: int, seed: int, batch: int = 32, new
         tok.padding_side = side
 
 
-def _cache_file(cache: Path, model_sha: str, corpus: Corpus, budget: int | None, dtype: str, layer: int) -> Path:
-    key = hashlib.sha256(f"{corpus.identity}|{budget}|{dtype}".encode()).hexdigest()[:24]
-    return cache / "stats" / model_sha[:24] / key / f"layer{layer}.safetensors"
+@dataclass(frozen=True)
+class Shard:
+    """Part `index` of `count` of a corpus pass: the token batches j with j % count == index. The batches
+    are cut from the whole stream (budget included) before the split, so each batch, and the float32
+    product it adds, is the same in any split: shards add up to the one-pass sums but for the order of
+    the float64 additions."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        """`i/N` with 0 <= i < N, as --shard takes it."""
+        try:
+            index, count = (int(x) for x in text.split("/"))
+        except ValueError as e:
+            raise MemitError(f"--shard {text!r}: expected i/N, e.g. 0/4 for the first of 4 shards") from e
+        if not 0 <= index < count:
+            raise MemitError(f"--shard {text!r}: i must be in 0..N-1")
+        return cls(index, count)
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+    def within(self, rank: int, world: int) -> "Shard":
+        """This shard's batches split again among `world` workers, every world-th to worker `rank`."""
+        return Shard(self.index + self.count * rank, self.count * world)
 
 
-def token_batches(tok, corpus: Corpus, budget: int | None) -> Iterator[list[list[int]]]:
-    """Token id sequences in batches of about BATCH_TOKENS, stopping exactly at the budget."""
-    used, batch, width = 0, [], 0
+def stats_identity(model_sha: str, corpus_identity: str, budget: int | None, dtype: str, d_ff: int) -> dict[str, str]:
+    """What statistics were computed from: the one identity of cache entries and stats files."""
+    return {"model": model_sha, "corpus": corpus_identity, "budget": str(budget), "dtype": dtype, "d_ff": str(d_ff)}
+
+
+def _cache_file(cache: Path, identity: dict[str, str], layer: int) -> Path:
+    key = hashlib.sha256(f"{identity['corpus']}|{identity['budget']}|{identity['dtype']}".encode()).hexdigest()[:24]
+    return cache / "stats" / identity["model"][:24] / key / f"layer{layer}.safetensors"
+
+
+def token_batches(tok, corpus: Corpus, budget: int | None, shard: Shard = Shard()) -> Iterator[list[list[int]]]:
+    """Token id sequences in batches of about BATCH_TOKENS, stopping exactly at the budget; only the
+    batches of `shard` are yielded (every text is still tokenised: that decides where batches end)."""
+    used, batch, width, j = 0, [], 0, 0
     for text in corpus.texts():
         ids = tok(text, truncation=True, max_length=MAX_SEQ)["input_ids"]
         if budget is not None:
@@ -145,13 +183,14 @@ def token_batches(tok, corpus: Corpus, budget: int | None) -> Iterator[list[list
             continue
         used += len(ids)
         if batch and max(width, len(ids)) * (len(batch) + 1) > BATCH_TOKENS:
-            yield batch
-            batch, width = [], 0
+            if j % shard.count == shard.index:
+                yield batch
+            batch, width, j = [], 0, j + 1
         batch.append(ids)
         width = max(width, len(ids))
         if budget is not None and used >= budget:
             break
-    if batch:
+    if batch and j % shard.count == shard.index:
         yield batch
 
 
@@ -166,10 +205,26 @@ def accumulate(em: EditableModel, ids: torch.Tensor, mask: torch.Tensor, sums: d
     return int(real.sum())
 
 
-def _identity(model_sha: str, corpus: Corpus, budget: int | None, dtype: str, layer: int, d_ff: int) -> dict[str, str]:
-    """What a cache entry was computed from: stored in it, checked on every read."""
-    return {"model": model_sha, "corpus": corpus.identity, "budget": str(budget), "dtype": dtype,
-            "layer": str(layer), "d_ff": str(d_ff)}
+def corpus_sums(em: EditableModel, tok, layers: list[int], corpus: Corpus, budget: int | None, dtype: str,
+                shard: Shard = Shard(), progress: bool = True) -> tuple[dict[int, torch.Tensor], int]:
+    """One pass over the batches of `shard` (split again among the ranks under torch.distributed, and
+    summed over them): the float64 sum of k k^T for each layer, and the number of tokens."""
+    acc_dtype = torch.float64 if dtype == "float64" else torch.float32
+    sums = {l: torch.zeros(em.d_ff, em.d_ff, dtype=torch.float64) for l in layers}
+    count, part = 0, shard.within(distributed.rank(), distributed.world())
+    bar = tqdm(total=budget if part.count == 1 else None, desc="covariance", unit="tok", unit_scale=True,
+               disable=not progress)
+    for batch in token_batches(tok, corpus, budget, part):
+        n = accumulate(em, *pad_right(batch, pad_id(tok)), sums, acc_dtype)
+        count += n
+        bar.update(n)
+    bar.close()
+    sums, count = distributed.sum_over_ranks(sums, count)
+    if count == 0:
+        where = "" if shard.count == 1 else f"shard {shard} of "
+        raise MemitError(f"covariance corpus {where}{corpus.description} yielded no tokens" +
+                         (": it has fewer batches than shards; use fewer shards" if shard.count > 1 else ""))
+    return sums, count
 
 
 def _read_entry(f: Path, identity: dict[str, str], d_ff: int) -> tuple[torch.Tensor, int] | None:
@@ -207,59 +262,54 @@ def _locked(directory: Path):
 def layer_covariances(em: EditableModel, tok, layers: list[int], corpus: Corpus, model_sha: str,
                       budget: int | None, dtype: str, cache: Path, progress: bool = True) -> tuple[dict, dict]:
     """C_l (float64) for each layer, from the cache where present and sound; one corpus pass for the rest."""
-    files = {l: _cache_file(cache, model_sha, corpus, budget, dtype, l) for l in layers}
-    ids = {l: _identity(model_sha, corpus, budget, dtype, l, em.d_ff) for l in layers}
+    identity = stats_identity(model_sha, corpus.identity, budget, dtype, em.d_ff)
+    files = {l: _cache_file(cache, identity, l) for l in layers}
+    ids = {l: {**identity, "layer": str(l)} for l in layers}
     out, info = {}, {}
 
-    def from_cache(todo):
+    def from_cache(todo):  # under torch.distributed, a layer missing on any rank is computed by all
         for layer in todo:
             got = _read_entry(files[layer], ids[layer], em.d_ff) if files[layer].is_file() else None
             if got is not None:
                 out[layer], info[layer] = got[0], {"tokens": got[1], "cached": True}
-        return [l for l in todo if l not in out]
+        return [l for l, missing in zip(todo, distributed.any_rank([l not in out for l in todo])) if missing]
 
     todo = from_cache(layers)
     if not todo:
         return out, info
-    with _locked(files[todo[0]].parent):
+    with _locked(files[todo[0]].parent) if distributed.is_main() else nullcontext():
         todo = from_cache(todo)  # another run may have computed them while this one waited
         if not todo:
             return out, info
-        acc_dtype = torch.float64 if dtype == "float64" else torch.float32
-        sums = {l: torch.zeros(em.d_ff, em.d_ff, dtype=torch.float64) for l in todo}
-        count, start = 0, time.monotonic()
-        bar = tqdm(total=budget, desc="covariance", unit="tok", unit_scale=True, disable=not progress)
-        for batch in token_batches(tok, corpus, budget):
-            n = accumulate(em, *pad_right(batch, pad_id(tok)), sums, acc_dtype)
-            count += n
-            bar.update(n)
-        bar.close()
-        if count == 0:
-            raise MemitError(f"covariance corpus {corpus.description} yielded no tokens")
+        start = time.monotonic()
+        sums, count = corpus_sums(em, tok, todo, corpus, budget, dtype, progress=progress)
         seconds = time.monotonic() - start
         for l in todo:
-            with atomic_file(files[l]) as tmp:
-                save_file({"mom2_sum": sums[l].cpu(), "count": torch.tensor([count], dtype=torch.float64)},
-                          str(tmp), metadata=ids[l])
+            if distributed.is_main():
+                with atomic_file(files[l]) as tmp:
+                    save_file({"mom2_sum": sums[l].cpu(), "count": torch.tensor([count], dtype=torch.float64)},
+                              str(tmp), metadata=ids[l])
             out[l] = sums[l] / count
             info[l] = {"tokens": count, "cached": False, "seconds": round(seconds, 2)}
     return out, info
 
 
 def layer_projections(covs: dict[int, torch.Tensor], threshold: float, layers: list[int], cache: Path,
-                      model_sha: str, corpus: Corpus, budget: int | None, dtype: str) -> dict[int, torch.Tensor]:
+                      identity: dict[str, str]) -> dict[int, torch.Tensor]:
     """AlphaEdit's null-space projection of each C_l (float64), cached beside the covariance it comes from
-    under the same key plus the threshold (an eigendecomposition of d_ff x d_ff per layer)."""
+    (`identity`: stats_identity) under the same key plus the threshold (an eigendecomposition of d_ff x
+    d_ff per layer)."""
     from .solve import nullspace_projection
 
     out = {}
     for layer in layers:
-        f = _cache_file(cache, model_sha, corpus, budget, dtype, layer)
+        f = _cache_file(cache, identity, layer)
         f = f.with_name(f"layer{layer}.nullspace-{threshold!r}.safetensors")
         if f.is_file():
             out[layer] = load_file(f)["projection"]
             continue
         out[layer] = nullspace_projection(covs[layer], threshold).cpu()
-        with atomic_file(f) as tmp:
-            save_file({"projection": out[layer]}, str(tmp), metadata={"threshold": repr(threshold)})
+        if distributed.is_main():
+            with atomic_file(f) as tmp:
+                save_file({"projection": out[layer]}, str(tmp), metadata={"threshold": repr(threshold)})
     return out

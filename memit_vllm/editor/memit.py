@@ -26,12 +26,14 @@ from ..core.tokens import pad_id, pad_right, target_ids
 from ..errors import MemitError
 from ..patch import BaseModel, Patch
 from .arch import EditableModel, check_layers, checkpoint_dims, load_editable
-from .covariance import Corpus, layer_covariances, layer_projections, resolve_corpus
+from . import distributed
+from .covariance import layer_covariances, layer_projections, resolve_corpus, stats_identity
 from .hparams import HParams, default_hparams, load_hparams_file
 from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
 from .preserve import PreservedKeys, read_preserve_file
 from .prompts import context_templates, encode
 from .solve import solve_alphaedit_update, solve_layer_update
+from .stats_file import StatsFile, stats_for_edit
 from .targets import BUCKET_OVERHEAD_TOKENS, TargetResult, compute_targets
 from .trace import capture
 
@@ -50,6 +52,7 @@ class EditConfig:
     stats_corpus: str | None = None  # a .txt/.jsonl file, self:N or an HF dataset name
     stats_tokens: int | None = None
     stats_dtype: str | None = None
+    stats: str | Path | None = None  # a stats file (stats_file.py) instead of a corpus pass
     cache_dir: str | Path | None = None  # default: memit_vllm.cache.cache_dir()
     seed: int = 0
     name: str = ""
@@ -103,10 +106,12 @@ class EditResult:
 
 @dataclass
 class Statistics:
-    corpus: Corpus
+    identity: dict[str, str]  # covariance.stats_identity
+    description: str
     covs: dict[int, torch.Tensor]  # layer -> C_l (float64)
     info: dict[int, dict]  # layer -> tokens, cached (and seconds, when computed)
     projections: dict[int, torch.Tensor] = field(default_factory=dict)  # alphaedit: layer -> P (float64)
+    provenance: dict = field(default_factory=dict)  # imported statistics: where they came from
 
 
 @dataclass
@@ -202,16 +207,34 @@ class KeyReader:
 
 
 def statistics(em: EditableModel, tok, ckpt: Checkpoint, hp: HParams, config: EditConfig,
-               cache: Path) -> Statistics:
-    """C_l for every edited layer, and AlphaEdit's projections when that is the method (cached). The
-    statistics are of the base checkpoint's weights, also when editing on a stack."""
-    corpus = resolve_corpus(config.stats_corpus, em, tok, config.seed)
-    model_sha = weights_sha256(ckpt, cache)
-    covs, info = layer_covariances(em, tok, hp.layers, corpus, model_sha, hp.mom2_n_tokens, hp.mom2_dtype, cache,
-                                   config.progress)
-    projections = (layer_projections(covs, hp.nullspace_threshold, hp.layers, cache, model_sha, corpus,
-                                     hp.mom2_n_tokens, hp.mom2_dtype) if hp.method == "alphaedit" else {})
-    return Statistics(corpus, covs, info, projections)
+               cache: Path, given: StatsFile | None = None) -> Statistics:
+    """C_l for every edited layer (from the stats file `given`, else computed or cached), and AlphaEdit's
+    projections when that is the method (cached). The statistics are of the base checkpoint's weights,
+    also when editing on a stack."""
+    if given is not None:
+        covs, info = given.covariances(hp.layers)
+        stats = Statistics(given.identity, given.description, covs, info, provenance=given.provenance)
+    else:
+        corpus = resolve_corpus(config.stats_corpus, em, tok, config.seed)
+        model_sha = weights_sha256(ckpt, cache)
+        covs, info = layer_covariances(em, tok, hp.layers, corpus, model_sha, hp.mom2_n_tokens, hp.mom2_dtype, cache,
+                                       config.progress)
+        identity = stats_identity(model_sha, corpus.identity, hp.mom2_n_tokens, hp.mom2_dtype, em.d_ff)
+        stats = Statistics(identity, corpus.description, covs, info)
+    if hp.method == "alphaedit":
+        stats.projections = layer_projections(covs, hp.nullspace_threshold, hp.layers, cache, stats.identity)
+    return stats
+
+
+def _stats_file(config: EditConfig, ckpt: Checkpoint, hp: HParams, d_ff: int, cache: Path) -> StatsFile | None:
+    """The --stats file, checked against the checkpoint and the layers before the model loads."""
+    if config.stats is None:
+        return None
+    given = [flag for flag, v in (("--stats-corpus", config.stats_corpus), ("--stats-tokens", config.stats_tokens),
+                                  ("--stats-dtype", config.stats_dtype)) if v is not None]
+    if given:
+        raise MemitError(f"--stats FILE holds the statistics: drop {', '.join(given)} (they say how to compute them)")
+    return stats_for_edit(config.stats, weights_sha256(ckpt, cache), hp.layers, d_ff)
 
 
 def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: TargetResult, stats: Statistics,
@@ -246,6 +269,7 @@ def _timed(seconds: dict, step: str):
 def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs) -> EditResult:
     """Compute a MEMIT patch for `requests` on the checkpoint `model`; see make_patch."""
     config = EditConfig.of(config, **kwargs)
+    config = replace(config, progress=config.progress and distributed.is_main())
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.monotonic()
     requests = _as_requests(requests, config.zsre_target)
@@ -253,7 +277,12 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     dims = checkpoint_dims(ckpt)  # unsupported architectures and bad settings fail before loading
     hp, hp_source = _hparams(dims, config)
     check_layers(hp.layers, dims[1])
+    distributed.check_shares(len(requests), "edits")
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    given = _stats_file(config, ckpt, hp, dims[2], cache)
+    if given is not None:  # the patch records the budget and dtype the statistics were computed with
+        hp = replace(hp, mom2_n_tokens=given.budget, mom2_dtype=given.identity["dtype"])
+        hp_source += f", statistics from {Path(config.stats).name}"
     stack = load_stack(config.on, ckpt)
     lineage = lineage_facts(stack)
     edited = {r.fact for r in requests}
@@ -272,16 +301,18 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         warnings.simplefilter("always")
         seconds = {}
         with _timed(seconds, "stats"):  # of the base weights (the cache key), before the stack is merged
-            stats = statistics(em, tok, ckpt, hp, config, cache)
+            stats = statistics(em, tok, ckpt, hp, config, cache, given)
         merge_stack(em, ckpt, stack)
         for i in _already_predicted(em, tok, requests, config.key_batch_prompts):
             warnings.warn(f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}",
                           stacklevel=2)
         with _timed(seconds, "z"):
-            targets = compute_targets(em, tok, requests, [t for g in groups for t in g], hp.layers[-1], hp,
-                                      config.progress, config.bucket_overhead_tokens)
+            targets = distributed.split_edits(
+                lambda part: compute_targets(em, tok, part, [t for g in groups for t in g], hp.layers[-1], hp,
+                                             config.progress, config.bucket_overhead_tokens), requests)
         with _timed(seconds, "update"):
-            reader = KeyReader(em, tok, requests, groups, config.key_batch_prompts)
+            reader = distributed.SplitReader(lambda part: KeyReader(em, tok, part, groups, config.key_batch_prompts),
+                                             requests)
             preserved = PreservedKeys(em, tok, kept_facts, groups, prompts, config.key_batch_prompts)
             updates = layer_updates(em, reader, hp, targets, stats, preserved, config.progress)
     seconds["total"] = time.monotonic() - t0
@@ -301,8 +332,9 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         base_weights={n: ckpt.fingerprint(n) for n in updates.deltas},
         requests=[r.to_dict() for r in requests],
         hparams={**hp.to_dict(), "seed": config.seed, "source": hp_source, "context_templates": groups},
-        covariance={"corpus": stats.corpus.identity, "description": stats.corpus.description,
-                    "tokens": {str(l): stats.info[l]["tokens"] for l in hp.layers}, "dtype": hp.mom2_dtype},
+        covariance={"corpus": stats.identity["corpus"], "description": stats.description,
+                    "tokens": {str(l): stats.info[l]["tokens"] for l in hp.layers}, "dtype": hp.mom2_dtype,
+                    **({"provenance": stats.provenance} if stats.provenance else {})},
         name=config.name, version=config.version, made_on=[p.patch_id for p in stack],
     )
     return EditResult(patch, report)
@@ -314,8 +346,9 @@ def make_patch(model: str | Path, requests, config: EditConfig | None = None, **
 
     Options: an EditConfig, or its fields as keyword arguments: hparams (HParams, dict or JSON/YAML
     file), layers, mom2_update_weight, stats_corpus (file, self:N or HF dataset), stats_tokens,
-    stats_dtype, cache_dir, seed, name, version, zsre_target, device (default: cuda when available),
-    progress, method, on (patches to edit on, README "Editing over time"), preserve (a prompts file), and
-    the speed knobs key_batch_prompts and bucket_overhead_tokens.
+    stats_dtype, stats (a stats file instead: README "Large jobs"), cache_dir, seed, name, version,
+    zsre_target, device (default: cuda when available), progress, method, on (patches to edit on, README
+    "Editing over time"), preserve (a prompts file), and the speed knobs key_batch_prompts and
+    bucket_overhead_tokens.
     """
     return edit(model, requests, config, **kwargs).patch
