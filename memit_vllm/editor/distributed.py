@@ -41,12 +41,12 @@ def is_main() -> bool:
 
 
 def init_from_env() -> None:
-    """Join the process group torchrun describes (WORLD_SIZE > 1). With CUDA each rank takes the GPU
-    of its LOCAL_RANK and CUDA tensors go through NCCL, CPU tensors through gloo."""
+    """Join the process group torchrun describes (WORLD_SIZE > 1). With a GPU per process on the node,
+    each rank takes the GPU of its LOCAL_RANK and CUDA tensors go through NCCL; the rest through gloo."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
     backend = "gloo"
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) <= torch.cuda.device_count():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "cpu:gloo,cuda:nccl"
     dist.init_process_group(backend)
