@@ -5,7 +5,10 @@ The editor reads and short-circuits a transformers model in ways its public API 
   release), and take the hidden states as their first argument or as `hidden_states=`;
 - `resume_after` replaces the `forward` of layer instances for the length of a block;
 - `PrefixCache` rewrites the rows of a `DynamicCache` (`past_key_values.layers[i].keys/.values`);
-- `from_pretrained(dtype=...)` (called `torch_dtype` before 4.56).
+- `output_logits` repeats what a causal LM does after its final norm (the head, Granite's logit scaling,
+  Gemma's soft-capping);
+- `from_pretrained(dtype=...)` (called `torch_dtype` before 4.56);
+- `attention_implementation` reads the config's private `_attn_implementation` to restore it.
 A transformers release outside TESTED_TRANSFORMERS may change any of these silently, so the editor
 refuses it (`check_transformers`) unless MEMIT_VLLM_ALLOW_UNTESTED=1. Torch is used through its public
 API only (module hooks, `torch.device` as a context manager).
@@ -40,6 +43,18 @@ def load_causal_lm(path):
 
     tok = AutoTokenizer.from_pretrained(path)
     return tok, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """The logits `model` computes from its final hidden states `hidden` (after the final norm)."""
+    logits = model.get_output_embeddings()(hidden)
+    config = model.config.get_text_config()
+    if getattr(config, "logits_scaling", None):  # Granite
+        logits = logits / config.logits_scaling
+    if getattr(config, "final_logit_softcapping", None):  # Gemma 2-4
+        cap = config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 def layer_output(output) -> tuple[torch.Tensor, int]:
@@ -95,3 +110,17 @@ class PrefixCache:
         for l, (k, v) in zip(self._cache.layers, self._kv):
             l.keys, l.values = k[rows], v[rows]
         return {"past_key_values": self._cache, "use_cache": True}
+
+
+@contextmanager
+def attention_implementation(model, name: str):
+    """The model's attention implementation set to `name` for the block, the previous one after (through
+    transformers' public setter; the current one is read from the config's private `_attn_implementation`)."""
+    before = model.config._attn_implementation
+    if before != name:
+        model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        if before != name:
+            model.set_attn_implementation(before)

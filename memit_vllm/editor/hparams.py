@@ -28,6 +28,7 @@ _REFERENCE_ONLY_KEYS = {
 
 
 METHODS = ("memit", "alphaedit")
+FORWARD_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 
 
 @dataclass
@@ -45,6 +46,9 @@ class HParams:
     mom2_n_tokens: int | None = None  # covariance token budget; None: the whole corpus
     mom2_dtype: str = "float32"  # accumulation of the outer products: float32 or float64
     z_batch_edits: int = 16  # edits optimised together (memory/speed only; results do not depend on it)
+    # The dtype of the z forward/backward through the layers above L (editor/precision.py); None: the model's
+    # own. The delta, its Adam state and the loss are fp32 whatever this says.
+    z_dtype: str | None = None
     # The update rule (editor/solve.py): "memit" (eq. 14, preserved keys join the lambda*C memory term) or
     # "alphaedit" (the update projected onto the near-null space of C, Fang et al. 2025).
     method: str = "memit"
@@ -91,6 +95,8 @@ _RULES = {
     "mom2_n_tokens": (lambda v: v is None or (_is_int(v) and v >= 1), "an integer >= 1 (or null: all tokens)"),
     "mom2_dtype": (lambda v: v in ("float32", "float64"), "float32 or float64"),
     "z_batch_edits": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "z_dtype": (lambda v: v is None or v in FORWARD_DTYPES,
+                f"one of {', '.join(FORWARD_DTYPES)} (or null: the model's dtype)"),
     "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
     "nullspace_threshold": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "L2": (lambda v: _is_number(v) and v > 0, "a positive number"),

@@ -49,6 +49,7 @@ class EditConfig:
     layers: list[int] | None = None
     mom2_update_weight: float | None = None
     method: str | None = None  # "memit" or "alphaedit" (hparams.METHODS)
+    z_dtype: str | None = None  # the z forward's dtype (hparams.FORWARD_DTYPES); None: the hparams' (the model's)
     stats_corpus: str | None = None  # a .txt/.jsonl file, self:N or an HF dataset name
     stats_tokens: int | None = None
     stats_dtype: str | None = None
@@ -130,7 +131,7 @@ def _as_requests(requests, zsre_target: str) -> list[EditRequest]:
 
 def _hparams(dims: tuple[str, int, int], config: EditConfig) -> tuple[HParams, str]:
     overrides = {"layers": config.layers, "mom2_update_weight": config.mom2_update_weight, "method": config.method,
-                 "mom2_n_tokens": config.stats_tokens, "mom2_dtype": config.stats_dtype}
+                 "z_dtype": config.z_dtype, "mom2_n_tokens": config.stats_tokens, "mom2_dtype": config.stats_dtype}
     hparams = config.hparams
     hp, source = default_hparams(*dims)
     if isinstance(hparams, HParams):

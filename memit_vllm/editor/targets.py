@@ -19,17 +19,19 @@ decay and early stop are the reference's, per edit. What makes it fast changes n
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..compat import PrefixCache, resume_after
+from ..compat import PrefixCache, attention_implementation, output_logits, resume_after
 from ..core.records import EditRequest
 from ..core.tokens import pad_id, pad_right, target_ids
 from .arch import EditableModel
 from .hparams import HParams
+from .precision import computing_in
 from .prompts import encode
 from .trace import capture
 
@@ -148,8 +150,9 @@ class _PrefixSplit:
     any layer, so its keys/values are computed once (left-padded, so every suffix starts at the same
     cache position) and each step runs only the suffix tokens through the layers above L."""
 
-    def __init__(self, em: EditableModel, rows: _Rows, h_layer: torch.Tensor, bucket_overhead_tokens: float):
-        self.bucket_overhead_tokens = bucket_overhead_tokens
+    def __init__(self, em: EditableModel, rows: _Rows, h_layer: torch.Tensor, bucket_overhead_tokens: float,
+                 dtype: torch.dtype):
+        self.bucket_overhead_tokens, self.dtype = bucket_overhead_tokens, dtype
         lengths = rows.mask.sum(1)
         self.pre_len, self.suf_len = rows.lookup, lengths - rows.lookup
         width, self.S = int(rows.lookup.max()), int(self.suf_len.max())
@@ -181,7 +184,7 @@ class _PrefixSplit:
     def _run(self, em: EditableModel, layer: int, tuple_len: int, rows: torch.Tensor, delta: torch.Tensor,
              width: int):
         h = self.suf_h[rows, :width].index_put((torch.arange(len(rows)), torch.zeros(len(rows), dtype=torch.long)),
-                                               delta, accumulate=True)
+                                               delta, accumulate=True).to(self.dtype)
         mask = self.suf_mask[rows, :width]
         kwargs = {"use_cache": False}
         if self.prefix is not None:
@@ -195,13 +198,26 @@ class _PrefixSplit:
 def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams,
               bucket_overhead_tokens: float) -> TargetResult:
     rows = _build_rows(tok, requests, templates)
-    n, P = len(requests), rows.ids.shape[0]
     got = capture(em, rows.ids, rows.mask, outputs=[layer])
     h_layer, tuple_len = got.outputs[layer], got.tuple_len[layer]
+    dtype = getattr(torch, hp.z_dtype) if hp.z_dtype else h_layer.dtype  # the forward's; delta, Adam and loss are fp32
+    h_layer = h_layer.float()
     h_init = h_layer[rows.first_row, rows.lookup[rows.first_row]]  # [n, d]
+    # torch's CPU flash-attention backward in bf16/fp16 is slower than fp32's on these short rows (suffixes
+    # of 2-10 tokens over prefixes of ~30); the plain attention is 1.6x faster there (bench/make_patch.py z-speed)
+    reduced_on_cpu = dtype != torch.float32 and h_init.device.type == "cpu"
+    attention = attention_implementation(em.model, "eager") if reduced_on_cpu else nullcontext()
+    with computing_in(em.model, dtype), attention:
+        split = _PrefixSplit(em, rows, h_layer, bucket_overhead_tokens, dtype)
+        return _descend(em, rows, split, h_init, layer, tuple_len, hp)
+
+
+def _descend(em: EditableModel, rows: _Rows, split: _PrefixSplit, h_init: torch.Tensor, layer: int,
+             tuple_len: int, hp: HParams) -> TargetResult:
+    """Adam on every edit's delta until its loss falls under the early-stop value (or the step budget)."""
+    n, P = len(h_init), rows.ids.shape[0]
+    logits = lambda hidden: output_logits(em.model, hidden).float()  # noqa: E731
     max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
-    lm_head = em.model.get_output_embeddings()
-    split = _PrefixSplit(em, rows, h_layer, bucket_overhead_tokens)
 
     deltas = [torch.zeros(h_init.shape[1], requires_grad=True) for _ in range(n)]
     opt = torch.optim.Adam(deltas, lr=hp.v_lr)
@@ -223,7 +239,7 @@ def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams,
         # NLL of the target tokens, mean over tokens of a prompt, then over an edit's prompts.
         keep = active[rows.edit[rows.tgt_row]]
         t_row, t_pos, t_id = rows.tgt_row[keep], tgt_pos[keep], rows.tgt_id[keep]
-        logp = torch.log_softmax(lm_head(out[local[t_row], t_pos]), dim=-1).gather(1, t_id[:, None]).squeeze(1)
+        logp = torch.log_softmax(logits(out[local[t_row], t_pos]), dim=-1).gather(1, t_id[:, None]).squeeze(1)
         prompt_nll = torch.zeros(P).index_add(0, t_row, -logp) / rows.tgt_len.clamp(min=1)
         prompt_prob = torch.zeros(P).index_add(0, t_row, logp.detach()) / rows.tgt_len.clamp(min=1)
         rewrite = ~rows.is_kl
@@ -232,7 +248,7 @@ def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams,
 
         # KL(P_now || P_init) at the subject's last token of "{subject} is a".
         live = active.nonzero().squeeze(1)
-        kl_logp = torch.log_softmax(lm_head(out[local[rows.kl_row[live]], 0]), dim=-1)
+        kl_logp = torch.log_softmax(logits(out[local[rows.kl_row[live]], 0]), dim=-1)
         if kl_init is None:
             kl_init = kl_logp.detach().clone()  # every edit is active at step 0, in edit order
         kl = torch.zeros(n).index_add(0, live, (kl_logp.exp() * (kl_logp - kl_init[live])).sum(1))
