@@ -308,3 +308,20 @@ def test_damaged_or_foreign_cache_entries_are_recomputed_with_a_warning(tiny_mod
     assert any("recomputing" in w for w in again.report.warnings)
     reference = tiny_edit(tiny_models["llama"], data_dir, tmp_path / "fresh").patch
     assert again.patch.patch_id == reference.patch_id  # the recomputed statistics are the same
+
+
+def test_damaged_or_foreign_nullspace_projections_are_recomputed_with_a_warning(tiny_models, data_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    first = tiny_edit(tiny_models["llama"], data_dir, tmp_path, method="alphaedit").patch
+    entries = sorted((tmp_path / "cache" / "stats").rglob("layer*.nullspace-*.safetensors"))
+    assert len(entries) == len(first.hparams["layers"])
+    good = load_file(entries[1])
+    entries[0].write_bytes(b"\0" * 100)  # damaged
+    save_file({"projection": good["projection"] * 2}, str(entries[1]), metadata={"threshold": "0.02"})  # foreign
+    with pytest.warns(UserWarning, match="null-space projection cache entry") as caught:
+        again = tiny_edit(tiny_models["llama"], data_dir, tmp_path, method="alphaedit").patch
+    assert {"cannot be read", "its identity differs"} <= {m for w in caught for m in
+                                                         ("cannot be read", "its identity differs")
+                                                         if m in str(w.message)}
+    assert again.patch_id == first.patch_id  # recomputed, not trusted

@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ..core.files import atomic_file
@@ -227,22 +227,31 @@ def corpus_sums(em: EditableModel, tok, layers: list[int], corpus: Corpus, budge
     return sums, count
 
 
-def _read_entry(f: Path, identity: dict[str, str], d_ff: int) -> tuple[torch.Tensor, int] | None:
-    """(C_l, token count) of a cache entry, or None (with a warning) when it is damaged or is not what its
-    key says: such an entry is recomputed, never trusted and never fatal."""
+def _read_checked(f: Path, identity: dict[str, str], names: tuple[str, ...], d_ff: int) -> tuple[dict | None, str]:
+    """The tensors `names` of a cache entry (the first a d_ff x d_ff matrix), or None and what is wrong with
+    it: damaged, or not what its key says."""
     try:
         with safe_open(f, "pt") as st:
             meta = st.metadata() or {}
-            mom2, count = st.get_tensor("mom2_sum"), st.get_tensor("count")
-        n = int(count.item())
-        problem = ("its identity differs" if any(meta.get(k) != v for k, v in identity.items()) else
-                   "its token count is not positive" if n <= 0 else
-                   f"its shape is {tuple(mom2.shape)}" if tuple(mom2.shape) != (d_ff, d_ff) else
-                   "it holds NaN or Inf" if not torch.isfinite(mom2).all() else None)
+            got = {name: st.get_tensor(name) for name in names}
     except Exception as e:  # truncated, empty, not safetensors, missing tensors: all mean "recompute"
-        problem = f"it cannot be read ({type(e).__name__})"
-    if problem is None:
-        return mom2 / n, n
+        return None, f"it cannot be read ({type(e).__name__})"
+    matrix = got[names[0]]
+    problem = ("its identity differs" if any(meta.get(k) != v for k, v in identity.items()) else
+               f"its shape is {tuple(matrix.shape)}" if tuple(matrix.shape) != (d_ff, d_ff) else
+               "it holds NaN or Inf" if not torch.isfinite(matrix).all() else None)
+    return (None if problem else got), problem
+
+
+def _read_entry(f: Path, identity: dict[str, str], d_ff: int) -> tuple[torch.Tensor, int] | None:
+    """(C_l, token count) of a cache entry, or None (with a warning) when it is damaged or is not what its
+    key says: such an entry is recomputed, never trusted and never fatal."""
+    got, problem = _read_checked(f, identity, ("mom2_sum", "count"), d_ff)
+    if got is not None:
+        n = int(got["count"].item())
+        if n > 0:
+            return got["mom2_sum"] / n, n
+        problem = "its token count is not positive"
     warnings.warn(f"covariance cache entry {f}: {problem}; recomputing it", stacklevel=3)
     return None
 
@@ -298,18 +307,24 @@ def layer_projections(covs: dict[int, torch.Tensor], threshold: float, layers: l
                       identity: dict[str, str]) -> dict[int, torch.Tensor]:
     """AlphaEdit's null-space projection of each C_l (float64), cached beside the covariance it comes from
     (`identity`: stats_identity) under the same key plus the threshold (an eigendecomposition of d_ff x
-    d_ff per layer)."""
+    d_ff per layer). Entries are checked like the covariance's and recomputed when unsound; no lock: the
+    result is deterministic and written atomically, so concurrent runs at worst compute it twice."""
     from .solve import nullspace_projection
 
     out = {}
     for layer in layers:
         f = _cache_file(cache, identity, layer)
         f = f.with_name(f"layer{layer}.nullspace-{threshold!r}.safetensors")
-        if f.is_file():
-            out[layer] = load_file(f)["projection"]
+        key = {**identity, "layer": str(layer), "threshold": repr(threshold)}
+        d_ff = covs[layer].shape[0]
+        got, problem = _read_checked(f, key, ("projection",), d_ff) if f.is_file() else (None, None)
+        if got is not None:
+            out[layer] = got["projection"]
             continue
+        if problem:
+            warnings.warn(f"null-space projection cache entry {f}: {problem}; recomputing it", stacklevel=2)
         out[layer] = nullspace_projection(covs[layer], threshold).cpu()
         if distributed.is_main():
             with atomic_file(f) as tmp:
-                save_file({"projection": out[layer]}, str(tmp), metadata={"threshold": repr(threshold)})
+                save_file({"projection": out[layer]}, str(tmp), metadata=key)
     return out
