@@ -74,6 +74,7 @@ class FakeEngine:
         self.faults: list[list[str]] = [[], []]
         self.paused = False
         self.drain_hangs = False
+        self.resume_fails = False
 
     async def pause_generation(self, mode: str, clear_cache: bool) -> None:
         if self.drain_hangs:
@@ -81,6 +82,8 @@ class FakeEngine:
         self.paused = True
 
     async def resume_generation(self) -> None:
+        if self.resume_fails:
+            raise Exception("engine core died")
         self.paused = False
 
     async def reset_prefix_cache(self) -> None:
@@ -135,8 +138,8 @@ class Server:
     def weights(self, names) -> list[dict[str, torch.Tensor]]:
         return [{n: w.down_proj(n) for n in names} for w in self.engine.workers]
 
-    def assert_serves(self, patches: list[Patch], names) -> None:
-        """Both workers hold base + these patches' deltas on `names`, and the engine runs."""
+    def assert_serves(self, patches: list[Patch], names, running: bool = True) -> None:
+        """Both workers hold base + these patches' deltas on `names`, and the engine runs (unless not `running`)."""
         ckpt = Checkpoint(self.model)
         for held in self.weights(names):
             for n in names:
@@ -144,7 +147,7 @@ class Server:
                 for p in patches:  # W + d1 + ... + dn, in fp32, in stack order
                     expected = expected + p.deltas[n] if n in p.deltas else expected
                 assert torch.equal(held[n], expected), n
-        assert not self.engine.paused
+        assert self.engine.paused != running
         assert self.stack() == [p.patch_id for p in patches]
 
 
@@ -219,6 +222,28 @@ def test_failed_rollback_leaves_a_server_that_refuses_all_traffic(server, patche
     listed = server.client.get(PATCHES_ROUTE).json()
     assert listed["unhealthy"] and "restoring the previous weights failed" in listed["unhealthy"]
     assert 'outcome="failed"' in server.client.get("/metrics").text
+
+
+def test_a_failed_resume_after_the_reload_keeps_the_change_and_its_record(tmp_path, model, patch_dir, patches,
+                                                                          monkeypatch):
+    """The weights are the new stack: the stack shown, the kept copy and the state file must say so too
+    (a restart serves it), while the server refuses traffic as after a failed rollback."""
+    state = tmp_path / "state"
+    server = make_server(tmp_path, model, patch_dir, monkeypatch, startup=patches[:1], **{STATE_DIR_ENV: str(state)})
+    p1, p2 = (load_patch(p) for p in patches)
+    server.engine.resume_fails = True
+    status, answer = server.admin("POST", PATCHES_ROUTE, {"path": "p2.patch"})
+    assert status == 500 and "resuming the engine failed" in answer["error"], answer
+    assert "the change is made" in answer["error"]
+    assert server.client.get("/health").status_code == 503
+    server.assert_serves([p1, p2], NAMES, running=False)
+    listed = server.client.get(PATCHES_ROUTE, headers=AUTH, params={"paths": "true"}).json()
+    assert listed["unhealthy"] and listed["patches"][1]["source"] == "p2.patch"
+    assert all(Path(p["file"]).is_file() for p in listed["patches"])
+    recorded = read_state(state)
+    assert [load_patch(p).patch_id for p in recorded] == [p1.patch_id, p2.patch_id]
+    make_server(tmp_path, model, patch_dir, monkeypatch, startup=recorded, **{STATE_DIR_ENV: str(state)}).assert_serves(
+        [p1, p2], NAMES)
 
 
 def test_drain_timeout_changes_nothing(server, patches):

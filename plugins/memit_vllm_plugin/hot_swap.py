@@ -5,7 +5,9 @@ in-flight requests finish, reload only the touched weights on every worker as ba
 reset the prefix cache (its KV was computed with the old weights), resume. Every worker call runs under
 a timeout. If the reload fails, the touched weights are reloaded from the previous stack; if that fails
 too, the weights are unknown: the engine stays paused and the server reports itself unhealthy (`/health`
-503, every route but GET /memit/patches and /metrics refused) until it is restarted.
+503, every route but GET /memit/patches and /metrics refused) until it is restarted. Once the weights
+changed, the stack, the kept copies and the state file follow before the engine resumes, so a failed
+resume (the server is then unhealthy too) leaves them describing the weights loaded.
 
 The server keeps its own copy of every active patch (the workers read those), so moving or deleting
 the operator's file after an apply cannot break a later revert. The copies live in a temp dir removed
@@ -87,6 +89,9 @@ class HotSwap:
         shutil.rmtree(patch.path.parent, ignore_errors=True)
         self.sources.pop(patch.patch_id, None)
 
+    def _active_ids(self) -> set[str]:
+        return {p.patch_id for p in self.active}
+
     def _save_state(self) -> None:
         if self.state_dir is not None:
             write_state(self.state_dir, self.active)
@@ -111,13 +116,13 @@ class HotSwap:
             except SwapError:
                 metrics.SWAPS.labels("apply", "refused").inc()
                 raise
+            self.sources[patch.patch_id] = name
             try:
                 await self._swap(self.active + [patch], sorted(patch.deltas), "apply")
             except BaseException:
-                self._forget(patch)
+                if patch.patch_id not in self._active_ids():  # else the weights changed: it is recorded
+                    self._forget(patch)
                 raise
-            self.sources[patch.patch_id] = name
-            self._save_state()
             return self._done("apply", start, applied=describe(patch))
 
     async def revert(self, patch_id: str, with_dependants: bool = False) -> dict:
@@ -134,18 +139,14 @@ class HotSwap:
             except SwapError:
                 metrics.SWAPS.labels("revert", "refused").inc()
                 raise
-            await self._swap(stack, names, "revert")
             reverted = [describe(p) for p in removed]
-            self._save_state()
-            for p in removed:
-                self._forget(p)
+            await self._swap(stack, names, "revert")
             return self._done("revert", start, reverted=reverted)
 
     def _done(self, action: str, start: float, **what) -> dict:
         seconds = time.perf_counter() - start
         metrics.SWAPS.labels(action, {"apply": "applied", "revert": "reverted"}[action]).inc()
         metrics.SECONDS.labels(action).observe(seconds)
-        metrics.show_active(self.describe(), {})  # no variants: LoRA servers cannot hot-swap
         logger.info("memit: %s done in %.3f s; active: %s", action, seconds, [p.patch_id for p in self.active])
         return {**what, "active": self.describe(), "seconds": round(seconds, 3)}
 
@@ -219,15 +220,25 @@ class HotSwap:
                             500) from e
         self.active = stack
         self.touched.update(names)
-        await self._resume()
+        self._record(previous)
+        await self._resume("the change is made (GET /memit/patches shows the stack now loaded), but ")
 
-    async def _resume(self) -> None:
+    def _record(self, previous: list[Patch]) -> None:
+        """The weights are now `self.active`: the state file, the kept copies and the metrics say so
+        before the engine resumes, so that a failed resume leaves them true (and a restart serves it)."""
+        self._save_state()
+        for p in previous:
+            if p.patch_id not in self._active_ids():
+                self._forget(p)
+        metrics.show_active(self.describe(), {})  # no variants: LoRA servers cannot hot-swap
+
+    async def _resume(self, done: str = "") -> None:
         try:
             await asyncio.wait_for(self.engine.reset_prefix_cache(), self.rpc_timeout)
             await asyncio.wait_for(self.engine.resume_generation(), self.rpc_timeout)
         except Exception as e:
             self._fail(f"resuming the engine failed ({_why(e)})")
-            raise SwapError(f"resuming the engine failed ({_why(e)}); restart the server", 500) from e
+            raise SwapError(f"{done}resuming the engine failed ({_why(e)}); restart the server", 500) from e
 
     def _fail(self, reason: str) -> None:
         self.unhealthy = reason
