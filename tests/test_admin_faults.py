@@ -8,6 +8,7 @@ server that refuses all traffic. Seconds to run, no vLLM server.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import json
 import os
@@ -20,22 +21,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 from fastapi import FastAPI
-from prometheus_client import make_asgi_app
+from prometheus_client import REGISTRY, make_asgi_app
 from safetensors.torch import load_file, save_file
 from starlette.routing import Mount
 from starlette.testclient import TestClient
 from transformers import AutoModelForCausalLM
 
+import memit_vllm_plugin.hot_swap as hot_swap_module
 import memit_vllm_plugin.worker as worker_module
 from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.core.contract import (ADMIN_TOKEN_ENV, DRAIN_TIMEOUT_ENV, LOAD_FORMAT, MAX_ADMIN_BODY_BYTES,
                                       PATCH_DIR_ENV, PATCHES_KEY, PATCHES_ROUTE, RPC_TIMEOUT_ENV, STACK_HEADER,
-                                      STATE_DIR_ENV, WEIGHTS_ROUTE, WORKER_EXTENSION)
+                                      STATE_DIR_ENV, STATE_FILE, WEIGHTS_ROUTE, WORKER_EXTENSION)
 from memit_vllm.errors import MemitError
 from memit_vllm.patch import Patch, load_patch
 from memit_vllm.patch.merge import PatchSet
 from memit_vllm.testing.synthetic import edit_header, synthetic_patch
-from memit_vllm_plugin.admin import read_state
+from memit_vllm_plugin.admin import read_state, write_state
 from memit_vllm_plugin.endpoint import PatchesEndpoint
 from memit_vllm_plugin.worker import MemitWorkerExtension
 
@@ -244,6 +246,38 @@ def test_a_failed_resume_after_the_reload_keeps_the_change_and_its_record(tmp_pa
     assert [load_patch(p).patch_id for p in recorded] == [p1.patch_id, p2.patch_id]
     make_server(tmp_path, model, patch_dir, monkeypatch, startup=recorded, **{STATE_DIR_ENV: str(state)}).assert_serves(
         [p1, p2], NAMES)
+
+
+def test_a_failed_state_write_keeps_the_change_served_and_says_so(tmp_path, model, patch_dir, patches, monkeypatch):
+    """The weights changed and the server serves them; the state file still records the previous stack
+    (with the kept copies it names), so a restart serves that one until a later change records again."""
+    state = tmp_path / "state"
+    server = make_server(tmp_path, model, patch_dir, monkeypatch, startup=patches[:1], **{STATE_DIR_ENV: str(state)})
+    p1, p2 = (load_patch(p) for p in patches)
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(hot_swap_module, "write_state", disk_full)
+    applied = {"action": "apply", "outcome": "applied"}
+    before = REGISTRY.get_sample_value("memit_hot_swaps_total", applied) or 0
+    status, answer = server.admin("POST", PATCHES_ROUTE, {"path": "p2.patch"})
+    assert status == 500 and f"patch {p2.patch_id} is applied and served" in answer["error"], answer
+    assert STATE_FILE in answer["error"] and os.strerror(errno.ENOSPC) in answer["error"]
+    assert "still records the last stack written" in answer["error"]
+    server.assert_serves([p1, p2], NAMES)
+    assert server.client.get("/health").status_code == 200
+    assert REGISTRY.get_sample_value("memit_hot_swaps_total", applied) == before + 1
+    assert [load_patch(p).patch_id for p in read_state(state)] == [p1.patch_id]
+
+    status, answer = server.admin("DELETE", f"{PATCHES_ROUTE}/{p1.patch_id}")
+    assert status == 500 and f"{p1.patch_id} reverted" in answer["error"], answer
+    server.assert_serves([p2], NAMES)
+    assert [load_patch(p).patch_id for p in read_state(state)] == [p1.patch_id]  # its copy is kept: a restart works
+
+    monkeypatch.setattr(hot_swap_module, "write_state", write_state)  # space again: the next change records all
+    assert server.admin("DELETE", f"{PATCHES_ROUTE}/{p2.patch_id}")[0] == 200
+    assert read_state(state) == [] and list(server.swap.store.iterdir()) == []
 
 
 def test_drain_timeout_changes_nothing(server, patches):

@@ -26,7 +26,7 @@ import weakref
 from pathlib import Path
 
 from memit_vllm.checkpoint import Checkpoint
-from memit_vllm.core.contract import DRAIN_TIMEOUT_ENV, RPC_TIMEOUT_ENV, WITH_DEPENDANTS_PARAM
+from memit_vllm.core.contract import DRAIN_TIMEOUT_ENV, RPC_TIMEOUT_ENV, STATE_FILE, WITH_DEPENDANTS_PARAM
 from memit_vllm.errors import MemitError
 from memit_vllm.patch import BaseMismatchError, LineageError, Patch, load_patch
 from memit_vllm.patch.merge import PatchSet
@@ -118,12 +118,13 @@ class HotSwap:
                 raise
             self.sources[patch.patch_id] = name
             try:
-                await self._swap(self.active + [patch], sorted(patch.deltas), "apply")
+                unrecorded = await self._swap(self.active + [patch], sorted(patch.deltas), "apply")
             except BaseException:
                 if patch.patch_id not in self._active_ids():  # else the weights changed: it is recorded
                     self._forget(patch)
                 raise
-            return self._done("apply", start, applied=describe(patch))
+            return self._done("apply", start, unrecorded, f"patch {patch.patch_id} is applied and served",
+                              applied=describe(patch))
 
     async def revert(self, patch_id: str, with_dependants: bool = False) -> dict:
         self._healthy()
@@ -140,14 +141,18 @@ class HotSwap:
                 metrics.SWAPS.labels("revert", "refused").inc()
                 raise
             reverted = [describe(p) for p in removed]
-            await self._swap(stack, names, "revert")
-            return self._done("revert", start, reverted=reverted)
+            unrecorded = await self._swap(stack, names, "revert")
+            return self._done("revert", start, unrecorded, f"{', '.join(p.patch_id for p in removed)} reverted",
+                              reverted=reverted)
 
-    def _done(self, action: str, start: float, **what) -> dict:
+    def _done(self, action: str, start: float, unrecorded: str | None, done: str, **what) -> dict:
+        """The answer to a change made; a SwapError when the state file could not record it."""
         seconds = time.perf_counter() - start
         metrics.SWAPS.labels(action, {"apply": "applied", "revert": "reverted"}[action]).inc()
         metrics.SECONDS.labels(action).observe(seconds)
         logger.info("memit: %s done in %.3f s; active: %s", action, seconds, [p.patch_id for p in self.active])
+        if unrecorded:
+            raise SwapError(f"{done}, but {unrecorded}; the next apply or revert records the whole stack", 500)
         return {**what, "active": self.describe(), "seconds": round(seconds, 3)}
 
     def _removal(self, patch_id: str, with_dependants: bool) -> list[Patch]:
@@ -194,7 +199,9 @@ class HotSwap:
         self.base.update(kept.base_weights)
         return kept
 
-    async def _swap(self, stack: list[Patch], names: list[str], action: str) -> None:
+    async def _swap(self, stack: list[Patch], names: list[str], action: str) -> str | None:
+        """Change the weights to base + `stack`, or leave them (SwapError); why the state file does not
+        record the change, if it does not."""
         previous = self.active
         try:
             await asyncio.wait_for(drain(self.engine), self.drain_timeout)
@@ -220,17 +227,29 @@ class HotSwap:
                             500) from e
         self.active = stack
         self.touched.update(names)
-        self._record(previous)
-        await self._resume("the change is made (GET /memit/patches shows the stack now loaded), but ")
+        unrecorded = self._record()
+        await self._resume(f"the change is made (GET /memit/patches shows the stack now loaded"
+                           f"{f'; {unrecorded}' if unrecorded else ''}), but ")
+        return unrecorded
 
-    def _record(self, previous: list[Patch]) -> None:
-        """The weights are now `self.active`: the state file, the kept copies and the metrics say so
-        before the engine resumes, so that a failed resume leaves them true (and a restart serves it)."""
-        self._save_state()
-        for p in previous:
-            if p.patch_id not in self._active_ids():
-                self._forget(p)
+    def _record(self) -> str | None:
+        """The weights are now `self.active`: the metrics, the state file and the kept copies say so
+        before the engine resumes, so that a failed resume leaves them true (and a restart serves it).
+        If the state file cannot be written, why: it then still records an earlier stack, whose kept
+        copies stay until a later change is recorded."""
         metrics.show_active(self.describe(), {})  # no variants: LoRA servers cannot hot-swap
+        try:
+            self._save_state()
+        except (OSError, MemitError) as e:
+            logger.error("memit: writing the state file failed (%s); it records an earlier stack", e)
+            return (f"{STATE_FILE} in the --memit-state dir could not be written ({_why(e)}): it still "
+                    "records the last stack written, which a restart would serve")
+        keep = self._active_ids()
+        for kept in self.store.iterdir():
+            if kept.name not in keep and not kept.name.startswith("."):  # not an incoming copy
+                shutil.rmtree(kept, ignore_errors=True)
+        self.sources = {pid: source for pid, source in self.sources.items() if pid in keep}
+        return None
 
     async def _resume(self, done: str = "") -> None:
         try:
@@ -264,4 +283,6 @@ class HotSwap:
 def _why(e: BaseException) -> str:
     if isinstance(e, asyncio.TimeoutError):
         return f"no answer within the timeout ({RPC_TIMEOUT_ENV})"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror  # without the file name: server paths stay out of answers
     return str(e) or type(e).__name__
