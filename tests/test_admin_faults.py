@@ -111,7 +111,8 @@ def copy_weights(worker, modules, weights) -> None:
 
 
 class Server:
-    def __init__(self, root: Path, model: Path, startup: list[Path], env: dict[str, str], monkeypatch):
+    def __init__(self, root: Path, model: Path, startup: list[Path], env: dict[str, str], monkeypatch,
+                 **args):
         for k, v in env.items():
             monkeypatch.setenv(k, v)
         monkeypatch.setattr(worker_module, "reload_layers", copy_weights)
@@ -122,9 +123,9 @@ class Server:
         self.app.post("/v1/completions")(lambda: {"choices": []})
         self.app.routes.append(Mount("/metrics", make_asgi_app()))
         PatchesEndpoint().attach_router(self.app)
-        args = Namespace(model=str(model), load_format=LOAD_FORMAT, worker_extension_cls=WORKER_EXTENSION,
-                         model_loader_extra_config={PATCHES_KEY: [str(p) for p in startup]}, enable_lora=False,
-                         lora_modules=None)
+        args = Namespace(**{"model": str(model), "load_format": LOAD_FORMAT, "worker_extension_cls": WORKER_EXTENSION,
+                            "model_loader_extra_config": {PATCHES_KEY: [str(p) for p in startup]},
+                            "enable_lora": False, "lora_modules": None, **args})
         asyncio.run(PatchesEndpoint().init_state(self.engine, self.app.state, args))
         self.swap = self.app.state.memit_swap
         self.client = TestClient(self.app)
@@ -170,10 +171,10 @@ def patches(model, patch_dir) -> list[Path]:
             for seed, layers in ((1, (1, 2)), (2, (2, 3)))]
 
 
-def make_server(tmp_path, model, patch_dir, monkeypatch, startup=(), **env) -> Server:
+def make_server(tmp_path, model, patch_dir, monkeypatch, startup=(), args=None, **env) -> Server:
     base_env = {ADMIN_TOKEN_ENV: TOKEN, PATCH_DIR_ENV: str(patch_dir), DRAIN_TIMEOUT_ENV: "1",
                 RPC_TIMEOUT_ENV: "1"}
-    return Server(tmp_path, model, list(startup), {**base_env, **env}, monkeypatch)
+    return Server(tmp_path, model, list(startup), {**base_env, **env}, monkeypatch, **(args or {}))
 
 
 @pytest.fixture
@@ -394,6 +395,26 @@ def test_public_answers_show_no_server_paths(server, tmp_path):
     assert server.client.get(PATCHES_ROUTE, params={"paths": "true"}).status_code == 401
     status, answer = server.admin("POST", PATCHES_ROUTE, {"path": "missing.patch"})
     assert str(tmp_path) not in answer["error"] and str(os.getpid()) not in answer["error"]
+
+
+@pytest.mark.parametrize("why", ["no worker extension", "LoRA variants"])
+def test_paths_are_listed_without_hot_swap_too(tmp_path, model, patch_dir, patches, monkeypatch, why):
+    """A server that cannot change weights still lists its patches' files to the token holder: the files
+    it merged at load (it keeps no copy of them)."""
+    args = {"worker_extension_cls": None} if why == "no worker extension" else {"enable_lora": True}
+    server = make_server(tmp_path, model, patch_dir, monkeypatch, startup=patches[:1], args=args)
+    assert server.swap is None
+    public = server.client.get(PATCHES_ROUTE).json()
+    status, answer = server.admin("GET", PATCHES_ROUTE, paths="true")
+    assert status == 200, answer
+    [listed] = answer["patches"]
+    assert listed == {**public["patches"][0], "source": str(patches[0]), "file": str(patches[0])}
+    assert answer["variants"] == public["variants"]
+    assert server.client.get(PATCHES_ROUTE, params={"paths": "true"}).status_code == 401
+    assert server.admin("POST", PATCHES_ROUTE, {"path": "p2.patch"})[0] == 409  # still no hot apply
+    off = make_server(tmp_path, model, patch_dir, monkeypatch, startup=patches[:1], args=args,
+                      **{ADMIN_TOKEN_ENV: ""})
+    assert off.admin("GET", PATCHES_ROUTE, paths="true")[0] == 403
 
 
 def test_revert_of_a_patch_others_were_made_on_names_them(server, patches, patch_dir):

@@ -6,7 +6,7 @@ A `vllm.endpoint_plugins` entry point; vLLM loads it in the API server process o
 
 - `GET /memit/patches`: the active patch stack and the patch behind each `--memit-variant` model, public
   like `/v1/models` (clients and deploy checks): ids, names, versions, facts, layers, lineage; with
-  `?paths=true` and the admin token also the server-side files.
+  `?paths=true` and the admin token also the server-side files (on any server, hot swap or not).
 - `POST /memit/patches {"path": NAME}`: apply the patch file NAME of MEMIT_VLLM_PATCH_DIR on top of the stack.
 - `DELETE /memit/patches/{id}[?with_dependants=true]`: revert one patch (and the patches made on it).
 - `GET /memit/weights`: fingerprints of every weight a patch touched since start, as served, next to
@@ -48,7 +48,7 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _refusal(request: Request) -> JSONResponse | None:
+def _refusal(request: Request, changes_weights: bool = True) -> JSONResponse | None:
     """Why this admin request may not proceed, or None. Needs the headers only: runs before the body is read."""
     state = request.app.state
     if state.memit_admin_token is None:
@@ -56,7 +56,7 @@ def _refusal(request: Request) -> JSONResponse | None:
     given = bearer_token(request.headers.get("authorization", ""))
     if not hmac.compare_digest(given.encode(), state.memit_admin_token.encode()):
         return _error(401, "missing or wrong admin token (Authorization: Bearer <token>)")
-    if state.memit_swap is None:
+    if changes_weights and state.memit_swap is None:
         return _error(409, f"this server cannot change weights at run time: {state.memit_swap_why}")
     return None
 
@@ -109,6 +109,14 @@ def variants(lora_modules) -> dict[str, dict]:
 
 def active_stack(state: State) -> list[dict]:
     return state.memit_swap.describe() if state.memit_swap else state.memit_patches
+
+
+def stack_with_paths(state: State) -> list[dict]:
+    """The active stack with each patch's `source` and `file` (admins): the operator's file and the copy
+    the server keeps; a server without hot swap keeps no copy, so both are the file merged at load."""
+    if state.memit_swap:
+        return state.memit_swap.describe(paths=True)
+    return [{**p, "source": f, "file": f} for p, f in zip(state.memit_patches, state.memit_patch_files)]
 
 
 class MemitMiddleware:
@@ -172,10 +180,10 @@ class PatchesEndpoint:
             if state.memit_swap and state.memit_swap.unhealthy:
                 answer["unhealthy"] = state.memit_swap.unhealthy
             if _flag(request, SHOW_PATHS_PARAM):
-                refused = _refusal(request)
+                refused = _refusal(request, changes_weights=False)
                 if refused:
                     return refused
-                answer["patches"] = state.memit_swap.describe(paths=True)
+                answer["patches"] = stack_with_paths(state)
             return JSONResponse(answer)
 
         @app.post(PATCHES_ROUTE)
@@ -203,6 +211,7 @@ class PatchesEndpoint:
         memit = getattr(args, "load_format", None) == LOAD_FORMAT
         patches = load_patches(args.model_loader_extra_config or {}) if memit else []
         state.memit_patches = [describe(p) for p in patches]
+        state.memit_patch_files = [str(p.path) for p in patches]
         state.memit_variants = variants(getattr(args, "lora_modules", None) or [])
         state.memit_swap, state.memit_swap_why = None, ""
         if engine_client is None or not memit or getattr(args, "worker_extension_cls", None) != WORKER_EXTENSION:
