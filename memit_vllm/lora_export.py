@@ -97,12 +97,14 @@ def _check_patch(patch: Patch) -> tuple[Architecture, dict[str, int]]:
     return arch, layers
 
 
-def export_lora(patch_path: str | os.PathLike, out: str | os.PathLike, max_rank: int | None = None) -> dict:
+def export_lora(patch_path: str | os.PathLike, out: str | os.PathLike, max_rank: int | None = None,
+                rank_fix: str = "pass --max-rank R to truncate (the error is reported)") -> dict:
     """Write the PEFT adapter of a patch to `out` and return the report (per-layer rank and error).
 
-    A rank above vLLM's 512 is refused unless `max_rank` is given; then every layer is truncated to
-    it and the (no longer zero) reconstruction error is reported. Everything is computed before a byte
-    is written, into a temp dir beside `out` renamed at the end: a failure leaves no `out`.
+    A rank above vLLM's 512 is refused (naming `rank_fix`: what the caller's entry point offers) unless
+    `max_rank` is given; then every layer is truncated to it and the (no longer zero) reconstruction
+    error is reported. Everything is computed before a byte is written, into a temp dir beside `out`
+    renamed at the end: a failure leaves no `out`.
     """
     if max_rank is not None and not 1 <= max_rank <= VLLM_MAX_LORA_RANK:
         raise LoraExportError(f"--max-rank {max_rank}: vLLM serves LoRA ranks 1..{VLLM_MAX_LORA_RANK}")
@@ -126,7 +128,7 @@ def export_lora(patch_path: str | os.PathLike, out: str | os.PathLike, max_rank:
     if too_big:
         raise LoraExportError(
             f"rank {max(x['rank'] for x in too_big)} ({too_big[0]['name']}) exceeds vLLM's maximum LoRA "
-            f"rank {VLLM_MAX_LORA_RANK}; pass --max-rank R to truncate (the error is reported)")
+            f"rank {VLLM_MAX_LORA_RANK}; {rank_fix}")
 
     r = max(1, max(x["rank"] for x in report_layers))
     tensors = {}

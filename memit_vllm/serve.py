@@ -74,7 +74,9 @@ def variant_args(model: str, variants: list[tuple[str, str]], cache: Path) -> li
         PatchSet([patch]).validate(checkpoint)  # the one validation every entry point runs
         out = cache / "lora" / patch.patch_id
         meta = out / LORA_METADATA_FILE
-        report = json.loads(meta.read_text()) if meta.is_file() else export_lora(path, out)
+        fix = (f"serve it merged instead (--memit-patch {path}), or export a truncated adapter with "
+               f"memit-vllm export-lora {path} --out DIR --max-rank R (README \"LoRA export\")")
+        report = json.loads(meta.read_text()) if meta.is_file() else export_lora(path, out, rank_fix=fix)
         ranks.append(report["r"])
         adapters[name] = str(out)
     return vllm_lora_flags(adapters, max(ranks), by_class(checkpoint.architecture))

@@ -155,3 +155,24 @@ def test_serve_refuses_a_weak_token_a_bad_patch_dir_and_a_state_it_does_not_matc
     other = synthetic_patch(model, layers=(2,), seed=2).save(tmp_path / "other.patch")
     result = runner.invoke(main, ["serve", str(model), "--memit-state", str(state), "--memit-patch", str(other)])
     assert result.exit_code == 2 and "drop --memit-patch" in result.output, result.output
+
+
+def test_serve_names_its_own_fix_for_a_variant_above_vllms_lora_rank(tiny_models, tmp_path, monkeypatch):
+    """serve has no --max-rank: the refusal names what serve can do, and export-lora's flag for the export."""
+    import memit_vllm.lora_export as lora_export
+    from memit_vllm.cache import CACHE_ENV
+
+    def started(*args):
+        raise AssertionError("serve would start vLLM")
+
+    monkeypatch.setattr(os, "execve", started)
+    monkeypatch.setattr(lora_export, "VLLM_MAX_LORA_RANK", 1)  # the rank-2 patch below is then too big
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    model = tiny_models["llama"]
+    patch = synthetic_patch(model, layers=(1,), rank=2).save(tmp_path / "p.patch")
+    result = CliRunner().invoke(main, ["serve", str(model), "--memit-variant", f"edited={patch}"])
+    assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
+    assert f"--memit-patch {patch}" in result.output and "memit-vllm export-lora" in result.output
+    assert "pass --max-rank" not in result.output
+    result = CliRunner().invoke(main, ["export-lora", str(patch), "--out", str(tmp_path / "a")])
+    assert result.exit_code == 2 and "pass --max-rank R" in result.output, result.output
