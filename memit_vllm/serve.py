@@ -16,6 +16,7 @@ import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -23,6 +24,9 @@ from .core.architectures import by_class, lora_classes
 from .core.contract import (LOAD_FORMAT, LORA_METADATA_FILE, PATCHES_KEY, PLUGIN, SERVER_MODULE, STATE_DIR_ENV,
                             WORKER_EXTENSION, refuse_quantized)
 from .errors import MemitError
+
+if TYPE_CHECKING:
+    from .patch import Patch
 
 OWN_FLAGS = ("--load-format", "--worker-extension-cls")
 
@@ -123,31 +127,29 @@ def dtype_flag(vllm_args) -> str | None:
     return None
 
 
-def check_stack(paths: list[str], model: str, dtype: str | None) -> None:
-    """The one validation of a stack (merge.PatchSet), against MODEL's weights when it is a local checkpoint."""
+def check_stack(patches: list[Patch], model: str, dtype: str | None) -> None:
+    """The one validation of a stack (merge.PatchSet), against MODEL's weights when it is a local checkpoint.
+    Patches already verified (a restored stack) are not hashed again."""
     import torch
 
     from .checkpoint import Checkpoint
-    from .patch import load_patch
     from .patch.merge import PatchSet
 
-    stack = PatchSet([load_patch(p) for p in paths], dtype=getattr(torch, dtype) if dtype else None)
+    stack = PatchSet(patches, dtype=getattr(torch, dtype) if dtype else None)
     if Path(model, "config.json").is_file():
         stack.validate(Checkpoint(model))
 
 
-def restored_stack(state_dir: Path, paths: list[str]) -> list[str]:
+def restored_stack(state_dir: Path, patches: list[Patch]) -> list[Patch]:
     """The patches to start with under `--memit-state`: the recorded stack if there is one (then the
     --memit-patch list, if given, must be that same stack), else the --memit-patch list."""
     from memit_vllm_plugin.admin import read_state
 
-    from .patch import load_patch
-
-    recorded = [str(p) for p in read_state(state_dir)]
+    recorded = read_state(state_dir)
     if not recorded:
-        return paths
-    ids = [load_patch(p).patch_id for p in recorded]
-    if paths and [load_patch(p).patch_id for p in paths] != ids:
+        return patches
+    ids = [p.patch_id for p in recorded]
+    if patches and [p.patch_id for p in patches] != ids:
         raise MemitError(f"{state_dir} records the active stack {ids}, which the --memit-patch list is not; "
                          "drop --memit-patch to restore the recorded stack, or use another --memit-state dir")
     return recorded
@@ -177,24 +179,25 @@ def serve(model: str, patches: tuple[str, ...], variants: tuple[str, ...], state
     from memit_vllm_plugin.compat import check_vllm
 
     from .cache import cache_dir
+    from .patch import load_patch
 
     # Fail here in a second rather than after vLLM has spent a minute starting its engine.
     check_vllm()
     for check in (admin_token, patch_dir, max_patch_bytes, drain_timeout, rpc_timeout):  # a weak token, ...
         check(os.environ)
     env = dict(os.environ)
-    paths = [str(Path(p).resolve()) for p in patches]
+    stack = [load_patch(Path(p).resolve()) for p in patches]  # headers only: hashed once, by check_stack
     if state:
         state_dir = Path(state).resolve()
         state_dir.mkdir(parents=True, exist_ok=True)
-        paths = restored_stack(state_dir, paths)
+        stack = restored_stack(state_dir, stack)
         env[STATE_DIR_ENV] = str(state_dir)
     model, vllm_args = default_model(model, vllm_args)
     config = Path(model, "config.json")
     if config.is_file():
         refuse_quantized(json.loads(config.read_text()))
-    if paths:
-        check_stack(paths, model, dtype_flag(vllm_args))
+    if stack:
+        check_stack(stack, model, dtype_flag(vllm_args))
     extra = variant_args(model, [parse_variant(v) for v in variants], cache_dir()) if variants else []
-    cmd = server_command(model, paths, [*extra, *vllm_args])
+    cmd = server_command(model, [str(p.path) for p in stack], [*extra, *vllm_args])
     os.execve(cmd[0], cmd, server_env(env))

@@ -244,9 +244,9 @@ def test_a_failed_resume_after_the_reload_keeps_the_change_and_its_record(tmp_pa
     assert listed["unhealthy"] and listed["patches"][1]["source"] == "p2.patch"
     assert all(Path(p["file"]).is_file() for p in listed["patches"])
     recorded = read_state(state)
-    assert [load_patch(p).patch_id for p in recorded] == [p1.patch_id, p2.patch_id]
-    make_server(tmp_path, model, patch_dir, monkeypatch, startup=recorded, **{STATE_DIR_ENV: str(state)}).assert_serves(
-        [p1, p2], NAMES)
+    assert [p.patch_id for p in recorded] == [p1.patch_id, p2.patch_id]
+    make_server(tmp_path, model, patch_dir, monkeypatch, startup=[p.path for p in recorded],
+                **{STATE_DIR_ENV: str(state)}).assert_serves([p1, p2], NAMES)
 
 
 def test_a_failed_state_write_keeps_the_change_served_and_says_so(tmp_path, model, patch_dir, patches, monkeypatch):
@@ -269,12 +269,12 @@ def test_a_failed_state_write_keeps_the_change_served_and_says_so(tmp_path, mode
     server.assert_serves([p1, p2], NAMES)
     assert server.client.get("/health").status_code == 200
     assert REGISTRY.get_sample_value("memit_hot_swaps_total", applied) == before + 1
-    assert [load_patch(p).patch_id for p in read_state(state)] == [p1.patch_id]
+    assert [p.patch_id for p in read_state(state)] == [p1.patch_id]
 
     status, answer = server.admin("DELETE", f"{PATCHES_ROUTE}/{p1.patch_id}")
     assert status == 500 and f"{p1.patch_id} reverted" in answer["error"], answer
     server.assert_serves([p2], NAMES)
-    assert [load_patch(p).patch_id for p in read_state(state)] == [p1.patch_id]  # its copy is kept: a restart works
+    assert [p.patch_id for p in read_state(state)] == [p1.patch_id]  # its copy is kept: a restart works
 
     monkeypatch.setattr(hot_swap_module, "write_state", write_state)  # space again: the next change records all
     assert server.admin("DELETE", f"{PATCHES_ROUTE}/{p2.patch_id}")[0] == 200
@@ -464,13 +464,14 @@ def test_a_state_dir_carries_the_stack_over_a_restart(tmp_path, model, patch_dir
     assert first.admin("POST", PATCHES_ROUTE, {"path": "p2.patch"})[0] == 200
     patch_dir.joinpath("p2.patch").unlink()  # the operator's file is not needed any more
     recorded = read_state(state)
-    assert [load_patch(p).patch_id for p in recorded] == first.stack()
-    again = make_server(tmp_path, model, patch_dir, monkeypatch, startup=recorded, **{STATE_DIR_ENV: str(state)})
+    assert [p.patch_id for p in recorded] == first.stack()
+    again = make_server(tmp_path, model, patch_dir, monkeypatch, startup=[p.path for p in recorded],
+                        **{STATE_DIR_ENV: str(state)})
     assert again.stack() == first.stack()
     assert again.admin("DELETE", f"{PATCHES_ROUTE}/{first.stack()[1]}")[0] == 200
-    assert [load_patch(p).patch_id for p in read_state(state)] == again.stack()
+    assert [p.patch_id for p in read_state(state)] == again.stack()
 
-    kept = read_state(state)[0]
+    kept = read_state(state)[0].path
     edit_header(kept, lambda h: h["__metadata__"].update(name="changed"))
     with pytest.raises(MemitError, match="gone or changed"):
         read_state(state)

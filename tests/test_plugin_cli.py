@@ -176,3 +176,26 @@ def test_serve_names_its_own_fix_for_a_variant_above_vllms_lora_rank(tiny_models
     assert "pass --max-rank" not in result.output
     result = CliRunner().invoke(main, ["export-lora", str(patch), "--out", str(tmp_path / "a")])
     assert result.exit_code == 2 and "pass --max-rank R" in result.output, result.output
+
+
+def test_serve_hashes_each_recorded_patch_once(tiny_models, tmp_path, monkeypatch):
+    """--memit-state: the recorded stack is checked against its ids (one hash of each patch's content)
+    and that check serves the validation too; vLLM gets the recorded files."""
+    from memit_vllm.patch import Patch
+    from memit_vllm_plugin.admin import write_state
+
+    model, state = tiny_models["llama"], tmp_path / "state"
+    stack = []
+    for seed, layers in ((1, (1,)), (2, (1, 2))):
+        patch = synthetic_patch(model, layers=layers, seed=seed)
+        stack.append(load_patch(patch.save(state / "patches" / patch.patch_id / f"p{seed}.patch")))
+    write_state(state, stack)
+    hashed, started = [], []
+    content_id = Patch.content_id
+    monkeypatch.setattr(Patch, "content_id", lambda self: hashed.append(self.path) or content_id(self))
+    monkeypatch.setattr(os, "execve", lambda *args: started.append(args[1]))
+    result = CliRunner().invoke(main, ["serve", str(model), "--memit-state", str(state)])
+    assert result.exit_code == 0 and started, result.output
+    cmd = started[0]
+    assert json.loads(cmd[cmd.index("--model-loader-extra-config") + 1])[PATCHES_KEY] == [str(p.path) for p in stack]
+    assert sorted(hashed) == sorted(p.path for p in stack)

@@ -125,10 +125,10 @@ def write_state(state_dir: Path, stack: list[Patch]) -> None:
         tmp.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def read_state(state_dir: Path) -> list[Path]:
-    """The recorded stack's files, each checked to be there and to hold the recorded patch; [] when
-    nothing is recorded. A recorded patch gone or changed is an error: the server must not start
-    serving something else than it served."""
+def read_state(state_dir: Path) -> list[Patch]:
+    """The recorded stack, each patch checked to be there and to hold the recorded patch (its content
+    hashed: the patches come back verified); [] when nothing is recorded. A recorded patch gone or
+    changed is an error: the server must not start serving something else than it served."""
     record = state_dir / STATE_FILE
     if not record.is_file():
         return []
@@ -137,6 +137,7 @@ def read_state(state_dir: Path) -> list[Path]:
         recorded = [(str(e["id"]), state_dir / str(e["file"])) for e in entries]
     except (ValueError, KeyError, TypeError) as e:
         raise MemitError(f"{record} is damaged ({e}); remove it to start without the recorded stack") from e
+    stack = []
     for pid, path in recorded:
         if not path.resolve().is_relative_to(state_dir.resolve()):
             raise MemitError(f"{record} names {path}, outside {state_dir}; remove the record")
@@ -148,4 +149,5 @@ def read_state(state_dir: Path) -> list[Path]:
         if patch.patch_id != pid:
             raise MemitError(f"{path} holds patch {patch.patch_id}, but {record} records {pid}; restore it "
                              f"or remove {record}")
-    return [path for _, path in recorded]
+        stack.append(patch)
+    return stack
