@@ -7,15 +7,19 @@ patches it finds, so a long run can stop and continue):
   reference's sequential MEMIT);
 - memit-kp: the same with the lineage's facts as preserved keys (make-patch's default with `--on`);
 - alphaedit: each batch `--on` the earlier ones with `--method alphaedit`;
+- preserve: memit-kp plus `--preserve` of the close-neighbour suite below (with their true answers);
 - onebatch: all edits so far in one patch on the base (the reference point; remade at each step).
-After each batch, on every edit made so far: ES, PS, NS (teacher forced, as `eval`), and the share of
-greedy rewrite completions that start with the new target; retention of what was not edited: NS on
-200 fixed untouched records (the last 200 of the data file) and the mean token NLL of the held-out
-corpus slice (eval --generate's, which the statistics here exclude). A Markdown table, the JSON of
-every point (--out/results.json) and a PNG of the curves (--plot).
+After each batch (or every --eval-every batches), on every edit made so far: ES, PS, NS (teacher forced,
+as `eval`), and the share of greedy rewrite completions that start with the new target; retention of
+what was not edited: NS on 200 fixed untouched records (the last 200 of the data file), NS on the
+close-neighbour suite (`close_neighbours`: never-edited prompts of the same relation, words and true
+object as 50 edits of the first batch) and the mean token NLL of the held-out corpus slice (eval
+--generate's, which the statistics here exclude). A Markdown table, the JSON of every point
+(--out/ARM/results.json: arms may run as parallel processes, one core each) and a PNG of the curves
+(--plot).
 
     .venv/bin/python bench/sequential.py --batch 100 --batches 10 --out /work/benchout/seq \\
-        --arms independent,memit,memit-kp,alphaedit --plot docs/sequential.png
+        --arms independent,memit,memit-kp,alphaedit,preserve --z-dtype bfloat16 --plot docs/sequential.png
 """
 
 from __future__ import annotations
@@ -23,12 +27,14 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from memit_vllm import make_patch
 from memit_vllm.checkpoint import Checkpoint
+from memit_vllm.core.files import atomic_file
 from memit_vllm.core.records import parse_record, read_dataset, without_conflicts
 from memit_vllm.evaluate.generation import HELDOUT_DEFAULT, covariance_budget, heldout_texts
 from memit_vllm.evaluate.metrics import target_hit
@@ -40,25 +46,52 @@ from memit_vllm.patch import load_patch
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_edit_10k.json"
 ARMS = {"independent": None, "memit": {"preserve_lineage": False}, "memit-kp": {}, "alphaedit": {"method": "alphaedit"},
-        "onebatch": None}
+        "preserve": {}, "onebatch": None}
 UNTOUCHED = 200
+CLOSE_EDITS, CLOSE_PER_EDIT = 50, 4
 
 
-def batch_patch(arm: str, t: int, batches: list[list], args, budget: int, earlier: list[Path]) -> Path:
-    """Batch t's patch of `arm` (made now, or found from an earlier run)."""
+def close_neighbours(raw: list[dict], first: int, never_edited: range) -> dict[int, list[str]]:
+    """The close-neighbour suite: for up to CLOSE_EDITS of the first `first` edits, up to CLOSE_PER_EDIT
+    prompts of never-edited records that ask the same relation in the same words (the prompt with the
+    subject cut out) and have the same true object: "The mother tongue of Danielle Darrieux is" French ->
+    English, and "The mother tongue of Blaise Pascal is" must stay French. CounterFact's own neighbours
+    are mostly farther from the edit than these."""
+    def template(r):
+        cut = r["prompt"].rfind(r["subject"])
+        return r["prompt"][:cut] + "{}" + r["prompt"][cut + len(r["subject"]):], r["ground_truth"]
+
+    pool: dict[tuple, list[str]] = {}
+    for j in never_edited:
+        pool.setdefault(template(raw[j]), []).append(raw[j]["prompt"])
+    suite = {}
+    for i in range(first):
+        prompts = [p for p in pool.get(template(raw[i]), []) if raw[i]["subject"] not in p][:CLOSE_PER_EDIT]
+        if prompts and len(suite) < CLOSE_EDITS:
+            suite[i] = prompts
+    return suite
+
+
+def batch_patch(arm: str, t: int, batches: list[list], args, budget: int, earlier: list[Path]) -> tuple[Path, float]:
+    """Batch t's patch of `arm` (made now, or found from an earlier run) and the seconds making it took
+    (None when found)."""
     path = Path(args.out) / arm / f"batch-{t:03d}.patch"
     if path.is_file():
-        return path
+        return path, None
     start = time.monotonic()
     if arm == "onebatch":
-        requests, on, hparams = [r for b in batches[:t + 1] for r in b], [], None
+        requests, on, hparams = [r for b in batches[:t + 1] for r in b], [], {}
     else:
-        requests, hparams = batches[t], ARMS[arm]
+        requests, hparams = batches[t], dict(ARMS[arm] or {})
         on = [] if arm == "independent" else earlier
+    if args.z_dtype:
+        hparams["z_dtype"] = args.z_dtype
+    preserve = Path(args.out) / "close-neighbours-preserve.json" if arm == "preserve" else None
     make_patch(args.model, requests, on=on, hparams=hparams, stats_corpus=str(HELDOUT_DEFAULT), stats_tokens=budget,
-               name=f"{arm}-{t}", progress=False).save(path)
-    print(f"{arm} batch {t}: made in {time.monotonic() - start:.0f} s", flush=True)
-    return path
+               name=f"{arm}-{t}", progress=False, preserve=preserve).save(path)
+    seconds = time.monotonic() - start
+    print(f"{arm} batch {t}: made in {seconds:.0f} s", flush=True)
+    return path, seconds
 
 
 @torch.no_grad()
@@ -80,6 +113,10 @@ def main():
     ap.add_argument("--arms", default="independent,memit,memit-kp,alphaedit")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", help="PNG of the curves")
+    ap.add_argument("--z-dtype", help="make-patch's z_dtype for every arm (e.g. bfloat16: ~2x faster on CPUs with "
+                    "AVX-512 BF16, same scores at 100 edits: docs/benchmarks.md)")
+    ap.add_argument("--eval-every", type=int, default=1, help="measure after every k-th batch (and the last)")
+    ap.add_argument("--report-only", action="store_true", help="print the table (and plot) of what is measured")
     args = ap.parse_args()
     arms = args.arms.split(",")
     unknown = set(arms) - set(ARMS)
@@ -97,25 +134,36 @@ def main():
     (work / "untouched.json").write_text(json.dumps(untouched))
     _, edit_records = read_dataset(work / "edits.json")
     _, untouched_records = read_dataset(work / "untouched.json")
+    suite = close_neighbours(raw, args.batch, range(n, len(raw) - UNTOUCHED))
+    close_records = [replace(edit_records[i], neighborhood_prompts=prompts,
+                             neighborhood_true=edit_records[i].target_true) for i, prompts in suite.items()]
+    (work / "close-neighbours-preserve.json").write_text(json.dumps(
+        [{"prompt": p, "answer": " " + r.target_true} for r in close_records for p in r.neighborhood_prompts]))
+    print(f"close-neighbour suite: {len(close_records)} edits of the first batch, "
+          f"{sum(len(r.neighborhood_prompts) for r in close_records)} prompts")
 
     ckpt = Checkpoint(args.model)
     model, tok = load_model(ckpt)
     scorer = TransformersScorer(model, tok, progress=False)
     budget = covariance_budget(tok, HELDOUT_DEFAULT)
     texts = [tok(t, truncation=True, max_length=256)["input_ids"] for t in heldout_texts(HELDOUT_DEFAULT)]
-    results_file = work / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    if "unedited" not in results:
-        results["unedited"] = {"untouched_NS": measure_counterfact(scorer, untouched_records)["NS"],
-                               "heldout_nll": nll(model, texts)}
-    for arm in arms:
-        patches: list[Path] = []
-        for t in range(args.batches):
-            patches.append(batch_patch(arm, t, batches, args, budget, list(patches)))
+    unedited_file = work / "unedited.json"
+    if not unedited_file.is_file():
+        atomic_write(unedited_file, {"untouched_NS": measure_counterfact(scorer, untouched_records)["NS"],
+                                     "close_NS": measure_counterfact(scorer, close_records)["NS"],
+                                     "heldout_nll": nll(model, texts)})
+    results = {"unedited": json.loads(unedited_file.read_text())}
+    patches: dict[str, list[Path]] = {arm: [] for arm in arms}
+    for arm in arms:  # each arm's points in its own file: arms may run in parallel processes (one core each)
+        results.update(_read(work / arm / "results.json"))
+    for t in range(0 if not args.report_only else args.batches, args.batches):  # batch-major: every arm advances
+        for arm in arms:
+            path, seconds = batch_patch(arm, t, batches, args, budget, list(patches[arm]))
+            patches[arm].append(path)
             key = f"{arm}/{t}"
-            if key in results:
+            if key in results or (t + 1) % args.eval_every and t + 1 != args.batches:
                 continue
-            stack = [load_patch(patches[-1])] if arm == "onebatch" else [load_patch(p) for p in patches]
+            stack = [load_patch(path)] if arm == "onebatch" else [load_patch(p) for p in patches[arm]]
             unedited = merge_into_model(model, ckpt, stack)
             seen = edit_records[:(t + 1) * args.batch]
             tf = measure_counterfact(scorer, seen)
@@ -124,23 +172,34 @@ def main():
             results[key] = {"edits": len(seen), **{k: tf[k] for k in ("ES", "PS", "NS")},
                             "rewrite_hit": sum(hits) / len(hits),
                             "untouched_NS": measure_counterfact(scorer, untouched_records)["NS"],
-                            "heldout_nll": nll(model, texts)}
+                            "close_NS": measure_counterfact(scorer, close_records)["NS"],
+                            "heldout_nll": nll(model, texts), "make_seconds": seconds}
             for name, value in unedited.items():  # back to the base for the next point
                 model.get_parameter(name).data.copy_(value)
-            results_file.write_text(json.dumps(results, indent=1))
-            print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[key].items() if k != "edits"),
-                  flush=True)
+            atomic_write(work / arm / "results.json", {k: v for k, v in results.items() if k.startswith(arm + "/")})
+            shown = {k: v for k, v in results[key].items() if k != "edits" and v is not None}
+            print(f"{key}: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()), flush=True)
 
     base = results["unedited"]
     print(f"\nunedited: untouched NS {base['untouched_NS']:.3f}, held-out NLL {base['heldout_nll']:.3f}\n")
-    cols = ["ES", "PS", "NS", "rewrite_hit", "untouched_NS", "heldout_nll"]
+    cols = ["ES", "PS", "NS", "rewrite_hit", "untouched_NS", "close_NS", "heldout_nll"]
     print("| arm | edits | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols))
     for arm in arms:
         for t in range(args.batches):
-            r = results[f"{arm}/{t}"]
-            print(f"| {arm} | {r['edits']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+            r = results.get(f"{arm}/{t}")
+            if r:
+                print(f"| {arm} | {r['edits']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
     if args.plot:
         plot(results, arms, args.batches, cols, base, args.plot)
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def atomic_write(path: Path, data: dict) -> None:
+    with atomic_file(path) as tmp:
+        Path(tmp).write_text(json.dumps(data, indent=1))
 
 
 def plot(results, arms, batches, cols, base, path):
@@ -152,7 +211,7 @@ def plot(results, arms, batches, cols, base, path):
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2))
     for ax, col in zip(axes, cols):
         for arm in arms:
-            pts = [results[f"{arm}/{t}"] for t in range(batches)]
+            pts = [results[f"{arm}/{t}"] for t in range(batches) if f"{arm}/{t}" in results]
             ax.plot([p["edits"] for p in pts], [p[col] for p in pts], marker="o", label=arm)
         if col in base:
             ax.axhline(base[col], color="grey", linestyle="--", linewidth=1)
