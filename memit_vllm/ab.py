@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from .core.files import atomic_file
-from .core.records import read_dataset
+from .core.records import ZSRE_TARGETS, read_dataset
 from .errors import MemitError
 from .evaluate.generation import NEW_TOKENS
 from .evaluate.metrics import COUNTERFACT_METRICS, GENERATION_METRICS, ZSRE_METRICS
@@ -117,14 +117,15 @@ def _agreement(answers: list[str], prompts: list[dict], control: list[str]) -> f
 
 def compare(a: Arm, b: Arm, edits: str, regression: str | None = None, n: int | None = None,
             tokenizer: str | None = None, batch_size: int = 16, new_tokens: int = NEW_TOKENS,
-            unrelated: str | None = None, heldout: str | None = None) -> dict:
+            unrelated: str | None = None, heldout: str | None = None, zsre_target: str = "answers") -> dict:
     """Both arms on the same data; regression answers are compared with each item's "answer", or with
     arm A's answer where an item has none (A is the control arm). The generated metrics are `eval
     --generate`'s with A as the unedited model: what B kept of A's completions, KL(A || B)."""
     from .evaluate.generation import generation_task, served_kl, unrelated_prompts
 
-    fmt, records = read_dataset(edits, n)
+    fmt, records = read_dataset(edits, n, zsre_target=zsre_target)
     prompts = read_regression(regression) if regression else []
+    # Only the later records' questions: read with the default target (the alt of some zsRE records is empty).
     others, source = unrelated_prompts(edits, fmt, records, unrelated=unrelated)
     tok = _tokenizer_for(a, tokenizer)
     task = generation_task(tok, fmt, records, others, source, heldout, new_tokens=new_tokens)
@@ -143,6 +144,7 @@ def compare(a: Arm, b: Arm, edits: str, regression: str | None = None, n: int | 
     if prompts:
         meanings["regression_agreement"] = "regression prompts answered as expected (given answer, else as A)"
     return {"edits": str(Path(edits).resolve()), "format": fmt, "n": len(records),
+            **({"zsre_target": zsre_target} if fmt == "zsre" else {}),
             "regression": str(Path(regression).resolve()) if regression else None,
             "regression_prompts": len(prompts), "generation": task.info, "metrics": meanings, "A": arms[0],
             "B": arms[1], "delta": {k: arms[1]["metrics"][k] - arms[0]["metrics"][k] for k in meanings}}
@@ -190,6 +192,8 @@ def plot(result: dict, path: str | Path) -> Path:
 @click.option("--regression", default=None, help="Prompts (JSON list / JSONL of strings or {prompt, answer}) whose "
               "answers should not change; without an answer, arm A's answer is the reference.")
 @click.option("--n", type=click.IntRange(min=1), default=None, help="Use the first N edit records.")
+@click.option("--zsre-target", type=click.Choice(ZSRE_TARGETS), default="answers", show_default=True,
+              help="zsRE target: answers[0] (the MEMIT code) or alt (the editing toolkits), as for eval.")
 @click.option("--tokenizer", default=None, help="Tokenizer dir (default: the served base model's dir).")
 @click.option("--json", "json_out", default="ab.json", show_default=True, metavar="PATH",
               help="Write the full result here ('-': print it instead of the table).")
@@ -200,12 +204,12 @@ def plot(result: dict, path: str | Path) -> Path:
 @click.option("--unrelated", default=None, metavar="FILE", help="Prompts no edit concerns (as `eval --unrelated`; "
               "default: the edit prompts of the records after the first N).")
 @click.option("--heldout", default=None, metavar="FILE", help="Text for the KL between the arms (as `eval --heldout`).")
-def ab_command(arm_a, arm_b, edits, regression, n, tokenizer, json_out, plot_out, batch_size, new_tokens, unrelated,
-               heldout):
+def ab_command(arm_a, arm_b, edits, regression, n, zsre_target, tokenizer, json_out, plot_out, batch_size, new_tokens,
+               unrelated, heldout):
     """Compare two served arms on edit success, regressions and latency (table, JSON, PNG)."""
     a, b = parse_arm("A", arm_a), parse_arm("B", arm_b)
     result = compare(a, b, edits, regression, n=n, tokenizer=tokenizer, batch_size=batch_size,
-                     new_tokens=new_tokens, unrelated=unrelated, heldout=heldout)
+                     new_tokens=new_tokens, unrelated=unrelated, heldout=heldout, zsre_target=zsre_target)
     if not result["regression_prompts"]:
         for arm in ("A", "B"):
             del result[arm]["regression_answers"]

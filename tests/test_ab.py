@@ -9,6 +9,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from click.testing import CliRunner
 
 from memit_vllm.ab import _agreement, parse_arm, read_regression
 from memit_vllm.errors import MemitError
@@ -58,7 +59,7 @@ def _choice(index: int, ids: list[int], body: dict) -> dict:
     if body.get("echo"):
         tops = [None] + [{f"token_id:{t}": -float(t) for t in range(1, body["logprobs"] + 1)} | {f"token_id:{i}": -50.0}
                          for i in ids[1:]]
-        return {"index": index, "logprobs": {"top_logprobs": tops}}
+        return {"index": index, "logprobs": {"top_logprobs": tops, "token_logprobs": [None] + [-50.0] * (len(ids) - 1)}}
     first = {f"token_id:{ids[-1]}": math.log(0.6), "token_id:0": math.log(0.1)}
     return {"index": index, "token_ids": ids[::-1], "logprobs": {"top_logprobs": [first]}}
 
@@ -76,6 +77,7 @@ class _StubServer(BaseHTTPRequestHandler):
     /memit/patches."""
 
     status = 404
+    prompts: list = []  # every completion prompt received (text or token ids)
 
     def _answer(self, code: int, body: dict) -> None:
         data = json.dumps(body).encode()
@@ -91,6 +93,7 @@ class _StubServer(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.prompts.extend(body["prompt"])
         choices = [{"index": i, "text": p[::-1]} if isinstance(p, str) else _choice(i, p, body)
                    for i, p in enumerate(body["prompt"])]
         self._answer(200, {"choices": choices[::-1]})
@@ -100,7 +103,8 @@ class _StubServer(BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def stub():
+def stub(monkeypatch):
+    monkeypatch.setattr(_StubServer, "prompts", [])
     server = ThreadingHTTPServer(("127.0.0.1", 0), _StubServer)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_port}"
@@ -125,3 +129,23 @@ def test_greedy_and_top_logprobs_requests(stub):
     assert first.margin == pytest.approx(0.5)
     (tops,) = scorer.top_logprobs([[7, 100, 200]], k=3)
     assert tops == [{1: -1.0, 2: -2.0, 3: -3.0}] * 2  # one per predicted token; the echoed actual one dropped
+
+
+@pytest.mark.parametrize("target, new, old", [("alt", "unmanned aircraft", "uniform"),
+                                              ("answers", "uniform", "unmanned aircraft")])
+def test_zsre_target_picks_what_both_arms_are_scored_on(stub, smollm2, data_dir, tmp_path, target, new, old):
+    """`ab --zsre-target` as in eval and make-patch: the first zsRE record edits UniFirst's product
+    from "uniform" (answers[0]) to "unmanned aircraft" (alt); the arms are asked for the chosen one."""
+    from transformers import AutoTokenizer
+
+    from memit_vllm.cli import main
+
+    result = CliRunner().invoke(main, ["ab", "--a", stub, "--b", stub, "--edits",
+                                       str(data_dir / "zsre" / "zsre_mend_train_1k.json"), "--n", "1",
+                                       "--zsre-target", target, "--tokenizer", str(smollm2),
+                                       "--json", str(tmp_path / "ab.json"), "--plot", str(tmp_path / "ab.png")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "ab.json").read_text())["zsre_target"] == target
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    asked = [p if isinstance(p, str) else tok.decode(p) for p in _StubServer.prompts]
+    assert any(new in p for p in asked) and not any(old in p for p in asked)
