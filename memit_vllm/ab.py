@@ -18,10 +18,11 @@ from pathlib import Path
 import click
 
 from .core.files import atomic_file
-from .core.records import ZSRE_TARGETS, read_dataset
+from .core.records import read_dataset
 from .errors import MemitError
 from .evaluate.generation import NEW_TOKENS
 from .evaluate.metrics import COUNTERFACT_METRICS, GENERATION_METRICS, ZSRE_METRICS
+from .options import zsre_target_option
 
 GENERATE_TOKENS = 16
 LATENCY_CONCURRENCY = 4  # parallel single-prompt requests while latency is measured
@@ -192,8 +193,7 @@ def plot(result: dict, path: str | Path) -> Path:
 @click.option("--regression", default=None, help="Prompts (JSON list / JSONL of strings or {prompt, answer}) whose "
               "answers should not change; without an answer, arm A's answer is the reference.")
 @click.option("--n", type=click.IntRange(min=1), default=None, help="Use the first N edit records.")
-@click.option("--zsre-target", type=click.Choice(ZSRE_TARGETS), default="answers", show_default=True,
-              help="zsRE target: answers[0] (the MEMIT code) or alt (the editing toolkits), as for eval.")
+@zsre_target_option
 @click.option("--tokenizer", default=None, help="Tokenizer dir (default: the served base model's dir).")
 @click.option("--json", "json_out", default="ab.json", show_default=True, metavar="PATH",
               help="Write the full result here ('-': print it instead of the table).")

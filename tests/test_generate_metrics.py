@@ -231,3 +231,15 @@ def test_bad_generation_input_exits_2(tiny_models, data_dir, tmp_path):
     result = run_cli("--model", tiny_models["llama"], "--data", data, "--n", 1, "--generate", "--unrelated",
                      tmp_path / "u.json")
     assert result.exit_code == 2 and "holds no prompts" in result.stderr
+
+
+def test_zsre_alt_targets_with_the_default_unrelated_prompts(tiny_models, data_dir, tmp_path):
+    """The unrelated prompts come from the file's later records, of which only the questions are used:
+    records whose `alt` is empty (two in zsre_mend_train_1k) must not stop an `--zsre-target alt` run."""
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("One text about the sea.\n\nAnother one, about the mountains.\n")
+    result = run_cli("--model", tiny_models["llama"], "--data", data_dir / "zsre" / "zsre_mend_train_1k.json",
+                     "--zsre-target", "alt", "--n", 2, "--generate", "--new-tokens", 2, "--heldout", heldout,
+                     "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r.json").read_text())["generation"]["unrelated_prompts"] == 100

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ..core.records import ZSRE_TARGETS
+from ..options import zsre_target_option
 from ..errors import MemitError
 from .hparams import FORWARD_DTYPES, METHODS, parse_layers
 
@@ -46,8 +46,7 @@ def check_out_file(out: str | os.PathLike) -> None:
 @click.option("--name", default="", help="Patch name label.")
 @click.option("--version", "version_", default="", help="Patch version label.")
 @click.option("--limit", type=int, help="Use only the first N requests of the file.")
-@click.option("--zsre-target", type=click.Choice(ZSRE_TARGETS), default="answers", show_default=True,
-              help="zsRE: edit toward answers[0] (as MEMIT's code) or alt (as the toolkits).")
+@zsre_target_option
 @click.option("--device", help="torch device, e.g. cuda or cpu (default: cuda when available). Patches made on a GPU "
               "differ from CPU ones by float rounding.")
 @click.option("--on", "on", multiple=True, type=click.Path(dir_okay=False),

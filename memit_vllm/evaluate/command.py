@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from ..core.records import FORMATS, ZSRE_TARGETS
+from ..core.records import FORMATS
+from ..options import zsre_target_option
 from .generation import HELDOUT_TEXTS, NEW_TOKENS
 
 
@@ -18,8 +19,7 @@ from .generation import HELDOUT_TEXTS, NEW_TOKENS
 @click.option("--n", type=click.IntRange(min=1), default=None, help="Use the first N records (default: all).")
 @click.option("--format", "fmt", type=click.Choice(("auto", *FORMATS)), default="auto", show_default=True,
               help="Data layout; auto detects it from the first record.")
-@click.option("--zsre-target", type=click.Choice(ZSRE_TARGETS), default="answers", show_default=True,
-              help="zsRE target: answers[0] (the MEMIT code) or alt (the editing toolkits).")
+@zsre_target_option
 @click.option("--fluency", is_flag=True, help="Also measure GE on greedy 100-token generations (slow).")
 @click.option("--generate", is_flag=True, help="Also the generated metrics: greedy completions of the rewrite, "
               "paraphrase, neighbour and unrelated prompts, and the next-token KL on held-out text.")

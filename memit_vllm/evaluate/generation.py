@@ -31,14 +31,16 @@ def _edit_prompt(record) -> str:
     return record.rewrite_prompt if isinstance(record, CounterFactRecord) else record.src
 
 
-def unrelated_prompts(data, fmt: str, records: list, patches=(), unrelated: str | Path | None = None,
-                      zsre_target: str = "answers") -> tuple[list[str], str]:
+def unrelated_prompts(data, fmt: str, records: list, patches=(),
+                      unrelated: str | Path | None = None) -> tuple[list[str], str]:
     """The unrelated prompts and where they come from: `unrelated` (a prompts file), else the edit
     prompts of the records after the evaluated ones in `data` (at most UNRELATED_PROMPTS), skipping
-    subjects that are evaluated or edited by a patch. May be empty (the metrics are then left out)."""
+    subjects that are evaluated or edited by a patch. May be empty (the metrics are then left out).
+    Only their prompts are used, so zsRE records are read with the default target whatever the edits
+    use (some zsRE records have an empty `alt`)."""
     if unrelated is not None:
         return [x["prompt"] for x in read_prompts(unrelated, "--unrelated")], str(Path(unrelated).resolve())
-    _, everything = read_dataset(data, None, fmt, zsre_target)
+    _, everything = read_dataset(data, None, fmt)
     edited = {r.subject for r in records}
     for p in patches:
         edited |= {parse_record(r, "patch request").subject for r in p.requests}

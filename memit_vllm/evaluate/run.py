@@ -91,7 +91,7 @@ def evaluate(model: str, data: str | Path, patches: Sequence[str | Path] = (), n
         PatchSet(loaded).validate(checkpoint)
 
     if generate:
-        prompts, source = unrelated_prompts(data, fmt, records, loaded, unrelated, zsre_target)
+        prompts, source = unrelated_prompts(data, fmt, records, loaded, unrelated)
         if heldout is not None:
             heldout_texts(heldout)  # a bad file fails here, before the model loads
 
