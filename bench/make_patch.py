@@ -1,6 +1,6 @@
 """What make-patch costs on the default model, and what it buys.
 
-    .venv/bin/python bench/make_patch.py z-speed  [--edits 8] [--z-dtypes float32,bfloat16]
+    .venv/bin/python bench/make_patch.py z-speed  [--edits 8] [--z-variants '[{}, {"z_dtype": "bfloat16"}]']
     .venv/bin/python bench/make_patch.py covariance [--tokens 50000]
     .venv/bin/python bench/make_patch.py spectrum [--thresholds 5e-3,1e-2,2e-2]
     .venv/bin/python bench/make_patch.py scaling  [--sizes 10,100] [--data FILE] [--eval]
@@ -69,19 +69,24 @@ def z_speed(args, model_dir):
             compute_targets(em, tok, reqs, templates, layer, hp, progress=False, bucket_overhead_tokens=cost)
             print(f"| {cost:g} | {time.perf_counter() - t:.1f} |")
         return
-    if args.z_dtypes:  # the batched path alone, once per forward dtype (HParams.z_dtype)
+    if args.z_variants:  # the batched path alone, once per set of z hyperparameters (e.g. z_dtype, v_lr)
+        import json
+
         print(f"machine: {machine()}; {len(reqs)} CounterFact edits, layer {layer}, batched z only")
-        print("| forward dtype | batched z (s) | mean steps | mean target prob | max rel. distance of z to the first |")
-        print("|---|---|---|---|---|")
+        print("| z hparams | batched z (s) | mean steps | at the step cap | mean / min P(target) | mean final loss "
+              "| max rel. distance of z to the first |\n|---|---|---|---|---|---|---|")
         first = None
-        for name in args.z_dtypes.split(","):
+        for overrides in json.loads(args.z_variants):
+            variant = hp.replace(z_batch_edits=len(reqs), **overrides)
             t = time.perf_counter()
-            got = compute_targets(em, tok, reqs, templates, layer, hp.replace(z_dtype=name), progress=False)
+            got = compute_targets(em, tok, reqs, templates, layer, variant, progress=False)
             seconds = time.perf_counter() - t
             first = got.z if first is None else first
             dist = float(((got.z - first).norm(dim=1) / first.norm(dim=1)).max())
-            print(f"| {name} | {seconds:.1f} | {got.steps.float().mean():.1f} | {got.target_prob.mean():.3f} | "
-                  f"{dist:.1e} |", flush=True)
+            capped = int((got.steps >= variant.v_num_grad_steps - 1).sum())
+            prob = f"{got.target_prob.mean():.3f} / {got.target_prob.min():.3f}"
+            print(f"| {json.dumps(overrides)} | {seconds:.1f} | {got.steps.float().mean():.1f} | "
+                  f"{capped} of {len(reqs)} | {prob} | {got.final_loss.mean():.3f} | {dist:.1e} |", flush=True)
         return
     t = time.perf_counter()
     batched = compute_targets(em, tok, reqs, templates, layer, hp, progress=False)
@@ -206,8 +211,8 @@ def main():
     ap.add_argument("--eval", action="store_true")
     ap.add_argument("--group-costs", help="z-speed: time the batched path alone for each of these per-group "
                     "costs of the length grouping, e.g. 0,32,64,128,1e9 (1e9: one group)")
-    ap.add_argument("--z-dtypes", help="z-speed: time the batched path alone for each forward dtype, "
-                    "e.g. float32,bfloat16")
+    ap.add_argument("--z-variants", help="z-speed: the batched path alone (all edits in one batch) for each of "
+                    "these JSON hparams overrides, e.g. '[{}, {\"z_dtype\": \"bfloat16\"}, {\"v_lr\": 2.0}]'")
     ap.add_argument("--drop-conflicts", action="store_true",
                     help="skip records that ask an earlier record's prompt for another target")
     ap.add_argument("--save-dir", help="also keep each size's patch here as scaling-N.patch")
