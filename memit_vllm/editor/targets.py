@@ -14,6 +14,8 @@ decay and early stop are the reference's, per edit. What makes it fast changes n
   rows run in groups of similar length instead (`length_buckets`); the KL rows stop at the
   subject's last token, where the KL is read, and are not run at all when the bare prompt's row
   holds the same tokens up to there.
+One option trades exactness for speed, and only when asked (`HParams.z_dtype`, make-patch --z-dtype): the
+forward/backward above L in bf16 (`precision.computing_in`), the delta, Adam and the loss still fp32.
 """
 
 from __future__ import annotations
