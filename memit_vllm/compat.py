@@ -4,7 +4,8 @@ The editor reads and short-circuits a transformers model in ways its public API 
 - decoder layers return a bare hidden-state tensor or a tuple that starts with it (by architecture and
   release), and take the hidden states as their first argument or as `hidden_states=`;
 - `resume_after` replaces the `forward` of layer instances for the length of a block;
-- `PrefixCache` rewrites the rows of a `DynamicCache` (`past_key_values.layers[i].keys/.values`);
+- `PrefixCache` rewrites the rows of a `DynamicCache` (`past_key_values.layers[i].keys/.values`, and a
+  linear-attention layer's `conv_states/recurrent_states`);
 - `output_logits` repeats what a causal LM does after its final norm (the head, Granite's logit scaling,
   Gemma's soft-capping);
 - `from_pretrained(dtype=...)` (called `torch_dtype` before 4.56);
@@ -102,14 +103,26 @@ class PrefixCache:
         with torch.no_grad():
             self._cache = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                            position_ids=position_ids, use_cache=True).past_key_values
-        # Rows that are all padding attend to nothing and may hold NaN; they are masked anyway.
-        self._kv = [(l.keys.nan_to_num(0.0), l.values.nan_to_num(0.0)) for l in self._cache.layers]
+        self._saved = [_layer_state(l) for l in self._cache.layers]
 
     def continue_rows(self, rows: torch.Tensor) -> dict:
         """Forward keyword arguments that continue from the prefixes of `rows` alone."""
-        for l, (k, v) in zip(self._cache.layers, self._kv):
-            l.keys, l.values = k[rows], v[rows]
+        for layer, state in zip(self._cache.layers, self._saved):
+            for name, value in state.items():  # indexing copies: a forward's in-place updates never reach `state`
+                setattr(layer, name, {i: t[rows] for i, t in value.items()} if isinstance(value, dict) else value[rows])
         return {"past_key_values": self._cache, "use_cache": True}
+
+
+def _layer_state(layer) -> dict:
+    """What a cache layer holds of the prefixes: attention keys/values, and the convolution and recurrent
+    states of a linear-attention layer (hybrid models: Qwen3.5), as dicts of state index -> tensor. Rows
+    that are all padding attend to nothing and may hold NaN; they are masked anyway."""
+    state = {name: getattr(layer, name).nan_to_num(0.0) for name in ("keys", "values")
+             if getattr(layer, name, None) is not None}
+    for name in ("conv_states", "recurrent_states"):
+        if isinstance(getattr(layer, name, None), dict):
+            state[name] = {i: t for i, t in getattr(layer, name).items() if t is not None}
+    return state
 
 
 @contextmanager

@@ -23,6 +23,12 @@ class Architecture:
     down_proj: str  # path of the down-projection inside one layer, e.g. "mlp.down_proj"
     conv1d: bool = False  # stored (d_ff, d_model) in the checkpoint (GPT-2's Conv1D)
     vllm_lora: bool = False  # vLLM serves a LoRA on this down-projection (--memit-variant, export-lora)
+    # How the down-projection's output reaches the residual stream, where MEMIT's residuals are measured
+    # (default: added as it is): a norm in between (Gemma's post-MLP norm), a layer attribute scaling the
+    # MLP output (Granite's residual multiplier), a layer attribute scaling the layer's whole output (Gemma 4).
+    post_mlp_norm: str | None = None
+    mlp_scale: str | None = None
+    stream_scale: str | None = None
 
     def module_name(self, layer: int) -> str:
         """The down-projection's module path in the transformers model."""
@@ -62,17 +68,53 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in (
     Architecture("gpt2", "GPT2LMHeadModel", "transformer.h", "mlp.c_proj", conv1d=True),
     Architecture("gptj", "GPTJForCausalLM", "transformer.h", "mlp.fc_out"),
     Architecture("gpt_neox", "GPTNeoXForCausalLM", "gpt_neox.layers", "mlp.dense_4h_to_h"),
+    Architecture("qwen3", "Qwen3ForCausalLM", "model.layers", "mlp.down_proj"),
+    Architecture("qwen3_5_text", "Qwen3_5ForCausalLM", "model.layers", "mlp.down_proj"),
+    Architecture("gemma3_text", "Gemma3ForCausalLM", "model.layers", "mlp.down_proj",
+                 post_mlp_norm="post_feedforward_layernorm"),
+    Architecture("gemma4_text", "Gemma4ForCausalLM", "model.layers", "mlp.down_proj",
+                 post_mlp_norm="post_feedforward_layernorm", stream_scale="layer_scalar"),
+    Architecture("phi3", "Phi3ForCausalLM", "model.layers", "mlp.down_proj"),  # Phi-3 and Phi-4
+    Architecture("granite", "GraniteForCausalLM", "model.layers", "mlp.down_proj", mlp_scale="residual_multiplier"),
+    Architecture("ministral3", "Ministral3ForCausalLM", "model.layers", "mlp.down_proj"),
 )}
+
+
+# Mixture-of-experts model types: each layer has one down-projection per expert, and MEMIT solves for one.
+MOE_MODEL_TYPES = frozenset({
+    "mixtral", "qwen2_moe", "qwen3_moe", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "qwen3_omni_moe",
+    "llama4", "llama4_text", "deepseek_v2", "deepseek_v3", "phimoe", "granitemoe", "granitemoeshared",
+    "granitemoehybrid", "olmoe", "dbrx", "gpt_oss", "jamba", "minimax", "glm4_moe", "ernie4_5_moe",
+    "hunyuan_v1_moe", "dots1", "jetmoe",
+})
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")  # config keys, by model family
 
 
 def _supported() -> str:
     return ", ".join(sorted(ARCHITECTURES))
 
 
+def _refuse_moe(model_type: str) -> None:
+    raise MemitError(f"architecture {model_type!r} is not supported: it is a mixture-of-experts model, whose MLP "
+                     "down-projections are per expert (MEMIT edits one dense down-projection per layer); supported "
+                     f"model types: {_supported()}")
+
+
 def by_model_type(model_type: str) -> Architecture:
+    if model_type in MOE_MODEL_TYPES:
+        _refuse_moe(model_type)
     if model_type not in ARCHITECTURES:
         raise MemitError(f"architecture {model_type!r} is not supported; supported model types: {_supported()}")
     return ARCHITECTURES[model_type]
+
+
+def by_config(config: dict) -> Architecture:
+    """The entry for a checkpoint's config.json; also refuses the experts of a model type that has dense
+    and mixture-of-experts variants (Gemma 4's `enable_moe_block`)."""
+    model_type = config.get("model_type", "?")
+    if config.get("enable_moe_block") or any((config.get(k) or 0) > 1 for k in _EXPERT_COUNTS):
+        _refuse_moe(model_type)
+    return by_model_type(model_type)
 
 
 def by_class(hf_class: str) -> Architecture:

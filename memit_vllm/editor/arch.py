@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from ..checkpoint import Checkpoint
-from ..compat import load_causal_lm
-from ..core.architectures import by_model_type
+from ..compat import load_causal_lm, output_logits
+from ..core.architectures import by_config
 from ..core.tokens import ensure_pad_token
 from ..errors import MemitError
 
@@ -20,7 +20,7 @@ class EditableModel:
 
     def __init__(self, model: nn.Module, checkpoint_keys: list[str] | None = None):
         self.model = model
-        self.arch = by_model_type(model.config.model_type)
+        self.arch = by_config(model.config.to_dict())
         self.layers: nn.ModuleList = model.get_submodule(self.arch.layers)
         self.n_layers = len(self.layers)
         self._keys = set(checkpoint_keys) if checkpoint_keys is not None else None
@@ -44,9 +44,38 @@ class EditableModel:
             return self.arch.weight_name(layer)
         return self.arch.checkpoint_name(layer, self._keys)
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The model's logits from its final hidden states (the head and any scaling after it)."""
+        return output_logits(self.model, hidden)
+
     def to_checkpoint_layout(self, delta: torch.Tensor) -> torch.Tensor:
         """A (d_model, d_ff) update in the weight's own layout."""
         return delta.T.contiguous() if self.arch.conv1d else delta
+
+    @torch.no_grad()
+    def to_output_space(self, layer: int, z_layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
+        """R [d_model, n], changes wanted in layer `z_layer`'s output at the keys K [d_ff, n], as the changes of
+        layer `layer`'s down-projection output that reach it along the residual stream. MEMIT takes them to be
+        equal; where the architecture scales or normalises that path (table: post_mlp_norm, mlp_scale,
+        stream_scale) they are not, and an unmapped update delivers a fraction of its residual."""
+        arch, block = self.arch, self.layers[layer]
+        scale = float(getattr(block, arch.mlp_scale)) if arch.mlp_scale else 1.0
+        if arch.stream_scale:
+            for m in range(layer, z_layer + 1):
+                scale *= float(getattr(self.layers[m], arch.stream_scale))
+        R = R / scale
+        if arch.post_mlp_norm:
+            # An RMS norm n(o) = g * o / r(o), r = sqrt(mean(o^2) + eps): to first order a change dc of n(o)
+            # needs do = r * dc / g; the part of dc along n(o) it cannot make (only eps lets the norm's output
+            # grow) and is not asked for. g = n(1, ..., 1) (eps is negligible there); r = |g o| / |n(o)|.
+            norm = block.get_submodule(arch.post_mlp_norm)
+            w = self.down_proj(layer).weight
+            o = self.down_proj(layer)(K.T.to(w.dtype))  # [n, d_model] the outputs now
+            g = norm(torch.ones(1, o.shape[1], dtype=w.dtype, device=w.device))[0].double()
+            r = (g * o.double()).norm(dim=1) / norm(o).double().norm(dim=1)
+            inv_g = torch.where(g.abs() > 1e-6 * g.abs().max(), 1 / g, torch.zeros_like(g))
+            R = R * inv_g[:, None] * r[None, :]
+        return R
 
     @torch.no_grad()
     def add_to_weight(self, layer: int, delta: torch.Tensor) -> None:
@@ -69,7 +98,7 @@ def checkpoint_dims(ckpt: Checkpoint) -> tuple[str, int, int]:
     """(model_type, number of layers, d_ff) read from the checkpoint's config and weight shapes, without
     loading the model: the hyperparameters are resolved and checked before the heavy work."""
     model_type = ckpt.config.get("model_type", "?")
-    arch = by_model_type(model_type)
+    arch = by_config(ckpt.config)
     keys = ckpt.keys()
     layers = {arch.layer_of(k) for k in keys} - {None}
     if not layers:
@@ -78,9 +107,24 @@ def checkpoint_dims(ckpt: Checkpoint) -> tuple[str, int, int]:
     return model_type, max(layers) + 1, shape[0] if arch.conv1d else shape[1]
 
 
-def check_layers(layers: list[int], n_layers: int) -> None:
+def check_layers(layers: list[int], n_layers: int, config: dict | None = None) -> None:
     bad = [l for l in layers if not 0 <= l < n_layers]
     if bad or not layers:
         raise MemitError(f"layers {bad or layers} out of range: this model has layers 0..{n_layers - 1}")
     if sorted(set(layers)) != list(layers):
         raise MemitError(f"layers {layers} must be distinct and increasing")
+    sources = kv_source_layers(config or {})
+    if sources and layers[-1] >= min(sources):
+        raise MemitError(f"layers {layers}: the top layers of this model reuse the keys/values of layers {sources}, "
+                         f"and the editor runs the model from above its last edited layer; edit layers below "
+                         f"{min(sources)}")
+
+
+def kv_source_layers(config: dict) -> list[int]:
+    """The layers whose keys/values later layers reuse (Gemma 4's `num_kv_shared_layers`): the last layer of
+    each attention type below the first sharing layer, as transformers picks them."""
+    shared = config.get("num_kv_shared_layers") or 0
+    if not shared:
+        return []
+    below = config["layer_types"][: config["num_hidden_layers"] - shared]
+    return sorted(max(i for i, t in enumerate(below) if t == kind) for kind in set(below))

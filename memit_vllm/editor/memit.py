@@ -247,7 +247,7 @@ def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: Ta
     for i, layer in enumerate(tqdm(hp.layers, desc="layer updates", disable=not progress)):
         k, h = reader.read(layer, z_layer)
         K = k.T.double()  # [d_ff, n]
-        R = (targets.z - h).T.double() / (len(hp.layers) - i)  # [d_model, n]
+        R = em.to_output_space(layer, z_layer, K, (targets.z - h).T.double() / (len(hp.layers) - i))  # [d_model, n]
         kept = preserved.at(layer) if preserved else None
         if hp.method == "alphaedit":
             update = solve_alphaedit_update(K, R, stats.projections[layer], kept, hp.L2)
@@ -277,7 +277,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     ckpt = Checkpoint(model)
     dims = checkpoint_dims(ckpt)  # unsupported architectures and bad settings fail before loading
     hp, hp_source = _hparams(dims, config)
-    check_layers(hp.layers, dims[1])
+    check_layers(hp.layers, dims[1], ckpt.config)
     distributed.check_shares(len(requests), "edits")
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     given = _stats_file(config, ckpt, hp, dims[2], cache)
