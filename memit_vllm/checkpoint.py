@@ -18,6 +18,8 @@ from .core.architectures import ARCHITECTURES
 from .core.files import atomic_file
 from .errors import MemitError
 
+_SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
+
 # Config keys that describe how a config was saved rather than the model it describes.
 _VOLATILE_CONFIG_KEYS = {"transformers_version", "_name_or_path", "_commit_hash", "torch_dtype", "dtype",
                          "_model_name_or_path"}
@@ -107,6 +109,18 @@ class Checkpoint:
         model_type = self.config.get("model_type", "?")
         arch = ARCHITECTURES.get(model_type)
         return arch.hf_class if arch else model_type
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the checkpoint is meant to run in: config.json's `dtype` (`torch_dtype` before
+        transformers 4.56), else its first weight's, e.g. "bfloat16"."""
+        named = self.config.get("dtype") or self.config.get("torch_dtype")
+        if isinstance(named, str):
+            return named.removeprefix("torch.")
+        first = self.keys()[0]
+        with self._open(self._files[first]) as st:
+            stored = st.get_slice(first).get_dtype()
+        return _SAFETENSORS_DTYPES.get(stored, stored)
 
     @property
     def config_sha256(self) -> str:

@@ -37,13 +37,13 @@ def check_transformers(version: str | None = None) -> None:
         raise MemitError(why)
 
 
-def load_causal_lm(path):
-    """(tokenizer, fp32 model in eval mode) of a checkpoint dir, after the version check."""
+def load_causal_lm(path, dtype: torch.dtype = torch.float32):
+    """(tokenizer, model in `dtype` and eval mode) of a checkpoint dir, after the version check."""
     check_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    return tok, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return tok, AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from ..compat import load_causal_lm, output_logits
 from ..core.architectures import by_config
 from ..core.tokens import ensure_pad_token
 from ..errors import MemitError
+from .hparams import FORWARD_DTYPES
 
 
 class EditableModel:
@@ -79,15 +80,26 @@ class EditableModel:
 
     @torch.no_grad()
     def add_to_weight(self, layer: int, delta: torch.Tensor) -> None:
+        """W + delta, added in fp32 and rounded once to the weight's dtype, as a merge serves it."""
         w = self.down_proj(layer).weight
-        w += self.to_checkpoint_layout(delta).to(w.dtype)
+        w.copy_(w.float() + self.to_checkpoint_layout(delta).to(w.device, torch.float32))
 
 
-def load_editable(model: str | Path | Checkpoint):
-    """(tokenizer, EditableModel) of a checkpoint as the editor uses them: fp32, eval mode, weights
-    frozen, a pad token (batched sampling pads; many Llama tokenizers define none)."""
+def model_dtype(ckpt: Checkpoint, dtype: str | None = None) -> str:
+    """The dtype the editor loads `ckpt` in: `dtype`, else the checkpoint's own (never an fp32 copy of a
+    bf16 model: what needs more precision is kept apart, in fp32/float64)."""
+    chosen = dtype or ckpt.dtype
+    if chosen not in FORWARD_DTYPES:
+        source = "--dtype" if dtype else f"{ckpt.path}'s dtype"
+        raise MemitError(f"{source} {chosen!r}: the editor loads models in {', '.join(FORWARD_DTYPES)}; pass --dtype")
+    return chosen
+
+
+def load_editable(model: str | Path | Checkpoint, dtype: str | None = None):
+    """(tokenizer, EditableModel) of a checkpoint as the editor uses them: in `model_dtype`, eval mode,
+    weights frozen, a pad token (batched sampling pads; many Llama tokenizers define none)."""
     ckpt = model if isinstance(model, Checkpoint) else Checkpoint(model)
-    tok, hf = load_causal_lm(ckpt.path)
+    tok, hf = load_causal_lm(ckpt.path, getattr(torch, model_dtype(ckpt, dtype)))
     ensure_pad_token(tok)
     for p in hf.parameters():
         p.requires_grad_(False)

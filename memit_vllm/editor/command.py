@@ -61,10 +61,13 @@ def check_out_file(out: str | os.PathLike) -> None:
 @click.option("--z-dtype", type=click.Choice(FORWARD_DTYPES),
               help="dtype of the z optimisation's forward/backward (default: the model's; bfloat16 is ~2x faster on "
                    "CPUs with AVX-512 BF16 and on GPUs; the delta, its optimiser and the loss stay fp32).")
+@click.option("--dtype", type=click.Choice(FORWARD_DTYPES),
+              help="dtype the model is loaded in (default: the checkpoint's own; z, keys, covariance and solves keep "
+                   "fp32/float64 where they need it).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
 def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_weight, stats_corpus, stats_tokens,
                        stats_dtype, stats_file, cache_dir, seed, name, version_, limit, zsre_target, device, on,
-                       withdraw, method, z_dtype, preserve, as_json):
+                       withdraw, method, z_dtype, dtype, preserve, as_json):
     """Compute MEMIT z vectors and layer deltas for the edit requests and write a patch file (under
     torchrun: the work split across the processes, rank 0 writes; README "Large jobs")."""
     from ..core.records import load_requests, validate_requests
@@ -82,8 +85,8 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
         facts_of = [load_patch(p) for p in on]
         requests = validate_requests(requests + withdrawal_requests(facts_of, list(withdraw)), "--requests/--withdraw")
     config = EditConfig(hparams=hparams, layers=parse_layers(layers), mom2_update_weight=mom2_update_weight,
-                        method=method, z_dtype=z_dtype, stats_corpus=stats_corpus, stats_tokens=stats_tokens,
-                        stats_dtype=stats_dtype,
+                        method=method, z_dtype=z_dtype, dtype=dtype, stats_corpus=stats_corpus,
+                        stats_tokens=stats_tokens, stats_dtype=stats_dtype,
                         stats=stats_file, cache_dir=cache_dir, seed=seed, name=name, version=version_,
                         zsre_target=zsre_target, device=device, progress=not as_json, on=list(on), preserve=preserve)
     with warnings.catch_warnings(record=True):  # they are in the report, printed below

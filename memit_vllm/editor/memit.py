@@ -25,7 +25,7 @@ from ..core.records import EditRequest, load_requests, parse_record, validate_re
 from ..core.tokens import pad_id, pad_right, target_ids
 from ..errors import MemitError
 from ..patch import BaseModel, Patch
-from .arch import EditableModel, check_layers, checkpoint_dims, load_editable
+from .arch import EditableModel, check_layers, checkpoint_dims, load_editable, model_dtype
 from . import distributed
 from .covariance import layer_covariances, layer_projections, resolve_corpus, stats_identity
 from .hparams import HParams, default_hparams, load_hparams_file
@@ -50,6 +50,7 @@ class EditConfig:
     mom2_update_weight: float | None = None
     method: str | None = None  # "memit" or "alphaedit" (hparams.METHODS)
     z_dtype: str | None = None  # the z forward's dtype (hparams.FORWARD_DTYPES); None: the hparams' (the model's)
+    dtype: str | None = None  # the model's dtype in the editor (hparams.FORWARD_DTYPES); None: the checkpoint's own
     stats_corpus: str | None = None  # a .txt/.jsonl file, self:N or an HF dataset name
     stats_tokens: int | None = None
     stats_dtype: str | None = None
@@ -196,9 +197,9 @@ class KeyReader:
             got = capture(self.em, ids, mask, outputs=[out_layer] if read_out else [], keys=[layer], inputs=[layer],
                           resume=(saved[0], saved[1][b], saved[2]) if saved else None)
             at = torch.arange(len(lookup)), lookup
-            keys.append(got.keys[layer][at])
+            keys.append(got.keys[layer][at].float())  # averaged in fp32 whatever the model's dtype
             if read_out:
-                outs.append(got.outputs[out_layer][at])
+                outs.append(got.outputs[out_layer][at].float())
             inputs.append(got.inputs[layer])
         self.saved = (layer, inputs, got.tuple_len.get(layer - 1, 0))  # how layer-1 returns: resume_after mimics it
         k = torch.cat(keys).view(-1, self.n, keys[0].shape[-1])  # [templates, n, d_ff]
@@ -278,6 +279,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     dims = checkpoint_dims(ckpt)  # unsupported architectures and bad settings fail before loading
     hp, hp_source = _hparams(dims, config)
     check_layers(hp.layers, dims[1], ckpt.config)
+    dtype = model_dtype(ckpt, config.dtype)
     distributed.check_shares(len(requests), "edits")
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     given = _stats_file(config, ckpt, hp, dims[2], cache)
@@ -291,7 +293,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     prompts = read_preserve_file(config.preserve) if config.preserve else []
 
     torch.manual_seed(config.seed)
-    tok, em = load_editable(ckpt)
+    tok, em = load_editable(ckpt, dtype)
     if not hp.preserve_lineage:
         kept_facts = []
     # Sampled on the CPU whatever the device, so the same seed gives the same templates everywhere.
@@ -332,7 +334,8 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         base=BaseModel(str(model), ckpt.architecture, ckpt.config_sha256),
         base_weights={n: ckpt.fingerprint(n) for n in updates.deltas},
         requests=[r.to_dict() for r in requests],
-        hparams={**hp.to_dict(), "seed": config.seed, "source": hp_source, "context_templates": groups},
+        hparams={**hp.to_dict(), "seed": config.seed, "source": hp_source, "context_templates": groups,
+                 "dtype": dtype},
         covariance={"corpus": stats.identity["corpus"], "description": stats.description,
                     "tokens": {str(l): stats.info[l]["tokens"] for l in hp.layers}, "dtype": hp.mom2_dtype,
                     **({"provenance": stats.provenance} if stats.provenance else {})},
@@ -347,7 +350,8 @@ def make_patch(model: str | Path, requests, config: EditConfig | None = None, **
 
     Options: an EditConfig, or its fields as keyword arguments: hparams (HParams, dict or JSON/YAML
     file), layers, mom2_update_weight, stats_corpus (file, self:N or HF dataset), stats_tokens,
-    stats_dtype, stats (a stats file instead: README "Large jobs"), cache_dir, seed, name, version,
+    stats_dtype, stats (a stats file instead: README "Large jobs"), dtype (the model's in the editor,
+    default the checkpoint's), cache_dir, seed, name, version,
     zsre_target, device (default: cuda when available), progress, method, on (patches to edit on, README
     "Editing over time"), preserve (a prompts file), and the speed knobs key_batch_prompts and
     bucket_overhead_tokens.

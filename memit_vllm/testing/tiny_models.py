@@ -72,13 +72,14 @@ def vllm_cannot_serve(arch: str) -> str | None:
     return None
 
 
-def build_tiny_model(arch: str, out: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
-    """Write a random `arch` checkpoint (fp32 safetensors, config, tokenizer) to `out`."""
+def build_tiny_model(arch: str, out: Path, tokenizer_dir: Path, seed: int = 0,
+                     dtype: torch.dtype = torch.float32) -> Path:
+    """Write a random `arch` checkpoint (safetensors in `dtype`, config, tokenizer) to `out`."""
     config = CONFIGS[arch]()
     config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 2
-    config.dtype = torch.float32
+    config.dtype = dtype
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.save_pretrained(out)
     for name in TOKENIZER_FILES:
         shutil.copy(tokenizer_dir / name, out / name)
