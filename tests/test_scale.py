@@ -1,9 +1,11 @@
 """The editor at scale: a model is edited in its own dtype (a bf16 checkpoint in bf16, no fp32 copy of
 the model; the z delta, keys, covariance and solves kept in fp32/float64) and gives the patch of the
-fp32 path within bf16's rounding."""
+fp32 path within bf16's rounding; make-patch reports the memory a run took."""
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.editor import edit, load_requests, memit
 from memit_vllm.editor.arch import model_dtype
 from memit_vllm.errors import MemitError
+from memit_vllm.patch import load_patch
 from memit_vllm.testing.tiny_models import build_tiny_model
 
 FAST = {"v_num_grad_steps": 6, "context_template_seeds": ["The", "I"], "context_template_length": 5}
@@ -67,3 +70,18 @@ def test_dtype_is_the_checkpoints_own_unless_given_and_others_are_refused(bf16_l
                                          "pass --dtype"):
         model_dtype(Checkpoint(odd))
     assert model_dtype(Checkpoint(odd), "bfloat16") == "bfloat16"
+
+
+def test_make_patch_reports_peak_memory_and_takes_dtype(bf16_llama, data_dir, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "memit_vllm", "make-patch", "--model", str(bf16_llama), "--requests",
+                          str(data_dir / "counterfact" / "counterfact_500.json"), "--limit", "1", "--dtype", "float32",
+                          "--stats-corpus", str(data_dir / "corpus" / "smollm2_self_2k.jsonl"), "--stats-tokens",
+                          "2000", "--layers", "1,2", "--cache-dir", str(tmp_path / "cache"), "--out",
+                          str(tmp_path / "p.patch"), "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    memory = json.loads(out.stdout)["memory"]
+    weights = sum(f.stat().st_size for f in Checkpoint(bf16_llama).weight_files()) / 1024**3
+    assert memory["checkpoint_gb"] == pytest.approx(weights, abs=1e-3)
+    assert weights < memory["peak_rss_gb"] < 64  # the process holds the model (and torch) at its peak
+    assert "gpu_peak_gb" not in memory  # CUDA never used
+    assert load_patch(tmp_path / "p.patch").hparams["dtype"] == "float32"

@@ -111,4 +111,6 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
     click.echo(f"z: mean P(target) {r.z_target_prob:.3f} after {r.z_steps:.1f} steps; residual delivered per "
                f"layer: " + ", ".join(f"{l}: {v:.2f}" for l, v in r.delivered.items()))
     click.echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))
+    click.echo(f"memory: peak RSS {r.memory['peak_rss_gb']:.2f} GB (weights on disk {r.memory['checkpoint_gb']:.2f} GB)"
+               + "".join(f", {d} peak {gb:.2f} GB" for d, gb in r.memory.get("gpu_peak_gb", {}).items()))
     click.echo(f"wrote {path} ({result.patch.patch_id})")

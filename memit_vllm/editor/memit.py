@@ -30,6 +30,7 @@ from . import distributed
 from .covariance import layer_covariances, layer_projections, resolve_corpus, stats_identity
 from .hparams import HParams, default_hparams, load_hparams_file
 from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
+from .memory import peak_memory, reset_gpu_peaks
 from .preserve import PreservedKeys, read_preserve_file
 from .prompts import context_templates, encode
 from .solve import solve_alphaedit_update, solve_layer_update
@@ -98,6 +99,7 @@ class EditReport:
     made_on: list[str] = field(default_factory=list)  # ids of the stack the patch was made on
     changed: list[str] = field(default_factory=list)  # facts of the lineage this patch changes
     preserved_keys: int = 0  # key vectors per layer the update was solved to leave alone
+    memory: dict = field(default_factory=dict)  # peak RSS, checkpoint size, peak per GPU (editor/memory.py)
 
 
 @dataclass
@@ -274,6 +276,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     config = replace(config, progress=config.progress and distributed.is_main())
     device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.monotonic()
+    reset_gpu_peaks()
     requests = _as_requests(requests, config.zsre_target)
     ckpt = Checkpoint(model)
     dims = checkpoint_dims(ckpt)  # unsupported architectures and bad settings fail before loading
@@ -327,7 +330,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         z_target_prob=float(targets.target_prob.mean()), z_steps=float(targets.steps.float().mean()),
         delivered=updates.delivered, covariance=stats.info, warnings=warned, device=str(device), method=hp.method,
         made_on=[p.patch_id for p in stack], changed=changed_facts(requests, lineage),
-        preserved_keys=preserved.count)
+        preserved_keys=preserved.count, memory=peak_memory(ckpt))
 
     patch = Patch(
         deltas=updates.deltas,
