@@ -1,0 +1,155 @@
+"""The editor at 8B scale without the weights: a random bf16 checkpoint of Llama-3-8B's (or Qwen3-8B's)
+exact shapes, then make-patch on it, measured.
+
+    .venv/bin/python bench/big_shape.py write --shape llama3-8b --out /data/llama3-8b-random
+    .venv/bin/python bench/big_shape.py measure --model /data/llama3-8b-random --edits 4 --stats self:64 \\
+        [--device cpu] [--z-dtype bfloat16] [--json results.json]
+
+`write` makes the weights shard by shard (`--shard-gb`, default 2): at most one shard (and the tensor
+being drawn) is in memory, so writing a 16 GB checkpoint needs a few GB of RAM. Names, shapes and config
+are transformers' own for the shape (built on the meta device), the tokenizer is SmolLM2's (its ids fit
+every vocabulary here), and the weights are N(0, 0.02) with unit norms, so the forward is numerically
+sane though meaningless: enough to measure memory and time, not quality. `--tiny` writes the same
+architecture at test size (smoke test).
+
+`measure` runs `memit-vllm make-patch --json` in a child process on the first `--edits` CounterFact
+records and reports its time split (stats / z / update) and peak RSS against the checkpoint's size plus
+the covariance the editor holds (d_ff x d_ff float64 per edited layer): the target of issue 15 is
+peak RSS <= 1.3 x (checkpoint + covariance), after the ~0.5 GB any process importing torch holds. By
+FLOP count each z step of an 8B model costs ~1 TFLOP per edit: minutes per edit on a few CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+GB = 1024**3
+
+SHAPES = {  # the released configs' dimensions
+    "llama3-8b": (transformers.LlamaConfig, dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0})),
+    "qwen3-8b": (transformers.Qwen3Config, dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
+}
+TINY = {"vocab_size": 49152, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}
+
+
+def shape_config(shape: str, tiny: bool) -> transformers.PretrainedConfig:
+    cls, dims = SHAPES[shape]
+    config = cls(**{**dims, **(TINY if tiny else {})}, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config.dtype = torch.bfloat16
+    return config
+
+
+def write(shape: str, out: Path, shard_gb: float, tiny: bool, seed: int = 0) -> Path:
+    """A random bf16 checkpoint of `shape` in `out`: config, sharded safetensors with their index, tokenizer."""
+    from memit_vllm.default_models import prepare
+    from memit_vllm.testing.tiny_models import TOKENIZER_FILES
+
+    config = shape_config(shape, tiny)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    names = [(n, tuple(t.shape)) for n, t in model.state_dict().items()]
+    out.mkdir(parents=True, exist_ok=False)
+    g = torch.Generator().manual_seed(seed)
+    parts, shard, size, total = [], {}, 0, 0
+    for i, (name, shape_) in enumerate(names):
+        bf16 = {"dtype": torch.bfloat16}
+        shard[name] = (torch.ones(shape_, **bf16) if name.endswith("norm.weight")
+                       else torch.randn(shape_, generator=g, **bf16) * 0.02)
+        size += shard[name].numel() * 2
+        total += shard[name].numel() * 2
+        if size >= shard_gb * GB or i == len(names) - 1:  # only this shard is in memory
+            parts.append(list(shard))
+            save_file(shard, str(out / f"part-{len(parts)}.safetensors"), metadata={"format": "pt"})
+            shard, size = {}, 0
+    weight_map = {}
+    for i, keys in enumerate(parts, 1):  # the usual names, now that the count is known
+        final = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+        (out / f"part-{i}.safetensors").rename(out / final)
+        weight_map.update(dict.fromkeys(keys, final))
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(out)
+    tokenizer = prepare("smollm2-135m")
+    for name in TOKENIZER_FILES:
+        (out / name).write_bytes((tokenizer / name).read_bytes())
+    return out
+
+
+def measure(model: Path, edits: int, stats: str, extra: list[str]) -> dict:
+    """make-patch --json on `edits` CounterFact records in a child process; its report plus the memory target."""
+    from memit_vllm.checkpoint import Checkpoint
+    from memit_vllm.editor.arch import checkpoint_dims
+
+    model_type, _, d_ff = checkpoint_dims(Checkpoint(model))
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "memit_vllm", "make-patch", "--model", str(model), "--requests",
+               str(DATA / "counterfact" / "counterfact_500.json"), "--limit", str(edits), "--stats-corpus", stats,
+               "--cache-dir", str(Path(tmp) / "cache"), "--out", str(Path(tmp) / "p.patch"), "--json", *extra]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"make-patch failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        report = json.loads(done.stdout)
+    covariance_gb = len(report["layers"]) * d_ff * d_ff * 8 / GB
+    memory, base = report["memory"], baseline_rss_gb()
+    return {"model": str(model), "model_type": model_type, "layers": report["layers"], "edits": edits,
+            "stats": stats, "flags": extra, "seconds": report["seconds"], "memory": memory,
+            "covariance_gb": round(covariance_gb, 3), "baseline_rss_gb": base,
+            # the target: peak RSS (less the interpreter and libraries) <= 1.3 x (checkpoint + covariance)
+            "rss_ratio": round((memory["peak_rss_gb"] - base) / (memory["checkpoint_gb"] + covariance_gb), 3),
+            "z_target_prob": report["z_target_prob"]}
+
+
+def baseline_rss_gb() -> float:
+    """Peak RSS of a process that only imports the editor (torch, transformers): what any run starts with."""
+    code = ("import resource, memit_vllm.editor.memit; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1024**3)")
+    return round(float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                      check=True).stdout), 3)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write", help="write a random bf16 checkpoint of a released shape")
+    w.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    w.add_argument("--out", type=Path, required=True)
+    w.add_argument("--shard-gb", type=float, default=2.0)
+    w.add_argument("--tiny", action="store_true", help="the same architecture at test size (smoke test)")
+    m = sub.add_parser("measure", help="make-patch on it: time split and peak memory")
+    m.add_argument("--model", type=Path, required=True)
+    m.add_argument("--edits", type=int, default=4)
+    m.add_argument("--stats", default="self:64", help="--stats-corpus for make-patch")
+    m.add_argument("--json", type=Path, help="also write the result here")
+    args, extra = p.parse_known_args()  # measure: other flags go to make-patch (--device, --z-dtype, ...)
+    if args.cmd == "write":
+        if extra:
+            p.error(f"unknown arguments {extra}")
+        print(write(args.shape, args.out, args.shard_gb, args.tiny))
+        return
+    result = measure(args.model, args.edits, args.stats, extra)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
