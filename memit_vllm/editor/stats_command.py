@@ -21,7 +21,7 @@ def _model_layers(model: str, layers: str | None):
     ckpt = Checkpoint(model)
     dims = checkpoint_dims(ckpt)
     chosen = parse_layers(layers) or default_hparams(*dims)[0].layers
-    check_layers(chosen, dims[1])
+    check_layers(chosen, dims[1], ckpt.config)  # the same layer rules as make-patch (e.g. Gemma 4's shared KV)
     return ckpt, dims, chosen
 
 
@@ -118,11 +118,11 @@ def stats_merge(files, out, as_json):
 def stats_import(model, source, layers, precision, samples, out, cache_dir, as_json):
     """Read ROME/MEMIT `layer_stats` .npz files (mom2.mom2, mom2.count) as a stats file of this checkpoint."""
     from ..checkpoint import weights_sha256
-    from ..core.architectures import by_model_type
+    from ..core.architectures import by_config
     from .stats_import import import_reference
 
     check_out_file(out)
-    ckpt, (model_type, _, d_ff), chosen = _model_layers(model, layers)
-    stats = import_reference(Path(source), by_model_type(model_type), chosen, d_ff,
+    ckpt, (_, _, d_ff), chosen = _model_layers(model, layers)
+    stats = import_reference(Path(source), by_config(ckpt.config), chosen, d_ff,
                              weights_sha256(ckpt, _cache(cache_dir)), precision, samples)
     _report(stats, stats.save(out), as_json)

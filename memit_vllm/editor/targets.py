@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..compat import PrefixCache, attention_implementation, output_logits, resume_after
+from ..compat import PrefixCache, attention_implementation, resume_after
 from ..core.records import EditRequest
 from ..core.tokens import pad_id, pad_right, target_ids
 from .arch import EditableModel
@@ -218,7 +218,7 @@ def _descend(em: EditableModel, rows: _Rows, split: _PrefixSplit, h_init: torch.
              tuple_len: int, hp: HParams) -> TargetResult:
     """Adam on every edit's delta until its loss falls under the early-stop value (or the step budget)."""
     n, P = len(h_init), rows.ids.shape[0]
-    logits = lambda hidden: output_logits(em.model, hidden).float()  # noqa: E731
+    logits = lambda hidden: em.logits(hidden).float()  # noqa: E731
     max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
 
     deltas = [torch.zeros(h_init.shape[1], requires_grad=True) for _ in range(n)]
