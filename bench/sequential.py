@@ -183,12 +183,17 @@ def main():
     base = results["unedited"]
     print(f"\nunedited: untouched NS {base['untouched_NS']:.3f}, held-out NLL {base['heldout_nll']:.3f}\n")
     cols = ["ES", "PS", "NS", "rewrite_hit", "untouched_NS", "close_NS", "heldout_nll"]
-    print("| arm | edits | " + " | ".join(cols) + " |\n|---|---|" + "---|" * len(cols))
+    print("| arm | edits | " + " | ".join(cols) + " | this batch's patch (s) | vs independent |\n|---|---|"
+          + "---|" * (len(cols) + 2))
     for arm in arms:
         for t in range(args.batches):
             r = results.get(f"{arm}/{t}")
-            if r:
-                print(f"| {arm} | {r['edits']} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+            if r:  # the seconds are those of the run that made the patch (None when a rerun found it)
+                alone = results.get(f"independent/{t}", {}).get("make_seconds")
+                ratio = f"{r['make_seconds'] / alone:.2f}x" if r.get("make_seconds") and alone else "-"
+                seconds = f"{r['make_seconds']:.0f}" if r.get("make_seconds") else "-"
+                scores = " | ".join(f"{r[c]:.3f}" for c in cols)
+                print(f"| {arm} | {r['edits']} | {scores} | {seconds} | {ratio} |")
     if args.plot:
         plot(results, arms, args.batches, cols, base, args.plot)
 
