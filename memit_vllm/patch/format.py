@@ -143,13 +143,15 @@ class Patch:
             self._patch_id = self.content_id()
         return self._patch_id
 
-    def content_id(self) -> str:
-        """The id recomputed from the content (reads every delta)."""
+    def content_id(self, check=None) -> str:
+        """The id recomputed from the content (reads every delta; `check(name, tensor)` sees each one read)."""
         h = hashlib.sha256()
         for k, v in sorted(self._content_metadata().items()):
             h.update(f"{k}={v}\n".encode())
         for name in sorted(self.deltas):
             t = _stored(self.deltas[name])
+            if check is not None:
+                check(name, t)
             h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return "mp1-" + h.hexdigest()[:32]
@@ -163,10 +165,15 @@ class Patch:
         label = where(self.path) if self.path else f"patch {self.name or self.patch_id}"
         if not self.deltas:
             raise PatchError(f"{label} holds no weight deltas; a patch changes at least one down-projection")
-        for name in sorted(self.deltas):
-            if not torch.isfinite(self.deltas[name]).all():
+
+        def finite(name, t):
+            if not torch.isfinite(t).all():
                 raise NonFiniteError(f"{label}: delta {name!r} holds NaN or Inf")
-        if self.path is not None and self.content_id() != self.patch_id:
+
+        if self.path is None:  # made in memory: nothing recorded to compare
+            for name in sorted(self.deltas):
+                finite(name, self.deltas[name])
+        elif self.content_id(check=finite) != self.patch_id:  # one read of each delta for both checks
             raise CorruptPatchError(f"{label}: content does not match its patch id {self.patch_id} (modified?)")
         self._verified = True
 
