@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from .core.files import atomic_file
-from .core.records import read_dataset
+from .core.records import read_dataset, read_prompts
 from .errors import MemitError
 from .evaluate.generation import NEW_TOKENS
 from .evaluate.metrics import COUNTERFACT_METRICS, GENERATION_METRICS, ZSRE_METRICS
@@ -44,12 +44,6 @@ def parse_arm(label: str, spec: str) -> Arm:
     from .evaluate.served import split_endpoint
 
     return Arm(label, *split_endpoint(f"--{label.lower()}", spec))
-
-
-def read_regression(path: str | Path) -> list[dict]:
-    from .core.records import read_prompts
-
-    return read_prompts(path, "--regression")
 
 
 def _tokenizer_for(arm: Arm, tokenizer: str | None):
@@ -125,7 +119,7 @@ def compare(a: Arm, b: Arm, edits: str, regression: str | None = None, n: int | 
     from .evaluate.generation import generation_task, served_kl, unrelated_prompts
 
     fmt, records = read_dataset(edits, n, zsre_target=zsre_target)
-    prompts = read_regression(regression) if regression else []
+    prompts = read_prompts(regression, "--regression") if regression else []
     # Only the later records' questions: read with the default target (the alt of some zsRE records is empty).
     others, source = unrelated_prompts(edits, fmt, records, unrelated=unrelated)
     tok = _tokenizer_for(a, tokenizer)

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from click.testing import CliRunner
 
-from memit_vllm.ab import _agreement, parse_arm, read_regression
+from memit_vllm.ab import _agreement, parse_arm
+from memit_vllm.core.records import read_prompts
 from memit_vllm.errors import MemitError
 from memit_vllm.evaluate.served import ServedScorer, ServerError
 
@@ -35,15 +36,15 @@ def test_arm_without_scheme_is_refused():
 def test_regression_file_forms(tmp_path):
     f = tmp_path / "r.json"
     f.write_text('["The capital of France is", {"prompt": "2 + 2 =", "answer": "4"}]')
-    assert read_regression(f) == [{"prompt": "The capital of France is", "answer": None},
+    assert read_prompts(f, "--regression") == [{"prompt": "The capital of France is", "answer": None},
                                   {"prompt": "2 + 2 =", "answer": "4"}]
     f.write_text('{"prompt": "a"}\n{"prompt": "b", "answer": "c"}\n')
-    assert [x["prompt"] for x in read_regression(f)] == ["a", "b"]
+    assert [x["prompt"] for x in read_prompts(f, "--regression")] == ["a", "b"]
     for bad, message in [("[]", "holds no prompts"), ('[{"text": "x"}]', "item 0 is not a prompt"),
                          ("{not json", "neither JSON nor JSONL")]:
         f.write_text(bad)
         with pytest.raises(MemitError, match=message):
-            read_regression(f)
+            read_prompts(f, "--regression")
 
 
 def test_agreement_uses_the_given_answer_else_arm_a():
