@@ -192,7 +192,7 @@ def test_serve_hashes_each_recorded_patch_once(tiny_models, tmp_path, monkeypatc
     write_state(state, stack)
     hashed, started = [], []
     content_id = Patch.content_id
-    monkeypatch.setattr(Patch, "content_id", lambda self: hashed.append(self.path) or content_id(self))
+    monkeypatch.setattr(Patch, "content_id", lambda self, **kw: hashed.append(self.path) or content_id(self, **kw))
     monkeypatch.setattr(os, "execve", lambda *args: started.append(args[1]))
     result = CliRunner().invoke(main, ["serve", str(model), "--memit-state", str(state)])
     assert result.exit_code == 0 and started, result.output
