@@ -17,7 +17,7 @@ from memit_vllm.patch import PatchError, load_patch
 from memit_vllm.patch.format import where
 from memit_vllm.patch.merge import PatchSet
 
-from .compat import reload_layers, served_weight
+from .compat import reload_layers, whole_weight
 
 
 def served_module(model: nn.Module, arch: Architecture, name: str) -> nn.Module:
@@ -65,11 +65,12 @@ class MemitWorkerExtension:
 
     def memit_weight_hashes(self, names: list[str]) -> dict[str, str]:
         """tensor_fingerprint of each served weight in the checkpoint's layout, comparable with a patch's
-        base_weights (when served in the checkpoint's dtype)."""
+        base_weights (when served in the checkpoint's dtype); under tensor parallelism the whole weight,
+        assembled from every rank's slice, so one answer covers all ranks."""
         ckpt = Checkpoint(self.model_config.model)
         out = {}
         for n, module in zip(names, self._memit_served_modules(ckpt, names)):
-            w = served_weight(module)
+            w = whole_weight(module)
             shape = ckpt.shape(n)
             out[n] = tensor_fingerprint(w if tuple(w.shape) == shape else w.t())  # Conv1D: stored [in, out]
         return out
