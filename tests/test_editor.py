@@ -310,6 +310,15 @@ def test_damaged_or_foreign_cache_entries_are_recomputed_with_a_warning(tiny_mod
     assert again.patch.patch_id == reference.patch_id  # the recomputed statistics are the same
 
 
+def test_statistics_read_in_bfloat16_are_cached_apart_from_fp32s(tiny_models, data_dir, tmp_path):
+    """Keys read by a bf16 forward are other statistics: neither run reuses the other's cache entries."""
+    fp32 = tiny_edit(tiny_models["llama"], data_dir, tmp_path).report
+    bf16 = tiny_edit(tiny_models["llama"], data_dir, tmp_path, dtype="bfloat16").report
+    assert not any(bf16.covariance[l]["cached"] for l in bf16.layers)
+    assert all(tiny_edit(tiny_models["llama"], data_dir, tmp_path).report.covariance[l]["cached"] for l in fp32.layers)
+    assert len(list((tmp_path / "cache" / "stats").rglob("layer*.safetensors"))) == 2 * len(fp32.layers)
+
+
 def test_damaged_or_foreign_nullspace_projections_are_recomputed_with_a_warning(tiny_models, data_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 

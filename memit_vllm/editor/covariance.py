@@ -161,13 +161,20 @@ class Shard:
         return Shard(self.index + self.count * rank, self.count * world)
 
 
-def stats_identity(model_sha: str, corpus_identity: str, budget: int | None, dtype: str, d_ff: int) -> dict[str, str]:
-    """What statistics were computed from: the one identity of cache entries and stats files."""
-    return {"model": model_sha, "corpus": corpus_identity, "budget": str(budget), "dtype": dtype, "d_ff": str(d_ff)}
+def stats_identity(model_sha: str, corpus_identity: str, budget: int | None, dtype: str, d_ff: int,
+                   forward: torch.dtype = torch.float32) -> dict[str, str]:
+    """What statistics were computed from: the one identity of cache entries and stats files. Keys read
+    by a reduced-precision forward (make-patch --dtype) are other statistics: `forward` names it then (an
+    fp32 identity stays as it always was, so existing cache entries keep their key)."""
+    identity = {"model": model_sha, "corpus": corpus_identity, "budget": str(budget), "dtype": dtype, "d_ff": str(d_ff)}
+    if forward != torch.float32:
+        identity["forward"] = str(forward).removeprefix("torch.")
+    return identity
 
 
 def _cache_file(cache: Path, identity: dict[str, str], layer: int) -> Path:
-    key = hashlib.sha256(f"{identity['corpus']}|{identity['budget']}|{identity['dtype']}".encode()).hexdigest()[:24]
+    fields = [identity[k] for k in ("corpus", "budget", "dtype", "forward") if k in identity]
+    key = hashlib.sha256("|".join(fields).encode()).hexdigest()[:24]
     return cache / "stats" / identity["model"][:24] / key / f"layer{layer}.safetensors"
 
 
@@ -271,7 +278,7 @@ def _locked(directory: Path):
 def layer_covariances(em: EditableModel, tok, layers: list[int], corpus: Corpus, model_sha: str,
                       budget: int | None, dtype: str, cache: Path, progress: bool = True) -> tuple[dict, dict]:
     """C_l (float64) for each layer, from the cache where present and sound; one corpus pass for the rest."""
-    identity = stats_identity(model_sha, corpus.identity, budget, dtype, em.d_ff)
+    identity = stats_identity(model_sha, corpus.identity, budget, dtype, em.d_ff, em.model.dtype)
     files = {l: _cache_file(cache, identity, l) for l in layers}
     ids = {l: {**identity, "layer": str(l)} for l in layers}
     out, info = {}, {}
