@@ -203,6 +203,29 @@ def test_apply_and_revert_reach_both_workers_and_show_in_metrics_and_headers(ser
     assert hashes[NAMES[2]]["is_base"] and not hashes[NAMES[0]]["is_base"]
 
 
+def test_an_apply_hashes_only_the_new_patch(server, patches, model, patch_dir, monkeypatch):
+    """The kept copies are the validated bytes: a later apply does not read the active patches again."""
+    hashed, content_id = [], Patch.content_id
+
+    class Recording(PatchSet):  # the server's validation, without the workers' own
+        def __init__(self, stack, **kw):
+            monkeypatch.setattr(Patch, "content_id", lambda p, **a: hashed.append(p.patch_id) or content_id(p, **a))
+            try:
+                super().__init__(stack, **kw)
+            finally:
+                monkeypatch.setattr(Patch, "content_id", content_id)
+
+    monkeypatch.setattr(hot_swap_module, "PatchSet", Recording)
+    p1, p2 = (load_patch(p) for p in patches)
+    p3 = load_patch(synthetic_patch(model, layers=(3,), seed=3, name="p3").save(patch_dir / "p3.patch"))
+    assert server.admin("POST", PATCHES_ROUTE, {"path": "p2.patch"})[0] == 200
+    assert sorted(hashed) == sorted([p1.patch_id, p2.patch_id])  # the startup copy, once, and the new one
+    hashed.clear()
+    assert server.admin("POST", PATCHES_ROUTE, {"path": "p3.patch"})[0] == 200
+    assert hashed == [p3.patch_id]
+    server.assert_serves([p1, p2, p3], NAMES)
+
+
 def test_failed_reload_restores_the_previous_weights(server, patches):
     p1 = load_patch(patches[0])
     server.engine.faults[1] = ["fail"]

@@ -156,6 +156,16 @@ class Patch:
             h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
         return "mp1-" + h.hexdigest()[:32]
 
+    def renamed(self, path: str | os.PathLike) -> "Patch":
+        """This patch read again from where its file was renamed to: the same bytes, so what verify()
+        established still holds (a server keeps validated copies this way; re-hashing them on every
+        later change would read every active patch again)."""
+        moved = load_patch(path)
+        if moved.patch_id != self.patch_id:
+            raise PatchError(f"{where(Path(path))} is not the file of patch {self.patch_id} ({moved.patch_id})")
+        moved._verified = self._verified
+        return moved
+
     def verify(self) -> None:
         """The content checks every consumer relies on (PatchSet runs them): at least one delta, every
         delta finite, and, for a patch read from a file, the content hashing to the id its header records.

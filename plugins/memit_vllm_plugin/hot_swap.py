@@ -83,7 +83,7 @@ class HotSwap:
         kept = self.store / patch.patch_id
         shutil.rmtree(kept, ignore_errors=True)
         incoming.rename(kept)
-        return load_patch(kept / patch.path.name)
+        return patch.renamed(kept / patch.path.name)
 
     def _forget(self, patch: Patch) -> None:
         shutil.rmtree(patch.path.parent, ignore_errors=True)
