@@ -159,7 +159,7 @@ def test_damaged_or_foreign_stats_files_are_refused(whole, tmp_path):
     (tmp_path / "truncated.st").write_bytes(raw[: len(raw) // 2])
     cases["truncated.st"] = "truncated or modified"
     (tmp_path / "header.st").write_bytes((1 << 40).to_bytes(8, "little") + b"{}")
-    cases["header.st"] = "not safetensors, truncated, or a header over"
+    cases["header.st"] = "not a safetensors file, or a header over"
     save_file(tensors, str(tmp_path / "plain.st"))
     cases["plain.st"] = "no format="
     with safe_open(one.path, "pt") as f:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..core.files import atomic_file
+from ..core.safetensors_header import HeaderError, read_header
 from ..errors import MemitError
 
 FORMAT_NAME = "memit-vllm.stats"
@@ -116,19 +116,10 @@ def _bad(path: Path, what: str) -> MemitError:
 
 
 def _header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-    n = struct.unpack("<Q", head)[0] if len(head) == 8 else size
-    if n > MAX_HEADER_BYTES or 8 + n > size:
-        raise _bad(path, f"not safetensors, truncated, or a header over {MAX_HEADER_BYTES} bytes")
     try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: (f.get_slice(k).get_dtype(), f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise _bad(path, f"safetensors refuses it ({type(e).__name__}); truncated or modified?") from e
-    return meta, tensors
+        return read_header(path, MAX_HEADER_BYTES, "a stats file")
+    except HeaderError as e:
+        raise _bad(path, str(e)) from e
 
 
 def _json(path: Path, meta: dict, key: str, kind: type):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..core.files import atomic_file
+from ..core.safetensors_header import HeaderError, read_header, safetensors_reason
 from ..errors import MemitError
 from .errors import (CorruptPatchError, MissingMetadataError, NonFiniteError, NotAPatchError,
                      PatchError, UnsupportedVersionError)
@@ -78,7 +78,7 @@ class _LazyTensors(Mapping):
                 return f.get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CorruptPatchError(f"{where(self._path)}: tensor {name!r} cannot be read "
-                                    f"({_safetensors_reason(e)})") from e
+                                    f"({safetensors_reason(e)})") from e
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -228,61 +228,18 @@ def _stored(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32).contiguous()
 
 
-# A header is parsed by safetensors itself (the same accept/reject as every reader of the file), after a
-# scan that bounds its cost: JSON of many tiny entries takes ~12x its size in memory to parse. A patch
-# header is a few metadata strings (the facts are one of them) and a few entries per tensor.
-MAX_HEADER_STRINGS = 40_000  # JSON strings in the header: ~4 per metadata field, 10 per tensor
-MAX_HEADER_STRUCTURE = 1 << 20  # header bytes outside its strings
-_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
-
-
 def where(path: Path) -> str:
     """How messages name a patch file: its name, so one refusal reads the same from every entry point
     (and a server's answers never show its own paths)."""
     return path.name
 
 
-def _check_structure(path: Path, raw: bytes) -> None:
-    outside, at = 0, 0
-    for i, m in enumerate(_JSON_STRING.finditer(raw)):
-        outside += m.start() - at
-        at = m.end()
-        if i >= MAX_HEADER_STRINGS or outside > MAX_HEADER_STRUCTURE:
-            break
-    else:
-        if outside + len(raw) - at <= MAX_HEADER_STRUCTURE:
-            return
-    raise CorruptPatchError(f"{where(path)}: header has more entries than a patch holds (at most "
-                            f"{MAX_HEADER_STRINGS} JSON strings and {MAX_HEADER_STRUCTURE} bytes outside them)")
-
-
-def _safetensors_reason(e: Exception) -> str:
-    """safetensors' message without what it quotes from the file (a refused file's bytes stay out of
-    every answer)."""
-    text = re.sub(r"`[^`]*`|\"[^\"]*\"|'[^']*'|\([^)]*\)", "...", str(e))
-    return text.removeprefix("Error while deserializing header: ")
-
-
 def _read_header(path: Path) -> tuple[dict, dict[str, tuple[str, list[int]]]]:
-    """(metadata, tensor name -> (dtype, shape)) of a safetensors file, checked as strictly as safetensors
-    checks it (it parses it), so lazy tensor reads cannot fail later."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CorruptPatchError(f"{where(path)}: {size} bytes is too short for a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER_BYTES or 8 + n > size:
-            raise CorruptPatchError(f"{where(path)}: not a safetensors file, or truncated (its header "
-                                    f"does not fit its {size} bytes)")
-        _check_structure(path, f.read(n))
+    """(metadata, tensor name -> (dtype, shape)) of a patch file (core.safetensors_header), F32 deltas only."""
     try:
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: (f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise CorruptPatchError(f"{where(path)}: not a valid safetensors file ({_safetensors_reason(e)}); "
-                                "truncated or modified?") from e
+        meta, tensors = read_header(path, MAX_HEADER_BYTES, "a patch")
+    except HeaderError as e:
+        raise CorruptPatchError(f"{where(path)}: {e}") from e
     for name, (dtype, _) in tensors.items():
         if dtype != "F32":
             raise CorruptPatchError(f"{where(path)}: delta {name!r} is {dtype}; patches hold F32 deltas")
