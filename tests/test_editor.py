@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.compat import check_transformers
+from memit_vllm.core.tokens import target_ids
 from memit_vllm.core.versions import ALLOW_UNTESTED_ENV
 from memit_vllm.core.architectures import ARCHITECTURES
 from memit_vllm.editor import EditableModel, HParams, edit, load_requests, solve_layer_update
@@ -80,6 +81,39 @@ def test_bf16_z_forward_reaches_the_fp32_targets_and_restores_the_model_exactly(
     assert cosine.min() > 0.95, cosine
     assert (full.target_prob - half.target_prob).abs().max() < 0.05, (full.target_prob, half.target_prob)
     assert (full.target_prob > 0.5).sum() >= 2  # the comparison includes edits that work
+
+
+def test_most_probable_early_stop_ends_each_edit_once_its_target_is_the_argmax(smollm2, data_dir):
+    """v_early_stop="most_probable": an edit stops once its target is the greedy choice after every
+    templated prompt, with z in place; sooner and with a smaller delta than the loss rule."""
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    em = EditableModel(model)
+    reqs, layer = requests_from(data_dir, 4), 6
+    hp = HParams(layers=[layer], mom2_update_weight=1.0, v_num_grad_steps=25, v_early_stop="most_probable")
+    greedy = compute_targets(em, tok, reqs, TEMPLATES, layer, hp, progress=False)
+    loss = compute_targets(em, tok, reqs, TEMPLATES, layer, hp.replace(v_early_stop="loss"), progress=False)
+    assert (greedy.steps <= loss.steps).all() and greedy.steps.sum() < loss.steps.sum()
+    assert (greedy.delta.norm(dim=1) < loss.delta.norm(dim=1)).all()
+
+    def argmax_with(delta, request, template):
+        enc = encode(tok, template, request)
+        at = torch.tensor([enc.lookup])
+        hook = em.layers[layer].register_forward_hook(  # z = h + delta at the subject's last token
+            lambda m, i, out: (out[0].index_add(1, at, delta[None, None]), *out[1:]) if isinstance(out, tuple)
+            else out.index_add(1, at, delta[None, None]))
+        try:
+            return model(torch.tensor([enc.ids])).logits[0, -1].argmax().item()
+        finally:
+            hook.remove()
+
+    stopped = [i for i in range(len(reqs)) if greedy.steps[i] < hp.v_num_grad_steps]
+    assert stopped
+    for i in stopped:
+        first = target_ids(tok, reqs[i].target_new)[0]
+        assert all(argmax_with(greedy.delta[i], reqs[i], t) == first for t in TEMPLATES), reqs[i]
 
 
 FAST = {"v_num_grad_steps": 4, "context_template_seeds": ["The", "I"], "context_template_length": 5}

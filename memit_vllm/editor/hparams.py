@@ -28,6 +28,7 @@ _REFERENCE_ONLY_KEYS = {
 
 
 METHODS = ("memit", "alphaedit")
+EARLY_STOPS = ("loss", "most_probable")
 FORWARD_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 
 
@@ -41,6 +42,9 @@ class HParams:
     clamp_norm_factor: float = 0.75
     kl_factor: float = 0.0625
     v_early_stop_loss: float = 0.05
+    # When an edit's z optimisation stops: "loss" (under v_early_stop_loss, the reference's) or
+    # "most_probable" (its target is the argmax after every rewrite row: editor/targets.py).
+    v_early_stop: str = "loss"
     context_template_length: int = 10
     context_template_seeds: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
     mom2_n_tokens: int | None = None  # covariance token budget; None: the whole corpus
@@ -89,6 +93,7 @@ _RULES = {
     "clamp_norm_factor": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "kl_factor": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "v_early_stop_loss": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "v_early_stop": (lambda v: v in EARLY_STOPS, f"one of {', '.join(EARLY_STOPS)}"),
     "context_template_length": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "context_template_seeds": (lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
                                "a list of non-empty strings"),

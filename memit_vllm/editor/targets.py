@@ -216,7 +216,9 @@ def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams,
 
 def _descend(em: EditableModel, rows: _Rows, split: _PrefixSplit, h_init: torch.Tensor, layer: int,
              tuple_len: int, hp: HParams) -> TargetResult:
-    """Adam on every edit's delta until its loss falls under the early-stop value (or the step budget)."""
+    """Adam on every edit's delta until its loss falls under the early-stop value, or with
+    v_early_stop="most_probable" until the target is the argmax after every rewrite row (ENCORE's MPES,
+    Gupta et al. 2025: no push past what greedy decoding needs), or the step budget."""
     n, P = len(h_init), rows.ids.shape[0]
     logits = lambda hidden: em.logits(hidden).float()  # noqa: E731
     max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
@@ -241,7 +243,8 @@ def _descend(em: EditableModel, rows: _Rows, split: _PrefixSplit, h_init: torch.
         # NLL of the target tokens, mean over tokens of a prompt, then over an edit's prompts.
         keep = active[rows.edit[rows.tgt_row]]
         t_row, t_pos, t_id = rows.tgt_row[keep], tgt_pos[keep], rows.tgt_id[keep]
-        logp = torch.log_softmax(logits(out[local[t_row], t_pos]), dim=-1).gather(1, t_id[:, None]).squeeze(1)
+        t_logits = logits(out[local[t_row], t_pos])
+        logp = torch.log_softmax(t_logits, dim=-1).gather(1, t_id[:, None]).squeeze(1)
         prompt_nll = torch.zeros(P).index_add(0, t_row, -logp) / rows.tgt_len.clamp(min=1)
         prompt_prob = torch.zeros(P).index_add(0, t_row, logp.detach()) / rows.tgt_len.clamp(min=1)
         rewrite = ~rows.is_kl
@@ -260,7 +263,12 @@ def _descend(em: EditableModel, rows: _Rows, split: _PrefixSplit, h_init: torch.
 
         final_loss = torch.where(active, loss.detach(), final_loss)
         target_prob = torch.where(active, prob, target_prob)
-        active &= loss.detach() >= hp.v_early_stop_loss
+        if hp.v_early_stop == "most_probable":  # every target token of every rewrite row is the argmax
+            missed = (t_logits.argmax(dim=-1) != t_id).float()
+            missed = torch.zeros(n).index_add(0, rows.edit[t_row], missed * rewrite[t_row])
+            active &= missed > 0
+        else:
+            active &= loss.detach() >= hp.v_early_stop_loss
         if it == hp.v_num_grad_steps - 1 or not active.any():
             break
         opt.zero_grad(set_to_none=True)
