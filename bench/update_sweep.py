@@ -15,8 +15,9 @@ exclude). One JSON per configuration in --out (a rerun skips those it finds) and
 
 A configuration is a name plus hyperparameter overrides (docs/hyperparameters.md), and optionally
 "preserve_records": [start, stop]: the rewrite prompts (with their true answers) of those records of the
-data file become --preserve prompts: other subjects asked with the same relation templates as the edits,
-kept disjoint from the evaluated and the unrelated records.
+data file (or of "preserve_data": another file) become --preserve prompts: other subjects asked with the
+same relation templates as the edits, kept disjoint from the evaluated and the unrelated records; or
+"preserve_file": a ready --preserve file.
 """
 
 from __future__ import annotations
@@ -64,11 +65,12 @@ def targets_for(out: Path, em, tok, requests, templates, hp: HParams, seed: int)
     return result, False
 
 
-def preserve_file(data: Path, span: list[int], tmp: Path) -> Path:
+def preserve_file(data: Path, span: list[int], tmp: Path, exclude: set[str]) -> Path:
+    """The rewrite prompts of records [start, stop) of `data` whose subjects are not in `exclude`."""
     _, records = read_dataset(data, span[1])
-    path = tmp / f"preserve-{span[0]}-{span[1]}.jsonl"
+    path = tmp / f"preserve-{data.stem}-{span[0]}-{span[1]}.jsonl"
     path.write_text("".join(json.dumps({"prompt": r.rewrite_prompt, "answer": r.target_true}) + "\n"
-                            for r in records[span[0]:]))
+                            for r in records[span[0]:] if r.subject not in exclude))
     return path
 
 
@@ -100,6 +102,9 @@ def main():
     print(f"z for {len(requests)} edits: {'cached' if cached else f'{time.monotonic() - t:.0f} s'}")
 
     unrelated, unrelated_source = unrelated_prompts(args.data, "counterfact", records)
+    _, everything = read_dataset(args.data)  # the subjects scored here (edited or unrelated): never preserved
+    scored = {r.subject for r in everything[:len(records)]} | {r.subject for r in everything[len(records):]
+                                                                if r.rewrite_prompt in set(unrelated)}
     task = generation_task(tok, "counterfact", records, unrelated, unrelated_source, CORPUS)
     scorer = TransformersScorer(em.model, tok, progress=False)
     before_file = out / f"before-{args.edits}.json"
@@ -119,16 +124,22 @@ def main():
             if result_file.is_file():
                 rows.append(json.loads(result_file.read_text()))
                 continue
-            overrides = {k: v for k, v in cfg.items() if k not in ("name", "preserve_records")}
+            overrides = {k: v for k, v in cfg.items()
+                         if k not in ("name", "preserve_records", "preserve_data", "preserve_file")}
             hp = base_hp.replace(**overrides)
             if hp.layers[-1] != base_hp.layers[-1]:
                 raise SystemExit(f"{name}: the last layer must stay {base_hp.layers[-1]} (z is computed there)")
             if hp.method == "alphaedit":
                 stats = statistics(em, tok, ckpt, hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
-            prompts = (read_preserve_file(preserve_file(Path(args.data), cfg["preserve_records"], Path(tmp)))
-                       if "preserve_records" in cfg else [])
+            if "preserve_file" in cfg:
+                prompts = read_preserve_file(cfg["preserve_file"])
+            elif "preserve_records" in cfg:
+                prompts = read_preserve_file(preserve_file(Path(cfg.get("preserve_data", args.data)),
+                                                           cfg["preserve_records"], Path(tmp), scored))
+            else:
+                prompts = []
             start = time.monotonic()
-            preserved = PreservedKeys(em, tok, [], groups, prompts, KEY_BATCH_PROMPTS)
+            preserved = PreservedKeys(em, tok, [], groups, prompts, KEY_BATCH_PROMPTS, hp.preserve_weight)
             updates = layer_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, preserved,
                                     progress=False)
             seconds = time.monotonic() - start
@@ -137,6 +148,7 @@ def main():
             kl, _ = scorer.heldout_kl(task.heldout, lambda: swapped(em.model, original))
             generated |= {"heldout_kl": kl}
             row = {"name": name, "overrides": overrides, "preserve_records": cfg.get("preserve_records"),
+                   "preserve_file": cfg.get("preserve_file"),
                    "update_seconds": round(seconds, 1), "delivered": updates.delivered,
                    **after, **generated, "before": before["tf"]}
             result_file.write_text(json.dumps(row, indent=1))

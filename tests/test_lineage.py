@@ -178,6 +178,21 @@ def test_alphaedit_and_preserve_are_recorded_and_preserve_holds_the_prompts(tiny
         tiny_edit(model, reqs(data_dir, 0, 2), data_dir, tmp_path, method="rome")
 
 
+def test_preserve_weight_counts_each_prompt_key_that_many_times(tiny_models, data_dir, tmp_path):
+    model, prompts = tiny_models["llama"], ['"The capital of France is"\n', '"Water boils at"\n']
+    once, twice = tmp_path / "once.jsonl", tmp_path / "twice.jsonl"
+    once.write_text("".join(prompts))
+    twice.write_text("".join(prompts * 2))
+    weighted = tiny_edit(model, reqs(data_dir, 0, 2), data_dir, tmp_path, preserve=once,
+                         hparams={"preserve_weight": 2.0}).patch
+    repeated = tiny_edit(model, reqs(data_dir, 0, 2), data_dir, tmp_path, preserve=twice).patch
+    plain = tiny_edit(model, reqs(data_dir, 0, 2), data_dir, tmp_path, preserve=once).patch
+    assert weighted.hparams["preserve_weight"] == 2.0
+    for name, delta in weighted.deltas.items():
+        assert torch.allclose(delta, repeated.deltas[name], rtol=1e-4, atol=1e-7)
+        assert not torch.allclose(delta, plain.deltas[name], rtol=1e-4, atol=1e-7)
+
+
 def test_patch_tools_refuse_a_child_without_its_stack_and_change_nothing(lineage, tmp_path, data_dir):
     from click.testing import CliRunner
 

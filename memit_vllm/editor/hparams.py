@@ -59,6 +59,7 @@ class HParams:
     nullspace_threshold: float = 2e-2  # alphaedit: eigenvalues of C below this span the projection
     L2: float = 10.0  # alphaedit: ridge on the update (the reference's name)
     preserve_lineage: bool = True  # with --on: the lineage's facts join the preserved keys
+    preserve_weight: float = 1.0  # each --preserve prompt key's weight in the solve (an edit key counts 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +107,7 @@ _RULES = {
     "nullspace_threshold": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "L2": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "preserve_lineage": (lambda v: isinstance(v, bool), "true or false"),
+    "preserve_weight": (lambda v: _is_number(v) and v > 0, "a positive number"),
 }
 
 

@@ -320,7 +320,8 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         with _timed(seconds, "update"):
             reader = distributed.SplitReader(lambda part: KeyReader(em, tok, part, groups, config.key_batch_prompts),
                                              requests)
-            preserved = PreservedKeys(em, tok, kept_facts, groups, prompts, config.key_batch_prompts)
+            preserved = PreservedKeys(em, tok, kept_facts, groups, prompts, config.key_batch_prompts,
+                                      hp.preserve_weight)
             updates = layer_updates(em, reader, hp, targets, stats, preserved, config.progress)
     seconds["total"] = time.monotonic() - t0
     warned = [str(w.message) for w in caught]

@@ -4,7 +4,8 @@
 Their summed outer products K_p K_p^T join the layer solve (solve.py), read at each layer on the model
 as updated so far, like the edit keys: for a lineage fact, the key at its subject's last token averaged
 over the context templates (how it was inserted); for a --preserve prompt, the key at every position of
-the prompt and of its answer but the last (every position whose output the answer depends on).
+the prompt and of its answer but the last (every position whose output the answer depends on), each
+weighted by HParams.preserve_weight (an edit key counts 1).
 """
 
 from __future__ import annotations
@@ -37,10 +38,10 @@ class PreservedKeys:
     """K_p K_p^T per layer, read on demand (layers in increasing order, as the update loop goes)."""
 
     def __init__(self, em, tok, requests: list[EditRequest], groups: list[list[str]],
-                 prompts: list[PreservePrompt], batch_prompts: int):
+                 prompts: list[PreservePrompt], batch_prompts: int, prompt_weight: float = 1.0):
         from .memit import KeyReader  # the same reader as the edit keys
 
-        self.em = em
+        self.em, self.prompt_weight = em, prompt_weight
         self.facts = KeyReader(em, tok, requests, groups, batch_prompts) if requests else None
         seqs = [tok(p.prompt)["input_ids"] + (target_ids(tok, p.answer)[:-1] if p.answer else []) for p in prompts]
         self.prompts = [pad_right(seqs[i:i + batch_prompts], pad_id(tok)) for i in range(0, len(seqs), batch_prompts)]
@@ -57,5 +58,5 @@ class PreservedKeys:
             total += k.double().T @ k.double()
         for ids, mask in self.prompts:
             k = capture(self.em, ids, mask, keys=[layer]).keys[layer][mask.bool()].double()
-            total += k.T @ k
+            total += self.prompt_weight * (k.T @ k)
         return total
