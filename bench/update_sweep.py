@@ -82,6 +82,8 @@ def main():
     ap.add_argument("--configs", required=True, help="JSON list of configurations (see the module docstring)")
     ap.add_argument("--out", required=True, help="directory for the cached z and one JSON per configuration")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--z-hparams", default="{}", help='JSON overrides of the z settings for every configuration '
+                    '(e.g. {"v_early_stop": "most_probable"}): one z computation per distinct value')
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,6 +92,7 @@ def main():
     ckpt = Checkpoint(args.model)
     tok, em = load_editable(ckpt)
     base_hp, source = default_hparams(*checkpoint_dims(ckpt))
+    base_hp = base_hp.replace(**json.loads(args.z_hparams))
     requests = load_requests(args.data, limit=args.edits)
     _, records = read_dataset(args.data, args.edits)
     torch.manual_seed(args.seed)
