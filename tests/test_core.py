@@ -10,7 +10,7 @@ from safetensors import safe_open
 from memit_vllm.core.architectures import ARCHITECTURES, by_class, by_model_type, lora_classes
 from memit_vllm.core.files import atomic_dir, atomic_file
 from memit_vllm.core.records import (EditRequest, fact_text, load_requests, parse_record, read_dataset,
-                                     read_records, without_conflicts)
+                                     read_prompts, read_records, without_conflicts)
 from memit_vllm.core.tokens import pad_id, target_ids
 from memit_vllm.errors import MemitError
 from memit_vllm.testing.tiny_models import CONFIGS
@@ -132,6 +132,21 @@ def test_request_files_name_the_line_and_reject_what_is_not_text(tmp_path):
     csv.write_text('prompt,subject,target_new\n"{} is, in",Rome,Italy\n')
     assert load_requests(csv) == [EditRequest("{} is, in", "Rome", " Italy")]
     assert read_records(csv)[0][0].endswith("r.csv row 2")
+
+
+@pytest.mark.parametrize("kind", ["/dev/zero", "fifo", "directory", "missing"])
+def test_prompt_files_that_are_not_regular_files_are_refused_unread(kind, tmp_path):
+    """--preserve, eval --unrelated and ab --regression read prompts whole: /dev/zero or a FIFO would
+    never end, so only a regular file is read."""
+    import os
+
+    path = {"/dev/zero": "/dev/zero", "fifo": tmp_path / "fifo", "directory": tmp_path,
+            "missing": tmp_path / "no"}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    for flag in ("--preserve", "--unrelated", "--regression"):
+        with pytest.raises(MemitError, match=f"^{flag} {path} does not exist \\(or is not a regular file\\)$"):
+            read_prompts(path, flag)
 
 
 def test_eval_reader_uses_the_same_records(tmp_path, data_dir):

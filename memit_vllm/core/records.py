@@ -26,7 +26,7 @@ from ..errors import MemitError
 
 ZSRE_TARGETS = ("answers", "alt")  # zsRE: edit toward answers[0] (MEMIT's code) or alt (the toolkits)
 FORMATS = ("counterfact", "counterfact-edit", "zsre")  # the evaluation layouts
-MAX_RECORDS_FILE_BYTES = 1 << 30  # a records file is read whole: refuse what cannot be one
+MAX_RECORDS_FILE_BYTES = 1 << 30  # a records or prompts file is read whole: refuse what cannot be one
 
 
 @dataclass(frozen=True)
@@ -181,18 +181,26 @@ def parse_record(rec, where: str, zsre_target: str = "answers") -> EditRequest:
         case_id=_case_id(rec))
 
 
+def _read_text(path: Path, label: str) -> str:
+    """A records or prompts file, read whole: a regular file (not /dev/zero, a FIFO or a directory) of
+    bounded size, UTF-8. `label` names it in errors."""
+    if not path.is_file():
+        raise MemitError(f"{label} does not exist (or is not a regular file)")
+    if path.stat().st_size > MAX_RECORDS_FILE_BYTES:
+        raise MemitError(f"{label} is larger than {MAX_RECORDS_FILE_BYTES >> 20} MiB; split it")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MemitError(f"{label} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+    except OSError as e:
+        raise MemitError(f"{label}: cannot read it ({e.strerror or e})") from e
+
+
 def read_records(path: str | Path) -> list[tuple[str, object]]:
     """(where, record) of every record in a JSON (a list or one object), JSONL or CSV file; `where`
     names the file and the record (its line, for JSONL) for error messages."""
     path = Path(path)
-    if not path.is_file():
-        raise MemitError(f"{path} does not exist (or is not a regular file)")
-    if path.stat().st_size > MAX_RECORDS_FILE_BYTES:
-        raise MemitError(f"{path} is larger than {MAX_RECORDS_FILE_BYTES >> 20} MiB; split it")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise MemitError(f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+    text = _read_text(path, str(path))
     if path.suffix == ".csv":
         return [(f"{path} row {i + 2}", dict(r)) for i, r in enumerate(csv.DictReader(io.StringIO(text)))]
     if path.suffix == ".jsonl":
@@ -265,10 +273,7 @@ def read_prompts(path: str | Path, flag: str) -> list[dict]:
     """Prompts as a JSON list or JSONL of strings or {"prompt", "answer"?} objects (eval --unrelated, ab
     --regression, make-patch --preserve). The content decides which, whatever the file's suffix (unlike
     edit records, read_records)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise MemitError(f"{flag} {path}: cannot read it as UTF-8 text ({e})") from e
+    text = _read_text(Path(path), f"{flag} {path}")
     try:
         items = json.loads(text)
     except json.JSONDecodeError:
