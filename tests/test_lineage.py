@@ -193,6 +193,34 @@ def test_preserve_weight_counts_each_prompt_key_that_many_times(tiny_models, dat
         assert not torch.allclose(delta, plain.deltas[name], rtol=1e-4, atol=1e-7)
 
 
+def test_neighbour_subjects_ask_each_edit_of_other_subjects(tiny_models, data_dir, tmp_path):
+    from memit_vllm.editor.preserve import neighbour_prompts
+
+    requests = reqs(data_dir, 0, 3)
+    pool = [r.subject for r in reqs(data_dir, 3, 40)] + [requests[0].subject]
+    prompts = neighbour_prompts(requests, pool, 4, seed=0)
+    assert len(prompts) == 12 and prompts == neighbour_prompts(requests, pool, 4, seed=0)
+    for i, r in enumerate(requests):
+        mine = prompts[4 * i:4 * i + 4]
+        pre, post = r.prompt.split("{}")
+        assert all(p.prompt.startswith(pre) and p.prompt.endswith(post) and p.answer is None for p in mine)
+        assert not any(e.subject in p.prompt for e in requests for p in mine)  # never an edited subject
+    subjects = tmp_path / "subjects.txt"
+    subjects.write_text("\n".join(pool) + "\n")
+    model = tiny_models["llama"]
+    result = tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects=subjects, neighbours_per_edit=4)
+    plain = tiny_edit(model, requests, data_dir, tmp_path)
+    assert result.report.preserved_keys > 0 == plain.report.preserved_keys
+    assert result.patch.patch_id != plain.patch.patch_id
+    again = tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects=subjects, neighbours_per_edit=4)
+    assert again.patch.patch_id == result.patch.patch_id  # the same seed samples the same subjects
+    subjects.write_text("\n".join(r.subject for r in requests))
+    with pytest.raises(MemitError, match="every subject in it is being edited"):
+        tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects=subjects)
+    with pytest.raises(MemitError, match="--neighbour-subjects /dev/zero does not exist"):
+        tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="/dev/zero")
+
+
 def test_patch_tools_refuse_a_child_without_its_stack_and_change_nothing(lineage, tmp_path, data_dir):
     from click.testing import CliRunner
 

@@ -292,6 +292,25 @@ def read_prompts(path: str | Path, flag: str) -> list[dict]:
     return out
 
 
+def read_subjects(path: str | Path, flag: str) -> list[str]:
+    """Subject names: a JSON list or JSONL of strings, or plain text with one name per line
+    (make-patch --neighbour-subjects)."""
+    text = _read_text(Path(path), f"{flag} {path}")
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError:
+        try:
+            items = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            items = [line.strip() for line in text.splitlines() if line.strip()]
+    if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
+        raise MemitError(f"{flag} {path}: expected subject names (a JSON list of strings, JSONL strings or one "
+                         "name per line)")
+    if not items:
+        raise MemitError(f"{flag} {path} holds no subjects")
+    return [x.strip() for x in items]
+
+
 # -- facts as people read them (inspect, diff) --------------------------------------------------------
 def fact_key(request: dict) -> str:
     """What identifies a fact across patches: the prompt with its subject filled in."""

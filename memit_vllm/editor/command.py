@@ -58,6 +58,11 @@ def check_out_file(out: str | os.PathLike) -> None:
 @click.option("--method", type=click.Choice(METHODS), help="Update rule (default: the hparams' method, memit).")
 @click.option("--preserve", type=click.Path(dir_okay=False),
               help="JSON/JSONL prompts (optionally with the answer to keep) the update must leave alone.")
+@click.option("--neighbour-subjects", type=click.Path(dir_okay=False),
+              help="Subject names (text, one per line, or a JSON list): each edit's prompt asked of some of them "
+                   "joins the preserved prompts, so other subjects keep their answers to the edited relations.")
+@click.option("--neighbours-per-edit", type=click.IntRange(min=1), default=10, show_default=True,
+              help="How many --neighbour-subjects each edit's prompt is asked of (a seeded sample).")
 @click.option("--z-dtype", type=click.Choice(FORWARD_DTYPES),
               help="dtype of the z optimisation's forward/backward (default: the model's; bfloat16 is ~2x faster on "
                    "CPUs with AVX-512 BF16 and on GPUs; the delta, its optimiser and the loss stay fp32).")
@@ -67,7 +72,7 @@ def check_out_file(out: str | os.PathLike) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
 def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_weight, stats_corpus, stats_tokens,
                        stats_dtype, stats_file, cache_dir, seed, name, version_, limit, zsre_target, device, on,
-                       withdraw, method, z_dtype, dtype, preserve, as_json):
+                       withdraw, method, z_dtype, dtype, preserve, neighbour_subjects, neighbours_per_edit, as_json):
     """Compute MEMIT z vectors and layer deltas for the edit requests and write a patch file (under
     torchrun: the work split across the processes, rank 0 writes; README "Large jobs")."""
     from ..core.records import load_requests, validate_requests
@@ -88,7 +93,8 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
                         method=method, z_dtype=z_dtype, dtype=dtype, stats_corpus=stats_corpus,
                         stats_tokens=stats_tokens, stats_dtype=stats_dtype,
                         stats=stats_file, cache_dir=cache_dir, seed=seed, name=name, version=version_,
-                        zsre_target=zsre_target, device=device, progress=not as_json, on=list(on), preserve=preserve)
+                        zsre_target=zsre_target, device=device, progress=not as_json, on=list(on), preserve=preserve,
+                        neighbour_subjects=neighbour_subjects, neighbours_per_edit=neighbours_per_edit)
     with warnings.catch_warnings(record=True):  # they are in the report, printed below
         warnings.simplefilter("always")
         result = edit(model, requests, config)
@@ -106,6 +112,8 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
     if r.made_on:
         click.echo(f"made on {' -> '.join(r.made_on)} ({r.preserved_keys} preserved keys per layer); serve it "
                    "after exactly those patches")
+    if r.preserved_keys and not r.made_on:
+        click.echo(f"{r.preserved_keys} preserved keys per layer (--preserve, --neighbour-subjects)")
     for change in r.changed:
         click.echo(f"changes {change}")
     click.echo(f"z: mean P(target) {r.z_target_prob:.3f} after {r.z_steps:.1f} steps; residual delivered per "

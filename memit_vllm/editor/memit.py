@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..cache import cache_dir as default_cache_dir
 from ..checkpoint import Checkpoint, weights_sha256
-from ..core.records import EditRequest, load_requests, parse_record, validate_requests
+from ..core.records import EditRequest, load_requests, parse_record, read_subjects, validate_requests
 from ..core.tokens import pad_id, pad_right, target_ids
 from ..errors import MemitError
 from ..patch import BaseModel, Patch
@@ -31,7 +31,7 @@ from .covariance import layer_covariances, layer_projections, resolve_corpus, st
 from .hparams import HParams, default_hparams, load_hparams_file
 from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
 from .memory import peak_memory, reset_gpu_peaks
-from .preserve import PreservedKeys, read_preserve_file
+from .preserve import PreservedKeys, neighbour_prompts, read_preserve_file
 from .prompts import context_templates, encode
 from .solve import solve_alphaedit_update, solve_layer_update
 from .stats_file import StatsFile, stats_for_edit
@@ -65,6 +65,9 @@ class EditConfig:
     progress: bool = True
     on: list = field(default_factory=list)  # patches (files or Patch) to edit on, in stack order (lineage.py)
     preserve: str | Path | None = None  # JSON/JSONL prompts whose outputs the update must leave alone
+    # Subject names: each edit's prompt asked of `neighbours_per_edit` of them joins the preserved prompts.
+    neighbour_subjects: str | Path | None = None
+    neighbours_per_edit: int = 10
     # Speed only: results do not depend on these.
     key_batch_prompts: int = KEY_BATCH_PROMPTS
     bucket_overhead_tokens: float = BUCKET_OVERHEAD_TOKENS  # see targets.length_buckets
@@ -295,6 +298,11 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     edited = {r.fact for r in requests}
     kept_facts = [f for f in lineage if f.fact not in edited]  # changed facts must move
     prompts = read_preserve_file(config.preserve) if config.preserve else []
+    if config.neighbour_subjects:
+        if not isinstance(config.neighbours_per_edit, int) or config.neighbours_per_edit < 1:
+            raise MemitError(f"neighbours_per_edit must be an integer >= 1, not {config.neighbours_per_edit!r}")
+        subjects = read_subjects(config.neighbour_subjects, "--neighbour-subjects")
+        prompts += neighbour_prompts(requests, subjects, config.neighbours_per_edit, config.seed)
 
     torch.manual_seed(config.seed)
     tok, em = load_editable(ckpt, dtype)
@@ -358,7 +366,8 @@ def make_patch(model: str | Path, requests, config: EditConfig | None = None, **
     stats_dtype, stats (a stats file instead: README "Large jobs"), dtype (the model's in the editor,
     default the checkpoint's), cache_dir, seed, name, version,
     zsre_target, device (default: cuda when available), progress, method, on (patches to edit on, README
-    "Editing over time"), preserve (a prompts file), and the speed knobs key_batch_prompts and
+    "Editing over time"), preserve (a prompts file), neighbour_subjects (a subjects file) and
+    neighbours_per_edit, and the speed knobs key_batch_prompts and
     bucket_overhead_tokens.
     """
     return edit(model, requests, config, **kwargs).patch

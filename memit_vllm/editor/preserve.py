@@ -1,5 +1,6 @@
 """Keys whose outputs an update must leave alone: the facts of earlier patches in the lineage
-(`make-patch --on`) and the user's `--preserve` prompts.
+(`make-patch --on`), the user's `--preserve` prompts, and the edits' prompts asked of other subjects
+(`--neighbour-subjects`).
 
 Their summed outer products K_p K_p^T join the layer solve (solve.py), read at each layer on the model
 as updated so far, like the edit keys: for a lineage fact, the key at its subject's last token averaged
@@ -10,12 +11,14 @@ weighted by HParams.preserve_weight (an edit key counts 1).
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 
 from ..core.records import EditRequest, read_prompts, target_text
 from ..core.tokens import pad_id, pad_right, target_ids
+from ..errors import MemitError
 from .trace import capture
 
 
@@ -32,6 +35,20 @@ def read_preserve_file(path) -> list[PreservePrompt]:
         answer = target_text(p["answer"], "answer", f"--preserve {path}") if p["answer"] else None
         out.append(PreservePrompt(p["prompt"], answer if answer is None or answer.startswith(" ") else " " + answer))
     return out
+
+
+def neighbour_prompts(requests: list[EditRequest], subjects: list[str], per_edit: int,
+                      seed: int) -> list[PreservePrompt]:
+    """Each edit's prompt asked of `per_edit` other subjects (a seeded sample of `subjects`, never one
+    being edited). An update learns "this relation -> the new object" for any subject whose key resembles
+    the edited ones; in the solve these keys say what it must leave alone (docs/hyperparameters.md,
+    "Drift")."""
+    edited = {r.subject for r in requests}
+    pool = sorted(set(subjects) - edited)
+    if not pool:
+        raise MemitError("--neighbour-subjects: every subject in it is being edited; give other subjects")
+    rnd = random.Random(seed)
+    return [PreservePrompt(r.prompt.format(s)) for r in requests for s in rnd.sample(pool, min(per_edit, len(pool)))]
 
 
 class PreservedKeys:
