@@ -17,7 +17,8 @@ A configuration is a name plus hyperparameter overrides (docs/hyperparameters.md
 "preserve_records": [start, stop]: the rewrite prompts (with their true answers) of those records of the
 data file (or of "preserve_data": another file) become --preserve prompts: other subjects asked with the
 same relation templates as the edits, kept disjoint from the evaluated and the unrelated records; or
-"preserve_file": a ready --preserve file.
+"preserve_file": a ready --preserve file; or "neighbours": {"data": FILE, "records": [start, stop],
+"per_edit": N}: make-patch --neighbour-subjects with the subjects of those records (never a scored one).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from memit_vllm.core.records import load_requests, read_dataset
 from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editable
 from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, layer_updates, statistics
-from memit_vllm.editor.preserve import PreservedKeys, read_preserve_file
+from memit_vllm.editor.preserve import PreservedKeys, neighbour_prompts, read_preserve_file
 from memit_vllm.editor.prompts import context_templates
 from memit_vllm.editor.targets import TargetResult, compute_targets
 from memit_vllm.evaluate.generation import covariance_budget, generation_task, unrelated_prompts
@@ -128,13 +129,18 @@ def main():
                 rows.append(json.loads(result_file.read_text()))
                 continue
             overrides = {k: v for k, v in cfg.items()
-                         if k not in ("name", "preserve_records", "preserve_data", "preserve_file")}
+                         if k not in ("name", "preserve_records", "preserve_data", "preserve_file", "neighbours")}
             hp = base_hp.replace(**overrides)
             if hp.layers[-1] != base_hp.layers[-1]:
                 raise SystemExit(f"{name}: the last layer must stay {base_hp.layers[-1]} (z is computed there)")
             if hp.method == "alphaedit":
                 stats = statistics(em, tok, ckpt, hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
-            if "preserve_file" in cfg:
+            if "neighbours" in cfg:  # make-patch --neighbour-subjects, with the subjects of these records
+                spec = cfg["neighbours"]
+                _, pool = read_dataset(spec.get("data", args.data), spec["records"][1])
+                subjects = [r.subject for r in pool[spec["records"][0]:] if r.subject not in scored]
+                prompts = neighbour_prompts(requests, subjects, spec["per_edit"], args.seed)
+            elif "preserve_file" in cfg:
                 prompts = read_preserve_file(cfg["preserve_file"])
             elif "preserve_records" in cfg:
                 prompts = read_preserve_file(preserve_file(Path(cfg.get("preserve_data", args.data)),
@@ -152,6 +158,7 @@ def main():
             generated |= {"heldout_kl": kl}
             row = {"name": name, "overrides": overrides, "preserve_records": cfg.get("preserve_records"),
                    "preserve_file": cfg.get("preserve_file"),
+                   "neighbours": cfg.get("neighbours"),
                    "update_seconds": round(seconds, 1), "delivered": updates.delivered,
                    **after, **generated, "before": before["tf"]}
             result_file.write_text(json.dumps(row, indent=1))
