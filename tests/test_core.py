@@ -10,7 +10,7 @@ from safetensors import safe_open
 from memit_vllm.core.architectures import ARCHITECTURES, by_class, by_model_type, lora_classes
 from memit_vllm.core.files import atomic_dir, atomic_file
 from memit_vllm.core.records import (EditRequest, fact_text, load_requests, parse_record, read_dataset,
-                                     read_prompts, read_records, without_conflicts)
+                                     read_prompts, read_records, read_subjects, without_conflicts)
 from memit_vllm.core.tokens import pad_id, target_ids
 from memit_vllm.errors import MemitError
 from memit_vllm.testing.tiny_models import CONFIGS
@@ -147,6 +147,18 @@ def test_prompt_files_that_are_not_regular_files_are_refused_unread(kind, tmp_pa
     for flag in ("--preserve", "--unrelated", "--regression"):
         with pytest.raises(MemitError, match=f"^{flag} {path} does not exist \\(or is not a regular file\\)$"):
             read_prompts(path, flag)
+
+
+def test_subject_files_are_text_lines_or_json(tmp_path):
+    f = tmp_path / "subjects"
+    for text in ("Paris\n\n  Danielle Darrieux \n", '["Paris", "Danielle Darrieux"]', '"Paris"\n"Danielle Darrieux"\n'):
+        f.write_text(text)
+        assert read_subjects(f, "--neighbour-subjects") == ["Paris", "Danielle Darrieux"]
+    for text, message in (("[1, 2]", "expected subject names"), ("", "holds no subjects"),
+                          ('{"a": 1}', "expected subject names")):
+        f.write_text(text)
+        with pytest.raises(MemitError, match=f"--neighbour-subjects {f}: {message}|--neighbour-subjects {f} {message}"):
+            read_subjects(f, "--neighbour-subjects")
 
 
 def test_eval_reader_uses_the_same_records(tmp_path, data_dir):

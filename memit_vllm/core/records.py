@@ -269,18 +269,22 @@ def validate_requests(requests: list[EditRequest], source: str = "requests") -> 
     return requests
 
 
+def _json_or_jsonl(text: str):
+    """One JSON document, else one JSON value per non-empty line (json.JSONDecodeError if neither)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def read_prompts(path: str | Path, flag: str) -> list[dict]:
     """Prompts as a JSON list or JSONL of strings or {"prompt", "answer"?} objects (eval --unrelated, ab
     --regression, make-patch --preserve). The content decides which, whatever the file's suffix (unlike
     edit records, read_records)."""
-    text = _read_text(Path(path), f"{flag} {path}")
     try:
-        items = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise MemitError(f"{flag} {path}: neither JSON nor JSONL ({e})") from e
+        items = _json_or_jsonl(_read_text(Path(path), f"{flag} {path}"))
+    except json.JSONDecodeError as e:
+        raise MemitError(f"{flag} {path}: neither JSON nor JSONL ({e})") from e
     out = []
     for i, item in enumerate(items if isinstance(items, list) else [items]):
         item = {"prompt": item} if isinstance(item, str) else item
@@ -297,12 +301,9 @@ def read_subjects(path: str | Path, flag: str) -> list[str]:
     (make-patch --neighbour-subjects)."""
     text = _read_text(Path(path), f"{flag} {path}")
     try:
-        items = json.loads(text)
+        items = _json_or_jsonl(text)
     except json.JSONDecodeError:
-        try:
-            items = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError:
-            items = [line.strip() for line in text.splitlines() if line.strip()]
+        items = [line.strip() for line in text.splitlines() if line.strip()]
     if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):
         raise MemitError(f"{flag} {path}: expected subject names (a JSON list of strings, JSONL strings or one "
                          "name per line)")
