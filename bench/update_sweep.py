@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -39,7 +38,7 @@ from memit_vllm.core.records import load_requests, read_dataset
 from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editable
 from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, layer_updates, statistics
-from memit_vllm.editor.preserve import PreservedKeys, neighbour_prompts, read_preserve_file
+from memit_vllm.editor.preserve import PreservedKeys, PreservePrompt, neighbour_prompts, read_preserve_file
 from memit_vllm.editor.prompts import context_templates
 from memit_vllm.editor.targets import TargetResult, compute_targets
 from memit_vllm.evaluate.generation import covariance_budget, generation_task, unrelated_prompts
@@ -66,13 +65,12 @@ def targets_for(out: Path, em, tok, requests, templates, hp: HParams, seed: int)
     return result, False
 
 
-def preserve_file(data: Path, span: list[int], tmp: Path, exclude: set[str]) -> Path:
-    """The rewrite prompts of records [start, stop) of `data` whose subjects are not in `exclude`."""
+def record_prompts(data: Path, span: list[int], exclude: set[str]) -> list[PreservePrompt]:
+    """The rewrite prompts (with their true answers) of records [start, stop) of `data` whose subjects
+    are not in `exclude`, as --preserve reads them."""
     _, records = read_dataset(data, span[1])
-    path = tmp / f"preserve-{data.stem}-{span[0]}-{span[1]}.jsonl"
-    path.write_text("".join(json.dumps({"prompt": r.rewrite_prompt, "answer": r.target_true}) + "\n"
-                            for r in records[span[0]:] if r.subject not in exclude))
-    return path
+    return [PreservePrompt(r.rewrite_prompt, r.target_true if r.target_true.startswith(" ") else " " + r.target_true)
+            for r in records[span[0]:] if r.subject not in exclude]
 
 
 def main():
@@ -107,8 +105,9 @@ def main():
 
     unrelated, unrelated_source = unrelated_prompts(args.data, "counterfact", records)
     _, everything = read_dataset(args.data)  # the subjects scored here (edited or unrelated): never preserved
+    asked = set(unrelated)
     scored = {r.subject for r in everything[:len(records)]} | {r.subject for r in everything[len(records):]
-                                                                if r.rewrite_prompt in set(unrelated)}
+                                                                if r.rewrite_prompt in asked}
     task = generation_task(tok, "counterfact", records, unrelated, unrelated_source, CORPUS)
     scorer = TransformersScorer(em.model, tok, progress=False)
     before_file = out / f"before-{args.edits}.json"
@@ -121,52 +120,50 @@ def main():
     generated_before = task.complete(scorer)
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for cfg in configs:
-            name = cfg["name"]
-            result_file = out / f"{name.replace(' ', '_').replace('/', '-')}-{args.edits}.json"
-            if result_file.is_file():
-                rows.append(json.loads(result_file.read_text()))
-                continue
-            overrides = {k: v for k, v in cfg.items()
-                         if k not in ("name", "preserve_records", "preserve_data", "preserve_file", "neighbours")}
-            hp = base_hp.replace(**overrides)
-            if hp.layers[-1] != base_hp.layers[-1]:
-                raise SystemExit(f"{name}: the last layer must stay {base_hp.layers[-1]} (z is computed there)")
-            if hp.method == "alphaedit":
-                stats = statistics(em, tok, ckpt, hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
-            if "neighbours" in cfg:  # make-patch --neighbour-subjects, with the subjects of these records
-                spec = cfg["neighbours"]
-                _, pool = read_dataset(spec.get("data", args.data), spec["records"][1])
-                subjects = [r.subject for r in pool[spec["records"][0]:] if r.subject not in scored]
-                prompts = neighbour_prompts(requests, subjects, spec["per_edit"], args.seed)
-            elif "preserve_file" in cfg:
-                prompts = read_preserve_file(cfg["preserve_file"])
-            elif "preserve_records" in cfg:
-                prompts = read_preserve_file(preserve_file(Path(cfg.get("preserve_data", args.data)),
-                                                           cfg["preserve_records"], Path(tmp), scored))
-            else:
-                prompts = []
-            start = time.monotonic()
-            preserved = PreservedKeys(em, tok, [], groups, prompts, KEY_BATCH_PROMPTS, hp.preserve_weight)
-            updates = layer_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, preserved,
-                                    progress=False)
-            seconds = time.monotonic() - start
-            after = measure_counterfact(scorer, records)
-            generated = task.metrics(task.complete(scorer), generated_before)
-            kl, _ = scorer.heldout_kl(task.heldout, lambda: swapped(em.model, original))
-            generated |= {"heldout_kl": kl}
-            row = {"name": name, "overrides": overrides, "preserve_records": cfg.get("preserve_records"),
-                   "preserve_file": cfg.get("preserve_file"),
-                   "neighbours": cfg.get("neighbours"),
-                   "update_seconds": round(seconds, 1), "delivered": updates.delivered,
-                   **after, **generated, "before": before["tf"]}
-            result_file.write_text(json.dumps(row, indent=1))
-            rows.append(row)
-            with torch.no_grad():  # back to the unedited weights for the next configuration
-                for n, w in original.items():
-                    em.model.get_parameter(n).copy_(w)
-            print(f"{name}: " + ", ".join(f"{k} {row[k]:.3f}" for k in SHOWN if k in row), flush=True)
+    for cfg in configs:
+        name = cfg["name"]
+        result_file = out / f"{name.replace(' ', '_').replace('/', '-')}-{args.edits}.json"
+        if result_file.is_file():
+            rows.append(json.loads(result_file.read_text()))
+            continue
+        overrides = {k: v for k, v in cfg.items()
+                     if k not in ("name", "preserve_records", "preserve_data", "preserve_file", "neighbours")}
+        hp = base_hp.replace(**overrides)
+        if hp.layers[-1] != base_hp.layers[-1]:
+            raise SystemExit(f"{name}: the last layer must stay {base_hp.layers[-1]} (z is computed there)")
+        if hp.method == "alphaedit":
+            stats = statistics(em, tok, ckpt, hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
+        if "neighbours" in cfg:  # make-patch --neighbour-subjects, with the subjects of these records
+            spec = cfg["neighbours"]
+            _, pool = read_dataset(spec.get("data", args.data), spec["records"][1])
+            subjects = [r.subject for r in pool[spec["records"][0]:] if r.subject not in scored]
+            prompts = neighbour_prompts(requests, subjects, spec["per_edit"], args.seed)
+        elif "preserve_file" in cfg:
+            prompts = read_preserve_file(cfg["preserve_file"])
+        elif "preserve_records" in cfg:
+            prompts = record_prompts(Path(cfg.get("preserve_data", args.data)), cfg["preserve_records"], scored)
+        else:
+            prompts = []
+        start = time.monotonic()
+        preserved = PreservedKeys(em, tok, [], groups, prompts, KEY_BATCH_PROMPTS, hp.preserve_weight)
+        updates = layer_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, preserved,
+                                progress=False)
+        seconds = time.monotonic() - start
+        after = measure_counterfact(scorer, records)
+        generated = task.metrics(task.complete(scorer), generated_before)
+        kl, _ = scorer.heldout_kl(task.heldout, lambda: swapped(em.model, original))
+        generated |= {"heldout_kl": kl}
+        row = {"name": name, "overrides": overrides, "preserve_records": cfg.get("preserve_records"),
+               "preserve_file": cfg.get("preserve_file"),
+               "neighbours": cfg.get("neighbours"),
+               "update_seconds": round(seconds, 1), "delivered": updates.delivered,
+               **after, **generated, "before": before["tf"]}
+        result_file.write_text(json.dumps(row, indent=1))
+        rows.append(row)
+        with torch.no_grad():  # back to the unedited weights for the next configuration
+            for n, w in original.items():
+                em.model.get_parameter(n).copy_(w)
+        print(f"{name}: " + ", ".join(f"{k} {row[k]:.3f}" for k in SHOWN if k in row), flush=True)
 
     print(f"\n{len(requests)} CounterFact edits ({args.data}), {source}; unedited ES {before['tf']['ES']:.3f} "
           f"PS {before['tf']['PS']:.3f} NS {before['tf']['NS']:.3f}\n")

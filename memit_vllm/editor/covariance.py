@@ -275,10 +275,10 @@ def _locked(directory: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def layer_covariances(em: EditableModel, tok, layers: list[int], corpus: Corpus, model_sha: str,
+def layer_covariances(em: EditableModel, tok, layers: list[int], corpus: Corpus, identity: dict[str, str],
                       budget: int | None, dtype: str, cache: Path, progress: bool = True) -> tuple[dict, dict]:
-    """C_l (float64) for each layer, from the cache where present and sound; one corpus pass for the rest."""
-    identity = stats_identity(model_sha, corpus.identity, budget, dtype, em.d_ff, em.model.dtype)
+    """C_l (float64) for each layer, from the cache where present and sound; one corpus pass for the rest.
+    `identity` (stats_identity of this corpus, budget and dtype) keys the cache entries."""
     files = {l: _cache_file(cache, identity, l) for l in layers}
     ids = {l: {**identity, "layer": str(l)} for l in layers}
     out, info = {}, {}

@@ -224,10 +224,10 @@ def statistics(em: EditableModel, tok, ckpt: Checkpoint, hp: HParams, config: Ed
     else:
         corpus = resolve_corpus(config.stats_corpus, em, tok, config.seed)
         model_sha = weights_sha256(ckpt, cache)
-        covs, info = layer_covariances(em, tok, hp.layers, corpus, model_sha, hp.mom2_n_tokens, hp.mom2_dtype, cache,
-                                       config.progress)
         identity = stats_identity(model_sha, corpus.identity, hp.mom2_n_tokens, hp.mom2_dtype, em.d_ff,
                                   em.model.dtype)
+        covs, info = layer_covariances(em, tok, hp.layers, corpus, identity, hp.mom2_n_tokens, hp.mom2_dtype, cache,
+                                       config.progress)
         stats = Statistics(identity, corpus.description, covs, info)
     if hp.method == "alphaedit":
         stats.projections = layer_projections(covs, hp.nullspace_threshold, hp.layers, cache, stats.identity)

@@ -12,7 +12,7 @@ weighted by HParams.preserve_weight (an edit key counts 1).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -48,7 +48,8 @@ def neighbour_prompts(requests: list[EditRequest], subjects: list[str], per_edit
     if not pool:
         raise MemitError("--neighbour-subjects: every subject in it is being edited; give other subjects")
     rnd = random.Random(seed)
-    return [PreservePrompt(r.prompt.format(s)) for r in requests for s in rnd.sample(pool, min(per_edit, len(pool)))]
+    return [PreservePrompt(replace(r, subject=s).text()) for r in requests
+            for s in rnd.sample(pool, min(per_edit, len(pool)))]
 
 
 class PreservedKeys:
