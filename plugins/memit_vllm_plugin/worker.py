@@ -66,11 +66,12 @@ class MemitWorkerExtension:
     def memit_weight_hashes(self, names: list[str]) -> dict[str, str]:
         """tensor_fingerprint of each served weight in the checkpoint's layout, comparable with a patch's
         base_weights (when served in the checkpoint's dtype); under tensor parallelism the whole weight,
-        assembled from every rank's slice, so one answer covers all ranks."""
+        assembled from every rank's slice on rank 0, whose answer covers all ranks (the others answer {})."""
         ckpt = Checkpoint(self.model_config.model)
         out = {}
         for n, module in zip(names, self._memit_served_modules(ckpt, names)):
             w = whole_weight(module)
-            shape = ckpt.shape(n)
-            out[n] = tensor_fingerprint(w if tuple(w.shape) == shape else w.t())  # Conv1D: stored [in, out]
+            if w is not None:
+                shape = ckpt.shape(n)
+                out[n] = tensor_fingerprint(w if tuple(w.shape) == shape else w.t())  # Conv1D: stored [in, out]
         return out
