@@ -203,27 +203,44 @@ def test_apply_and_revert_reach_both_workers_and_show_in_metrics_and_headers(ser
     assert hashes[NAMES[2]]["is_base"] and not hashes[NAMES[0]]["is_base"]
 
 
-def test_an_apply_hashes_only_the_new_patch(server, patches, model, patch_dir, monkeypatch):
-    """The kept copies are the validated bytes: a later apply does not read the active patches again."""
+def test_an_apply_hashes_only_the_new_patch_and_before_the_drain(server, patches, model, patch_dir, monkeypatch):
+    """The kept copies are the validated bytes: an apply hashes the new patch (and a startup copy, once)
+    while requests still flow; neither the server nor the workers read the active patches again."""
     hashed, content_id = [], Patch.content_id
-
-    class Recording(PatchSet):  # the server's validation, without the workers' own
-        def __init__(self, stack, **kw):
-            monkeypatch.setattr(Patch, "content_id", lambda p, **a: hashed.append(p.patch_id) or content_id(p, **a))
-            try:
-                super().__init__(stack, **kw)
-            finally:
-                monkeypatch.setattr(Patch, "content_id", content_id)
-
-    monkeypatch.setattr(hot_swap_module, "PatchSet", Recording)
+    monkeypatch.setattr(Patch, "content_id",
+                        lambda p, **a: hashed.append((p.name, server.engine.paused)) or content_id(p, **a))
     p1, p2 = (load_patch(p) for p in patches)
     p3 = load_patch(synthetic_patch(model, layers=(3,), seed=3, name="p3").save(patch_dir / "p3.patch"))
+    hashed.clear()
     assert server.admin("POST", PATCHES_ROUTE, {"path": "p2.patch"})[0] == 200
-    assert sorted(hashed) == sorted([p1.patch_id, p2.patch_id])  # the startup copy, once, and the new one
+    assert sorted(hashed) == [("p1", False), ("p2", False)]
     hashed.clear()
     assert server.admin("POST", PATCHES_ROUTE, {"path": "p3.patch"})[0] == 200
-    assert hashed == [p3.patch_id]
+    assert hashed == [("p3", False)]
     server.assert_serves([p1, p2, p3], NAMES)
+
+
+def test_a_kept_copy_changed_on_disk_is_hashed_again_before_the_drain(server, patches):
+    """A kept copy found in another state than it was verified in is hashed again: the same bytes pass,
+    other bytes refuse the change before requests are held (the workers check the state too)."""
+    p1, p2 = (load_patch(p) for p in patches)
+    assert server.admin("POST", PATCHES_ROUTE, {"path": "p2.patch"})[0] == 200
+    kept = server.swap.active[0].path
+    os.utime(kept, ns=(0, 10**9))  # touched: the same bytes
+    assert server.admin("DELETE", f"{PATCHES_ROUTE}/{p2.patch_id}")[0] == 200
+    server.assert_serves([p1], NAMES)
+    raw = bytearray(kept.read_bytes())
+    raw[-4:] = torch.tensor([0.5]).numpy().tobytes()  # one delta value, in place: same size
+    kept.write_bytes(bytes(raw))
+    os.utime(kept, ns=(0, 2 * 10**9))
+    status, answer = server.admin("POST", PATCHES_ROUTE, {"path": "p2.patch"})
+    assert status == 409 and "changed on disk since it was applied" in answer["error"], answer
+    assert "does not match its patch id" in answer["error"]
+    server.assert_serves([p1], NAMES)
+    assert server.client.get("/health").status_code == 200
+    stale = server.swap.verified[p1.patch_id]  # the state it was verified in
+    with pytest.raises(MemitError, match="changed on disk after it was validated"):
+        server.engine.workers[0].memit_reload([str(kept)], [p1.patch_id], [stale], [NAMES[0]], {})
 
 
 def test_failed_reload_restores_the_previous_weights(server, patches):
@@ -464,7 +481,7 @@ def test_revert_refuses_a_checkpoint_changed_on_disk(server, patches, model):
     assert server.stack() == [load_patch(patches[0]).patch_id] and not server.engine.paused
     # The workers check it again as they read (the checkpoint may change between the two).
     with pytest.raises(MemitError, match="changed on disk"):
-        server.engine.workers[0].memit_reload([], [], [NAMES[0]], {NAMES[0]: server.swap.base[NAMES[0]]})
+        server.engine.workers[0].memit_reload([], [], [], [NAMES[0]], {NAMES[0]: server.swap.base[NAMES[0]]})
 
 
 def test_worker_failure_outside_a_swap_is_a_json_500(server):

@@ -1,7 +1,8 @@
 """The active patch stack of a running server, and the one sequence that changes it.
 
-apply/revert: validate fully (off the event loop, so requests keep flowing), pause the engine until
-in-flight requests finish, reload only the touched weights on every worker as base + active patches,
+apply/revert: validate fully (off the event loop, so requests keep flowing; the content of a kept copy is
+hashed once, and again only if its file changed: `_verified`), pause the engine until in-flight requests
+finish, reload only the touched weights on every worker as base + active patches,
 reset the prefix cache (its KV was computed with the old weights), resume. Every worker call runs under
 a timeout. If the reload fails, the touched weights are reloaded from the previous stack; if that fails
 too, the weights are unknown: the engine stays paused and the server reports itself unhealthy (`/health`
@@ -34,7 +35,7 @@ from memit_vllm.patch.merge import PatchSet
 from . import metrics
 from .admin import copy_from_dir, drain_timeout, rpc_timeout, write_state
 from .compat import call_workers, drain, logger
-from .patches import describe
+from .patches import describe, file_state
 
 
 class SwapError(MemitError):
@@ -58,6 +59,7 @@ class HotSwap:
             self.store = state_dir / "patches"
             self.store.mkdir(parents=True, exist_ok=True)
         self.sources = {}  # patch id -> where the operator's file was (shown to admins only)
+        self.verified = {}  # patch id -> patches.file_state of its kept copy when its content was verified
         self.active = [self._keep_startup(p) for p in patches]
         # The base fingerprint of every weight a validated patch touches: a reload of base bytes checks it.
         self.base = {n: fp for p in patches for n, fp in p.base_weights.items()}
@@ -88,6 +90,7 @@ class HotSwap:
     def _forget(self, patch: Patch) -> None:
         shutil.rmtree(patch.path.parent, ignore_errors=True)
         self.sources.pop(patch.patch_id, None)
+        self.verified.pop(patch.patch_id, None)
 
     def _active_ids(self) -> set[str]:
         return {p.patch_id for p in self.active}
@@ -137,6 +140,7 @@ class HotSwap:
                 stack = [p for p in self.active if p.patch_id not in gone]
                 names = sorted({n for p in removed for n in p.deltas})
                 await asyncio.to_thread(self._check_base, names)
+                stack = await asyncio.to_thread(self._verified, stack)
             except SwapError:
                 metrics.SWAPS.labels("revert", "refused").inc()
                 raise
@@ -181,12 +185,14 @@ class HotSwap:
         if self.patch_dir is None:
             raise SwapError("hot apply is off: start the server with MEMIT_VLLM_PATCH_DIR naming the "
                             "directory to take patch files from", 403)
+        stack = self._verified(self.active)
         incoming = Path(tempfile.mkdtemp(prefix=".incoming-", dir=self.store))
         try:
             dest = incoming / Path(name).name
             copy_from_dir(self.patch_dir, name, dest, self.max_patch_bytes)
             patch = load_patch(dest)
-            PatchSet(self.active + [patch], dtype=self.dtype).validate(self.checkpoint)
+            state = file_state(dest)  # before the hash: a change from now on shows in it (the rename keeps it)
+            PatchSet(stack + [patch], dtype=self.dtype).validate(self.checkpoint)
             kept = self._commit(incoming, patch)
         except (BaseMismatchError, LineageError) as e:
             raise SwapError(str(e), 409) from e
@@ -197,7 +203,28 @@ class HotSwap:
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
         self.base.update(kept.base_weights)
+        self.verified[kept.patch_id] = state
         return kept
+
+    def _verified(self, stack: list[Patch]) -> list[Patch]:
+        """`stack` with each kept copy verified in the state it is in now: a patch verified in that state
+        (patches.file_state) is not read again, any other is hashed now, before the drain (the workers
+        then only check the state). Copies verified here replace the active ones too."""
+        fresh = {}
+        for p in stack:
+            try:
+                state = file_state(p.path)
+                if self.verified.get(p.patch_id) == state:
+                    continue
+                again = load_patch(p.path, verify_content=True)
+                if again.patch_id != p.patch_id:
+                    raise MemitError(f"it now holds patch {again.patch_id}")
+            except (MemitError, OSError) as e:
+                raise SwapError(f"the server's copy of active patch {p.patch_id} changed on disk since it was "
+                                f"applied ({_why(e)}); nothing changed: revert it and apply it again", 409) from e
+            fresh[p.patch_id], self.verified[p.patch_id] = again, state
+        self.active = [fresh.get(p.patch_id, p) for p in self.active]
+        return [fresh.get(p.patch_id, p) for p in stack]
 
     async def _swap(self, stack: list[Patch], names: list[str], action: str) -> str | None:
         """Change the weights to base + `stack`, or leave them (SwapError); why the state file does not
@@ -249,6 +276,7 @@ class HotSwap:
             if kept.name not in keep and not kept.name.startswith("."):  # not an incoming copy
                 shutil.rmtree(kept, ignore_errors=True)
         self.sources = {pid: source for pid, source in self.sources.items() if pid in keep}
+        self.verified = {pid: state for pid, state in self.verified.items() if pid in keep}
         return None
 
     async def _resume(self, done: str = "") -> None:
@@ -266,7 +294,9 @@ class HotSwap:
     async def _reload(self, stack: list[Patch], names: list[str]) -> None:
         start = time.perf_counter()
         await asyncio.wait_for(call_workers(self.engine, "memit_reload", [str(p.path) for p in stack],
-                                            [p.patch_id for p in stack], names, {n: self.base[n] for n in names}),
+                                            [p.patch_id for p in stack],
+                                            [self.verified.get(p.patch_id) for p in stack], names,
+                                            {n: self.base[n] for n in names}),
                                self.rpc_timeout)
         logger.info("memit: reloaded %d weights as base + %d patch(es) in %.3f s", len(names), len(stack),
                     time.perf_counter() - start)

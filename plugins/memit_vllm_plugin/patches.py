@@ -5,6 +5,7 @@ Shared by the loader (engine side) and the HTTP route (API server side), which s
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 
 from memit_vllm.core.architectures import by_class
@@ -26,6 +27,13 @@ def patch_paths(extra_config: Mapping) -> list[str]:
 
 def load_patches(extra_config: Mapping) -> list[Patch]:
     return [load_patch(p) for p in patch_paths(extra_config)]
+
+
+def file_state(path) -> list[int]:
+    """What changes when a file's bytes do (device, inode, size, modification time in ns): a kept patch
+    copy found in the state it was verified in is not hashed again (a list: it crosses collective_rpc)."""
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
 
 
 def describe(patch: Patch) -> dict:

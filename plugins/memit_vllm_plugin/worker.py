@@ -18,6 +18,7 @@ from memit_vllm.patch.format import where
 from memit_vllm.patch.merge import PatchSet
 
 from .compat import reload_layers, whole_weight
+from .patches import file_state
 
 
 def served_module(model: nn.Module, arch: Architecture, name: str) -> nn.Module:
@@ -42,15 +43,19 @@ class MemitWorkerExtension:
         model = self.get_model()
         return [served_module(model, arch, n) for n in names]
 
-    def memit_reload(self, patch_paths: list[str], patch_ids: list[str], names: list[str],
-                     base_fingerprints: dict[str, str]) -> None:
-        """Make each weight in `names` equal base + the deltas of the given patches (in order). A weight
-        no patch touches any more is reloaded only if the checkpoint still holds its base bytes."""
+    def memit_reload(self, patch_paths: list[str], patch_ids: list[str], states: list[list[int] | None],
+                     names: list[str], base_fingerprints: dict[str, str]) -> None:
+        """Make each weight in `names` equal base + the deltas of the given patches (in order). A patch
+        with a state (patches.file_state) was verified by the server in that state: found unchanged, it is
+        not hashed again (this runs while requests are held); one without is verified here. A weight no
+        patch touches any more is reloaded only if the checkpoint still holds its base bytes."""
         ckpt = Checkpoint(self.model_config.model)
         patches = [load_patch(p) for p in patch_paths]
-        for p, expected in zip(patches, patch_ids):
-            if p.patch_id != expected:
-                raise PatchError(f"{where(p.path)} changed on disk after it was validated ({p.patch_id} != {expected})")
+        for p, expected, state in zip(patches, patch_ids, states):
+            if p.patch_id != expected or (state is not None and file_state(p.path) != state):
+                raise PatchError(f"{where(p.path)} changed on disk after it was validated (patch {expected})")
+            if state is not None:
+                p.verified_elsewhere()
         stack = PatchSet(patches, dtype=self.model_config.dtype) if patches else None
         weights = []
         for n in names:
