@@ -251,6 +251,7 @@ def test_failed_reload_restores_the_previous_weights(server, patches):
     server.assert_serves([p1], NAMES)
     assert sorted(x.name for x in server.swap.store.iterdir()) == [p1.patch_id]
     assert server.client.get("/health").status_code == 200
+    assert sorted(server.admin("GET", WEIGHTS_ROUTE)[1]["weights"]) == NAMES[:2]  # p2's own weight never touched
 
 
 @pytest.mark.parametrize("fault", ["fail", "hang"])

@@ -61,9 +61,9 @@ class HotSwap:
         self.sources = {}  # patch id -> where the operator's file was (shown to admins only)
         self.verified = {}  # patch id -> patches.file_state of its kept copy when its content was verified
         self.active = [self._keep_startup(p) for p in patches]
-        # The base fingerprint of every weight a validated patch touches: a reload of base bytes checks it.
+        # The base fingerprint of every weight a patch has touched since start (GET /memit/weights lists
+        # them): a reload of base bytes checks it.
         self.base = {n: fp for p in patches for n, fp in p.base_weights.items()}
-        self.touched = set(self.base)  # every weight a patch has touched since start (GET /memit/weights)
         self.unhealthy: str | None = None
         self.lock = asyncio.Lock()
         self.drain_timeout = drain_timeout(os.environ)
@@ -202,7 +202,6 @@ class HotSwap:
             raise SwapError(f"cannot keep a copy of {name!r}: {e.strerror or e}", 507) from e
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
-        self.base.update(kept.base_weights)
         self.verified[kept.patch_id] = state
         return kept
 
@@ -230,6 +229,7 @@ class HotSwap:
         """Change the weights to base + `stack`, or leave them (SwapError); why the state file does not
         record the change, if it does not."""
         previous = self.active
+        base = {**self.base, **{n: fp for p in stack for n, fp in p.base_weights.items()}}
         try:
             await asyncio.wait_for(drain(self.engine), self.drain_timeout)
         except asyncio.TimeoutError:
@@ -238,12 +238,12 @@ class HotSwap:
             raise SwapError(f"in-flight requests did not finish within {self.drain_timeout:g} s "
                             f"({DRAIN_TIMEOUT_ENV}); nothing changed", 503) from None
         try:
-            await self._reload(stack, names)
+            await self._reload(stack, names, base)
         except Exception as e:  # vLLM reports a worker's failure as a bare Exception; a timeout is one too
             metrics.SWAPS.labels(action, "failed").inc()
             logger.error("memit: reloading %s failed (%s); restoring the previous patch set", names, _why(e))
             try:
-                await self._reload(previous, names)
+                await self._reload(previous, names, base)
             except Exception as e2:
                 self._fail(f"reloading failed ({_why(e)}) and restoring the previous weights failed too ({_why(e2)})")
                 raise SwapError(f"reloading the weights failed ({_why(e)}), and so did restoring the previous "
@@ -253,7 +253,7 @@ class HotSwap:
             raise SwapError(f"reloading the weights failed ({_why(e)}); the previous patch set is restored",
                             500) from e
         self.active = stack
-        self.touched.update(names)
+        self.base.update({n: base[n] for n in names})
         unrecorded = self._record()
         await self._resume(f"the change is made (GET /memit/patches shows the stack now loaded"
                            f"{f'; {unrecorded}' if unrecorded else ''}), but ")
@@ -291,18 +291,18 @@ class HotSwap:
         self.unhealthy = reason
         logger.critical("memit: %s; the server refuses all traffic (health 503) until it is restarted", reason)
 
-    async def _reload(self, stack: list[Patch], names: list[str]) -> None:
+    async def _reload(self, stack: list[Patch], names: list[str], base: dict[str, str]) -> None:
         start = time.perf_counter()
         await asyncio.wait_for(call_workers(self.engine, "memit_reload", [str(p.path) for p in stack],
                                             [p.patch_id for p in stack],
                                             [self.verified.get(p.patch_id) for p in stack], names,
-                                            {n: self.base[n] for n in names}),
+                                            {n: base[n] for n in names}),
                                self.rpc_timeout)
         logger.info("memit: reloaded %d weights as base + %d patch(es) in %.3f s", len(names), len(stack),
                     time.perf_counter() - start)
 
     async def weight_hashes(self) -> dict:
-        names = sorted(self.touched)
+        names = sorted(self.base)
         served = (await asyncio.wait_for(call_workers(self.engine, "memit_weight_hashes", names),
                                          self.rpc_timeout))[0] if names else {}
         base = await asyncio.to_thread(lambda: {n: self.checkpoint.fingerprint(n) for n in names})
