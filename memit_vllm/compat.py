@@ -3,7 +3,8 @@
 The editor reads and short-circuits a transformers model in ways its public API does not promise:
 - decoder layers return a bare hidden-state tensor or a tuple that starts with it (by architecture and
   release), and take the hidden states as their first argument or as `hidden_states=`;
-- `resume_after` replaces the `forward` of layer instances for the length of a block;
+- `resume_after` replaces the `forward` of layer instances for the length of a block (restoring accelerate's
+  wrapper on a dispatched model; accelerate's own internals are used in editor/offload.py);
 - `PrefixCache` rewrites the rows of a `DynamicCache` (`past_key_values.layers[i].keys/.values`, and a
   linear-attention layer's `conv_states/recurrent_states`);
 - `output_logits` repeats what a causal LM does after its final norm (the head, Granite's logit scaling,
@@ -37,13 +38,14 @@ def check_transformers(version: str | None = None) -> None:
         raise MemitError(why)
 
 
-def load_causal_lm(path, dtype: torch.dtype = torch.float32):
-    """(tokenizer, model in `dtype` and eval mode) of a checkpoint dir, after the version check."""
+def load_causal_lm(path, dtype: torch.dtype = torch.float32, **placement):
+    """(tokenizer, model in `dtype` and eval mode) of a checkpoint dir, after the version check; `placement`:
+    from_pretrained's device_map and offload_folder (editor/devicemap.py)."""
     check_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
-    return tok, AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return tok, AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement).eval()
 
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -86,13 +88,17 @@ def resume_after(layers, layer: int, hidden: torch.Tensor, tuple_len: int):
         return _as_layer_output(hidden, tuple_len)
 
     stubs = [layers[i] for i in range(layer + 1)]
+    own = [module.__dict__.get("forward") for module in stubs]  # a dispatched model's layers: accelerate's
     for i, module in enumerate(stubs):
         module.forward = emit if i == layer else passthrough
     try:
         yield
     finally:
-        for module in stubs:
-            del module.forward
+        for module, forward in zip(stubs, own):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 class PrefixCache:
@@ -109,7 +115,8 @@ class PrefixCache:
         """Forward keyword arguments that continue from the prefixes of `rows` alone."""
         for layer, state in zip(self._cache.layers, self._saved):
             for name, value in state.items():  # indexing copies: a forward's in-place updates never reach `state`
-                setattr(layer, name, {i: t[rows] for i, t in value.items()} if isinstance(value, dict) else value[rows])
+                setattr(layer, name, {i: t[rows.to(t.device)] for i, t in value.items()} if isinstance(value, dict)
+                        else value[rows.to(value.device)])  # a dispatched model's layers: on their devices
         return {"past_key_values": self._cache, "use_cache": True}
 
 

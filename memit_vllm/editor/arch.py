@@ -14,6 +14,7 @@ from ..core.architectures import by_config
 from ..core.tokens import ensure_pad_token
 from ..errors import MemitError
 from .hparams import FORWARD_DTYPES
+from .offload import execution_device, read_weight, write_weight
 
 
 class EditableModel:
@@ -39,6 +40,21 @@ class EditableModel:
     def down_proj(self, layer: int) -> nn.Module:
         return self.layers[layer].get_submodule(self.arch.down_proj)
 
+    def device_of(self, layer: int) -> torch.device:
+        """Where layer `layer`'s down-projection computes (under a device map, each layer on its own device):
+        its keys, covariance and update live there."""
+        return execution_device(self.down_proj(layer))
+
+    @property
+    def output_device(self) -> torch.device:
+        """Where the logits are computed: the z optimisation's loss, and the editor's default device under a
+        device map."""
+        return execution_device(self.model.get_output_embeddings())
+
+    def weight(self, layer: int) -> torch.Tensor:
+        """Layer `layer`'s down-projection weight (loaded, when a device map offloaded it)."""
+        return read_weight(self.down_proj(layer))
+
     def param_name(self, layer: int) -> str:
         """The checkpoint key of layer `layer`'s down-projection weight."""
         if self._keys is None:
@@ -59,7 +75,7 @@ class EditableModel:
         layer `layer`'s down-projection output that reach it along the residual stream. MEMIT takes them to be
         equal; where the architecture scales or normalises that path (table: post_mlp_norm, mlp_scale,
         stream_scale) they are not, and an unmapped update delivers a fraction of its residual."""
-        arch, block = self.arch, self.layers[layer]
+        arch, block, device = self.arch, self.layers[layer], self.device_of(layer)
         scale = float(getattr(block, arch.mlp_scale)) if arch.mlp_scale else 1.0
         if arch.stream_scale:
             for m in range(layer, z_layer + 1):
@@ -70,10 +86,10 @@ class EditableModel:
             # needs do = r * dc / g; the part of dc along n(o) it cannot make (only eps lets the norm's output
             # grow) and is not asked for. g = n(1, ..., 1) (eps is negligible there); r = |g o| / |n(o)|.
             norm = block.get_submodule(arch.post_mlp_norm)
-            w = self.down_proj(layer).weight
-            o = self.down_proj(layer)(K.T.to(w.dtype))  # [n, d_model] the outputs now
-            g = norm(torch.ones(1, o.shape[1], dtype=w.dtype, device=w.device))[0].double()
-            r = (g * o.double()).norm(dim=1) / norm(o).double().norm(dim=1)
+            dtype = self.down_proj(layer).weight.dtype
+            o = self.down_proj(layer)(K.T.to(device, dtype))  # [n, d_model] the outputs now
+            g = norm(torch.ones(1, o.shape[1], dtype=dtype, device=device))[0].double().to(R.device)
+            r = (g * o.double().to(R.device)).norm(dim=1) / norm(o).double().to(R.device).norm(dim=1)
             inv_g = torch.where(g.abs() > 1e-6 * g.abs().max(), 1 / g, torch.zeros_like(g))
             R = R * inv_g[:, None] * r[None, :]
         return R
@@ -81,8 +97,12 @@ class EditableModel:
     @torch.no_grad()
     def add_to_weight(self, layer: int, delta: torch.Tensor) -> None:
         """W + delta, added in fp32 and rounded once to the weight's dtype, as a merge serves it."""
-        w = self.down_proj(layer).weight
-        w.copy_(w.float() + self.to_checkpoint_layout(delta).to(w.device, torch.float32))
+        w = self.weight(layer)
+        self.set_weight(layer, w.float() + self.to_checkpoint_layout(delta).to(w.device, torch.float32))
+
+    def set_weight(self, layer: int, value: torch.Tensor) -> None:
+        """Layer `layer`'s down-projection weight := `value` (checkpoint layout), rounded to its dtype."""
+        write_weight(self.down_proj(layer), value)
 
 
 def model_dtype(ckpt: Checkpoint, dtype: str | None = None) -> str:
@@ -95,11 +115,12 @@ def model_dtype(ckpt: Checkpoint, dtype: str | None = None) -> str:
     return chosen
 
 
-def load_editable(model: str | Path | Checkpoint, dtype: str | None = None):
+def load_editable(model: str | Path | Checkpoint, dtype: str | None = None, **placement):
     """(tokenizer, EditableModel) of a checkpoint as the editor uses them: in `model_dtype`, eval mode,
-    weights frozen, a pad token (batched sampling pads; many Llama tokenizers define none)."""
+    weights frozen, a pad token (batched sampling pads; many Llama tokenizers define none). `placement`:
+    a device map and offload folder (devicemap.Placement.load_kwargs)."""
     ckpt = model if isinstance(model, Checkpoint) else Checkpoint(model)
-    tok, hf = load_causal_lm(ckpt.path, getattr(torch, model_dtype(ckpt, dtype)))
+    tok, hf = load_causal_lm(ckpt.path, getattr(torch, model_dtype(ckpt, dtype)), **placement)
     ensure_pad_token(tok)
     for p in hf.parameters():
         p.requires_grad_(False)

@@ -49,6 +49,12 @@ def check_out_file(out: str | os.PathLike) -> None:
 @zsre_target_option
 @click.option("--device", help="torch device, e.g. cuda or cpu (default: cuda when available). Patches made on a GPU "
               "differ from CPU ones by float rounding.")
+@click.option("--device-map", metavar="MAP",
+              help="Spread a model larger than one GPU, or than RAM, over GPUs, CPU RAM and disk (accelerate): auto, "
+                   "balanced, sequential, or a JSON object or file of module -> device (\"cpu\", \"disk\", a GPU "
+                   "index, \"cuda:N\"). Each layer's work runs where the layer does; disk entries are slow.")
+@click.option("--offload-folder", type=click.Path(file_okay=False),
+              help="Scratch directory for the weights a --device-map puts on \"disk\" (needed for disk entries).")
 @click.option("--on", "on", multiple=True, type=click.Path(dir_okay=False),
               help="Edit on top of this patch (repeat, in stack order): the new patch is solved on base + these "
                    "and must be served after exactly them.")
@@ -71,7 +77,8 @@ def check_out_file(out: str | os.PathLike) -> None:
                    "fp32/float64 where they need it).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
 def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_weight, stats_corpus, stats_tokens,
-                       stats_dtype, stats_file, cache_dir, seed, name, version_, limit, zsre_target, device, on,
+                       stats_dtype, stats_file, cache_dir, seed, name, version_, limit, zsre_target, device,
+                       device_map, offload_folder, on,
                        withdraw, method, z_dtype, dtype, preserve, neighbour_subjects, neighbours_per_edit, as_json):
     """Compute MEMIT z vectors and layer deltas for the edit requests and write a patch file (under
     torchrun: the work split across the processes, rank 0 writes; README "Large jobs")."""
@@ -93,7 +100,8 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
                         method=method, z_dtype=z_dtype, dtype=dtype, stats_corpus=stats_corpus,
                         stats_tokens=stats_tokens, stats_dtype=stats_dtype,
                         stats=stats_file, cache_dir=cache_dir, seed=seed, name=name, version=version_,
-                        zsre_target=zsre_target, device=device, progress=not as_json, on=list(on), preserve=preserve,
+                        zsre_target=zsre_target, device=device, device_map=device_map, offload_folder=offload_folder,
+                        progress=not as_json, on=list(on), preserve=preserve,
                         neighbour_subjects=neighbour_subjects, neighbours_per_edit=neighbours_per_edit)
     with warnings.catch_warnings(record=True):  # they are in the report, printed below
         warnings.simplefilter("always")

@@ -103,7 +103,7 @@ def resolve_corpus(source: str | None, em: EditableModel, tok, seed: int) -> Cor
         except ValueError as e:
             raise MemitError(f"--stats-corpus {source!r}: expected self:N with N an integer") from e
         # Sampling follows the device's RNG: text sampled on a GPU is another corpus than on the CPU.
-        device = "" if em.model.device.type == "cpu" else f":{em.model.device.type}"
+        device = "" if em.output_device.type == "cpu" else f":{em.output_device.type}"
         return Corpus(f"self:{n}:seed{seed}{device}", lambda: _sample_self(em, tok, n, seed),
                       f"{n} sequences sampled from the model (seed {seed}{device})")
     path = Path(source)
@@ -124,7 +124,7 @@ def _sample_self(em: EditableModel, tok, n: int, seed: int, batch: int = 32, new
     try:
         for start in range(0, n, batch):
             openers = [SELF_OPENERS[i % len(SELF_OPENERS)] for i in range(start, min(n, start + batch))]
-            enc = tok(openers, return_tensors="pt", padding=True).to(em.model.device)
+            enc = tok(openers, return_tensors="pt", padding=True).to(em.output_device)
             out = em.model.generate(**enc, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                                     max_new_tokens=new_tokens, pad_token_id=pad_id(tok))
             yield from tok.batch_decode(out, skip_special_tokens=True)
@@ -207,7 +207,7 @@ def accumulate(em: EditableModel, ids: torch.Tensor, mask: torch.Tensor, sums: d
     got = capture(em, ids, mask, keys=list(sums))
     real = mask.bool()
     for layer, total in sums.items():
-        k = got.keys[layer][real].to(dtype)
+        k = got.keys[layer][real.to(got.keys[layer].device)].to(total.device, dtype)
         total += (k.T @ k).to(torch.float64)
     return int(real.sum())
 
@@ -217,7 +217,7 @@ def corpus_sums(em: EditableModel, tok, layers: list[int], corpus: Corpus, budge
     """One pass over the batches of `shard` (split again among the ranks under torch.distributed, and
     summed over them): the float64 sum of k k^T for each layer, and the number of tokens."""
     acc_dtype = torch.float64 if dtype == "float64" else torch.float32
-    sums = {l: torch.zeros(em.d_ff, em.d_ff, dtype=torch.float64) for l in layers}
+    sums = {l: torch.zeros(em.d_ff, em.d_ff, dtype=torch.float64, device=em.device_of(l)) for l in layers}
     count, part = 0, shard.within(distributed.rank(), distributed.world())
     bar = tqdm(total=budget if part.count == 1 else None, desc="covariance", unit="tok", unit_scale=True,
                disable=not progress)

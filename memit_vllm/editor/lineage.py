@@ -36,8 +36,7 @@ def merge_stack(em, ckpt: Checkpoint, stack: list[Patch]) -> None:
         return
     ps = PatchSet(stack)
     for name in ps.names:
-        weight = em.down_proj(em.arch.layer_of(name)).weight
-        weight.copy_(ps.merge(name, ckpt.tensor(name)).to(weight.dtype))
+        em.set_weight(em.arch.layer_of(name), ps.merge(name, ckpt.tensor(name)))
 
 
 def lineage_facts(stack: list[Patch]) -> list[EditRequest]:

@@ -27,6 +27,7 @@ from ..errors import MemitError
 from ..patch import BaseModel, Patch
 from .arch import EditableModel, check_layers, checkpoint_dims, load_editable, model_dtype
 from . import distributed
+from .devicemap import check_placement, describe
 from .covariance import layer_covariances, layer_projections, resolve_corpus, stats_identity
 from .hparams import HParams, default_hparams, load_hparams_file
 from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
@@ -62,6 +63,10 @@ class EditConfig:
     version: str = ""
     zsre_target: str = "answers"
     device: str | None = None  # default: cuda when available
+    # A model larger than one GPU or than RAM: auto|balanced|balanced_low_0|sequential, or module -> device
+    # (a dict, JSON or a JSON file; devicemap.py), and where "disk" entries wait (offload.py).
+    device_map: str | dict | Path | None = None
+    offload_folder: str | Path | None = None
     progress: bool = True
     on: list = field(default_factory=list)  # patches (files or Patch) to edit on, in stack order (lineage.py)
     preserve: str | Path | None = None  # JSON/JSONL prompts whose outputs the update must leave alone
@@ -201,16 +206,20 @@ class KeyReader:
             read_out = bare and out_layer is not None
             got = capture(self.em, ids, mask, outputs=[out_layer] if read_out else [], keys=[layer], inputs=[layer],
                           resume=(saved[0], saved[1][b], saved[2]) if saved else None)
-            at = torch.arange(len(lookup)), lookup
-            keys.append(got.keys[layer][at].float())  # averaged in fp32 whatever the model's dtype
+            keys.append(_at_lookup(got.keys[layer], lookup).float())  # averaged in fp32 whatever the model's dtype
             if read_out:
-                outs.append(got.outputs[out_layer][at].float())
+                outs.append(_at_lookup(got.outputs[out_layer], lookup).float())
             inputs.append(got.inputs[layer])
         self.saved = (layer, inputs, got.tuple_len.get(layer - 1, 0))  # how layer-1 returns: resume_after mimics it
         k = torch.cat(keys).view(-1, self.n, keys[0].shape[-1])  # [templates, n, d_ff]
         bounds = torch.tensor([len(g) for g in self.groups]).cumsum(0).tolist()
         k_avg = torch.stack([k[a:b].mean(0) for a, b in zip([0, *bounds], bounds)]).mean(0)
         return k_avg, torch.cat(outs) if outs else None
+
+
+def _at_lookup(states: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
+    """Row i's state at position lookup[i], on the states' device (a layer's, under a device map)."""
+    return states[torch.arange(len(lookup), device=states.device), lookup.to(states.device)]
 
 
 def statistics(em: EditableModel, tok, ckpt: Checkpoint, hp: HParams, config: EditConfig,
@@ -253,8 +262,10 @@ def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: Ta
     z_layer = hp.layers[-1]
     for i, layer in enumerate(tqdm(hp.layers, desc="layer updates", disable=not progress)):
         k, h = reader.read(layer, z_layer)
-        K = k.T.double()  # [d_ff, n]
-        R = em.to_output_space(layer, z_layer, K, (targets.z - h).T.double() / (len(hp.layers) - i))  # [d_model, n]
+        device = em.device_of(layer)  # the solve beside its layer
+        K = k.T.double().to(device)  # [d_ff, n]
+        R = (targets.z.to(device) - h.to(device)).T.double() / (len(hp.layers) - i)
+        R = em.to_output_space(layer, z_layer, K, R)  # [d_model, n]
         kept = preserved.at(layer) if preserved else None
         if hp.method == "alphaedit":
             update = solve_alphaedit_update(K, R, stats.projections[layer], kept, hp.L2)
@@ -278,7 +289,6 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     """Compute a MEMIT patch for `requests` on the checkpoint `model`; see make_patch."""
     config = EditConfig.of(config, **kwargs)
     config = replace(config, progress=config.progress and distributed.is_main())
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.monotonic()
     reset_gpu_peaks()
     requests = _as_requests(requests, config.zsre_target)
@@ -286,6 +296,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     dims = checkpoint_dims(ckpt)  # unsupported architectures and bad settings fail before loading
     hp, hp_source = _hparams(dims, config)
     check_layers(hp.layers, dims[1], ckpt.config)
+    placement = check_placement(config.device_map, config.offload_folder, config.device, ckpt)
     dtype = model_dtype(ckpt, config.dtype)
     distributed.check_shares(len(requests), "edits")
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
@@ -305,12 +316,18 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         prompts += neighbour_prompts(requests, subjects, config.neighbours_per_edit, config.seed)
 
     torch.manual_seed(config.seed)
-    tok, em = load_editable(ckpt, dtype)
+    tok, em = load_editable(ckpt, dtype, **(placement.load_kwargs() if placement else {}))
     if not hp.preserve_lineage:
         kept_facts = []
-    # Sampled on the CPU whatever the device, so the same seed gives the same templates everywhere.
+    # Sampled on the CPU whatever the device, so the same seed gives the same templates everywhere (a
+    # dispatched model computes on its devices, and returns the logits to the CPU inputs' device).
     groups = context_templates(em.model, tok, hp.context_template_seeds, hp.context_template_length, config.seed)
-    em.model.to(device)
+    if placement:  # the layers stay where the map put them; what is not a layer's works beside the head
+        device, where = em.output_device, describe(em.model)
+    else:
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        em.model.to(device)
+        where = str(device)
     # Every warning of the run goes into the report too (the CLI prints the report's).
     with torch.device(device), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -338,7 +355,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     report = EditReport(
         len(requests), hp.layers, hp_source, seconds=seconds,
         z_target_prob=float(targets.target_prob.mean()), z_steps=float(targets.steps.float().mean()),
-        delivered=updates.delivered, covariance=stats.info, warnings=warned, device=str(device), method=hp.method,
+        delivered=updates.delivered, covariance=stats.info, warnings=warned, device=where, method=hp.method,
         made_on=[p.patch_id for p in stack], changed=changed_facts(requests, lineage),
         preserved_keys=preserved.count, memory=peak_memory(ckpt))
 
@@ -365,8 +382,9 @@ def make_patch(model: str | Path, requests, config: EditConfig | None = None, **
     file), layers, mom2_update_weight, stats_corpus (file, self:N or HF dataset), stats_tokens,
     stats_dtype, stats (a stats file instead: README "Large jobs"), dtype (the model's in the editor,
     default the checkpoint's), cache_dir, seed, name, version,
-    zsre_target, device (default: cuda when available), progress, method, on (patches to edit on, README
-    "Editing over time"), preserve (a prompts file), neighbour_subjects (a subjects file) and
+    zsre_target, device (default: cuda when available), device_map and offload_folder (a model larger
+    than one GPU or than RAM, README "Models: architectures, dtype, size"), progress, method, on (patches
+    to edit on, README "Editing over time"), preserve (a prompts file), neighbour_subjects (a subjects file) and
     neighbours_per_edit, and the speed knobs key_batch_prompts and
     bucket_overhead_tokens.
     """

@@ -4,7 +4,9 @@ The z optimisation may run the layers above L in bfloat16 (`HParams.z_dtype`): o
 BF16/AMX and on GPUs its matmuls run at 2-4x the fp32 rate. Casting a parameter is lossy, so the
 original tensors are kept and put back bit for bit; buffers (rotary frequencies) keep their dtype,
 since the models upcast them where they need precision. While the block runs, the parameters that
-change dtype exist twice (the original and the cast); a model already in `dtype` is not copied.
+change dtype exist twice (the original and the cast); a model already in `dtype` is not copied. A
+parameter a device map offloaded (a meta tensor, loaded before each forward in the dtype the module's
+parameter has: editor/offload.py) is not copied: its meta stand-in takes `dtype` for the block.
 """
 
 from __future__ import annotations
@@ -17,11 +19,19 @@ import torch
 @contextmanager
 def computing_in(model: torch.nn.Module, dtype: torch.dtype):
     """Within the block, every floating parameter of `model` is a `dtype` copy; afterwards the originals."""
-    saved = [(p, p.data) for p in model.parameters() if p.is_floating_point() and p.dtype != dtype]
+    changes = lambda p: p is not None and p.is_floating_point() and p.dtype != dtype  # noqa: E731
+    saved = [(p, p.data) for p in model.parameters() if changes(p) and p.device.type != "meta"]
+    # an offloaded module's forward replaces its parameter objects: restored by name, not through .data
+    offloaded = [(m, name, p) for m in model.modules() for name, p in m._parameters.items()
+                 if changes(p) and p.device.type == "meta"]
     for p, data in saved:
         p.data = data.to(dtype)
+    for m, name, p in offloaded:
+        m._parameters[name] = torch.nn.Parameter(torch.empty_like(p, dtype=dtype), requires_grad=False)
     try:
         yield
     finally:
         for p, data in saved:
             p.data = data
+        for m, name, p in offloaded:
+            m._parameters[name] = p

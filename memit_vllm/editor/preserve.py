@@ -70,11 +70,12 @@ class PreservedKeys:
 
     @torch.no_grad()
     def at(self, layer: int) -> torch.Tensor:
-        total = torch.zeros(self.em.d_ff, self.em.d_ff, dtype=torch.float64)
+        total = torch.zeros(self.em.d_ff, self.em.d_ff, dtype=torch.float64, device=self.em.device_of(layer))
         if self.facts is not None:
             k, _ = self.facts.read(layer, None)
-            total += k.double().T @ k.double()
+            total += (k.double().T @ k.double()).to(total.device)
         for ids, mask in self.prompts:
-            k = capture(self.em, ids, mask, keys=[layer]).keys[layer][mask.bool()].double()
+            k = capture(self.em, ids, mask, keys=[layer]).keys[layer]
+            k = k[mask.bool().to(k.device)].to(total.device, torch.float64)
             total += self.prompt_weight * (k.T @ k)
         return total

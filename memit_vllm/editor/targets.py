@@ -33,6 +33,7 @@ from ..core.records import EditRequest
 from ..core.tokens import pad_id, pad_right, target_ids
 from .arch import EditableModel
 from .hparams import HParams
+from .offload import weights_reread
 from .precision import computing_in
 from .prompts import encode
 from .trace import capture
@@ -193,15 +194,17 @@ class _PrefixSplit:
             kwargs = self.prefix.continue_rows(rows)  # each call starts from the prefix alone
             mask = torch.cat([self.pre_mask[rows], mask], dim=1)
         with resume_after(em.layers, layer, h, tuple_len):
-            return em.model.base_model(input_ids=self.suf_ids[rows, :width], attention_mask=mask,
-                                       position_ids=self.positions[rows, :width], **kwargs).last_hidden_state
+            out = em.model.base_model(input_ids=self.suf_ids[rows, :width], attention_mask=mask,
+                                      position_ids=self.positions[rows, :width], **kwargs).last_hidden_state
+        return out.to(h.device)  # from the last layer's device (a device map) to the z work's
 
 
 def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams,
               bucket_overhead_tokens: float) -> TargetResult:
     rows = _build_rows(tok, requests, templates)
     got = capture(em, rows.ids, rows.mask, outputs=[layer])
-    h_layer, tuple_len = got.outputs[layer], got.tuple_len[layer]
+    # the z work (delta, Adam, loss) beside the output head that computes its logits
+    h_layer, tuple_len = got.outputs[layer].to(em.output_device), got.tuple_len[layer]
     dtype = getattr(torch, hp.z_dtype) if hp.z_dtype else h_layer.dtype  # the forward's; delta, Adam and loss are fp32
     h_layer = h_layer.float()
     h_init = h_layer[rows.first_row, rows.lookup[rows.first_row]]  # [n, d]
@@ -209,7 +212,7 @@ def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams,
     # of 2-10 tokens over prefixes of ~30); the plain attention is 1.6x faster there (bench/make_patch.py z-speed)
     reduced_on_cpu = dtype != torch.float32 and h_init.device.type == "cpu"
     attention = attention_implementation(em.model, "eager") if reduced_on_cpu else nullcontext()
-    with computing_in(em.model, dtype), attention:
+    with computing_in(em.model, dtype), attention, weights_reread(em.model):
         split = _PrefixSplit(em, rows, h_layer, bucket_overhead_tokens, dtype)
         return _descend(em, rows, split, h_init, layer, tuple_len, hp)
 

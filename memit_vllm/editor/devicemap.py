@@ -1,0 +1,164 @@
+"""`make-patch --device-map`: a model larger than one GPU, or than RAM, loaded by accelerate across
+GPUs, CPU RAM and disk (transformers' `device_map`, `offload_folder`), checked before anything loads.
+
+A map is a name accelerate computes (auto, balanced, balanced_low_0, sequential: GPUs first, then CPU
+RAM, then disk) or an explicit one, JSON or a JSON file: module name -> "cpu", "disk", a GPU index or
+"cuda:N". An explicit map is checked against the model's modules (built on the meta device, no weights)
+and this machine's GPUs; "disk" needs an offload folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import Checkpoint
+from ..errors import MemitError
+from . import distributed
+from .offload import check_accelerate
+
+NAMED = ("auto", "balanced", "balanced_low_0", "sequential")
+FLAG = "--device-map"
+
+
+@dataclass(frozen=True)
+class Placement:
+    device_map: str | dict
+    offload_folder: str | None
+
+    def load_kwargs(self) -> dict:
+        """from_pretrained's keyword arguments."""
+        return {"device_map": self.device_map, "offload_folder": self.offload_folder}
+
+
+def describe(model) -> str:
+    """Where a model loaded with a device map went, e.g. "device map (cpu: 4 modules, disk: 5 modules)"."""
+    counts = Counter(str(d) for d in (getattr(model, "hf_device_map", None) or {}).values())
+    if len(counts) < 2:  # transformers dispatches no hooks (nor records a map) for a model on one device
+        return f"{next(model.parameters()).device} (the device map put the whole model there)"
+    return "device map (" + ", ".join(f"{d}: {n} module{'s' * (n > 1)}" for d, n in counts.items()) + ")"
+
+
+def check_placement(device_map, offload_folder, device: str | None, ckpt: Checkpoint) -> Placement | None:
+    """The validated placement of `ckpt` (None: one device, as without a map); a MemitError naming the
+    flag and the fix for anything that would fail at or after loading."""
+    if device_map is None:
+        if offload_folder is not None:
+            raise MemitError("--offload-folder without --device-map: the model is loaded whole on one device; "
+                             "add --device-map (e.g. auto) or drop --offload-folder")
+        return None
+    if device is not None:
+        raise MemitError(f"--device and {FLAG} both given: the map says where each layer runs; drop --device")
+    if distributed.world() > 1:
+        raise MemitError(f"{FLAG} under torchrun: every process would load the model across the same devices; "
+                         f"run one process, or drop {FLAG}")
+    check_accelerate()
+    parsed = parse_device_map(device_map)
+    if isinstance(parsed, dict):
+        _check_devices(parsed)
+        _check_modules(parsed, ckpt)
+        disk = [k for k, v in parsed.items() if v == "disk"]
+        if disk and offload_folder is None:
+            raise MemitError(f"{FLAG} puts {disk[0]!r} on disk: give --offload-folder DIR (scratch space for "
+                             "offloaded weights)")
+    if offload_folder is not None:
+        _check_folder(Path(offload_folder))
+    return Placement(parsed, None if offload_folder is None else str(offload_folder))
+
+
+def parse_device_map(spec) -> str | dict:
+    """A named map, or the dict of a JSON object given as text, a file or a dict."""
+    if isinstance(spec, dict):
+        return _as_map(spec)
+    text = str(spec).strip()
+    if text in NAMED:
+        return text
+    source = "the map given"
+    if not text.startswith("{"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise MemitError(f"{FLAG} {text!r}: expected one of {', '.join(NAMED)}, a JSON object of module -> "
+                             "device, or a JSON file (no such file)")
+        text, source = path.read_text(encoding="utf-8"), str(path)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MemitError(f"{FLAG}: {source} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); give "
+                         '{"module": "device", ...}') from e
+    if not isinstance(value, dict):
+        raise MemitError(f"{FLAG}: expected a JSON object of module name -> device, not a {type(value).__name__}")
+    return _as_map(value)
+
+
+def _as_map(value: dict) -> dict:
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise MemitError(f"{FLAG}: module names are strings, not {bad[0]!r}")
+    return dict(value)
+
+
+def _check_devices(device_map: dict) -> None:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for module, where in device_map.items():
+        index = _gpu_index(where)
+        if index is None:
+            raise MemitError(f"{FLAG}: {module!r} -> {where!r} is not a device; use \"cpu\", \"disk\", a GPU index "
+                             "(0) or \"cuda:N\"")
+        if index >= 0 and index >= gpus:
+            raise MemitError(f"{FLAG}: {module!r} -> {where!r}, but this machine has {gpus} GPU(s); use \"cpu\", "
+                             "\"disk\" or a GPU it has")
+
+
+def _gpu_index(where) -> int | None:
+    """-1 for cpu and disk, the GPU index for a GPU, None for anything else."""
+    if where in ("cpu", "disk"):
+        return -1
+    if isinstance(where, int) and not isinstance(where, bool):
+        return where if where >= 0 else None
+    if isinstance(where, str) and (where == "cuda" or where.startswith("cuda:")):
+        index = where.partition(":")[2] or "0"
+        return int(index) if index.isdigit() else None
+    return None
+
+
+def _check_modules(device_map: dict, ckpt: Checkpoint) -> None:
+    """Every key names a module or tensor of the model, and every tensor falls under a key."""
+    modules, tensors = _model_names(ckpt)
+    unknown = [k for k in device_map if k and k not in modules and k not in tensors]
+    if unknown:
+        example = next((m for m in modules if m.endswith(".0")), "model.layers.0")
+        raise MemitError(f"{FLAG}: {unknown[0]!r} is not a module of this model; keys are module names such as "
+                         f"{example!r}, or \"\" for the rest")
+    missing = [t for t in tensors if not any(k == "" or t == k or t.startswith(k + ".") for k in device_map)]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise MemitError(f"{FLAG} places no device for {missing[0]}{more}: add an entry for its module, or \"\" "
+                         "for everything not named")
+
+
+def _model_names(ckpt: Checkpoint) -> tuple[set[str], list[str]]:
+    """(module names, state-dict tensor names) of the model, built on the meta device (no weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..compat import check_transformers
+
+    check_transformers()
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt.path))
+    return {name for name, _ in model.named_modules()}, list(model.state_dict())
+
+
+def _check_folder(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise MemitError(f"--offload-folder {folder} is a file; give a directory (created if missing)")
+    parent = folder
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise MemitError(f"--offload-folder {folder}: cannot write there ({parent} is not writable)")
