@@ -2,6 +2,7 @@
 make-patch refuse what does not belong together, the reference's .npz layout imports to the same
 patch, and torch.distributed (2 gloo processes on 127.0.0.1) gives the single-process results."""
 
+import hashlib
 import json
 import os
 import re
@@ -206,6 +207,8 @@ def test_reference_layout_imports_to_the_patch_of_the_same_statistics(precision,
     assert imported.identity["model"] == one.identity["model"]
     files = imported.provenance["files"]
     assert files["1"]["name"] == f"model.layers.1.mlp.down_proj_{precision}_mom2_1000.npz"
+    npz = root / "tiny_llama" / "wikipedia_stats" / files["1"]["name"]
+    assert files["1"]["sha256"] == hashlib.sha256(npz.read_bytes()).hexdigest()
     assert imported.provenance["dataset"] == "wikipedia" and imported.provenance["samples"] == 1000
     ours = patch_of(model, data_dir, tmp_path, stats=one.path)
     theirs = patch_of(model, data_dir, tmp_path, stats=tmp_path / "ref.st")

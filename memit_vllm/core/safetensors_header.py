@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -46,6 +48,14 @@ def _check_structure(raw: bytes, kind: str) -> None:
 def read_header(path: Path, max_bytes: int, kind: str) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]]:
     """(metadata, tensor name -> (dtype, shape)), checked as strictly as safetensors checks it, so lazy
     tensor reads cannot fail later. `kind` names what the file should be ("a patch") in messages."""
+    with open_checked(path, max_bytes, kind) as (meta, tensors, _):
+        return meta, tensors
+
+
+@contextmanager
+def open_checked(path: Path, max_bytes: int, kind: str) -> Iterator[tuple[dict, dict, object]]:
+    """read_header's (metadata, tensors), with the safe_open handle they were read from, for a reader
+    that reads tensors too without opening the file again."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
@@ -57,10 +67,11 @@ def read_header(path: Path, max_bytes: int, kind: str) -> tuple[dict[str, str], 
         if 8 + n > size:
             raise HeaderError(f"not a safetensors file, or truncated (its header does not fit its {size} bytes)")
         _check_structure(f.read(n), kind)
-    try:
-        with safe_open(path, "pt") as f:
+    with ExitStack() as stack:
+        try:
+            f = stack.enter_context(safe_open(path, "pt"))
             meta = f.metadata() or {}
             tensors = {name: (f.get_slice(name).get_dtype(), f.get_slice(name).get_shape()) for name in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise HeaderError(f"not a valid safetensors file ({safetensors_reason(e)}); truncated or modified?") from e
-    return meta, tensors
+        except (SafetensorError, OSError) as e:
+            raise HeaderError(f"not a valid safetensors file ({safetensors_reason(e)}); truncated or modified?") from e
+        yield meta, tensors, f

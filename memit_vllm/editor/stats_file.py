@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..core.files import atomic_file
-from ..core.safetensors_header import HeaderError, read_header
+from ..core.safetensors_header import HeaderError, open_checked
 from ..errors import MemitError
 
 FORMAT_NAME = "memit-vllm.stats"
@@ -115,13 +115,6 @@ def _bad(path: Path, what: str) -> MemitError:
     return MemitError(f"{path.name} is not a usable memit-vllm stats file: {what}")
 
 
-def _header(path: Path) -> tuple[dict[str, str], dict[str, tuple[str, list[int]]]]:
-    try:
-        return read_header(path, MAX_HEADER_BYTES, "a stats file")
-    except HeaderError as e:
-        raise _bad(path, str(e)) from e
-
-
 def _json(path: Path, meta: dict, key: str, kind: type):
     try:
         value = json.loads(meta[key])
@@ -133,11 +126,20 @@ def _json(path: Path, meta: dict, key: str, kind: type):
 
 
 def read_stats(path: str | os.PathLike) -> StatsFile:
-    """A stats file's identity, layers, shards and counts (its sums are read when asked for)."""
+    """A stats file's identity, layers, shards and counts (its sums are read when asked for): after the
+    bounded header scan, one open reads the header and the counts."""
     path = Path(path)
     if not path.is_file():
         raise MemitError(f"stats file {path} does not exist (or is not a file)")
-    meta, tensors = _header(path)
+    try:
+        with open_checked(path, MAX_HEADER_BYTES, "a stats file") as (meta, tensors, f):
+            return _read(path, meta, tensors, f)
+    except HeaderError as e:
+        raise _bad(path, str(e)) from e
+
+
+def _read(path: Path, meta: dict[str, str], tensors: dict[str, tuple[str, list[int]]], f) -> StatsFile:
+    """The StatsFile a header describes, checked, with the counts read from the open file `f`."""
     if meta.get("format") != FORMAT_NAME:
         raise _bad(path, f"no format={FORMAT_NAME!r} (a reference .npz is read by memit-vllm stats import)")
     if meta.get("format_version") != str(FORMAT_VERSION):
@@ -166,12 +168,11 @@ def read_stats(path: str | os.PathLike) -> StatsFile:
         raise _bad(path, f"its tensors must be layer<l>.mom2_sum (F64 [{d_ff}, {d_ff}]) and layer<l>.count (F64 [1]) "
                          "for exactly its layers")
     counts = {}
-    with safe_open(path, "pt") as f:
-        for l in layers:
-            c = float(f.get_tensor(f"layer{l}.count").item())
-            if not (c >= 1 and c == int(c)):
-                raise _bad(path, f"the token count of layer {l} is not a positive integer")
-            counts[l] = int(c)
+    for l in layers:
+        c = float(f.get_tensor(f"layer{l}.count").item())
+        if not (c >= 1 and c == int(c)):
+            raise _bad(path, f"the token count of layer {l} is not a positive integer")
+        counts[l] = int(c)
     return StatsFile(identity, counts, of, parts, meta.get("description", ""),
                      _json(path, meta, "provenance", dict) if "provenance" in meta else {}, path=path)
 

@@ -4,13 +4,15 @@
 Layout: `{stats_dir}/{model}/{ds}_stats/{layer}_{precision}_{stats}[_{samples}].npz`, where `layer` is
 the down-projection's module name (`model.layers.4.mlp.down_proj`), `stats` the collected statistics
 joined by '-' (must include mom2) and the file a runningstats CombinedStat state dict: `mom2.mom2` is the
-sum of k k^T in `precision`, `mom2.count` the number of tokens. Read without pickle; each array's shape
-and dtype are checked against the checkpoint from its .npy header before its data is read.
+sum of k k^T in `precision`, `mom2.count` the number of tokens. Each file is read once (its sha256 and its
+arrays from the same bytes), without pickle; each array's shape and dtype are checked against the
+checkpoint from its .npy header before its data is parsed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import re
 import zipfile
 from pathlib import Path
@@ -18,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..cache import sha256_file
 from ..core.architectures import Architecture
 from ..errors import MemitError
 from .covariance import stats_identity
@@ -50,13 +51,16 @@ def _npy_header(z: zipfile.ZipFile, member: str) -> tuple[tuple[int, ...], np.dt
     return shape, dtype
 
 
-def _read_layer(f: Path, d_ff: int) -> tuple[torch.Tensor, int]:
-    """(sum of k k^T as float64, token count) of one reference file, checked before and after reading."""
+def _read_layer(f: Path, d_ff: int) -> tuple[torch.Tensor, int, str]:
+    """(sum of k k^T as float64, token count, the file's sha256) of one reference file, read once and
+    checked before and after its arrays are parsed."""
     def bad(what: str) -> MemitError:
         return MemitError(f"reference statistics {f.name}: {what}")
 
     try:
-        with zipfile.ZipFile(f) as z:
+        raw = f.read_bytes()
+        sha256 = hashlib.sha256(raw).hexdigest()
+        with zipfile.ZipFile(io.BytesIO(raw)) as z:
             names = set(z.namelist())
             if not {"mom2.mom2.npy", "mom2.count.npy"} <= names:
                 raise bad("no mom2.mom2 and mom2.count arrays (not a ROME/MEMIT layer_stats file with mom2)")
@@ -69,8 +73,9 @@ def _read_layer(f: Path, d_ff: int) -> tuple[torch.Tensor, int]:
             c_shape, c_dtype = _npy_header(z, "mom2.count.npy")
             if c_shape not in ((), (1,)) or c_dtype.kind not in "iuf":
                 raise bad("mom2.count is not a single number")
-        with np.load(f, allow_pickle=False) as arrays:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as arrays:
             mom2, count = arrays["mom2.mom2"], float(arrays["mom2.count"].reshape(()))
+        del raw  # freed before the float64 copy below: the peak stays mom2 and that copy
     except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as e:
         raise bad(f"cannot be read as an .npz ({type(e).__name__}); truncated or not numpy?") from e
     if not (count >= 1 and count == int(count)):
@@ -78,7 +83,7 @@ def _read_layer(f: Path, d_ff: int) -> tuple[torch.Tensor, int]:
     total = torch.from_numpy(mom2).to(torch.float64)
     if not torch.isfinite(total).all():
         raise bad("mom2 holds NaN or Inf")
-    return total, int(count)
+    return total, int(count), sha256
 
 
 def import_reference(source: Path, arch: Architecture, layers: list[int], d_ff: int, model_sha: str,
@@ -107,8 +112,8 @@ def import_reference(source: Path, arch: Architecture, layers: list[int], d_ff: 
     (folder, dtype, n_samples), = kinds
     sums, counts, files = {}, {}, {}
     for layer, (f, _) in chosen.items():
-        sums[layer], counts[layer] = _read_layer(f, d_ff)
-        files[str(layer)] = {"name": f.name, "sha256": sha256_file(f), "count": counts[layer]}
+        sums[layer], counts[layer], sha256 = _read_layer(f, d_ff)
+        files[str(layer)] = {"name": f.name, "sha256": sha256, "count": counts[layer]}
     ds = folder.name.removesuffix("_stats")
     digest = hashlib.sha256("|".join(files[str(l)]["sha256"] for l in layers).encode()).hexdigest()
     provenance = {"imported": "reference layer_stats (ROME/MEMIT .npz)", "model": folder.parent.name, "dataset": ds,
