@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from memit_vllm.cli import main
 from memit_vllm.editor import edit, load_requests, memit
-from memit_vllm.editor.stats_file import read_stats
+from memit_vllm.editor.stats_file import read_stats, stats_for_edit
 from memit_vllm.errors import MemitError
 from memit_vllm.testing.tiny_models import build_tiny_model
 
@@ -109,6 +109,7 @@ def test_make_patch_with_a_stats_file_is_make_patch_computing_them(model, data_d
     (["--layers", "1,3"], "holds layers"),
     (["--dtype", "float64"], "differ in dtype"),
     (["--tokens", 20000], "differ in budget"),
+    (["--model-dtype", "bfloat16"], "differ in forward"),
     ("another model", "differ in model"),
     ("shard 0/3 again", "is in both"),
     (["--shard", "1/2"], "of 2 shards"),
@@ -150,6 +151,26 @@ def test_make_patch_checks_the_stats_file_before_loading_the_model(model, data_d
             requests = load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=1)
             edit(target, requests, **{"hparams": {**FAST, "layers": LAYERS}, "cache_dir": tmp_path / "cache",
                                       "progress": False, **kw})
+
+
+def test_a_reduced_precision_forward_is_recorded_and_taken_only_by_an_edit_in_it(model, data_dir, whole, tmp_path,
+                                                                               monkeypatch):
+    """As the covariance cache keys its entries: statistics of the model run in bf16 are other statistics
+    than fp32 ones, so make-patch takes them only when it runs the model in bf16 too."""
+    one, _ = whole
+    half = compute(model, data_dir, tmp_path / "bf16.st", "--model-dtype", "bfloat16")
+    assert half.identity == {**one.identity, "forward": "bfloat16"} and one.forward == "float32"
+    assert not torch.equal(half.mom2_sum(1), one.mom2_sum(1))
+    monkeypatch.setattr(memit, "load_editable", lambda *a, **k: pytest.fail("the model was loaded"))
+    requests = load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=1)
+    with pytest.raises(MemitError, match=r"bf16.st was computed with the model in bfloat16, this edit runs it in "
+                                         r"float32: compute it with stats compute --model-dtype float32"):
+        edit(model, requests, hparams={**FAST, "layers": LAYERS}, cache_dir=tmp_path / "cache", progress=False,
+             stats=half.path)
+    with pytest.raises(MemitError, match="computed with the model in float32, this edit runs it in bfloat16"):
+        edit(model, requests, hparams={**FAST, "layers": LAYERS}, cache_dir=tmp_path / "cache", progress=False,
+             stats=one.path, dtype="bfloat16")
+    stats_for_edit(half.path, one.identity["model"], LAYERS, one.d_ff, "bfloat16")  # the same forward: taken
 
 
 def test_damaged_or_foreign_stats_files_are_refused(whole, tmp_path):
@@ -205,6 +226,8 @@ def test_reference_layout_imports_to_the_patch_of_the_same_statistics(precision,
     imported = read_stats(tmp_path / "ref.st")
     assert imported.counts == one.counts and imported.identity["dtype"] == precision
     assert imported.identity["model"] == one.identity["model"]
+    # The reference records no forward dtype: an edit running the model in bf16 takes them too.
+    stats_for_edit(imported.path, one.identity["model"], LAYERS, one.d_ff, "bfloat16")
     files = imported.provenance["files"]
     assert files["1"]["name"] == f"model.layers.1.mlp.down_proj_{precision}_mom2_1000.npz"
     npz = root / "tiny_llama" / "wikipedia_stats" / files["1"]["name"]

@@ -251,7 +251,7 @@ def _stats_file(config: EditConfig, ckpt: Checkpoint, hp: HParams, d_ff: int, ca
                                   ("--stats-dtype", config.stats_dtype)) if v is not None]
     if given:
         raise MemitError(f"--stats FILE holds the statistics: drop {', '.join(given)} (they say how to compute them)")
-    return stats_for_edit(config.stats, weights_sha256(ckpt, cache), hp.layers, d_ff)
+    return stats_for_edit(config.stats, weights_sha256(ckpt, cache), hp.layers, d_ff, model_dtype(ckpt, config.dtype))
 
 
 def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: TargetResult, stats: Statistics,

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from .command import check_out_file
-from .hparams import parse_layers
+from .hparams import FORWARD_DTYPES, parse_layers
 
 
 def _model_layers(model: str, layers: str | None):
@@ -56,6 +56,9 @@ def stats_group() -> None:
 @click.option("--tokens", type=click.IntRange(min=1), help="Token budget of the whole pass (default: the corpus).")
 @click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Precision of the k k^T products (sums are float64).")
+@click.option("--model-dtype", type=click.Choice(FORWARD_DTYPES),
+              help="dtype the model runs in (default: the checkpoint's own); recorded, and make-patch takes the "
+                   "file only when it runs the model in the same (its --dtype).")
 @click.option("--shard", default="0/1", show_default=True,
               help="i/N: this job computes part i of N of the pass (merge the N files with stats merge).")
 @click.option("--out", required=True, type=click.Path(), help="Stats file to write.")
@@ -63,13 +66,13 @@ def stats_group() -> None:
 @click.option("--device", help="torch device (default: cuda when available).")
 @click.option("--cache-dir", type=click.Path(), help="Cache dir (weights hashes; default $MEMIT_VLLM_CACHE).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
-def stats_compute(model, corpus, layers, tokens, dtype, shard, out, seed, device, cache_dir, as_json):
+def stats_compute(model, corpus, layers, tokens, dtype, model_dtype, shard, out, seed, device, cache_dir, as_json):
     """One pass over a corpus (or one shard of it): the per-layer sums of k k^T, as a stats file."""
     import torch
 
     from ..checkpoint import weights_sha256
     from . import distributed
-    from .arch import load_editable
+    from .arch import load_editable, model_dtype as resolved_dtype
     from .covariance import Shard, corpus_sums, resolve_corpus, stats_identity
     from .stats_file import StatsFile
 
@@ -77,9 +80,10 @@ def stats_compute(model, corpus, layers, tokens, dtype, shard, out, seed, device
     check_out_file(out)
     part = Shard.parse(shard)
     ckpt, _, chosen = _model_layers(model, layers)
+    forward = resolved_dtype(ckpt, model_dtype)
     model_sha = weights_sha256(ckpt, _cache(cache_dir))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tok, em = load_editable(ckpt)
+    tok, em = load_editable(ckpt, forward)
     em.model.to(device)
     with torch.device(device):
         source = resolve_corpus(corpus, em, tok, seed)
@@ -87,8 +91,8 @@ def stats_compute(model, corpus, layers, tokens, dtype, shard, out, seed, device
                                   progress=not as_json and distributed.is_main())
     if not distributed.is_main():
         return
-    stats = StatsFile(stats_identity(model_sha, source.identity, tokens, dtype, em.d_ff), dict.fromkeys(chosen, count),
-                      part.count, [part.index], source.description, sums=sums)
+    identity = stats_identity(model_sha, source.identity, tokens, dtype, em.d_ff, em.model.dtype)
+    stats = StatsFile(identity, dict.fromkeys(chosen, count), part.count, [part.index], source.description, sums=sums)
     _report(stats, stats.save(out), as_json)
 
 

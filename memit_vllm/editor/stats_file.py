@@ -4,8 +4,9 @@ each a shard; torch.distributed; another toolkit: stats_import.py) and make-patc
 A safetensors file of sums, not means (shards add): `layer{l}.mom2_sum` [d_ff, d_ff] F64 (the sum of
 k k^T over the corpus tokens) and `layer{l}.count` [1] F64 (the tokens) per layer; string metadata:
 format, format_version, the identity (covariance.stats_identity: model weights sha256, corpus, token
-budget, dtype, d_ff), layers (JSON list), shards (JSON {"of": N, "parts": [...]}: the parts of the
-pass it holds), description, provenance (JSON: where imported sums came from).
+budget, dtype, d_ff, and `forward` when the model ran in a reduced precision), layers (JSON list),
+shards (JSON {"of": N, "parts": [...]}: the parts of the pass it holds), description, provenance (JSON:
+where imported sums came from).
 Files are untrusted input: the header is size-bounded and checked (names, dtypes, shapes) before any
 sum is read, and sums are checked finite, counts positive, when read.
 """
@@ -24,12 +25,15 @@ from safetensors.torch import save_file
 from ..core.files import atomic_file
 from ..core.safetensors_header import HeaderError, open_checked
 from ..errors import MemitError
+from .hparams import FORWARD_DTYPES
 
 FORMAT_NAME = "memit-vllm.stats"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20  # two tensors per layer and short metadata
 MAX_D_FF = 1 << 18
 IDENTITY_KEYS = ("model", "corpus", "budget", "dtype", "d_ff")  # covariance.stats_identity
+FORWARD = "forward"  # and this one, only when the model ran in one of REDUCED (else float32)
+REDUCED = tuple(d for d in FORWARD_DTYPES if d != "float32")
 DTYPES = ("float32", "float64")  # the precision of the k k^T products (hparams mom2_dtype)
 
 
@@ -55,6 +59,11 @@ class StatsFile:
     @property
     def budget(self) -> int | None:
         return None if self.identity["budget"] == "None" else int(self.identity["budget"])
+
+    @property
+    def forward(self) -> str:
+        """The dtype the model ran in; imported statistics do not say (the reference records none)."""
+        return self.identity.get(FORWARD, "float32")
 
     @property
     def complete(self) -> bool:
@@ -89,8 +98,9 @@ class StatsFile:
             save_file(tensors, str(tmp), metadata=meta)
         return Path(path)
 
-    def check_for(self, model_sha: str, layers: list[int], d_ff: int) -> None:
-        """Refuse statistics that are not of this checkpoint and these layers (before any heavy work)."""
+    def check_for(self, model_sha: str, layers: list[int], d_ff: int, forward: str) -> None:
+        """Refuse statistics that are not of this checkpoint, these layers and the dtype the model runs in
+        (`forward`: as the covariance cache, which keys entries by it), before any heavy work."""
         name = self.path.name if self.path else "the stats file"
         if not self.complete:
             raise MemitError(f"stats file {name} holds {self.shards_text()}: merge the others into it first "
@@ -100,6 +110,10 @@ class StatsFile:
         if self.identity["model"] != model_sha:
             raise MemitError(f"stats file {name} was computed on other weights (sha256 {self.identity['model'][:12]}, "
                              f"this checkpoint {model_sha[:12]}); compute or import it for this checkpoint")
+        if self.forward != forward and not self.provenance.get("imported"):
+            raise MemitError(f"stats file {name} was computed with the model in {self.forward}, this edit runs it in "
+                             f"{forward}: compute it with stats compute --model-dtype {forward}, or edit with "
+                             f"--dtype {self.forward}")
         missing = [l for l in layers if l not in self.counts]
         if missing:
             raise MemitError(f"stats file {name} holds layers {self.layers}, not {missing}: compute them "
@@ -146,7 +160,9 @@ def _read(path: Path, meta: dict[str, str], tensors: dict[str, tuple[str, list[i
         raise _bad(path, f"format version {meta.get('format_version')!r}; this memit-vllm reads {FORMAT_VERSION}")
     if not all(isinstance(meta.get(k), str) for k in IDENTITY_KEYS):
         raise _bad(path, f"metadata lacks one of {', '.join(IDENTITY_KEYS)}")
-    identity = {k: meta[k] for k in IDENTITY_KEYS}
+    identity = {k: meta[k] for k in IDENTITY_KEYS + ((FORWARD,) if FORWARD in meta else ())}
+    if identity.get(FORWARD, REDUCED[0]) not in REDUCED:
+        raise _bad(path, f"forward must be one of {', '.join(REDUCED)} (absent: float32)")
     if not identity["d_ff"].isdigit() or not 0 < int(identity["d_ff"]) <= MAX_D_FF:
         raise _bad(path, f"d_ff must be an integer in 1..{MAX_D_FF}")
     if identity["budget"] != "None" and not identity["budget"].isdigit():
@@ -185,11 +201,11 @@ def merge_stats(files: list[StatsFile]) -> StatsFile:
     first = files[0]
     seen: dict[int, Path | None] = {}
     for f in files:
-        for key in IDENTITY_KEYS:
-            if f.identity[key] != first.identity[key]:
+        for key in (*IDENTITY_KEYS, FORWARD):
+            mine, theirs = f.identity.get(key, "float32"), first.identity.get(key, "float32")  # only FORWARD may lack
+            if mine != theirs:
                 raise MemitError(f"stats merge: {f.path.name} and {first.path.name} differ in {key} "
-                                 f"({f.identity[key][:40]!r} vs {first.identity[key][:40]!r}); only shards of one "
-                                 "pass merge")
+                                 f"({mine[:40]!r} vs {theirs[:40]!r}); only shards of one pass merge")
         if f.layers != first.layers or f.of != first.of:
             raise MemitError(f"stats merge: {f.path.name} holds layers {f.layers} of {f.of} shards, {first.path.name} "
                              f"layers {first.layers} of {first.of}; only shards of one pass merge")
@@ -208,8 +224,9 @@ def merge_stats(files: list[StatsFile]) -> StatsFile:
                      sorted(seen), first.description, first.provenance, sums)
 
 
-def stats_for_edit(path: str | os.PathLike, model_sha: str, layers: list[int], d_ff: int) -> StatsFile:
-    """A stats file checked against the checkpoint and the edited layers, before the model loads."""
+def stats_for_edit(path: str | os.PathLike, model_sha: str, layers: list[int], d_ff: int, forward: str) -> StatsFile:
+    """A stats file checked against the checkpoint, the edited layers and the dtype the model will run in,
+    before the model loads."""
     stats = read_stats(path)
-    stats.check_for(model_sha, layers, d_ff)
+    stats.check_for(model_sha, layers, d_ff, forward)
     return stats
