@@ -2,6 +2,7 @@
 update and preserved keys. Tiny models here; SmolLM2 served through vLLM in test_lineage_served.py."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -215,7 +216,7 @@ def test_neighbour_subjects_ask_each_edit_of_other_subjects(tiny_models, data_di
     again = tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects=subjects, neighbours_per_edit=4)
     assert again.patch.patch_id == result.patch.patch_id  # the same seed samples the same subjects
     subjects.write_text("\n".join(r.subject for r in requests))
-    with pytest.raises(MemitError, match="every subject in it is being edited"):
+    with pytest.raises(MemitError, match=re.escape(f"--neighbour-subjects {subjects}: every subject in it is being")):
         tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects=subjects)
     with pytest.raises(MemitError, match="--neighbour-subjects /dev/zero does not exist"):
         tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="/dev/zero")

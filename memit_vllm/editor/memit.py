@@ -313,7 +313,8 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         if not isinstance(config.neighbours_per_edit, int) or config.neighbours_per_edit < 1:
             raise MemitError(f"neighbours_per_edit must be an integer >= 1, not {config.neighbours_per_edit!r}")
         subjects = read_subjects(config.neighbour_subjects, "--neighbour-subjects")
-        prompts += neighbour_prompts(requests, subjects, config.neighbours_per_edit, config.seed)
+        prompts += neighbour_prompts(requests, subjects, config.neighbours_per_edit, config.seed,
+                                     f"--neighbour-subjects {config.neighbour_subjects}")
 
     torch.manual_seed(config.seed)
     tok, em = load_editable(ckpt, dtype, **(placement.load_kwargs() if placement else {}))

@@ -37,16 +37,16 @@ def read_preserve_file(path) -> list[PreservePrompt]:
     return out
 
 
-def neighbour_prompts(requests: list[EditRequest], subjects: list[str], per_edit: int,
-                      seed: int) -> list[PreservePrompt]:
+def neighbour_prompts(requests: list[EditRequest], subjects: list[str], per_edit: int, seed: int,
+                      source: str = "--neighbour-subjects") -> list[PreservePrompt]:
     """Each edit's prompt asked of `per_edit` other subjects (a seeded sample of `subjects`, never one
     being edited). An update learns "this relation -> the new object" for any subject whose key resembles
     the edited ones; in the solve these keys say what it must leave alone (docs/hyperparameters.md,
-    "Drift")."""
+    "Drift"). `source` names where `subjects` came from, in messages."""
     edited = {r.subject for r in requests}
     pool = sorted(set(subjects) - edited)
     if not pool:
-        raise MemitError("--neighbour-subjects: every subject in it is being edited; give other subjects")
+        raise MemitError(f"{source}: every subject in it is being edited; give other subjects")
     rnd = random.Random(seed)
     return [PreservePrompt(replace(r, subject=s).text()) for r in requests
             for s in rnd.sample(pool, min(per_edit, len(pool)))]
