@@ -18,9 +18,8 @@ from memit_vllm.editor import edit, load_requests
 from memit_vllm.errors import MemitError
 
 FAST = {"v_num_grad_steps": 6, "context_template_seeds": ["The", "I"], "context_template_length": 5}
-# Layers 0-1 in RAM, 2-3 (two of the three edited), the final norm and the head offloaded to disk.
-SPLIT = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu",
-         "model.layers.2": "disk", "model.layers.3": "disk", "model.norm": "disk", "lm_head": "disk"}
+# Layers 2-3 (two of the three edited), the final norm and the head offloaded to disk; the rest in RAM.
+SPLIT = {"model.layers.2": "disk", "model.layers.3": "disk", "model.norm": "disk", "lm_head": "disk", "": "cpu"}
 TOLERANCE = 1e-6
 
 
@@ -50,7 +49,7 @@ def test_a_model_split_over_cpu_and_disk_gives_the_unsplit_patch(unsplit, tiny_m
     before = sha256(weights)
     # its own cache: the covariance pass also runs through the offloaded layers
     split = run(tiny_models["llama"], data_dir, tmp_path / "cache", device_map=SPLIT, offload_folder=tmp_path / "off")
-    assert split.report.device == "device map (cpu: 4 modules, disk: 4 modules)"
+    assert split.report.device.startswith("device map (") and "disk: 4 modules" in split.report.device
     assert split.report.covariance[2]["cached"] is False
     assert_same_deltas(split.patch, unsplit.patch)
     assert split.patch.base_weights == unsplit.patch.base_weights

@@ -3,8 +3,9 @@ GPUs, CPU RAM and disk (transformers' `device_map`, `offload_folder`), checked b
 
 A map is a name accelerate computes (auto, balanced, balanced_low_0, sequential: GPUs first, then CPU
 RAM, then disk) or an explicit one, JSON or a JSON file: module name -> "cpu", "disk", a GPU index or
-"cuda:N". An explicit map is checked against the model's modules (built on the meta device, no weights)
-and this machine's GPUs; "disk" needs an offload folder.
+"cuda:N", with "" for every module not named. An explicit map is checked against the model's modules
+(built on the meta device, no weights) and this machine's GPUs, and its "" entry is spelled out as the
+modules it stands for (accelerate cannot dispatch "" beside other entries); "disk" needs an offload folder.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def check_placement(device_map, offload_folder, device: str | None, ckpt: Checkp
     parsed = parse_device_map(device_map)
     if isinstance(parsed, dict):
         _check_devices(parsed)
-        _check_modules(parsed, ckpt)
+        parsed = _spelled_out(parsed, ckpt)
         disk = [k for k, v in parsed.items() if v == "disk"]
         if disk and offload_folder is None:
             raise MemitError(f"{FLAG} puts {disk[0]!r} on disk: give --offload-folder DIR (scratch space for "
@@ -126,23 +127,34 @@ def _gpu_index(where) -> int | None:
     return None
 
 
-def _check_modules(device_map: dict, ckpt: Checkpoint) -> None:
-    """Every key names a module or tensor of the model, and every tensor falls under a key."""
+def _spelled_out(device_map: dict, ckpt: Checkpoint) -> dict:
+    """The map with "" replaced by the largest modules (or tensors) that hold no named entry; a MemitError
+    unless every key names a module or tensor of the model and every tensor falls under a key."""
     modules, tensors = _model_names(ckpt)
     unknown = [k for k in device_map if k and k not in modules and k not in tensors]
     if unknown:
         example = next((m for m in modules if m.endswith(".0")), "model.layers.0")
         raise MemitError(f"{FLAG}: {unknown[0]!r} is not a module of this model; keys are module names such as "
                          f"{example!r}, or \"\" for the rest")
-    missing = [t for t in tensors if not any(k == "" or t == k or t.startswith(k + ".") for k in device_map)]
-    if missing:
+    named = {k: v for k, v in device_map.items() if k}
+    if not named:
+        return device_map  # {"": device}: the whole model
+    under = lambda t, k: t == k or t.startswith(k + ".")  # noqa: E731
+    missing = [t for t in tensors if not any(under(t, k) for k in named)]
+    if missing and "" not in device_map:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise MemitError(f"{FLAG} places no device for {missing[0]}{more}: add an entry for its module, or \"\" "
                          "for everything not named")
+    for t in missing:  # under the largest module of t's path that holds no named entry
+        parts = t.split(".")
+        prefixes = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        named.setdefault(next(p for p in prefixes if not any(under(k, p) for k in device_map if k)), device_map[""])
+    return named
 
 
 def _model_names(ckpt: Checkpoint) -> tuple[set[str], list[str]]:
-    """(module names, state-dict tensor names) of the model, built on the meta device (no weights)."""
+    """(module names, tensor names) of the model, built on the meta device (no weights); tensor names
+    include tied ones and buffers, as accelerate places them."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -151,7 +163,8 @@ def _model_names(ckpt: Checkpoint) -> tuple[set[str], list[str]]:
     check_transformers()
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(ckpt.path))
-    return {name for name, _ in model.named_modules()}, list(model.state_dict())
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    return {name for name, _ in model.named_modules()}, [name for name, _ in tensors]
 
 
 def _check_folder(folder: Path) -> None:
