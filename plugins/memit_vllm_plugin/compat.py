@@ -7,8 +7,8 @@ follows is private to vLLM and may change in any release:
 - `DefaultModelLoader._prepare_weights`: the checkpoint's weight files, before the first weight streams;
 - `reload.layerwise` (initialize/finalize) under `set_current_vllm_config`: reloading single layers;
 - `quant_method.apply`: the served weight of a layer whose `weight` the CPU backend emptied;
-- `tp_size`/`input_is_parallel` of a row-parallel layer and `tensor_model_parallel_gather`: the whole
-  weight of a layer split across tensor-parallel ranks;
+- `tp_size`/`input_is_parallel` of a row-parallel layer, `tensor_model_parallel_all_gather` and
+  `get_tensor_model_parallel_rank`: the whole weight of a layer split across tensor-parallel ranks;
 - `EngineClient.collective_rpc` from an endpoint plugin (vLLM's interface asks plugins not to reach the
   engine that way) and `pause_generation(mode="wait")` (its `mode` is recent).
 A vLLM outside TESTED_VLLM is refused (`check_vllm`) unless MEMIT_VLLM_ALLOW_UNTESTED=1. vLLM is imported
@@ -89,16 +89,18 @@ def served_weight(module):
 def whole_weight(module):
     """served_weight of the whole layer on tensor-parallel rank 0 (the rank whose answer the API server
     reads), None on the others: a down-projection is row-parallel (each rank holds a slice of its input
-    columns), so the slices are gathered to rank 0 along the input dim. A collective: every rank must call
+    columns), so the slices are all-gathered along the input dim (vLLM's gather to one rank broke the
+    weights route on the CPU backend: tests/test_tensor_parallel.py). A collective: every rank must call
     it (collective_rpc runs the method on all of them)."""
     weight = served_weight(module)
     if getattr(module, "tp_size", 1) == 1:
         return weight
     if not getattr(module, "input_is_parallel", False):
         raise MemitError(f"{type(module).__name__} is not row-parallel; cannot assemble its tensor-parallel weight")
-    from vllm.distributed import tensor_model_parallel_gather
+    from vllm.distributed import get_tensor_model_parallel_rank, tensor_model_parallel_all_gather
 
-    return tensor_model_parallel_gather(weight.contiguous(), dst=0, dim=-1)
+    whole = tensor_model_parallel_all_gather(weight.contiguous(), dim=-1)
+    return whole if get_tensor_model_parallel_rank() == 0 else None
 
 
 # -- engine (API server side) -------------------------------------------------------------------------
