@@ -55,8 +55,9 @@ SHOWN = ["ES", "PS", "NS", "rewrite_hit", "paraphrase_hit", "neighbour_word_kept
 
 def targets_for(out: Path, em, tok, requests, templates, hp: HParams, seed: int):
     """z for the requests (cached in `out`, keyed by what z depends on)."""
-    key = json.dumps([r.to_dict() for r in requests] + [hp.layers[-1], seed, {
-        k: v for k, v in hp.to_dict().items() if k.startswith(("v_", "clamp", "kl_", "context_"))}], sort_keys=True)
+    z_settings = {k: v for k, v in hp.to_dict().items() if k.startswith(("v_", "clamp", "kl_", "context_"))
+                  or (k == "z_dtype" and v is not None)}  # absent when None: the caches made before it stay valid
+    key = json.dumps([r.to_dict() for r in requests] + [hp.layers[-1], seed, z_settings], sort_keys=True)
     path = out / f"z-{len(requests)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
     if path.is_file():
         return TargetResult(**torch.load(path)), True
