@@ -161,19 +161,23 @@ class Shard:
         return Shard(self.index + self.count * rank, self.count * world)
 
 
+IDENTITY_KEYS = ("model", "corpus", "budget", "dtype", "d_ff")  # every identity has these
+FORWARD = "forward"  # and this one only when the model ran in a reduced precision (absent: float32)
+
+
 def stats_identity(model_sha: str, corpus_identity: str, budget: int | None, dtype: str, d_ff: int,
                    forward: torch.dtype = torch.float32) -> dict[str, str]:
     """What statistics were computed from: the one identity of cache entries and stats files. Keys read
     by a reduced-precision forward (make-patch --dtype) are other statistics: `forward` names it then (an
     fp32 identity stays as it always was, so existing cache entries keep their key)."""
-    identity = {"model": model_sha, "corpus": corpus_identity, "budget": str(budget), "dtype": dtype, "d_ff": str(d_ff)}
+    identity = dict(zip(IDENTITY_KEYS, (model_sha, corpus_identity, str(budget), dtype, str(d_ff))))
     if forward != torch.float32:
-        identity["forward"] = str(forward).removeprefix("torch.")
+        identity[FORWARD] = str(forward).removeprefix("torch.")
     return identity
 
 
 def _cache_file(cache: Path, identity: dict[str, str], layer: int) -> Path:
-    fields = [identity[k] for k in ("corpus", "budget", "dtype", "forward") if k in identity]
+    fields = [identity[k] for k in ("corpus", "budget", "dtype", FORWARD) if k in identity]
     key = hashlib.sha256("|".join(fields).encode()).hexdigest()[:24]
     return cache / "stats" / identity["model"][:24] / key / f"layer{layer}.safetensors"
 

@@ -25,14 +25,13 @@ from safetensors.torch import save_file
 from ..core.files import atomic_file
 from ..core.safetensors_header import HeaderError, open_checked
 from ..errors import MemitError
+from .covariance import FORWARD, IDENTITY_KEYS
 from .hparams import FORWARD_DTYPES
 
 FORMAT_NAME = "memit-vllm.stats"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20  # two tensors per layer and short metadata
 MAX_D_FF = 1 << 18
-IDENTITY_KEYS = ("model", "corpus", "budget", "dtype", "d_ff")  # covariance.stats_identity
-FORWARD = "forward"  # and this one, only when the model ran in one of REDUCED (else float32)
 REDUCED = tuple(d for d in FORWARD_DTYPES if d != "float32")
 DTYPES = ("float32", "float64")  # the precision of the k k^T products (hparams mom2_dtype)
 
