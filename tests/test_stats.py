@@ -270,6 +270,14 @@ def test_import_refuses_foreign_ambiguous_or_pickled_files(model, data_dir, whol
     result = run(tmp_path / "pickled")
     assert result.exit_code == 2 and "mom2.count is not a single number" in result.output
 
+    huge = tmp_path / "huge" / "m" / "wikipedia_stats"  # refused by its size, before a byte of it is read
+    huge.mkdir(parents=True)
+    for l in LAYERS:
+        with open(huge / f"model.layers.{l}.mlp.down_proj_float32_mom2_10.npz", "wb") as f:
+            f.truncate(1 << 40)  # sparse: 1 TiB on paper
+    result = run(tmp_path / "huge")
+    assert result.exit_code == 2 and "more than statistics of a" in result.output
+
 
 def free_port() -> int:
     with socket.socket() as s:

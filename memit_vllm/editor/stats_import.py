@@ -57,8 +57,14 @@ def _read_layer(f: Path, d_ff: int) -> tuple[torch.Tensor, int, str]:
     def bad(what: str) -> MemitError:
         return MemitError(f"reference statistics {f.name}: {what}")
 
+    limit = d_ff * d_ff * 8 + (1 << 20)  # a float64 d_ff x d_ff array and the archive's overhead
+    if not f.is_file():
+        raise bad("not a regular file")
+    if f.stat().st_size > limit:
+        raise bad(f"{f.stat().st_size} bytes, more than statistics of a {d_ff}-wide layer take ({limit}); "
+                  "not a layer_stats file of this model")
     try:
-        raw = f.read_bytes()
+        raw = f.read_bytes()  # bounded above: the whole file is read only when it can be what it claims
         sha256 = hashlib.sha256(raw).hexdigest()
         with zipfile.ZipFile(io.BytesIO(raw)) as z:
             names = set(z.namelist())
