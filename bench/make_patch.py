@@ -77,7 +77,7 @@ def z_speed(args, model_dir):
               "| max rel. distance of z to the first |\n|---|---|---|---|---|---|---|")
         first = None
         for overrides in json.loads(args.z_variants):
-            variant = hp.replace(z_batch_edits=len(reqs), **overrides)
+            variant = hp.replace(**{"z_batch_edits": len(reqs), **overrides})
             t = time.perf_counter()
             got = compute_targets(em, tok, reqs, templates, layer, variant, progress=False)
             seconds = time.perf_counter() - t
@@ -183,7 +183,7 @@ def scaling(args, model_dir):
         reqs = load_requests(args.data, limit=size)
         result = edit(model_dir, reqs, EditConfig(stats_corpus=str(CORPUS), hparams=overrides,
                                                   layers=parse_layers(args.layers), mom2_update_weight=args.lam,
-                                                  progress=args.progress))
+                                                  progress=args.progress, resume_dir=args.resume_dir))
         s = result.report.seconds
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         if torch.cuda.is_available():
@@ -211,11 +211,13 @@ def main():
     ap.add_argument("--eval", action="store_true")
     ap.add_argument("--group-costs", help="z-speed: time the batched path alone for each of these per-group "
                     "costs of the length grouping, e.g. 0,32,64,128,1e9 (1e9: one group)")
-    ap.add_argument("--z-variants", help="z-speed: the batched path alone (all edits in one batch) for each of "
+    ap.add_argument("--z-variants", help="z-speed: the batched path alone (all edits in one batch unless "
+                    "z_batch_edits is given) for each of "
                     "these JSON hparams overrides, e.g. '[{}, {\"z_dtype\": \"bfloat16\"}, {\"v_lr\": 2.0}]'")
     ap.add_argument("--drop-conflicts", action="store_true",
                     help="skip records that ask an earlier record's prompt for another target")
     ap.add_argument("--save-dir", help="also keep each size's patch here as scaling-N.patch")
+    ap.add_argument("--resume-dir", help="scaling: keep finished z batches here; a rerun resumes")
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr (for long sizes)")
     ap.add_argument("--layers", help="override the preset's layers, e.g. 4-8")
     ap.add_argument("--lambda", dest="lam", type=float, help="override lambda (mom2_update_weight)")

@@ -119,9 +119,10 @@ def test_most_probable_early_stop_ends_each_edit_once_its_target_is_the_argmax(s
 FAST = {"v_num_grad_steps": 4, "context_template_seeds": ["The", "I"], "context_template_length": 5}
 
 
-def tiny_edit(model, data_dir, tmp_path, n=2, **kw):
-    return edit(model, requests_from(data_dir, n), hparams=FAST, stats_corpus=str(data_dir / CORPUS),
-                stats_tokens=3000, cache_dir=tmp_path / "cache", progress=False, **kw)
+def tiny_edit(model, data_dir, tmp_path, n=2, hparams=None, **kw):
+    return edit(model, requests_from(data_dir, n), hparams={**FAST, **(hparams or {})},
+                stats_corpus=str(data_dir / CORPUS), stats_tokens=3000, cache_dir=tmp_path / "cache", progress=False,
+                **kw)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -368,3 +369,57 @@ def test_damaged_or_foreign_nullspace_projections_are_recomputed_with_a_warning(
                                                          ("cannot be read", "its identity differs")
                                                          if m in str(w.message)}
     assert again.patch_id == first.patch_id  # recomputed, not trusted
+
+
+def test_an_interrupted_run_resumes_from_its_finished_z_batches(tiny_models, data_dir, tmp_path, monkeypatch):
+    """Killed after its first z batch and rerun with the same --resume-dir, a run optimises only the rest
+    and makes the patch an uninterrupted run makes; what the z vectors depend on keys what is read back."""
+    from memit_vllm.editor import targets
+
+    model, resume, two = tiny_models["llama"], tmp_path / "resume", {"z_batch_edits": 2}
+    reference = tiny_edit(model, data_dir, tmp_path, n=4, hparams=two)
+    optimise, calls = targets._optimise, []
+
+    def killed_in_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return optimise(*args, **kwargs)
+
+    monkeypatch.setattr(targets, "_optimise", killed_in_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_edit(model, data_dir, tmp_path, n=4, hparams=two, resume_dir=resume)
+    monkeypatch.undo()
+    assert len(list(resume.glob("z-*.safetensors"))) == 1 and not list(resume.glob(".*"))  # no half-written file
+
+    resumed = tiny_edit(model, data_dir, tmp_path, n=4, hparams=two, resume_dir=resume)
+    assert resumed.report.z_resumed == 2 and resumed.patch.patch_id == reference.patch.patch_id
+    again = tiny_edit(model, data_dir, tmp_path, n=4, hparams=two, resume_dir=resume)
+    assert again.report.z_resumed == 4 and again.patch.patch_id == reference.patch.patch_id
+    # the update's settings do not change z; the z optimisation's do
+    assert tiny_edit(model, data_dir, tmp_path, n=4, hparams=two, resume_dir=resume,
+                     mom2_update_weight=50.0).report.z_resumed == 4
+    before = set(resume.glob("z-*.safetensors"))
+    assert tiny_edit(model, data_dir, tmp_path, n=4, hparams={**two, "v_lr": 0.3},
+                     resume_dir=resume).report.z_resumed == 0
+
+    damaged = sorted(set(resume.glob("z-*.safetensors")) - before)[0]
+    damaged.write_bytes(b"\0" * 64)
+    with pytest.warns(UserWarning, match=f"resume file {damaged}: it cannot be read"):
+        mended = tiny_edit(model, data_dir, tmp_path, n=4, hparams={**two, "v_lr": 0.3}, resume_dir=resume)
+    assert mended.report.z_resumed == 2
+
+
+def test_a_resume_dir_that_is_a_file_fails_before_loading_the_model(tiny_models, data_dir, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before --resume-dir was checked")
+
+    monkeypatch.setattr(memit, "load_editable", loaded)
+    with pytest.raises(MemitError, match=f"--resume-dir {tmp_path / 'file'} is not a directory"):
+        tiny_edit(tiny_models["llama"], data_dir, tmp_path, resume_dir=tmp_path / "file")
+    got = make_patch_cli("--model", str(tiny_models["llama"]), "--requests",
+                         str(data_dir / "counterfact" / "counterfact_500.json"), "--out", str(tmp_path / "p.patch"),
+                         "--resume-dir", str(tmp_path / "file"))
+    assert got.returncode == 2 and "is not a directory" in got.stderr and "Traceback" not in got.stderr, got.stderr

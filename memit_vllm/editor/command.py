@@ -75,11 +75,15 @@ def check_out_file(out: str | os.PathLike) -> None:
 @click.option("--dtype", type=click.Choice(FORWARD_DTYPES),
               help="dtype the model is loaded in (default: the checkpoint's own; z, keys, covariance and solves keep "
                    "fp32/float64 where they need it).")
+@click.option("--resume-dir", type=click.Path(), metavar="DIR",
+              help="Keep each finished batch of z vectors in DIR; rerunning the same command after an interruption "
+                   "reads them back and computes only the rest (other settings or requests compute afresh).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
 def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_weight, stats_corpus, stats_tokens,
                        stats_dtype, stats_file, cache_dir, seed, name, version_, limit, zsre_target, device,
                        device_map, offload_folder, on,
-                       withdraw, method, z_dtype, dtype, preserve, neighbour_subjects, neighbours_per_edit, as_json):
+                       withdraw, method, z_dtype, dtype, preserve, neighbour_subjects, neighbours_per_edit, resume_dir,
+                       as_json):
     """Compute MEMIT z vectors and layer deltas for the edit requests and write a patch file (under
     torchrun: the work split across the processes, rank 0 writes; README "Large jobs")."""
     from ..core.records import load_requests, validate_requests
@@ -102,7 +106,8 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
                         stats=stats_file, cache_dir=cache_dir, seed=seed, name=name, version=version_,
                         zsre_target=zsre_target, device=device, device_map=device_map, offload_folder=offload_folder,
                         progress=not as_json, on=list(on), preserve=preserve,
-                        neighbour_subjects=neighbour_subjects, neighbours_per_edit=neighbours_per_edit)
+                        neighbour_subjects=neighbour_subjects, neighbours_per_edit=neighbours_per_edit,
+                        resume_dir=resume_dir)
     with warnings.catch_warnings(record=True):  # they are in the report, printed below
         warnings.simplefilter("always")
         result = edit(model, requests, config)
@@ -124,6 +129,8 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
         click.echo(f"{r.preserved_keys} preserved keys per layer (--preserve, --neighbour-subjects)")
     for change in r.changed:
         click.echo(f"changes {change}")
+    if r.z_resumed:
+        click.echo(f"z: {r.z_resumed} of {r.n_edits} edits read back from --resume-dir {resume_dir}")
     click.echo(f"z: mean P(target) {r.z_target_prob:.3f} after {r.z_steps:.1f} steps; residual delivered per "
                f"layer: " + ", ".join(f"{l}: {v:.2f}" for l, v in r.delivered.items()))
     click.echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))

@@ -36,6 +36,7 @@ from .preserve import PreservedKeys, neighbour_prompts, read_preserve_file
 from .prompts import context_templates, encode
 from .solve import solve_alphaedit_update, solve_layer_update
 from .stats_file import StatsFile, stats_for_edit
+from .target_store import TargetStore, check_resume_dir, z_identity
 from .targets import BUCKET_OVERHEAD_TOKENS, TargetResult, compute_targets
 from .trace import capture
 
@@ -73,6 +74,8 @@ class EditConfig:
     # Subject names: each edit's prompt asked of `neighbours_per_edit` of them joins the preserved prompts.
     neighbour_subjects: str | Path | None = None
     neighbours_per_edit: int = 10
+    # Finished z batches are kept here, and read back when a run with the same settings resumes (target_store.py).
+    resume_dir: str | Path | None = None
     # Speed only: results do not depend on these.
     key_batch_prompts: int = KEY_BATCH_PROMPTS
     bucket_overhead_tokens: float = BUCKET_OVERHEAD_TOKENS  # see targets.length_buckets
@@ -99,6 +102,7 @@ class EditReport:
     seconds: dict = field(default_factory=dict)  # stats / z / update / total
     z_target_prob: float = 0.0  # mean P(target) reached by the z optimisation
     z_steps: float = 0.0
+    z_resumed: int = 0  # edits whose z came back from --resume-dir instead of being optimised
     delivered: dict = field(default_factory=dict)  # layer -> fraction of the residual the update delivered
     covariance: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
@@ -301,6 +305,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     distributed.check_shares(len(requests), "edits")
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     given = _stats_file(config, ckpt, hp, dims[2], cache)
+    resume_dir = check_resume_dir(config.resume_dir) if config.resume_dir is not None else None
     if given is not None:  # the patch records the budget and dtype the statistics were computed with
         hp = replace(hp, mom2_n_tokens=given.budget, mom2_dtype=given.identity["dtype"])
         hp_source += f", statistics from {Path(config.stats).name}"
@@ -339,10 +344,13 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         for i in _already_predicted(em, tok, requests, config.key_batch_prompts):
             warnings.warn(f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}",
                           stacklevel=2)
+        templates = [t for g in groups for t in g]
+        store = None if resume_dir is None else TargetStore(resume_dir, z_identity(
+            weights_sha256(ckpt, cache), [p.patch_id for p in stack], dtype, hp, templates, hp.layers[-1], device))
         with _timed(seconds, "z"):
             targets = distributed.split_edits(
-                lambda part: compute_targets(em, tok, part, [t for g in groups for t in g], hp.layers[-1], hp,
-                                             config.progress, config.bucket_overhead_tokens), requests)
+                lambda part: compute_targets(em, tok, part, templates, hp.layers[-1], hp, config.progress,
+                                             config.bucket_overhead_tokens, store), requests)
         with _timed(seconds, "update"):
             reader = distributed.SplitReader(lambda part: KeyReader(em, tok, part, groups, config.key_batch_prompts),
                                              requests)
@@ -356,6 +364,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     report = EditReport(
         len(requests), hp.layers, hp_source, seconds=seconds,
         z_target_prob=float(targets.target_prob.mean()), z_steps=float(targets.steps.float().mean()),
+        z_resumed=int(targets.resumed.sum()),
         delivered=updates.delivered, covariance=stats.info, warnings=warned, device=where, method=hp.method,
         made_on=[p.patch_id for p in stack], changed=changed_facts(requests, lineage),
         preserved_keys=preserved.count, memory=peak_memory(ckpt))
@@ -386,7 +395,7 @@ def make_patch(model: str | Path, requests, config: EditConfig | None = None, **
     zsre_target, device (default: cuda when available), device_map and offload_folder (a model larger
     than one GPU or than RAM, README "Models: architectures, dtype, size"), progress, method, on (patches
     to edit on, README "Editing over time"), preserve (a prompts file), neighbour_subjects (a subjects file) and
-    neighbours_per_edit, and the speed knobs key_batch_prompts and
-    bucket_overhead_tokens.
+    neighbours_per_edit, resume_dir (finished z batches kept there; a rerun resumes, README "Large jobs"), and
+    the speed knobs key_batch_prompts and bucket_overhead_tokens.
     """
     return edit(model, requests, config, **kwargs).patch

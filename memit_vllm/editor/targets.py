@@ -36,6 +36,7 @@ from .hparams import HParams
 from .offload import weights_reread
 from .precision import computing_in
 from .prompts import encode
+from .target_store import TargetStore
 from .trace import capture
 
 KL_PROMPT = "{} is a"
@@ -101,20 +102,28 @@ class TargetResult:
     final_loss: torch.Tensor  # [n] the last loss evaluated for each edit
     target_prob: torch.Tensor  # [n] exp(-NLL), mean over prompts, at that last evaluation
     steps: torch.Tensor  # [n] optimiser steps taken
+    resumed: torch.Tensor  # [n] 1 where the result was read back from a resume dir (target_store.py), else 0
 
 
 def compute_targets(em: EditableModel, tok, requests: list[EditRequest], templates: list[str], layer: int,
-                    hp: HParams, progress: bool = True,
-                    bucket_overhead_tokens: float = BUCKET_OVERHEAD_TOKENS) -> TargetResult:
+                    hp: HParams, progress: bool = True, bucket_overhead_tokens: float = BUCKET_OVERHEAD_TOKENS,
+                    store: TargetStore | None = None) -> TargetResult:
     """z for every request at `layer`, optimised in batches of hp.z_batch_edits edits. Batches are formed
     from edits of similar suffix length (less padding); results come back in request order.
-    `bucket_overhead_tokens`: the cost of one more padded call, see `length_buckets` (speed only)."""
+    `bucket_overhead_tokens`: the cost of one more padded call, see `length_buckets` (speed only).
+    `store`: where finished batches are kept and read back from (a resumed run)."""
     order = sorted(range(len(requests)), key=lambda i: _suffix_len(tok, requests[i]))
     parts = []
     bar = tqdm(total=len(requests), desc="z vectors", unit="edit", disable=not progress)
     for start in range(0, len(requests), hp.z_batch_edits):
         chunk = [requests[i] for i in order[start : start + hp.z_batch_edits]]
-        parts.append(_optimise(em, tok, chunk, templates, layer, hp, bucket_overhead_tokens))
+        kept = store.load(chunk, em.d_model) if store else None
+        if kept is not None:
+            parts.append(TargetResult(**kept, resumed=torch.ones(len(chunk), dtype=torch.long)))
+        else:
+            parts.append(_optimise(em, tok, chunk, templates, layer, hp, bucket_overhead_tokens))
+            if store:
+                store.save(chunk, parts[-1])
         bar.update(len(chunk))
     bar.close()
     back = torch.tensor(order).argsort()  # the inverse permutation
@@ -287,4 +296,4 @@ def _descend(em: EditableModel, rows: _Rows, split: _PrefixSplit, h_init: torch.
                     deltas[e].mul_(max_norm[e] / norm)
 
     delta = torch.stack([d.detach() for d in deltas])
-    return TargetResult(h_init + delta, delta, final_loss, target_prob, steps)
+    return TargetResult(h_init + delta, delta, final_loss, target_prob, steps, torch.zeros(n, dtype=torch.long))

@@ -1,0 +1,106 @@
+"""Finished z batches kept on disk (make-patch --resume-dir), so a long run that stops (killed, out of
+time, out of memory) resumes where it stopped instead of starting over: the z optimisation is ~95% of
+an edit's time, and 10,000 edits take hours on a CPU.
+
+A batch's file is named by the hash of everything its z vectors depend on (the weights being edited,
+the z hyperparameters, the context templates, the layer, the dtypes and device kind) and of its
+requests, in order. So a rerun with other settings, requests or a changed batching finds nothing and
+computes afresh; no file is ever trusted for more than its name promises. A damaged or foreign file is
+recomputed with a warning, never fatal, like the covariance cache (covariance.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..core.files import atomic_file
+from ..core.records import EditRequest
+from ..errors import MemitError
+from .hparams import HParams
+
+FORMAT = "memit-vllm z batch 1"
+# What z depends on besides the model, the templates and the layer (the update's settings do not count:
+# a rerun with another lambda, method or preserve set reuses the z vectors).
+Z_HPARAMS = ("v_num_grad_steps", "v_lr", "v_weight_decay", "clamp_norm_factor", "kl_factor", "v_early_stop_loss",
+             "v_early_stop", "z_dtype")
+STORED = ("z", "delta", "final_loss", "target_prob", "steps")  # the fields of targets.TargetResult that are kept
+
+
+def check_resume_dir(folder: str | os.PathLike) -> Path:
+    """`folder` exists as a writable directory, or can be made: checked before the model loads."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise MemitError(f"--resume-dir {folder} is not a directory; give a directory for the finished z batches")
+    parent = folder
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise MemitError(f"--resume-dir {folder}: cannot write there ({parent} is not a writable directory)")
+    return folder
+
+
+def z_identity(model: str, made_on: list[str], dtype: str, hp: HParams, templates: list[str], layer: int,
+               device: torch.device) -> dict:
+    """Everything a batch's z vectors depend on besides its requests (`model`: the base weights' hash,
+    `made_on`: the ids of the patches merged on it)."""
+    return {"format": FORMAT, "model": model, "made_on": made_on, "dtype": dtype, "layer": layer,
+            "templates": templates, "device": torch.device(device).type,
+            "hparams": {k: getattr(hp, k) for k in Z_HPARAMS}}
+
+
+class TargetStore:
+    """The z results of finished batches in `folder`, one safetensors file each."""
+
+    def __init__(self, folder: str | os.PathLike, identity: dict):
+        self.folder = Path(folder)
+        self.identity = json.dumps(identity, sort_keys=True)
+
+    def _file(self, requests: list[EditRequest]) -> tuple[Path, str]:
+        key = json.dumps([r.to_dict() for r in requests], sort_keys=True)
+        digest = hashlib.sha256(f"{self.identity}\n{key}".encode()).hexdigest()
+        return self.folder / f"z-{digest[:32]}.safetensors", digest
+
+    def load(self, requests: list[EditRequest], d_model: int) -> dict[str, torch.Tensor] | None:
+        """The stored results (STORED) of this batch, or None when there are none (or they are unsound: a
+        warning)."""
+        path, digest = self._file(requests)
+        if not path.exists() and not path.is_symlink():
+            return None
+        n = len(requests)
+        problem = None
+        if path.is_symlink() or not path.is_file():
+            problem = "it is not a regular file"
+        elif path.stat().st_size > 2 * n * (d_model + 4) * 8 + (1 << 20):  # far more than n z rows could need
+            problem = f"it is {path.stat().st_size} bytes, more than {n} z vectors need"
+        else:
+            try:
+                with safe_open(path, "pt") as st:
+                    meta = st.metadata() or {}
+                    got = {name: st.get_tensor(name) for name in STORED}
+            except Exception as e:  # truncated, empty, not safetensors, missing tensors: all mean "recompute"
+                problem = f"it cannot be read ({type(e).__name__})"
+            else:
+                if meta.get("identity") != self.identity or meta.get("requests") != digest:
+                    problem = "it was made for other settings or requests"
+                elif got["z"].shape != (n, d_model) or any(t.shape[0] != n for t in got.values()):
+                    problem = f"its shapes do not fit {n} edits of width {d_model}"
+                elif not all(torch.isfinite(t.float()).all() for t in got.values()):
+                    problem = "it holds NaN or Inf"
+        if problem:
+            warnings.warn(f"resume file {path}: {problem}; recomputing its batch", stacklevel=3)
+            return None
+        return got
+
+    def save(self, requests: list[EditRequest], result) -> None:
+        path, digest = self._file(requests)
+        tensors = {name: getattr(result, name).detach().cpu().contiguous() for name in STORED}
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"identity": self.identity, "requests": digest})
