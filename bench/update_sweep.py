@@ -7,7 +7,8 @@ kept in --out: a rerun resumes), and each configuration re-runs only the layer u
 the evaluation (`memit-vllm eval --generate`'s definitions: ES/PS/NS teacher forced; rewrite and
 paraphrase completions that start with the new target; neighbour and unrelated completions kept from
 the unedited model, first word and all tokens; KL on the held-out slice, which the statistics here
-exclude). One JSON per configuration in --out (a rerun skips those it finds) and a Markdown table.
+exclude). One JSON per configuration in --out (a rerun skips those it finds) and a Markdown table: give
+each z setting (--z-hparams, --train-paraphrases) its own --out.
 
     .venv/bin/python bench/update_sweep.py --edits 100 --out /work/benchout/sweep \\
         --configs '[{"name": "preset"}, {"name": "lambda x4", "mom2_update_weight": 3072},
@@ -24,23 +25,23 @@ same relation templates as the edits, kept disjoint from the evaluated and the u
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from memit_vllm.cache import cache_dir
-from memit_vllm.checkpoint import Checkpoint
-from memit_vllm.core.records import load_requests, read_dataset
+from memit_vllm.checkpoint import Checkpoint, weights_sha256
+from memit_vllm.core.records import load_requests, read_dataset, template_prompt
 from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editable
 from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, layer_updates, statistics
 from memit_vllm.editor.preserve import PreservedKeys, PreservePrompt, neighbour_prompts, read_preserve_file
 from memit_vllm.editor.prompts import context_templates
-from memit_vllm.editor.targets import TargetResult, compute_targets
+from memit_vllm.editor.target_store import TargetStore, z_identity
+from memit_vllm.editor.targets import compute_targets
 from memit_vllm.evaluate.generation import covariance_budget, generation_task, unrelated_prompts
 from memit_vllm.evaluate.patching import swapped
 from memit_vllm.evaluate.run import measure_counterfact
@@ -53,17 +54,14 @@ SHOWN = ["ES", "PS", "NS", "rewrite_hit", "paraphrase_hit", "neighbour_word_kept
          "unrelated_word_kept_confident", "unrelated_kept", "heldout_kl"]
 
 
-def targets_for(out: Path, em, tok, requests, templates, hp: HParams, seed: int):
-    """z for the requests (cached in `out`, keyed by what z depends on)."""
-    z_settings = {k: v for k, v in hp.to_dict().items() if k.startswith(("v_", "clamp", "kl_", "context_"))
-                  or (k == "z_dtype" and v is not None)}  # absent when None: the caches made before it stay valid
-    key = json.dumps([r.to_dict() for r in requests] + [hp.layers[-1], seed, z_settings], sort_keys=True)
-    path = out / f"z-{len(requests)}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
-    if path.is_file():
-        return TargetResult(**torch.load(path)), True
-    result = compute_targets(em, tok, requests, templates, hp.layers[-1], hp, progress=True)
-    torch.save(asdict(result), path)
-    return result, False
+def targets_for(out: Path, ckpt: Checkpoint, em, tok, requests, templates, hp: HParams):
+    """z for the requests, kept in `out`/z by make-patch --resume-dir's store (keyed by what z depends on),
+    and whether every batch was read back from there."""
+    identity = z_identity(weights_sha256(ckpt, cache_dir()), [], str(em.model.dtype).removeprefix("torch."), hp,
+                          templates, hp.layers[-1], em.output_device)
+    result = compute_targets(em, tok, requests, templates, hp.layers[-1], hp, progress=True,
+                             store=TargetStore(out / "z", identity))
+    return result, bool(result.resumed.all())
 
 
 def record_prompts(data: Path, span: list[int], exclude: set[str]) -> list[PreservePrompt]:
@@ -82,6 +80,12 @@ def main():
     ap.add_argument("--configs", required=True, help="JSON list of configurations (see the module docstring)")
     ap.add_argument("--out", required=True, help="directory for the cached z and one JSON per configuration")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-paraphrases", type=int, default=0, metavar="K",
+                    help="each request carries its record's first K paraphrase prompts (make-patch's `paraphrases`), "
+                         "and every run scores only the others (held out); 0: none trained, all scored")
+    ap.add_argument("--score-paraphrases-from", type=int, default=0, metavar="K",
+                    help="score only paraphrase prompts K.. (the held-out set of a --train-paraphrases K run, "
+                         "for the baseline without training)")
     ap.add_argument("--z-hparams", default="{}", help='JSON overrides of the z settings for every configuration '
                     '(e.g. {"v_early_stop": "most_probable"}): one z computation per distinct value')
     args = ap.parse_args()
@@ -95,13 +99,21 @@ def main():
     base_hp = base_hp.replace(**json.loads(args.z_hparams))
     requests = load_requests(args.data, limit=args.edits)
     _, records = read_dataset(args.data, args.edits)
+    held_out = max(args.train_paraphrases, args.score_paraphrases_from)
+    if args.train_paraphrases:
+        requests = [replace(q, paraphrases=tuple(template_prompt(p, q.subject, "paraphrase")
+                                                 for p in r.paraphrase_prompts[:args.train_paraphrases]))
+                    for q, r in zip(requests, records)]
+    records = [replace(r, paraphrase_prompts=r.paraphrase_prompts[held_out:]) for r in records]
+    if not all(r.paraphrase_prompts for r in records):
+        raise SystemExit(f"some records have no paraphrase prompt past the first {held_out}")
     torch.manual_seed(args.seed)
     groups = context_templates(em.model, tok, base_hp.context_template_seeds, base_hp.context_template_length,
                                args.seed)
     config = EditConfig(stats_corpus=str(CORPUS), stats_tokens=covariance_budget(tok, CORPUS), seed=args.seed)
     stats = statistics(em, tok, ckpt, base_hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
     t = time.monotonic()
-    targets, cached = targets_for(out, em, tok, requests, [t for g in groups for t in g], base_hp, args.seed)
+    targets, cached = targets_for(out, ckpt, em, tok, requests, [t for g in groups for t in g], base_hp)
     print(f"z for {len(requests)} edits: {'cached' if cached else f'{time.monotonic() - t:.0f} s'}")
 
     unrelated, unrelated_source = unrelated_prompts(args.data, "counterfact", records)
@@ -111,7 +123,7 @@ def main():
                                                                 if r.rewrite_prompt in asked}
     task = generation_task(tok, "counterfact", records, unrelated, unrelated_source, CORPUS)
     scorer = TransformersScorer(em.model, tok, progress=False)
-    before_file = out / f"before-{args.edits}.json"
+    before_file = out / f"before-{args.edits}-p{held_out}.json"
     original = {em.arch.weight_name(l): em.down_proj(l).weight.detach().clone() for l in range(em.n_layers)}
     if before_file.is_file():
         before = json.loads(before_file.read_text())

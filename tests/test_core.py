@@ -3,6 +3,7 @@ layout and every malformed case, atomic writes, token conventions."""
 
 import json
 import stat
+from dataclasses import replace
 
 import pytest
 from safetensors import safe_open
@@ -10,7 +11,8 @@ from safetensors import safe_open
 from memit_vllm.core.architectures import ARCHITECTURES, by_class, by_model_type, lora_classes
 from memit_vllm.core.files import atomic_dir, atomic_file
 from memit_vllm.core.records import (EditRequest, fact_text, load_requests, parse_record, read_dataset,
-                                     read_prompts, read_records, read_subjects, without_conflicts)
+                                     read_prompts, read_records, read_subjects, validate_requests,
+                                     without_conflicts)
 from memit_vllm.core.tokens import pad_id, target_ids
 from memit_vllm.errors import MemitError
 from memit_vllm.testing.tiny_models import CONFIGS
@@ -91,6 +93,21 @@ def test_every_layout_gives_the_same_request():
             "alt": "Oslo", "rephrase": "x", "loc": "y", "loc_ans": "z"}
     assert parse_record(zsre, "r").target_new == " Rome"  # a bare string is one answer, not its letters
     assert parse_record(zsre, "r", "alt").target_new == " Oslo"
+
+
+def test_paraphrases_are_templated_like_the_prompt_and_absent_from_headers_without_them():
+    rec = {"prompt": "{} is located in", "subject": "Eiffel Tower", "target_new": "Rome",
+           "paraphrases": ["Where is the Eiffel Tower? It is in", "People visit {} in the city of"]}
+    r = parse_record(rec, "r")
+    assert r.paraphrases == ("Where is the {}? It is in", "People visit {} in the city of")
+    assert parse_record(r.to_dict(), "header") == r  # what a patch header records reads back the same
+    assert "paraphrases" not in parse_record({**rec, "paraphrases": []}, "r").to_dict()
+    with pytest.raises(MemitError, match="r paraphrase 1: subject 'Eiffel Tower' does not occur"):
+        parse_record({**rec, "paraphrases": ["{} is in", "It is in"]}, "r")
+    with pytest.raises(MemitError, match="paraphrases must be a list of strings"):
+        parse_record({**rec, "paraphrases": {"a": 1}}, "r")
+    with pytest.raises(MemitError, match="record 0: paraphrase 1 'It is in' must hold '{}' exactly once"):
+        validate_requests([replace(r, paraphrases=("{} is in", "It is in"))])  # made in Python, not parsed
 
 
 def test_braces_and_repeated_subjects_survive_templating():

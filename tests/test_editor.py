@@ -4,6 +4,7 @@ reproducibility, and validation before any heavy work."""
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -43,6 +44,7 @@ def test_batched_z_equals_plain_per_edit_optimisation(which, smollm2, tiny_model
         p.requires_grad_(False)
     em = EditableModel(model)
     reqs = requests_from(data_dir, 3 if which == "smollm2" else 4)
+    reqs[1] = replace(reqs[1], paraphrases=("Some say that " + reqs[1].prompt,))  # one more rewrite row
     layer = 2 if which != "smollm2" else 6
     # A high early-stop loss on the real model makes edits finish at different steps.
     hp = HParams(layers=[layer], mom2_update_weight=1.0, v_num_grad_steps=10, z_batch_edits=4,
@@ -423,3 +425,15 @@ def test_a_resume_dir_that_is_a_file_fails_before_loading_the_model(tiny_models,
                          str(data_dir / "counterfact" / "counterfact_500.json"), "--out", str(tmp_path / "p.patch"),
                          "--resume-dir", str(tmp_path / "file"))
     assert got.returncode == 2 and "is not a directory" in got.stderr and "Traceback" not in got.stderr, got.stderr
+
+
+def test_a_full_disk_under_the_resume_dir_is_one_clear_error(tiny_models, data_dir, tmp_path, monkeypatch):
+    from memit_vllm.editor import target_store
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(target_store, "save_file", full)
+    with pytest.raises(MemitError, match="cannot write z-.* \\(No space left on device\\); the batches finished"):
+        tiny_edit(tiny_models["llama"], data_dir, tmp_path, resume_dir=tmp_path / "resume")
+    assert not list((tmp_path / "resume").iterdir())  # no half-written file left behind

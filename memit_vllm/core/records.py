@@ -6,8 +6,10 @@ Layouts read (detected per record):
 - EasyEdit's shortened CounterFact: {prompt (subject spelled out), subject, target_new, ground_truth,
   rephrase_prompt, locality_prompt, locality_ground_truth}
 - zsRE (MEND split): {subject, src, rephrase, answers: [...], alt, loc, loc_ans}
-- ours: {prompt, subject, target_new, target_true?, case_id?} with "{}" where the subject goes (or the
-  subject spelled out), in JSON, JSONL or CSV.
+- ours: {prompt, subject, target_new, target_true?, case_id?, paraphrases?} with "{}" where the subject
+  goes (or the subject spelled out), in JSON, JSONL or CSV. `paraphrases` (read in every layout: no
+  dataset uses the name, so CounterFact's own paraphrase_prompts stay held out for scoring) are other
+  phrasings of the prompt that the z optimisation trains on too.
 
 Every reader ends in `EditRequest` (what make-patch edits and what a patch header records, see
 docs/patch-format.md) or, for evaluation, in `CounterFactRecord` / `ZsreRecord`. A malformed record is
@@ -38,6 +40,7 @@ class EditRequest:
     target_new: str  # with a leading space, as it follows the prompt
     target_true: str | None = None
     case_id: str | None = None
+    paraphrases: tuple[str, ...] = ()  # other phrasings, each holding "{}" once, as `prompt`
 
     def text(self) -> str:
         return self.prompt.format(self.subject)
@@ -48,7 +51,8 @@ class EditRequest:
         return self.prompt, self.subject
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """Unknown or empty fields are left out (a request without paraphrases reads as it always did)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if v not in (None, ())}
 
 
 @dataclass(frozen=True)
@@ -174,11 +178,13 @@ def parse_record(rec, where: str, zsre_target: str = "answers") -> EditRequest:
                          "{prompt, subject, target_new[, target_true]}")
     if isinstance(true, list):  # EasyEdit sometimes lists the true answers
         true = true[0] if true else None
+    paraphrases = _texts(rec.get("paraphrases", []), "paraphrases", where)
     return EditRequest(
         prompt=template_prompt(prompt, subject, where), subject=subject,
         target_new=_spaced(target_text(new, "target_new", where)),
         target_true=None if true in (None, "") else _spaced(target_text(true, "target_true", where)),
-        case_id=_case_id(rec))
+        case_id=_case_id(rec),
+        paraphrases=tuple(template_prompt(p, subject, f"{where} paraphrase {i}") for i, p in enumerate(paraphrases)))
 
 
 def _read_text(path: Path, label: str) -> str:
@@ -257,8 +263,9 @@ def validate_requests(requests: list[EditRequest], source: str = "requests") -> 
     seen: dict[tuple[str, str], tuple[int, str]] = {}
     for i, r in enumerate(requests):
         where = f"{source} record {i}" + (f" (case {r.case_id})" if r.case_id else "")
-        if r.prompt.count("{}") != 1:
-            raise MemitError(f"{where}: prompt {r.prompt!r} must hold '{{}}' exactly once")
+        for what, prompt in [("prompt", r.prompt)] + [(f"paraphrase {j}", p) for j, p in enumerate(r.paraphrases)]:
+            if not isinstance(prompt, str) or prompt.count("{}") != 1:
+                raise MemitError(f"{where}: {what} {prompt!r} must hold '{{}}' exactly once")
         if not r.target_new.strip():
             raise MemitError(f"{where}: empty target_new")
         key = r.fact

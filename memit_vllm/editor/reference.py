@@ -11,19 +11,17 @@ from .hparams import HParams
 
 def plain_z_delta(model, tok, layers, request: EditRequest, templates, layer, hp: HParams):
     """MEMIT eq. 16 for ONE edit, written from the equations: full forward every step, full logits,
-    delta added by a hook at layer `layer`'s output; subject position from the tokenized prefix."""
+    delta added by a hook at layer `layer`'s output; subject position from the tokenized prefix. The
+    request's paraphrases are rewrite prompts too, without templates."""
     tgt = tok(request.target_new, add_special_tokens=False)["input_ids"]
     pre, post = request.prompt.split("{}")
-    texts, lookups = [], []
-    for t in templates + ["{} is a"]:
-        ctx_pre = t.split("{}")[0]
-        if t == "{} is a":
-            head, tail = "", " is a"
-        else:
-            head, tail = ctx_pre + pre, post + t.split("{}")[1]
-        texts.append((head + request.subject, tail))
-        lookups.append(len(tok(head + request.subject)["input_ids"]) - 1)
-    seqs = [tok(a + b)["input_ids"] + (tgt[:-1] if i < len(templates) else []) for i, (a, b) in enumerate(texts)]
+    # (text up to the subject, text after it): the prompt in each template, each paraphrase, the KL prompt
+    parts = [(t.split("{}")[0] + pre, post + t.split("{}")[1]) for t in templates]
+    parts += [tuple(p.split("{}")) for p in request.paraphrases] + [("", " is a")]
+    n_rewrite = len(parts) - 1
+    texts = [(head + request.subject, tail) for head, tail in parts]
+    lookups = [len(tok(a)["input_ids"]) - 1 for a, _ in texts]
+    seqs = [tok(a + b)["input_ids"] + (tgt[:-1] if i < n_rewrite else []) for i, (a, b) in enumerate(texts)]
     prompt_lens = [len(tok(a + b)["input_ids"]) for a, b in texts]
     width = max(map(len, seqs))
     ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
@@ -51,11 +49,11 @@ def plain_z_delta(model, tok, layers, request: EditRequest, templates, layer, hp
             logits = model(input_ids=ids, attention_mask=mask).logits
             logp = torch.log_softmax(logits, dim=-1)
             nlls = []
-            for i in range(len(templates)):
+            for i in range(n_rewrite):
                 n = prompt_lens[i]
                 nlls.append(-sum(logp[i, n - 1 + j, t] for j, t in enumerate(tgt)) / len(tgt))
             nll = torch.stack(nlls).mean()
-            kl_logp = logp[len(templates), lookups[-1]]
+            kl_logp = logp[n_rewrite, lookups[-1]]
             if kl_init is None:
                 kl_init = kl_logp.detach().clone()
             kl = (kl_logp.exp() * (kl_logp - kl_init)).sum()

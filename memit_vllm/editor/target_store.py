@@ -102,5 +102,9 @@ class TargetStore:
     def save(self, requests: list[EditRequest], result) -> None:
         path, digest = self._file(requests)
         tensors = {name: getattr(result, name).detach().cpu().contiguous() for name in STORED}
-        with atomic_file(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"identity": self.identity, "requests": digest})
+        try:
+            with atomic_file(path) as tmp:
+                save_file(tensors, str(tmp), metadata={"identity": self.identity, "requests": digest})
+        except OSError as e:
+            raise MemitError(f"--resume-dir {self.folder}: cannot write {path.name} ({e.strerror or e}); the batches "
+                             "finished before it are kept: make room and run the same command again") from e

@@ -65,8 +65,9 @@ def _build_rows(tok, requests: list[EditRequest], templates: list[str]) -> _Rows
     for e, r in enumerate(requests):
         tgt = target_ids(tok, r.target_new)
         first_row.append(len(seqs))
-        for t in templates:
-            enc = encode(tok, t, r)
+        # the prompt in every context template, then each paraphrase the request carries, bare
+        for enc in [encode(tok, t, r) for t in templates] + [encode(tok, "{}", replace(r, prompt=p))
+                                                            for p in r.paraphrases]:
             row = len(seqs)
             seqs.append(enc.ids + tgt[:-1])
             for j, tid in enumerate(tgt):
