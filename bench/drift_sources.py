@@ -66,9 +66,10 @@ def main():
     requests = load_requests(data, limit=args.edits)
     torch.manual_seed(0)
     groups = context_templates(em.model, tok, hp.context_template_seeds, hp.context_template_length, 0)
-    targets, _ = targets_for(Path(args.sweep), ckpt, em, tok, requests, [t for g in groups for t in g], hp)
     config = EditConfig(stats_corpus=str(CORPUS), stats_tokens=covariance_budget(tok, CORPUS), seed=0)
     stats = statistics(em, tok, ckpt, hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
+    targets, _ = targets_for(Path(args.sweep), stats.identity["model"], em, tok, requests,
+                             [t for g in groups for t in g], hp)
     base = {l: em.down_proj(l).weight.detach().clone() for l in hp.layers}
     layer_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, progress=False)
     delta = {l: em.down_proj(l).weight.detach() - base[l] for l in hp.layers}

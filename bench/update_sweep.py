@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from memit_vllm.cache import cache_dir
-from memit_vllm.checkpoint import Checkpoint, weights_sha256
+from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.core.records import load_requests, read_dataset, template_prompt
 from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editable
 from memit_vllm.editor.arch import checkpoint_dims
@@ -54,11 +54,12 @@ SHOWN = ["ES", "PS", "NS", "rewrite_hit", "paraphrase_hit", "neighbour_word_kept
          "unrelated_word_kept_confident", "unrelated_kept", "heldout_kl"]
 
 
-def targets_for(out: Path, ckpt: Checkpoint, em, tok, requests, templates, hp: HParams):
-    """z for the requests, kept in `out`/z by make-patch --resume-dir's store (keyed by what z depends on),
-    and whether every batch was read back from there."""
-    identity = z_identity(weights_sha256(ckpt, cache_dir()), [], str(em.model.dtype).removeprefix("torch."), hp,
-                          templates, hp.layers[-1], em.output_device)
+def targets_for(out: Path, model_sha: str, em, tok, requests, templates, hp: HParams):
+    """z for the requests, kept in `out`/z by make-patch --resume-dir's store (keyed by what z depends on:
+    `model_sha` is the weights' hash, as statistics identities hold it), and whether every batch was read
+    back from there."""
+    identity = z_identity(model_sha, [], str(em.model.dtype).removeprefix("torch."), hp, templates, hp.layers[-1],
+                          em.output_device)
     result = compute_targets(em, tok, requests, templates, hp.layers[-1], hp, progress=True,
                              store=TargetStore(out / "z", identity))
     return result, bool(result.resumed.all())
@@ -113,7 +114,8 @@ def main():
     config = EditConfig(stats_corpus=str(CORPUS), stats_tokens=covariance_budget(tok, CORPUS), seed=args.seed)
     stats = statistics(em, tok, ckpt, base_hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
     t = time.monotonic()
-    targets, cached = targets_for(out, ckpt, em, tok, requests, [t for g in groups for t in g], base_hp)
+    targets, cached = targets_for(out, stats.identity["model"], em, tok, requests, [t for g in groups for t in g],
+                                  base_hp)
     print(f"z for {len(requests)} edits: {'cached' if cached else f'{time.monotonic() - t:.0f} s'}")
 
     unrelated, unrelated_source = unrelated_prompts(args.data, "counterfact", records)

@@ -238,26 +238,27 @@ def corpus_sums(em: EditableModel, tok, layers: list[int], corpus: Corpus, budge
     return sums, count
 
 
-def _read_checked(f: Path, identity: dict[str, str], names: tuple[str, ...], d_ff: int) -> tuple[dict | None, str]:
-    """The tensors `names` of a cache entry (the first a d_ff x d_ff matrix), or None and what is wrong with
-    it: damaged, or not what its key says."""
+def read_checked(f: Path, identity: dict[str, str], names: tuple[str, ...],
+                 shape: tuple[int, ...]) -> tuple[dict | None, str]:
+    """The tensors `names` of a cache entry (the first of `shape`), or None and what is wrong with it:
+    damaged, or not what its key says (its metadata holds `identity`). Also the z store's reader."""
     try:
         with safe_open(f, "pt") as st:
             meta = st.metadata() or {}
             got = {name: st.get_tensor(name) for name in names}
     except Exception as e:  # truncated, empty, not safetensors, missing tensors: all mean "recompute"
         return None, f"it cannot be read ({type(e).__name__})"
-    matrix = got[names[0]]
+    first = got[names[0]]
     problem = ("its identity differs" if any(meta.get(k) != v for k, v in identity.items()) else
-               f"its shape is {tuple(matrix.shape)}" if tuple(matrix.shape) != (d_ff, d_ff) else
-               "it holds NaN or Inf" if not torch.isfinite(matrix).all() else None)
+               f"its shape is {tuple(first.shape)}" if tuple(first.shape) != shape else
+               "it holds NaN or Inf" if not all(torch.isfinite(t.double()).all() for t in got.values()) else None)
     return (None if problem else got), problem
 
 
 def _read_entry(f: Path, identity: dict[str, str], d_ff: int) -> tuple[torch.Tensor, int] | None:
     """(C_l, token count) of a cache entry, or None (with a warning) when it is damaged or is not what its
     key says: such an entry is recomputed, never trusted and never fatal."""
-    got, problem = _read_checked(f, identity, ("mom2_sum", "count"), d_ff)
+    got, problem = read_checked(f, identity, ("mom2_sum", "count"), (d_ff, d_ff))
     if got is not None:
         n = int(got["count"].item())
         if n > 0:
@@ -328,7 +329,7 @@ def layer_projections(covs: dict[int, torch.Tensor], threshold: float, layers: l
         f = f.with_name(f"layer{layer}.nullspace-{threshold!r}.safetensors")
         key = {**identity, "layer": str(layer), "threshold": repr(threshold)}
         d_ff = covs[layer].shape[0]
-        got, problem = _read_checked(f, key, ("projection",), d_ff) if f.is_file() else (None, None)
+        got, problem = read_checked(f, key, ("projection",), (d_ff, d_ff)) if f.is_file() else (None, None)
         if got is not None:
             out[layer] = got["projection"]
             continue

@@ -346,7 +346,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
                           stacklevel=2)
         templates = [t for g in groups for t in g]
         store = None if resume_dir is None else TargetStore(resume_dir, z_identity(
-            weights_sha256(ckpt, cache), [p.patch_id for p in stack], dtype, hp, templates, hp.layers[-1], device))
+            stats.identity["model"], [p.patch_id for p in stack], dtype, hp, templates, hp.layers[-1], device))
         with _timed(seconds, "z"):
             targets = distributed.split_edits(
                 lambda part: compute_targets(em, tok, part, templates, hp.layers[-1], hp, config.progress,

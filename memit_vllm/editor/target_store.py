@@ -6,7 +6,7 @@ A batch's file is named by the hash of everything its z vectors depend on (the w
 the z hyperparameters, the context templates, the layer, the dtypes and device kind) and of its
 requests, in order. So a rerun with other settings, requests or a changed batching finds nothing and
 computes afresh; no file is ever trusted for more than its name promises. A damaged or foreign file is
-recomputed with a warning, never fatal, like the covariance cache (covariance.py).
+recomputed with a warning, never fatal, read as the covariance cache's entries are (covariance.read_checked).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..core.files import atomic_file
 from ..core.records import EditRequest
 from ..errors import MemitError
+from .covariance import read_checked
 from .hparams import HParams
 
 FORMAT = "memit-vllm z batch 1"
@@ -75,25 +75,14 @@ class TargetStore:
         if not path.exists() and not path.is_symlink():
             return None
         n = len(requests)
-        problem = None
         if path.is_symlink() or not path.is_file():
             problem = "it is not a regular file"
         elif path.stat().st_size > 2 * n * (d_model + 4) * 8 + (1 << 20):  # far more than n z rows could need
             problem = f"it is {path.stat().st_size} bytes, more than {n} z vectors need"
         else:
-            try:
-                with safe_open(path, "pt") as st:
-                    meta = st.metadata() or {}
-                    got = {name: st.get_tensor(name) for name in STORED}
-            except Exception as e:  # truncated, empty, not safetensors, missing tensors: all mean "recompute"
-                problem = f"it cannot be read ({type(e).__name__})"
-            else:
-                if meta.get("identity") != self.identity or meta.get("requests") != digest:
-                    problem = "it was made for other settings or requests"
-                elif got["z"].shape != (n, d_model) or any(t.shape[0] != n for t in got.values()):
-                    problem = f"its shapes do not fit {n} edits of width {d_model}"
-                elif not all(torch.isfinite(t.float()).all() for t in got.values()):
-                    problem = "it holds NaN or Inf"
+            got, problem = read_checked(path, {"identity": self.identity, "requests": digest}, STORED, (n, d_model))
+            if got is not None and any(t.shape[0] != n for t in got.values()):
+                got, problem = None, f"its shapes do not fit {n} edits"
         if problem:
             warnings.warn(f"resume file {path}: {problem}; recomputing its batch", stacklevel=3)
             return None
