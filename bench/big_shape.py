@@ -104,9 +104,9 @@ def measure(model: Path, edits: int, stats: str, extra: list[str]) -> dict:
         cmd = [sys.executable, "-m", "memit_vllm", "make-patch", "--model", str(model), "--requests",
                str(DATA / "counterfact" / "counterfact_500.json"), "--limit", str(edits), "--stats-corpus", stats,
                "--cache-dir", str(Path(tmp) / "cache"), "--out", str(Path(tmp) / "p.patch"), "--json", *extra]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its progress bars and errors show
         if done.returncode:
-            raise SystemExit(f"make-patch failed ({done.returncode}):\n{done.stderr[-4000:]}")
+            raise SystemExit(f"make-patch failed ({done.returncode}); its error is above")
         report = json.loads(done.stdout)
     covariance_gb = len(report["layers"]) * d_ff * d_ff * 8 / GB
     memory, base = report["memory"], baseline_rss_gb()

@@ -105,6 +105,23 @@ def test_make_patch_with_a_stats_file_is_make_patch_computing_them(model, data_d
     assert_deltas_close(from_shards, computed, rtol=1e-6)
 
 
+def test_statistics_of_fewer_tokens_than_d_ff_are_warned_of_from_a_corpus_and_from_a_file(model, data_dir, tmp_path):
+    """C from fewer tokens than d_ff (128 here) is singular: the report says so, whichever way C came."""
+    few = cli("stats", "compute", "--model", model, "--corpus", data_dir / CORPUS, "--layers", "1,2",
+              "--tokens", 100, "--out", tmp_path / "few.st")
+    assert few.exit_code == 0, few.output
+    requests = load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=1)
+
+    def warnings_of(**kw):
+        return edit(model, requests, hparams={**FAST, "layers": LAYERS}, cache_dir=tmp_path / "cache",
+                    progress=False, **kw).report.warnings
+
+    corpus = str(data_dir / CORPUS)
+    for got in (warnings_of(stats_corpus=corpus, stats_tokens=100), warnings_of(stats=tmp_path / "few.st")):
+        assert any("from 100 tokens, fewer than d_ff = 128" in w for w in got), got
+    assert not any("d_ff" in w for w in warnings_of(stats_corpus=corpus, stats_tokens=1000))
+
+
 @pytest.mark.parametrize("other, message", [
     (["--layers", "1,3"], "holds layers"),
     (["--dtype", "float64"], "differ in dtype"),

@@ -262,7 +262,7 @@ def _read_entry(f: Path, identity: dict[str, str], d_ff: int) -> tuple[torch.Ten
     if got is not None:
         n = int(got["count"].item())
         if n > 0:
-            return got["mom2_sum"] / n, n
+            return got["mom2_sum"].div_(n), n
         problem = "its token count is not positive"
     warnings.warn(f"covariance cache entry {f}: {problem}; recomputing it", stacklevel=3)
     return None
@@ -310,7 +310,7 @@ def layer_covariances(em: EditableModel, tok, layers: list[int], corpus: Corpus,
                 with atomic_file(files[l]) as tmp:
                     save_file({"mom2_sum": sums[l].cpu(), "count": torch.tensor([count], dtype=torch.float64)},
                               str(tmp), metadata=ids[l])
-            out[l] = sums[l] / count
+            out[l] = sums.pop(l).div_(count)  # in place: a d_ff x d_ff float64 copy is 1.6 GB at 8B
             info[l] = {"tokens": count, "cached": False, "seconds": round(seconds, 2)}
     return out, info
 

@@ -242,6 +242,11 @@ def statistics(em: EditableModel, tok, ckpt: Checkpoint, hp: HParams, config: Ed
         covs, info = layer_covariances(em, tok, hp.layers, corpus, identity, hp.mom2_n_tokens, hp.mom2_dtype, cache,
                                        config.progress)
         stats = Statistics(identity, corpus.description, covs, info)
+    few = {l: info[l]["tokens"] for l in hp.layers if info[l]["tokens"] < em.d_ff}
+    if few:
+        warnings.warn(f"the covariance of layers {sorted(few)} is from {min(few.values())} tokens, fewer than "
+                      f"d_ff = {em.d_ff}: it is singular and the update ill-posed; give the statistics many times "
+                      "d_ff tokens (a larger corpus, self:N or --stats-tokens)", stacklevel=2)
     if hp.method == "alphaedit":
         stats.projections = layer_projections(covs, hp.nullspace_threshold, hp.layers, cache, stats.identity)
     return stats

@@ -20,9 +20,9 @@ def solve_layer_update(keys: torch.Tensor, residuals: torch.Tensor, cov: torch.T
     explicit inverse: it is more accurate and as fast.
     """
     K, R = keys.double(), residuals.double()
-    A = mom2_update_weight * cov.to(K.device, torch.float64) + K @ K.T
+    A = (K @ K.T).add_(cov.to(K.device, torch.float64), alpha=mom2_update_weight)  # one d_ff x d_ff temporary
     if preserved is not None:
-        A = A + preserved.to(K.device, torch.float64)
+        A.add_(preserved.to(K.device, torch.float64))
     return R @ torch.linalg.solve(A, K).T
 
 
