@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,8 +95,9 @@ def write(shape: str, out: Path, shard_gb: float, tiny: bool, seed: int = 0) -> 
     return out
 
 
-def measure(model: Path, edits: int, stats: str, extra: list[str]) -> dict:
-    """make-patch --json on `edits` CounterFact records in a child process; its report plus the memory target."""
+def measure(model: Path, edits: int, stats: str, extra: list[str], keep_patch: Path | None = None) -> dict:
+    """make-patch --json on `edits` CounterFact records in a child process; its report plus the memory target
+    (and the patch moved to `keep_patch`, for serve-check)."""
     from memit_vllm.checkpoint import Checkpoint
     from memit_vllm.editor.arch import checkpoint_dims
 
@@ -108,6 +110,8 @@ def measure(model: Path, edits: int, stats: str, extra: list[str]) -> dict:
         if done.returncode:
             raise SystemExit(f"make-patch failed ({done.returncode}); its error is above")
         report = json.loads(done.stdout)
+        if keep_patch:
+            shutil.move(Path(tmp) / "p.patch", keep_patch)
     covariance_gb = len(report["layers"]) * d_ff * d_ff * 8 / GB
     memory, base = report["memory"], baseline_rss_gb()
     return {"model": str(model), "model_type": model_type, "layers": report["layers"], "edits": edits,
@@ -115,7 +119,75 @@ def measure(model: Path, edits: int, stats: str, extra: list[str]) -> dict:
             "covariance_gb": round(covariance_gb, 3), "baseline_rss_gb": base,
             # the target: peak RSS (less the interpreter and libraries) <= 1.3 x (checkpoint + covariance)
             "rss_ratio": round((memory["peak_rss_gb"] - base) / (memory["checkpoint_gb"] + covariance_gb), 3),
-            "z_target_prob": report["z_target_prob"]}
+            "z_target_prob": report["z_target_prob"], "z_steps": report.get("z_steps")}
+
+
+def serve_check(model: Path, patch: Path, tokens: int) -> dict:
+    """Serve `model` with `patch` in vLLM (offline LLM, load format memit, the checkpoint's bf16) and check
+    the merge as the tests do at tiny size: greedy tokens of the patch's prompts equal those of the
+    transformers model with the patch merged (bf16, W + delta rounded once, as serving merges), and
+    differ from the unpatched model's. Each side runs in a child process of its own: two 16 GB models do
+    not fit in RAM together."""
+    sides = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for backend in ("vllm", "hf"):
+            out = Path(tmp) / f"{backend}.json"
+            done = subprocess.run([sys.executable, __file__, "serve-check", "--model", str(model), "--patch",
+                                   str(patch), "--tokens", str(tokens), "--backend", backend, "--json", str(out)])
+            if done.returncode:
+                raise SystemExit(f"serve-check --backend {backend} failed ({done.returncode}); its error is above")
+            sides[backend] = json.loads(out.read_text())
+    vllm, hf = sides["vllm"], sides["hf"]
+    return {"model": str(model), "patch": vllm["patch"], "vllm_load_s": vllm["load_s"],
+            "vllm_generate_s": vllm["generate_s"], "hf_load_s": hf["load_s"],
+            "served_equals_merged": vllm["greedy"] == hf["greedy"],
+            "patch_changes_tokens": hf["greedy"] != hf["unpatched"], "vllm_greedy": vllm["greedy"],
+            "hf_greedy": hf["greedy"], "hf_unpatched_greedy": hf["unpatched"]}
+
+
+def greedy_side(model: Path, patch: Path, tokens: int, backend: str) -> dict:
+    """One side of serve-check: greedy token ids of the patch's prompts, and the load time."""
+    import os
+    import time
+
+    from memit_vllm.patch.format import load_patch
+
+    p = load_patch(patch)
+    prompts = [r["prompt"].replace("{}", r["subject"]) for r in p.requests]
+    start = time.monotonic()
+    if backend == "vllm":
+        from memit_vllm.core.contract import LOAD_FORMAT, PATCHES_KEY
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        from vllm import LLM, SamplingParams
+
+        llm = LLM(model=str(model), load_format=LOAD_FORMAT, model_loader_extra_config={PATCHES_KEY: [str(patch)]},
+                  dtype="bfloat16", max_model_len=256, enforce_eager=True, max_num_seqs=4)
+        load_s, start = time.monotonic() - start, time.monotonic()
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=tokens))
+        return {"patch": p.patch_id, "load_s": round(load_s, 1), "generate_s": round(time.monotonic() - start, 1),
+                "greedy": [list(o.outputs[0].token_ids) for o in outs]}
+    from memit_vllm.checkpoint import Checkpoint
+    from memit_vllm.evaluate.patching import merge_into_model, swapped
+
+    ckpt = Checkpoint(model)
+    tok = transformers.AutoTokenizer.from_pretrained(model)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).eval()
+    replaced = merge_into_model(hf, ckpt, [p])
+    load_s = time.monotonic() - start
+
+    def greedy() -> list[list[int]]:
+        out = []
+        for prompt in prompts:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            gen = hf.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.eos_token_id)
+            out.append(gen[0, ids.shape[1]:].tolist())
+        return out
+
+    patched = greedy()
+    with swapped(hf, replaced):
+        unpatched = greedy()
+    return {"load_s": round(load_s, 1), "greedy": patched, "unpatched": unpatched}
 
 
 def baseline_rss_gb() -> float:
@@ -139,13 +211,24 @@ def main() -> None:
     m.add_argument("--edits", type=int, default=4)
     m.add_argument("--stats", default="self:64", help="--stats-corpus for make-patch")
     m.add_argument("--json", type=Path, help="also write the result here")
+    m.add_argument("--keep-patch", type=Path, help="keep the patch here (for serve-check)")
+    c = sub.add_parser("serve-check", help="serve it with the patch in vLLM; check the merged weights exactly")
+    c.add_argument("--model", type=Path, required=True)
+    c.add_argument("--patch", type=Path, required=True)
+    c.add_argument("--tokens", type=int, default=8, help="greedy tokens per prompt")
+    c.add_argument("--json", type=Path, help="also write the result here")
+    c.add_argument("--backend", choices=["vllm", "hf"], help=argparse.SUPPRESS)  # one side, in a child process
     args, extra = p.parse_known_args()  # measure: other flags go to make-patch (--device, --z-dtype, ...)
+    if extra and args.cmd != "measure":
+        p.error(f"unknown arguments {extra}")
     if args.cmd == "write":
-        if extra:
-            p.error(f"unknown arguments {extra}")
         print(write(args.shape, args.out, args.shard_gb, args.tiny))
         return
-    result = measure(args.model, args.edits, args.stats, extra)
+    if args.cmd == "serve-check" and args.backend:
+        result = greedy_side(args.model, args.patch, args.tokens, args.backend)
+    else:
+        result = (serve_check(args.model, args.patch, args.tokens) if args.cmd == "serve-check"
+                  else measure(args.model, args.edits, args.stats, extra, args.keep_patch))
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
