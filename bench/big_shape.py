@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 GB = 1024**3
+TOP = 5  # serve-check: top tokens compared where greedy texts part
 
 SHAPES = {  # the released configs' dimensions
     "llama3-8b": (transformers.LlamaConfig, dict(
@@ -140,7 +141,7 @@ def serve_check(model: Path, patch: Path, tokens: int) -> dict:
     vllm, hf = sides["vllm"], sides["hf"]
     return {"model": str(model), "patch": vllm["patch"], "vllm_load_s": vllm["load_s"],
             "vllm_generate_s": vllm["generate_s"], "hf_load_s": hf["load_s"],
-            "served_equals_merged": vllm["greedy"] == hf["greedy"],
+            "served_vs_merged": agreement(vllm, hf),
             "patch_changes_tokens": hf["greedy"] != hf["unpatched"], "vllm_greedy": vllm["greedy"],
             "hf_greedy": hf["greedy"], "hf_unpatched_greedy": hf["unpatched"]}
 
@@ -164,9 +165,11 @@ def greedy_side(model: Path, patch: Path, tokens: int, backend: str) -> dict:
         llm = LLM(model=str(model), load_format=LOAD_FORMAT, model_loader_extra_config={PATCHES_KEY: [str(patch)]},
                   dtype="bfloat16", max_model_len=256, enforce_eager=True, max_num_seqs=4)
         load_s, start = time.monotonic() - start, time.monotonic()
-        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=tokens))
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=tokens, logprobs=TOP))
         return {"patch": p.patch_id, "load_s": round(load_s, 1), "generate_s": round(time.monotonic() - start, 1),
-                "greedy": [list(o.outputs[0].token_ids) for o in outs]}
+                "greedy": [list(o.outputs[0].token_ids) for o in outs],
+                "top": [[sorted(step, key=lambda t: -step[t].logprob)[:TOP] for step in o.outputs[0].logprobs]
+                        for o in outs]}
     from memit_vllm.checkpoint import Checkpoint
     from memit_vllm.evaluate.patching import merge_into_model, swapped
 
@@ -176,18 +179,35 @@ def greedy_side(model: Path, patch: Path, tokens: int, backend: str) -> dict:
     replaced = merge_into_model(hf, ckpt, [p])
     load_s = time.monotonic() - start
 
-    def greedy() -> list[list[int]]:
-        out = []
+    def greedy() -> tuple[list[list[int]], list[list[list[int]]]]:
+        out, top = [], []
         for prompt in prompts:
             ids = tok(prompt, return_tensors="pt").input_ids
-            gen = hf.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.eos_token_id)
-            out.append(gen[0, ids.shape[1]:].tolist())
-        return out
+            gen = hf.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tok.eos_token_id,
+                              output_scores=True, return_dict_in_generate=True)
+            out.append(gen.sequences[0, ids.shape[1]:].tolist())
+            top.append([s[0].topk(TOP).indices.tolist() for s in gen.scores])
+        return out, top
 
-    patched = greedy()
+    patched, top = greedy()
     with swapped(hf, replaced):
-        unpatched = greedy()
-    return {"load_s": round(load_s, 1), "greedy": patched, "unpatched": unpatched}
+        unpatched, _ = greedy()
+    return {"load_s": round(load_s, 1), "greedy": patched, "top": top, "unpatched": unpatched}
+
+
+def agreement(a: dict, b: dict) -> list[str]:
+    """Per prompt, how two sides' greedy tokens agree, by vLLM's own test rule (check_logprobs_close):
+    "exact", or "close at step i" where they first differ but each side's token is in the other's top
+    TOP (a near-tie that bf16 kernels may break either way; later steps then continue different texts),
+    or "differ at step i"."""
+    out = []
+    for ta, tb, topa, topb in zip(a["greedy"], b["greedy"], a["top"], b["top"]):
+        i = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), None)
+        if i is None:
+            out.append("exact")
+        else:
+            out.append(f"{'close' if ta[i] in topb[i] and tb[i] in topa[i] else 'differ'} at step {i}")
+    return out
 
 
 def baseline_rss_gb() -> float:
