@@ -2,8 +2,9 @@
 exact shapes, then make-patch on it, measured.
 
     .venv/bin/python bench/big_shape.py write --shape llama3-8b --out /data/llama3-8b-random
-    .venv/bin/python bench/big_shape.py measure --model /data/llama3-8b-random --edits 4 --stats self:64 \\
-        [--device cpu] [--z-dtype bfloat16] [--json results.json]
+    .venv/bin/python bench/big_shape.py measure --model /data/llama3-8b-random --edits 4 --stats FILE|self:N \\
+        [--stats-tokens N] [--device-map MAP --offload-folder DIR] [--keep-patch P] [--json results.json]
+    .venv/bin/python bench/big_shape.py serve-check --model /data/llama3-8b-random --patch P
 
 `write` makes the weights shard by shard (`--shard-gb`, default 2): at most one shard (and the tensor
 being drawn) is in memory, so writing a 16 GB checkpoint needs a few GB of RAM. Names, shapes and config
@@ -17,6 +18,10 @@ records and reports its time split (stats / z / update) and peak RSS against the
 the covariance the editor holds (d_ff x d_ff float64 per edited layer): the target of issue 15 is
 peak RSS <= 1.3 x (checkpoint + covariance), after the ~0.5 GB any process importing torch holds. By
 FLOP count each z step of an 8B model costs ~1 TFLOP per edit: minutes per edit on a few CPU cores.
+Give the statistics more tokens than d_ff (C is singular below that).
+
+`serve-check` serves the checkpoint with the patch in vLLM and compares greedy tokens with transformers'
+merged model (each in a process of its own: two 16 GB models do not fit together).
 """
 
 from __future__ import annotations
