@@ -3,7 +3,7 @@
     .venv/bin/python bench/make_patch.py z-speed  [--edits 8] [--z-variants '[{}, {"z_dtype": "bfloat16"}]']
     .venv/bin/python bench/make_patch.py covariance [--tokens 50000]
     .venv/bin/python bench/make_patch.py spectrum [--thresholds 5e-3,1e-2,2e-2]
-    .venv/bin/python bench/make_patch.py scaling  [--sizes 10,100] [--data FILE] [--eval]
+    .venv/bin/python bench/make_patch.py scaling  [--sizes 10,100] [--data FILE] [--eval] [--dtype bfloat16]
                                                   [--layers 3-9] [--lambda 768] [--hparams '{"v_num_grad_steps": 40}']
 
 - z-speed: edits/s of the batched, prefix-cached z optimisation vs the plain one-edit-at-a-time,
@@ -176,14 +176,15 @@ def scaling(args, model_dir):
     if args.drop_conflicts:
         args.data = str(without_conflicts(args.data, max(int(x) for x in args.sizes.split(","))))
     print(f"machine: {machine()}; layers {args.layers or 'preset'}, lambda {args.lam or 'preset'}, "
-          f"hparams {overrides or 'preset'}")
+          f"hparams {overrides or 'preset'}, model dtype {args.dtype or 'as stored'}")
     print("| edits | stats (s) | z (s) | update (s) | total (s) | peak RSS (GiB) | ES | PS | NS | NS before |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in [int(s) for s in args.sizes.split(",")]:
         reqs = load_requests(args.data, limit=size)
         result = edit(model_dir, reqs, EditConfig(stats_corpus=str(CORPUS), hparams=overrides,
                                                   layers=parse_layers(args.layers), mom2_update_weight=args.lam,
-                                                  progress=args.progress, resume_dir=args.resume_dir))
+                                                  progress=args.progress, resume_dir=args.resume_dir,
+                                                  dtype=args.dtype))
         s = result.report.seconds
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         if torch.cuda.is_available():
@@ -220,6 +221,8 @@ def main():
     ap.add_argument("--resume-dir", help="scaling: keep finished z batches here; a rerun resumes")
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr (for long sizes)")
     ap.add_argument("--layers", help="override the preset's layers, e.g. 4-8")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="scaling: edit the model in this dtype (make-patch --dtype); scores always in fp32")
     ap.add_argument("--lambda", dest="lam", type=float, help="override lambda (mom2_update_weight)")
     ap.add_argument("--hparams", help="JSON of other overrides, e.g. '{\"v_num_grad_steps\": 25}'")
     args = ap.parse_args()
