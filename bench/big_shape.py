@@ -129,11 +129,10 @@ def measure(model: Path, edits: int, stats: str, extra: list[str], keep_patch: P
 
 
 def serve_check(model: Path, patch: Path, tokens: int) -> dict:
-    """Serve `model` with `patch` in vLLM (offline LLM, load format memit, the checkpoint's bf16) and check
-    the merge as the tests do at tiny size: greedy tokens of the patch's prompts equal those of the
-    transformers model with the patch merged (bf16, W + delta rounded once, as serving merges), and
-    differ from the unpatched model's. Each side runs in a child process of its own: two 16 GB models do
-    not fit in RAM together."""
+    """Serve `model` with `patch` in vLLM (offline LLM, load format memit, bf16) and compare greedy tokens
+    of the patch's prompts with the transformers model with the patch merged (bf16, W + delta rounded
+    once, as serving merges) by `agreement`, and with the unpatched model's. Each side runs in a child
+    process of its own: two 16 GB models do not fit in RAM together."""
     sides = {}
     with tempfile.TemporaryDirectory() as tmp:
         for backend in ("vllm", "hf"):
@@ -156,10 +155,11 @@ def greedy_side(model: Path, patch: Path, tokens: int, backend: str) -> dict:
     import os
     import time
 
+    from memit_vllm.core.records import parse_record
     from memit_vllm.patch.format import load_patch
 
     p = load_patch(patch)
-    prompts = [r["prompt"].replace("{}", r["subject"]) for r in p.requests]
+    prompts = [parse_record(r, "patch request").text() for r in p.requests]
     start = time.monotonic()
     if backend == "vllm":
         from memit_vllm.core.contract import LOAD_FORMAT, PATCHES_KEY
@@ -237,7 +237,7 @@ def main() -> None:
     m.add_argument("--stats", default="self:64", help="--stats-corpus for make-patch")
     m.add_argument("--json", type=Path, help="also write the result here")
     m.add_argument("--keep-patch", type=Path, help="keep the patch here (for serve-check)")
-    c = sub.add_parser("serve-check", help="serve it with the patch in vLLM; check the merged weights exactly")
+    c = sub.add_parser("serve-check", help="serve the patch in vLLM; compare greedy tokens with the merged model")
     c.add_argument("--model", type=Path, required=True)
     c.add_argument("--patch", type=Path, required=True)
     c.add_argument("--tokens", type=int, default=8, help="greedy tokens per prompt")
@@ -249,11 +249,12 @@ def main() -> None:
     if args.cmd == "write":
         print(write(args.shape, args.out, args.shard_gb, args.tiny))
         return
-    if args.cmd == "serve-check" and args.backend:
+    if args.cmd == "measure":
+        result = measure(args.model, args.edits, args.stats, extra, args.keep_patch)
+    elif args.backend:
         result = greedy_side(args.model, args.patch, args.tokens, args.backend)
     else:
-        result = (serve_check(args.model, args.patch, args.tokens) if args.cmd == "serve-check"
-                  else measure(args.model, args.edits, args.stats, extra, args.keep_patch))
+        result = serve_check(args.model, args.patch, args.tokens)
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
