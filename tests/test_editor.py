@@ -98,7 +98,9 @@ def test_most_probable_early_stop_ends_each_edit_once_its_target_is_the_argmax(s
     greedy = compute_targets(em, tok, reqs, TEMPLATES, layer, hp, progress=False)
     loss = compute_targets(em, tok, reqs, TEMPLATES, layer, hp.replace(v_early_stop="loss"), progress=False)
     assert (greedy.steps <= loss.steps).all() and greedy.steps.sum() < loss.steps.sum()
-    assert (greedy.delta.norm(dim=1) < loss.delta.norm(dim=1)).all()
+    # an edit whose delta reaches the clamp (clamp_norm_factor) under both rules has the clamp's norm in both
+    assert (greedy.delta.norm(dim=1) <= loss.delta.norm(dim=1) * (1 + 1e-6)).all()
+    assert greedy.delta.norm(dim=1).sum() < loss.delta.norm(dim=1).sum()
 
     def argmax_with(delta, request, template):
         enc = encode(tok, template, request)

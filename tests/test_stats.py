@@ -316,6 +316,10 @@ def torchrun(*args, cwd):
 # Adam's normalised steps amplify where a gradient is near zero (test_editor's batched-z test allows
 # 0.1%); measured here: 1.2e-6 of each delta's norm.
 DISTRIBUTED_RTOL = 1e-4
+# Each torchrun process computes keys with one thread, this process with all cores: on a machine with more
+# than two cores the float32 matmuls then sum in another order (CI measured 1.2e-6 absolute, on entries of
+# order 1-10); a lost or doubled batch would move the sums by percents.
+KEY_ROUNDING_RTOL = 1e-5
 
 
 def test_torchrun_statistics_and_patch_equal_one_process(model, data_dir, whole, tmp_path):
@@ -324,8 +328,8 @@ def test_torchrun_statistics_and_patch_equal_one_process(model, data_dir, whole,
              TOKENS, "--out", tmp_path / "dist.st", "--cache-dir", tmp_path / "cache", "--json", cwd=tmp_path)
     dist = read_stats(tmp_path / "dist.st")
     assert dist.identity == one.identity and dist.counts == one.counts and dist.complete
-    for l, s in sums(one).items():
-        torch.testing.assert_close(dist.mom2_sum(l), s, rtol=1e-12, atol=0)
+    for l, s in sums(one).items():  # keys equal up to float32 rounding: the threads per process differ
+        assert (dist.mom2_sum(l) - s).norm() <= KEY_ROUNDING_RTOL * s.norm(), l
 
     hp = tmp_path / "hp.json"
     hp.write_text(json.dumps({**FAST, "layers": LAYERS}))
