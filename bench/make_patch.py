@@ -3,8 +3,9 @@
     .venv/bin/python bench/make_patch.py z-speed  [--edits 8] [--z-variants '[{}, {"z_dtype": "bfloat16"}]']
     .venv/bin/python bench/make_patch.py covariance [--tokens 50000]
     .venv/bin/python bench/make_patch.py spectrum [--thresholds 5e-3,1e-2,2e-2]
-    .venv/bin/python bench/make_patch.py scaling  [--sizes 10,100] [--data FILE] [--eval] [--dtype bfloat16]
-                                                  [--layers 3-9] [--lambda 768] [--hparams '{"v_num_grad_steps": 40}']
+    .venv/bin/python bench/make_patch.py scaling  [--sizes 10,100] [--data FILE] [--eval]
+                                                  [--dtype|--saved-in bfloat16] [--layers 3-9] [--lambda 768]
+                                                  [--hparams '{"v_num_grad_steps": 40}']
 
 - z-speed: edits/s of the batched, prefix-cached z optimisation vs the plain one-edit-at-a-time,
   full-forward implementation of the same eq. 16 (memit_vllm.editor.reference, the one the exactness
@@ -166,6 +167,17 @@ def without_conflicts(path: str, n: int) -> Path:
     return out
 
 
+def saved_copy(model_dir: Path, dtype: str) -> Path:
+    """The checkpoint saved again in `dtype` (tokenizer beside it), in a temporary directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(tempfile.mkdtemp()) / f"{model_dir.name}-{dtype}"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.to(getattr(torch, dtype)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
 def scaling(args, model_dir):
     import json
 
@@ -173,6 +185,8 @@ def scaling(args, model_dir):
     from memit_vllm.evaluate.run import evaluate
 
     overrides = json.loads(args.hparams) if args.hparams else None
+    if args.saved_in:  # what a user of a bf16 checkpoint edits and serves: the weights rounded once
+        model_dir = saved_copy(model_dir, args.saved_in)
     if args.drop_conflicts:
         args.data = str(without_conflicts(args.data, max(int(x) for x in args.sizes.split(","))))
     print(f"machine: {machine()}; layers {args.layers or 'preset'}, lambda {args.lam or 'preset'}, "
@@ -223,6 +237,8 @@ def main():
     ap.add_argument("--layers", help="override the preset's layers, e.g. 4-8")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="scaling: edit the model in this dtype (make-patch --dtype); scores always in fp32")
+    ap.add_argument("--saved-in", choices=["bfloat16", "float16"],
+                    help="scaling: edit and score a copy of the model saved in this dtype (a bf16 checkpoint)")
     ap.add_argument("--lambda", dest="lam", type=float, help="override lambda (mom2_update_weight)")
     ap.add_argument("--hparams", help="JSON of other overrides, e.g. '{\"v_num_grad_steps\": 25}'")
     args = ap.parse_args()

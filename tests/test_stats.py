@@ -317,8 +317,8 @@ def torchrun(*args, cwd):
 # 0.1%); measured here: 1.2e-6 of each delta's norm.
 DISTRIBUTED_RTOL = 1e-4
 # Each torchrun process computes keys with one thread, this process with all cores: on a machine with more
-# than two cores the float32 matmuls then sum in another order (CI measured 1.2e-6 absolute, on entries of
-# order 1-10); a lost or doubled batch would move the sums by percents.
+# than two cores the float32 matmuls then sum in another order (CI measured up to 1.2e-6 absolute, 2e-4
+# relative on one entry); a lost or doubled batch would move the sums by percents.
 KEY_ROUNDING_RTOL = 1e-5
 
 
