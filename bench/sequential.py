@@ -8,6 +8,9 @@ patches it finds, so a long run can stop and continue):
 - memit-kp: the same with the lineage's facts as preserved keys (make-patch's default with `--on`);
 - alphaedit: each batch `--on` the earlier ones with `--method alphaedit`;
 - preserve: memit-kp plus `--preserve` of the close-neighbour suite below (with their true answers);
+- neighbours: memit-kp plus `--neighbour-subjects` (10 per edit, subjects of records NEIGHBOUR_RECORDS, none
+  of the untouched or close-neighbour subjects) at lambda 384 and preserve weight 1/16 (docs/hyperparameters.md,
+  session 10: the configuration that kept 90% of unrelated first words for one batch of 100);
 - onebatch: all edits so far in one patch on the base (the reference point; remade at each step).
 After each batch (or every --eval-every batches), on every edit made so far: ES, PS, NS (teacher forced,
 as `eval`), and the share of greedy rewrite completions that start with the new target; retention of
@@ -46,8 +49,9 @@ from memit_vllm.patch import load_patch
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_edit_10k.json"
 ARMS = {"independent": None, "memit": {"preserve_lineage": False}, "memit-kp": {}, "alphaedit": {"method": "alphaedit"},
-        "preserve": {}, "onebatch": None}
+        "preserve": {}, "neighbours": {"mom2_update_weight": 384, "preserve_weight": 0.0625}, "onebatch": None}
 UNTOUCHED = 200
+NEIGHBOUR_RECORDS = (2000, 4000)
 CLOSE_EDITS, CLOSE_PER_EDIT = 50, 4
 
 
@@ -84,11 +88,13 @@ def batch_patch(arm: str, t: int, batches: list[list], args, budget: int, earlie
     else:
         requests, hparams = batches[t], dict(ARMS[arm] or {})
         on = [] if arm == "independent" else earlier
+    hparams |= json.loads(args.hparams)
     if args.z_dtype:
         hparams["z_dtype"] = args.z_dtype
     preserve = Path(args.out) / "close-neighbours-preserve.json" if arm == "preserve" else None
+    subjects = Path(args.out) / "neighbour-subjects.json" if arm == "neighbours" else None
     make_patch(args.model, requests, on=on, hparams=hparams, stats_corpus=str(HELDOUT_DEFAULT), stats_tokens=budget,
-               name=f"{arm}-{t}", progress=False, preserve=preserve).save(path)
+               name=f"{arm}-{t}", progress=False, preserve=preserve, neighbour_subjects=subjects).save(path)
     seconds = time.monotonic() - start
     print(f"{arm} batch {t}: made in {seconds:.0f} s", flush=True)
     return path, seconds
@@ -115,6 +121,8 @@ def main():
     ap.add_argument("--plot", help="PNG of the curves")
     ap.add_argument("--z-dtype", help="make-patch's z_dtype for every arm (e.g. bfloat16: ~2x faster on CPUs with "
                     "AVX-512 BF16, same scores at 100 edits: docs/benchmarks.md)")
+    ap.add_argument("--hparams", default="{}", help="JSON of hyperparameters for every arm (over each arm's own), "
+                    "e.g. the fast z recipe '{\"v_lr\": 2.0, \"v_early_stop_loss\": 0.3}'")
     ap.add_argument("--eval-every", type=int, default=1, help="measure after every k-th batch (and the last)")
     ap.add_argument("--report-only", action="store_true", help="print the table (and plot) of what is measured")
     args = ap.parse_args()
@@ -141,6 +149,10 @@ def main():
         [{"prompt": p, "answer": " " + r.target_true} for r in close_records for p in r.neighborhood_prompts]))
     print(f"close-neighbour suite: {len(close_records)} edits of the first batch, "
           f"{sum(len(r.neighborhood_prompts) for r in close_records)} prompts")
+    asked = {p for prompts in suite.values() for p in prompts}
+    scored = {r["subject"] for r in untouched} | {r["subject"] for r in raw if r["prompt"] in asked}
+    (work / "neighbour-subjects.json").write_text(json.dumps(sorted(
+        {r["subject"] for r in raw[slice(*NEIGHBOUR_RECORDS)]} - scored)))
 
     ckpt = Checkpoint(args.model)
     model, tok = load_model(ckpt)

@@ -99,7 +99,7 @@ def main():
     base_hp, source = default_hparams(*checkpoint_dims(ckpt))
     base_hp = base_hp.replace(**json.loads(args.z_hparams))
     requests = load_requests(args.data, limit=args.edits)
-    _, records = read_dataset(args.data, args.edits)
+    fmt, records = read_dataset(args.data, args.edits)  # full CounterFact or the shortened counterfact_edit_10k
     held_out = max(args.train_paraphrases, args.score_paraphrases_from)
     if args.train_paraphrases:
         requests = [replace(q, paraphrases=tuple(template_prompt(p, q.subject, "paraphrase")
@@ -118,12 +118,12 @@ def main():
                                   base_hp)
     print(f"z for {len(requests)} edits: {'cached' if cached else f'{time.monotonic() - t:.0f} s'}")
 
-    unrelated, unrelated_source = unrelated_prompts(args.data, "counterfact", records)
+    unrelated, unrelated_source = unrelated_prompts(args.data, fmt, records)
     _, everything = read_dataset(args.data)  # the subjects scored here (edited or unrelated): never preserved
     asked = set(unrelated)
     scored = {r.subject for r in everything[:len(records)]} | {r.subject for r in everything[len(records):]
                                                                 if r.rewrite_prompt in asked}
-    task = generation_task(tok, "counterfact", records, unrelated, unrelated_source, CORPUS)
+    task = generation_task(tok, fmt, records, unrelated, unrelated_source, CORPUS)
     scorer = TransformersScorer(em.model, tok, progress=False)
     before_file = out / f"before-{args.edits}-p{held_out}.json"
     original = {em.arch.weight_name(l): em.down_proj(l).weight.detach().clone() for l in range(em.n_layers)}

@@ -184,10 +184,25 @@ def test_a_reduced_precision_forward_is_recorded_and_taken_only_by_an_edit_in_it
                                          r"float32: compute it with stats compute --model-dtype float32"):
         edit(model, requests, hparams={**FAST, "layers": LAYERS}, cache_dir=tmp_path / "cache", progress=False,
              stats=half.path)
-    with pytest.raises(MemitError, match="computed with the model in float32, this edit runs it in bfloat16"):
+    with pytest.raises(MemitError, match="computed with the model in float32, this edit runs it in bfloat16: .* or "
+                                         "edit with --stats-model-dtype float32"):
         edit(model, requests, hparams={**FAST, "layers": LAYERS}, cache_dir=tmp_path / "cache", progress=False,
              stats=one.path, dtype="bfloat16")
     stats_for_edit(half.path, one.identity["model"], LAYERS, one.d_ff, "bfloat16")  # the same forward: taken
+
+
+def test_make_patch_stats_model_dtype_computes_what_stats_compute_model_dtype_does(model, data_dir, whole, tmp_path):
+    """The bf16 statistics pass of an fp32 edit (--stats-model-dtype) is stats compute --model-dtype's:
+    the same cache identity, the same patch as from that file, another patch than fp32 statistics give."""
+    one, _ = whole
+    half = compute(model, data_dir, tmp_path / "bf16.st", "--model-dtype", "bfloat16")
+    made = patch_of(model, data_dir, tmp_path, stats_corpus=str(data_dir / CORPUS), stats_tokens=TOKENS,
+                    stats_model_dtype="bfloat16")
+    from_file = patch_of(model, data_dir, tmp_path, stats=half.path, stats_model_dtype="bfloat16")
+    fp32 = patch_of(model, data_dir, tmp_path, stats=one.path)
+    assert made.hparams["mom2_model_dtype"] == "bfloat16" and made.hparams["dtype"] == "float32"
+    assert all(torch.equal(from_file.deltas[n], made.deltas[n]) for n in made.deltas)
+    assert not all(torch.equal(fp32.deltas[n], made.deltas[n]) for n in made.deltas)
 
 
 def test_damaged_or_foreign_stats_files_are_refused(whole, tmp_path):

@@ -1,9 +1,10 @@
 """Second moments C_l = E[k k^T] of the down-projection inputs, for all edited layers in ONE pass.
 
 The reference makes one corpus pass per layer; here one forward per batch feeds every edited layer
-and stops after the deepest one. Sums are accumulated in float64 (products in float32 unless
-mom2_dtype is float64) and cached on disk per layer, keyed by model content, corpus identity, token
-budget and dtype (`stats_identity`, also the identity of a stats file: stats_file.py), so a second
+and stops at the deepest one's keys. Sums are accumulated in float64 (products in float32 unless
+mom2_dtype is float64; the model may run in bfloat16 for the pass: hparams mom2_model_dtype) and
+cached on disk per layer, keyed by model content, corpus identity, token budget, dtype and the model's
+dtype (`stats_identity`, also the identity of a stats file: stats_file.py), so a second
 make-patch (or one with other layers) reuses what was computed. A pass can be split into shards
 (`Shard`: other machines, or the ranks of torch.distributed) whose sums add up to the one-pass sums.
 """
@@ -205,14 +206,27 @@ def token_batches(tok, corpus: Corpus, budget: int | None, shard: Shard = Shard(
         yield batch
 
 
+GRAM_BLOCKS = 4  # k^T k is symmetric: its upper block triangle only, 10 of 16 blocks (0.69x the time here)
+
+
+def add_gram(total: torch.Tensor, k: torch.Tensor) -> None:
+    """total += k^T k (float64 total, products in k's dtype), computing only the blocks on and above the
+    diagonal; each block is a plain matmul over all rows, so the sums are those of k.T @ k."""
+    d = k.shape[1]
+    edges = [round(i * d / GRAM_BLOCKS) for i in range(GRAM_BLOCKS + 1)]
+    for a, b in zip(edges, edges[1:]):
+        block = (k[:, a:b].T @ k[:, a:]).to(torch.float64)  # rows a:b, columns a:d
+        total[a:b, a:] += block
+        total[b:, a:b] += block[:, b - a:].T
+
+
 def accumulate(em: EditableModel, ids: torch.Tensor, mask: torch.Tensor, sums: dict[int, torch.Tensor],
                dtype: torch.dtype = torch.float32) -> int:
     """Add k^T k of one batch's real tokens to sums[layer] (float64) for every layer; return the token count."""
     got = capture(em, ids, mask, keys=list(sums))
     real = mask.bool()
     for layer, total in sums.items():
-        k = got.keys[layer][real.to(got.keys[layer].device)].to(total.device, dtype)
-        total += (k.T @ k).to(torch.float64)
+        add_gram(total, got.keys[layer][real.to(got.keys[layer].device)].to(total.device, dtype))
     return int(real.sum())
 
 

@@ -32,6 +32,7 @@ from .covariance import layer_covariances, layer_projections, resolve_corpus, st
 from .hparams import HParams, default_hparams, load_hparams_file
 from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
 from .memory import peak_memory, reset_gpu_peaks
+from .precision import computing_in
 from .preserve import PreservedKeys, neighbour_prompts, read_preserve_file
 from .prompts import context_templates, encode
 from .solve import solve_alphaedit_update, solve_layer_update
@@ -57,6 +58,7 @@ class EditConfig:
     stats_corpus: str | None = None  # a .txt/.jsonl file, self:N or an HF dataset name
     stats_tokens: int | None = None
     stats_dtype: str | None = None
+    stats_model_dtype: str | None = None  # the covariance pass's model dtype (hparams mom2_model_dtype)
     stats: str | Path | None = None  # a stats file (stats_file.py) instead of a corpus pass
     cache_dir: str | Path | None = None  # default: memit_vllm.cache.cache_dir()
     seed: int = 0
@@ -146,7 +148,8 @@ def _as_requests(requests, zsre_target: str) -> list[EditRequest]:
 
 def _hparams(dims: tuple[str, int, int], config: EditConfig) -> tuple[HParams, str]:
     overrides = {"layers": config.layers, "mom2_update_weight": config.mom2_update_weight, "method": config.method,
-                 "z_dtype": config.z_dtype, "mom2_n_tokens": config.stats_tokens, "mom2_dtype": config.stats_dtype}
+                 "z_dtype": config.z_dtype, "mom2_n_tokens": config.stats_tokens, "mom2_dtype": config.stats_dtype,
+                 "mom2_model_dtype": config.stats_model_dtype}
     hparams = config.hparams
     hp, source = default_hparams(*dims)
     if isinstance(hparams, HParams):
@@ -237,10 +240,11 @@ def statistics(em: EditableModel, tok, ckpt: Checkpoint, hp: HParams, config: Ed
     else:
         corpus = resolve_corpus(config.stats_corpus, em, tok, config.seed)
         model_sha = weights_sha256(ckpt, cache)
-        identity = stats_identity(model_sha, corpus.identity, hp.mom2_n_tokens, hp.mom2_dtype, em.d_ff,
-                                  em.model.dtype)
-        covs, info = layer_covariances(em, tok, hp.layers, corpus, identity, hp.mom2_n_tokens, hp.mom2_dtype, cache,
-                                       config.progress)
+        forward = getattr(torch, hp.mom2_model_dtype) if hp.mom2_model_dtype else em.model.dtype
+        identity = stats_identity(model_sha, corpus.identity, hp.mom2_n_tokens, hp.mom2_dtype, em.d_ff, forward)
+        with computing_in(em.model, forward):
+            covs, info = layer_covariances(em, tok, hp.layers, corpus, identity, hp.mom2_n_tokens, hp.mom2_dtype,
+                                           cache, config.progress)
         stats = Statistics(identity, corpus.description, covs, info)
     few = {l: info[l]["tokens"] for l in hp.layers if info[l]["tokens"] < em.d_ff}
     if few:
@@ -260,7 +264,8 @@ def _stats_file(config: EditConfig, ckpt: Checkpoint, hp: HParams, d_ff: int, ca
                                   ("--stats-dtype", config.stats_dtype)) if v is not None]
     if given:
         raise MemitError(f"--stats FILE holds the statistics: drop {', '.join(given)} (they say how to compute them)")
-    return stats_for_edit(config.stats, weights_sha256(ckpt, cache), hp.layers, d_ff, model_dtype(ckpt, config.dtype))
+    return stats_for_edit(config.stats, weights_sha256(ckpt, cache), hp.layers, d_ff,
+                          hp.mom2_model_dtype or model_dtype(ckpt, config.dtype))
 
 
 def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: TargetResult, stats: Statistics,

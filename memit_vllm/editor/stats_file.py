@@ -98,8 +98,8 @@ class StatsFile:
         return Path(path)
 
     def check_for(self, model_sha: str, layers: list[int], d_ff: int, forward: str) -> None:
-        """Refuse statistics that are not of this checkpoint, these layers and the dtype the model runs in
-        (`forward`: as the covariance cache, which keys entries by it), before any heavy work."""
+        """Refuse statistics that are not of this checkpoint, these layers and the dtype the model runs in for
+        the statistics (`forward`: as the covariance cache, which keys entries by it), before any heavy work."""
         name = self.path.name if self.path else "the stats file"
         if not self.complete:
             raise MemitError(f"stats file {name} holds {self.shards_text()}: merge the others into it first "
@@ -112,7 +112,7 @@ class StatsFile:
         if self.forward != forward and not self.provenance.get("imported"):
             raise MemitError(f"stats file {name} was computed with the model in {self.forward}, this edit runs it in "
                              f"{forward}: compute it with stats compute --model-dtype {forward}, or edit with "
-                             f"--dtype {self.forward}")
+                             f"--stats-model-dtype {self.forward}")
         missing = [l for l in layers if l not in self.counts]
         if missing:
             raise MemitError(f"stats file {name} holds layers {self.layers}, not {missing}: compute them "

@@ -52,6 +52,8 @@ def capture(em: EditableModel, input_ids: torch.Tensor, attention_mask: torch.Te
     def on_down_proj(i):
         def hook(module, args):
             got.keys[i] = args[0].detach().clone()
+            if i == last and i not in outputs:  # the layer's down-projection and residual are not needed
+                raise _Stop
         return hook
 
     def on_input(i):
