@@ -11,7 +11,8 @@
   full-forward implementation of the same eq. 16 (memit_vllm.editor.reference, the one the exactness
   test checks against), same requests, templates and hyperparameters, same run.
 - covariance: tokens/s of the one-pass statistics for all edited layers (the model in fp32, then in
-  bf16: make-patch --stats-model-dtype) vs a bare full forward over the same tokens.
+  bf16: make-patch --stats-model-dtype, with fp32 and bf16 products: --stats-dtype) vs a bare full
+  forward over the same tokens, and how far each pass's C_l are from the fp32 pass's.
 - scaling: make-patch end to end for each size (time split stats / z / update, peak RSS) and, with
   --eval, CounterFact scores before/after. Stats are cached after the first size. The hyperparameter
   options override the preset (docs/hyperparameters.md's table is rows of this with --sizes 10).
@@ -120,25 +121,24 @@ def covariance(args, model_dir):
         for ids, mask in batches:
             model(input_ids=ids, attention_mask=mask)
         bare = time.perf_counter() - t
-    passes = {}
-    for dtype in (torch.float32, torch.bfloat16):  # layer_covariances' per-batch work, minus the cache write
-        with computing_in(model, dtype):
+    passes = {}  # (model dtype, product dtype): layer_covariances' per-batch work, minus the cache write
+    for model_dtype, products in ((torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                  (torch.bfloat16, torch.bfloat16)):
+        with computing_in(model, model_dtype):
             t = time.perf_counter()
             sums = {l: torch.zeros(em.d_ff, em.d_ff, dtype=torch.float64) for l in hp.layers}
             for ids, mask in batches:
-                accumulate(em, ids, mask, sums)
-            passes[dtype] = time.perf_counter() - t, sums
-    fp32, bf16 = passes[torch.float32][1], passes[torch.bfloat16][1]
-    rel = max(float((bf16[l] - fp32[l]).norm() / fp32[l].norm()) for l in hp.layers)
+                accumulate(em, ids, mask, sums, products)
+            passes[model_dtype, products] = time.perf_counter() - t, sums
+    fp32 = passes[torch.float32, torch.float32]
     print(f"machine: {machine()}; {n} tokens of {CORPUS.name}, layers {hp.layers}")
-    print("| pass | seconds | tokens/s |\n|---|---|---|")
-    print(f"| bare forward, all {em.n_layers} layers + LM head | {bare:.1f} | {n / bare:.0f} |")
-    for dtype, (seconds, _) in passes.items():
-        name = f"statistics for {len(hp.layers)} layers in one pass, model in {str(dtype).removeprefix('torch.')}"
-        print(f"| {name} | {seconds:.1f} | {n / seconds:.0f} |")
-    print(f"ratio {passes[torch.float32][0] / bare:.2f}x the bare forward (fp32); the bf16 pass "
-          f"{passes[torch.float32][0] / passes[torch.bfloat16][0]:.2f}x faster; its C_l differ from fp32's by at most "
-          f"{rel:.1e} (relative Frobenius, over the layers)")
+    print("| pass (statistics for all layers in one pass) | seconds | tokens/s | C_l vs fp32's (max rel. Frobenius) |\n"
+          "|---|---|---|---|")
+    print(f"| bare forward, all {em.n_layers} layers + LM head | {bare:.1f} | {n / bare:.0f} | - |")
+    for (model_dtype, products), (seconds, sums) in passes.items():
+        rel = max(float((sums[l] - fp32[1][l]).norm() / fp32[1][l].norm()) for l in hp.layers)
+        name = f"model in {str(model_dtype)[6:]}, products in {str(products)[6:]}"
+        print(f"| {name} | {seconds:.1f} | {n / seconds:.0f} | {rel:.1e} |")
 
 
 def spectrum(args, model_dir):

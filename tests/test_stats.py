@@ -205,6 +205,19 @@ def test_make_patch_stats_model_dtype_computes_what_stats_compute_model_dtype_do
     assert not all(torch.equal(fp32.deltas[n], made.deltas[n]) for n in made.deltas)
 
 
+
+def test_bf16_products_are_recorded_and_close_to_fp32_statistics(model, data_dir, whole, tmp_path):
+    """--dtype bfloat16 rounds each batch's products once (summed in fp32 inside the matmul, then float64):
+    other statistics (recorded as such), within a few 1e-3 of the fp32 sums."""
+    one, _ = whole
+    low = compute(model, data_dir, tmp_path / "bf16-products.st", "--dtype", "bfloat16")
+    assert low.identity == {**one.identity, "dtype": "bfloat16"}
+    for l in LAYERS:
+        a, b = low.mom2_sum(l), one.mom2_sum(l)
+        assert not torch.equal(a, b) and (a - b).norm() <= 1e-2 * b.norm()
+    patch = patch_of(model, data_dir, tmp_path, stats=low.path)
+    assert patch.hparams["mom2_dtype"] == "bfloat16" and patch.covariance["dtype"] == "bfloat16"
+
 def test_damaged_or_foreign_stats_files_are_refused(whole, tmp_path):
     one, _ = whole
     raw = one.path.read_bytes()

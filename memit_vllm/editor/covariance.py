@@ -234,7 +234,7 @@ def corpus_sums(em: EditableModel, tok, layers: list[int], corpus: Corpus, budge
                 shard: Shard = Shard(), progress: bool = True) -> tuple[dict[int, torch.Tensor], int]:
     """One pass over the batches of `shard` (split again among the ranks under torch.distributed, and
     summed over them): the float64 sum of k k^T for each layer, and the number of tokens."""
-    acc_dtype = torch.float64 if dtype == "float64" else torch.float32
+    acc_dtype = getattr(torch, dtype)
     sums = {l: torch.zeros(em.d_ff, em.d_ff, dtype=torch.float64, device=em.device_of(l)) for l in layers}
     count, part = 0, shard.within(distributed.rank(), distributed.world())
     bar = tqdm(total=budget if part.count == 1 else None, desc="covariance", unit="tok", unit_scale=True,

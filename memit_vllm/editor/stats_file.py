@@ -26,14 +26,13 @@ from ..core.files import atomic_file
 from ..core.safetensors_header import HeaderError, open_checked
 from ..errors import MemitError
 from .covariance import FORWARD, IDENTITY_KEYS
-from .hparams import FORWARD_DTYPES
+from .hparams import FORWARD_DTYPES, PRODUCT_DTYPES
 
 FORMAT_NAME = "memit-vllm.stats"
 FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20  # two tensors per layer and short metadata
 MAX_D_FF = 1 << 18
 REDUCED = tuple(d for d in FORWARD_DTYPES if d != "float32")
-DTYPES = ("float32", "float64")  # the precision of the k k^T products (hparams mom2_dtype)
 
 
 @dataclass
@@ -166,8 +165,8 @@ def _read(path: Path, meta: dict[str, str], tensors: dict[str, tuple[str, list[i
         raise _bad(path, f"d_ff must be an integer in 1..{MAX_D_FF}")
     if identity["budget"] != "None" and not identity["budget"].isdigit():
         raise _bad(path, "budget must be a token count or None")
-    if identity["dtype"] not in DTYPES:
-        raise _bad(path, f"dtype must be one of {', '.join(DTYPES)}")
+    if identity["dtype"] not in PRODUCT_DTYPES:
+        raise _bad(path, f"dtype must be one of {', '.join(PRODUCT_DTYPES)}")
     layers = _json(path, meta, "layers", list)
     shards = _json(path, meta, "shards", dict)
     of, parts = shards.get("of"), shards.get("parts")

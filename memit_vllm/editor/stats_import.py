@@ -23,8 +23,9 @@ import torch
 from ..core.architectures import Architecture
 from ..errors import MemitError
 from .covariance import stats_identity
-from .stats_file import DTYPES, StatsFile
+from .stats_file import StatsFile
 
+NUMPY_DTYPES = ("float32", "float64")  # what the reference's .npz files hold (numpy has no bfloat16)
 _NAME = re.compile(r"^(?P<precision>float\d+)_(?P<stats>.+?)(?:_t(?:\d+|\{batch_tokens\}))?(?:_(?P<samples>\d+))?$")
 
 
@@ -74,8 +75,8 @@ def _read_layer(f: Path, d_ff: int) -> tuple[torch.Tensor, int, str]:
             if shape != (d_ff, d_ff):
                 raise bad(f"mom2 is {list(shape)}, this checkpoint's down-projection input is {d_ff} wide: "
                           "statistics of another model")
-            if dtype.name not in DTYPES:
-                raise bad(f"mom2 is {dtype}; only {', '.join(DTYPES)} statistics are read")
+            if dtype.name not in NUMPY_DTYPES:
+                raise bad(f"mom2 is {dtype}; only {', '.join(NUMPY_DTYPES)} statistics are read")
             c_shape, c_dtype = _npy_header(z, "mom2.count.npy")
             if c_shape not in ((), (1,)) or c_dtype.kind not in "iuf":
                 raise bad("mom2.count is not a single number")
