@@ -358,6 +358,23 @@ def test_statistics_read_in_bfloat16_are_cached_apart_from_fp32s(tiny_models, da
     assert len(list((tmp_path / "cache" / "stats").rglob("layer*.safetensors"))) == 2 * len(fp32.layers)
 
 
+
+def test_keys_read_in_bfloat16_give_a_near_patch_built_on_the_fp32_updates(tiny_models, data_dir, tmp_path):
+    """keys_dtype reads the update's keys and outputs with a bf16 copy of the model: the deltas move by
+    bf16 rounding only, every layer's update still reaches the fp32 weights the next layer's read starts
+    from (the same edits land), and the statistics (cached, fp32) are shared with the fp32 run."""
+    fp32 = tiny_edit(tiny_models["llama"], data_dir, tmp_path, seed=5)
+    half = tiny_edit(tiny_models["llama"], data_dir, tmp_path, seed=5, hparams={"keys_dtype": "bfloat16"})
+    assert all(c["cached"] for c in half.report.covariance.values())
+    assert half.patch.hparams["keys_dtype"] == "bfloat16" and half.patch.hparams["dtype"] == "float32"
+    for name, d in fp32.patch.deltas.items():
+        h = half.patch.deltas[name]
+        assert h.dtype == torch.float32 and not torch.equal(h, d) and (h - d).norm() <= 0.05 * d.norm(), name
+    # each layer's read starts from the weights holding the lower layers' updates, as in fp32 (an update
+    # lost with the bf16 copy would leave the upper layers far more residual to deliver)
+    for layer, share in fp32.report.delivered.items():
+        assert abs(half.report.delivered[layer] - share) <= 0.05, (layer, share, half.report.delivered[layer])
+
 def test_damaged_or_foreign_nullspace_projections_are_recomputed_with_a_warning(tiny_models, data_dir, tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -59,6 +59,9 @@ class HParams:
     # The dtype of the z forward/backward through the layers above L (editor/precision.py); None: the model's
     # own. The delta, its Adam state and the loss are fp32 whatever this says.
     z_dtype: str | None = None
+    # The dtype the model runs in while the update reads keys and outputs (None: the model's own); keys are
+    # averaged in fp32, the solves are float64, and the update is added to the weights in their own dtype.
+    keys_dtype: str | None = None
     # The update rule (editor/solve.py): "memit" (eq. 14, preserved keys join the lambda*C memory term) or
     # "alphaedit" (the update projected onto the near-null space of C, Fang et al. 2025).
     method: str = "memit"
@@ -111,6 +114,8 @@ _RULES = {
     "z_batch_edits": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "z_dtype": (lambda v: v is None or v in FORWARD_DTYPES,
                 f"one of {', '.join(FORWARD_DTYPES)} (or null: the model's dtype)"),
+    "keys_dtype": (lambda v: v is None or v in FORWARD_DTYPES,
+                   f"one of {', '.join(FORWARD_DTYPES)} (or null: the model's dtype)"),
     "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
     "nullspace_threshold": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "L2": (lambda v: _is_number(v) and v > 0, "a positive number"),

@@ -274,13 +274,15 @@ def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: Ta
     the model as updated so far."""
     deltas, delivered = {}, {}
     z_layer = hp.layers[-1]
+    reading = getattr(torch, hp.keys_dtype) if hp.keys_dtype else em.model.dtype
     for i, layer in enumerate(tqdm(hp.layers, desc="layer updates", disable=not progress)):
-        k, h = reader.read(layer, z_layer)
+        with computing_in(em.model, reading):  # a cast copy for the reads; the update goes to the originals
+            k, h = reader.read(layer, z_layer)
+            kept = preserved.at(layer) if preserved else None
         device = em.device_of(layer)  # the solve beside its layer
         K = k.T.double().to(device)  # [d_ff, n]
         R = (targets.z.to(device) - h.to(device)).T.double() / (len(hp.layers) - i)
         R = em.to_output_space(layer, z_layer, K, R)  # [d_model, n]
-        kept = preserved.at(layer) if preserved else None
         if hp.method == "alphaedit":
             update = solve_alphaedit_update(K, R, stats.projections[layer], kept, hp.L2)
         else:
