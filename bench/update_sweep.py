@@ -19,7 +19,8 @@ A configuration is a name plus hyperparameter overrides (docs/hyperparameters.md
 data file (or of "preserve_data": another file) become --preserve prompts: other subjects asked with the
 same relation templates as the edits, kept disjoint from the evaluated and the unrelated records; or
 "preserve_file": a ready --preserve file; or "neighbours": {"data": FILE, "records": [start, stop],
-"per_edit": N}: make-patch --neighbour-subjects with the subjects of those records (never a scored one).
+"per_edit": N}: make-patch --neighbour-subjects with the subjects of those records (never a scored one),
+or {"vocabulary": COUNT, "per_edit": N}: COUNT made-up names from the tokenizer (vocabulary_subjects).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from memit_vllm.core.records import load_requests, read_dataset, template_prompt
 from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editable
 from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, layer_updates, statistics
-from memit_vllm.editor.preserve import PreservedKeys, PreservePrompt, neighbour_prompts, read_preserve_file
+from memit_vllm.editor.preserve import (PreservedKeys, PreservePrompt, neighbour_prompts, read_preserve_file,
+                                        vocabulary_subjects)
 from memit_vllm.editor.prompts import context_templates
 from memit_vllm.editor.target_store import TargetStore, z_identity
 from memit_vllm.editor.targets import compute_targets
@@ -150,8 +152,11 @@ def main():
             stats = statistics(em, tok, ckpt, hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
         if "neighbours" in cfg:  # make-patch --neighbour-subjects, with the subjects of these records
             spec = cfg["neighbours"]
-            _, pool = read_dataset(spec.get("data", args.data), spec["records"][1])
-            subjects = [r.subject for r in pool[spec["records"][0]:] if r.subject not in scored]
+            if spec.get("vocabulary"):  # made-up names from the tokenizer (preserve.vocabulary_subjects)
+                subjects = vocabulary_subjects(tok, spec["vocabulary"], args.seed)
+            else:
+                _, pool = read_dataset(spec.get("data", args.data), spec["records"][1])
+                subjects = [r.subject for r in pool[spec["records"][0]:] if r.subject not in scored]
             prompts = neighbour_prompts(requests, subjects, spec["per_edit"], args.seed)
         elif "preserve_file" in cfg:
             prompts = read_preserve_file(cfg["preserve_file"])

@@ -169,8 +169,8 @@ FORWARD = "forward"  # and this one only when the model ran in a reduced precisi
 def stats_identity(model_sha: str, corpus_identity: str, budget: int | None, dtype: str, d_ff: int,
                    forward: torch.dtype = torch.float32) -> dict[str, str]:
     """What statistics were computed from: the one identity of cache entries and stats files. Keys read
-    by a reduced-precision forward (make-patch --dtype) are other statistics: `forward` names it then (an
-    fp32 identity stays as it always was, so existing cache entries keep their key)."""
+    by a reduced-precision forward (make-patch --dtype or --stats-model-dtype) are other statistics:
+    `forward` names it then (an fp32 identity stays as it always was, so existing entries keep their key)."""
     identity = dict(zip(IDENTITY_KEYS, (model_sha, corpus_identity, str(budget), dtype, str(d_ff))))
     if forward != torch.float32:
         identity[FORWARD] = str(forward).removeprefix("torch.")

@@ -53,7 +53,7 @@ class HParams:
     mom2_n_tokens: int | None = None  # covariance token budget; None: the whole corpus
     mom2_dtype: str = "float32"  # the outer products' dtype (PRODUCT_DTYPES); their sums are float64
     # The dtype the model runs in for the covariance pass (None: the model's own). A forward-only pass:
-    # bfloat16 is ~3x faster on AVX-512 BF16 CPUs; the keys' products and sums keep mom2_dtype / float64.
+    # bfloat16 is ~2x faster on AVX-512 BF16 CPUs; the keys' products and sums keep mom2_dtype / float64.
     mom2_model_dtype: str | None = None
     z_batch_edits: int = 16  # edits optimised together (memory/speed only; results do not depend on it)
     # The dtype of the z forward/backward through the layers above L (editor/precision.py); None: the model's

@@ -12,6 +12,7 @@ weighted by HParams.preserve_weight (an edit key counts 1).
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass, replace
 
 import torch
@@ -50,6 +51,22 @@ def neighbour_prompts(requests: list[EditRequest], subjects: list[str], per_edit
     rnd = random.Random(seed)
     return [PreservePrompt(replace(r, subject=s).text()) for r in requests
             for s in rnd.sample(pool, min(per_edit, len(pool)))]
+
+
+_NAME_WORD = re.compile(r" [A-Z][a-z]{3,}")
+
+
+def vocabulary_subjects(tok, count: int, seed: int) -> list[str]:
+    """`count` made-up names of two capitalised whole-word tokens of the model's own vocabulary
+    ("Taylor Darwin"): other subjects for --neighbour-subjects when none are given, built from the
+    tokenizer alone (no data file). What the update must leave alone is mostly the relation's template
+    with any subject in it (docs/hyperparameters.md, "Drift"), not these names' facts."""
+    words = sorted({w.strip() for w in (tok.decode([i]) for i in range(len(tok))) if _NAME_WORD.fullmatch(w)})
+    if len(words) < 2:
+        raise MemitError("the tokenizer has too few capitalised word tokens to make neighbour subjects; give "
+                         "--neighbour-subjects FILE")
+    rnd = random.Random(seed)
+    return [f"{a} {b}" for a, b in (rnd.sample(words, 2) for _ in range(count))]
 
 
 class PreservedKeys:
