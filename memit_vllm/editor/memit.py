@@ -33,7 +33,8 @@ from .hparams import HParams, default_hparams, load_hparams_file
 from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
 from .memory import peak_memory, reset_gpu_peaks
 from .precision import computing_in
-from .preserve import PreservedKeys, neighbour_prompts, read_preserve_file
+from .preserve import (PreservedKeys, neighbour_prompts, read_preserve_file, vocabulary_count,
+                       vocabulary_subjects)
 from .prompts import context_templates, encode
 from .solve import solve_alphaedit_update, solve_layer_update
 from .stats_file import StatsFile, stats_for_edit
@@ -73,7 +74,8 @@ class EditConfig:
     progress: bool = True
     on: list = field(default_factory=list)  # patches (files or Patch) to edit on, in stack order (lineage.py)
     preserve: str | Path | None = None  # JSON/JSONL prompts whose outputs the update must leave alone
-    # Subject names: each edit's prompt asked of `neighbours_per_edit` of them joins the preserved prompts.
+    # Subject names (a file, or vocab:N made-up names): each edit's prompt asked of `neighbours_per_edit` of
+    # them joins the preserved prompts.
     neighbour_subjects: str | Path | None = None
     neighbours_per_edit: int = 10
     # Finished z batches are kept here, and read back when a run with the same settings resumes (target_store.py).
@@ -329,12 +331,17 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     if config.neighbour_subjects:
         if not isinstance(config.neighbours_per_edit, int) or config.neighbours_per_edit < 1:
             raise MemitError(f"neighbours_per_edit must be an integer >= 1, not {config.neighbours_per_edit!r}")
-        subjects = read_subjects(config.neighbour_subjects, "--neighbour-subjects")
-        prompts += neighbour_prompts(requests, subjects, config.neighbours_per_edit, config.seed,
-                                     f"--neighbour-subjects {config.neighbour_subjects}")
+        if vocabulary_count(config.neighbour_subjects) is None:
+            subjects = read_subjects(config.neighbour_subjects, "--neighbour-subjects")
+            prompts += neighbour_prompts(requests, subjects, config.neighbours_per_edit, config.seed,
+                                         f"--neighbour-subjects {config.neighbour_subjects}")
 
     torch.manual_seed(config.seed)
     tok, em = load_editable(ckpt, dtype, **(placement.load_kwargs() if placement else {}))
+    if vocabulary_count(config.neighbour_subjects):
+        subjects = vocabulary_subjects(tok, vocabulary_count(config.neighbour_subjects), config.seed)
+        prompts += neighbour_prompts(requests, subjects, config.neighbours_per_edit, config.seed,
+                                     f"--neighbour-subjects {config.neighbour_subjects}")
     if not hp.preserve_lineage:
         kept_facts = []
     # Sampled on the CPU whatever the device, so the same seed gives the same templates everywhere (a
@@ -402,12 +409,12 @@ def make_patch(model: str | Path, requests, config: EditConfig | None = None, **
 
     Options: an EditConfig, or its fields as keyword arguments: hparams (HParams, dict or JSON/YAML
     file), layers, mom2_update_weight, stats_corpus (file, self:N or HF dataset), stats_tokens,
-    stats_dtype, stats (a stats file instead: README "Large jobs"), dtype (the model's in the editor,
+    stats_dtype, stats_model_dtype, stats (a stats file instead: README "Large jobs"), dtype (the model's in the editor,
     default the checkpoint's), cache_dir, seed, name, version,
     zsre_target, device (default: cuda when available), device_map and offload_folder (a model larger
     than one GPU or than RAM, README "Models: architectures, dtype, size"), progress, method, on (patches
-    to edit on, README "Editing over time"), preserve (a prompts file), neighbour_subjects (a subjects file) and
-    neighbours_per_edit, resume_dir (finished z batches kept there; a rerun resumes, README "Large jobs"), and
-    the speed knobs key_batch_prompts and bucket_overhead_tokens.
+    to edit on, README "Editing over time"), preserve (a prompts file), neighbour_subjects (a subjects file,
+    or vocab:N) and neighbours_per_edit, resume_dir (finished z batches kept there; a rerun resumes, README
+    "Large jobs"), and the speed knobs key_batch_prompts and bucket_overhead_tokens.
     """
     return edit(model, requests, config, **kwargs).patch

@@ -54,6 +54,18 @@ def neighbour_prompts(requests: list[EditRequest], subjects: list[str], per_edit
 
 
 _NAME_WORD = re.compile(r" [A-Z][a-z]{3,}")
+VOCABULARY = "vocab:"  # --neighbour-subjects vocab:N: N made-up names instead of a file (vocabulary_subjects)
+
+
+def vocabulary_count(spec) -> int | None:
+    """N of a `vocab:N` --neighbour-subjects, None when `spec` names a file (checked before any model loads)."""
+    if not isinstance(spec, str) or not spec.startswith(VOCABULARY):
+        return None
+    n = spec[len(VOCABULARY):]
+    if not n.isdigit() or int(n) < 1:
+        raise MemitError(f"--neighbour-subjects {spec!r}: expected vocab:N with N an integer >= 1 (e.g. vocab:2000), "
+                         "or a file of subject names")
+    return int(n)
 
 
 def vocabulary_subjects(tok, count: int, seed: int) -> list[str]:
