@@ -280,6 +280,26 @@ def test_key_reader_resuming_above_updated_layers_equals_reading_each_prompt_alo
             em.add_to_weight(layer, torch.randn(em.d_model, em.d_ff))
 
 
+
+def test_preserved_prompt_keys_resuming_above_updated_layers_equal_reading_from_scratch(tiny_models, data_dir):
+    """PreservedKeys starts each layer's read at the inputs saved by the read below (as KeyReader does):
+    the same K_p K_p^T as a full forward of every prompt on the updated model."""
+    from memit_vllm.editor.preserve import PreservedKeys, PreservePrompt
+
+    model_dir = tiny_models["llama"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    em = EditableModel(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
+    prompts = [PreservePrompt(r.text(), " " + r.target_new.strip()) for r in requests_from(data_dir, 3)]
+    kept = PreservedKeys(em, tok, [], [["{}"]], prompts, batch_prompts=2)
+    fresh = PreservedKeys(em, tok, [], [["{}"]], prompts, batch_prompts=2)
+    torch.manual_seed(0)
+    for layer in (1, 2):
+        got = kept.at(layer)
+        fresh.saved = None  # from the embeddings
+        torch.testing.assert_close(got, fresh.at(layer), rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            em.add_to_weight(layer, torch.randn(em.d_model, em.d_ff))
+
 def test_layer_solve_equals_the_equation_written_out():
     """Delta = R K^T (lambda C + K K^T)^-1, by hand with an explicit inverse in numpy float64."""
     rng = np.random.default_rng(0)
