@@ -148,7 +148,8 @@ def main():
         hp = base_hp.replace(**overrides)
         if hp.layers[-1] != base_hp.layers[-1]:
             raise SystemExit(f"{name}: the last layer must stay {base_hp.layers[-1]} (z is computed there)")
-        if hp.method == "alphaedit" or hp.layers != base_hp.layers:  # a projection, or other layers' covariances
+        stats_of = lambda h: (h.layers, h.mom2_dtype, h.mom2_model_dtype)  # noqa: E731
+        if hp.method == "alphaedit" or stats_of(hp) != stats_of(base_hp):  # a projection, or other covariances
             stats = statistics(em, tok, ckpt, hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
         if "neighbours" in cfg:  # make-patch --neighbour-subjects, with the subjects of these records
             spec = cfg["neighbours"]
