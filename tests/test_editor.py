@@ -60,7 +60,6 @@ def test_batched_z_equals_plain_per_edit_optimisation(which, smollm2, tiny_model
         assert len(set(batched.steps.tolist())) > 1, "early stop should end edits at different steps"
 
 
-
 def test_bf16_z_forward_reaches_the_fp32_targets_and_restores_the_model_exactly(smollm2, data_dir):
     """z_dtype=bfloat16 runs the layers above L in bf16 (2x faster on CPUs with AVX-512 BF16): the z found
     must be the fp32 path's up to bf16 rounding, and the fp32 model must come back bit for bit."""
@@ -280,7 +279,6 @@ def test_key_reader_resuming_above_updated_layers_equals_reading_each_prompt_alo
             em.add_to_weight(layer, torch.randn(em.d_model, em.d_ff))
 
 
-
 def test_preserved_prompt_keys_resuming_above_updated_layers_equal_reading_from_scratch(tiny_models, data_dir):
     """PreservedKeys starts each layer's read at the inputs saved by the read below (as KeyReader does):
     the same K_p K_p^T as a full forward of every prompt on the updated model."""
@@ -299,6 +297,7 @@ def test_preserved_prompt_keys_resuming_above_updated_layers_equal_reading_from_
         torch.testing.assert_close(got, fresh.at(layer), rtol=1e-5, atol=1e-6)
         with torch.no_grad():
             em.add_to_weight(layer, torch.randn(em.d_model, em.d_ff))
+
 
 def test_layer_solve_equals_the_equation_written_out():
     """Delta = R K^T (lambda C + K K^T)^-1, by hand with an explicit inverse in numpy float64."""
@@ -378,7 +377,6 @@ def test_statistics_read_in_bfloat16_are_cached_apart_from_fp32s(tiny_models, da
     assert len(list((tmp_path / "cache" / "stats").rglob("layer*.safetensors"))) == 2 * len(fp32.layers)
 
 
-
 def test_keys_read_in_bfloat16_give_a_near_patch_built_on_the_fp32_updates(tiny_models, data_dir, tmp_path):
     """keys_dtype reads the update's keys and outputs with a bf16 copy of the model: the deltas move by
     bf16 rounding only, every layer's update still reaches the fp32 weights the next layer's read starts
@@ -394,6 +392,7 @@ def test_keys_read_in_bfloat16_give_a_near_patch_built_on_the_fp32_updates(tiny_
     # lost with the bf16 copy would leave the upper layers far more residual to deliver)
     for layer, share in fp32.report.delivered.items():
         assert abs(half.report.delivered[layer] - share) <= 0.05, (layer, share, half.report.delivered[layer])
+
 
 def test_damaged_or_foreign_nullspace_projections_are_recomputed_with_a_warning(tiny_models, data_dir, tmp_path):
     from safetensors.torch import load_file, save_file

@@ -222,7 +222,6 @@ def test_neighbour_subjects_ask_each_edit_of_other_subjects(tiny_models, data_di
         tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="/dev/zero")
 
 
-
 def test_vocabulary_neighbours_need_no_file_and_are_seeded(tiny_models, data_dir, tmp_path, monkeypatch):
     """--neighbour-subjects vocab:N: made-up names from the tokenizer's words stand in for a subjects file
     (the same seed gives the same patch); a malformed spec fails before the model loads."""
@@ -241,6 +240,7 @@ def test_vocabulary_neighbours_need_no_file_and_are_seeded(tiny_models, data_dir
     for bad in ("vocab:", "vocab:x", "vocab:0"):
         with pytest.raises(MemitError, match=f"--neighbour-subjects '{bad}': expected vocab:N"):
             tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects=bad)
+
 
 def test_patch_tools_refuse_a_child_without_its_stack_and_change_nothing(lineage, tmp_path, data_dir):
     from click.testing import CliRunner

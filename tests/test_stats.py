@@ -193,7 +193,7 @@ def test_a_reduced_precision_forward_is_recorded_and_taken_only_by_an_edit_in_it
 
 def test_make_patch_stats_model_dtype_computes_what_stats_compute_model_dtype_does(model, data_dir, whole, tmp_path):
     """The bf16 statistics pass of an fp32 edit (--stats-model-dtype) is stats compute --model-dtype's:
-    the same cache identity, the same patch as from that file, another patch than fp32 statistics give."""
+    the same patch as from that file, another patch than fp32 statistics give."""
     one, _ = whole
     half = compute(model, data_dir, tmp_path / "bf16.st", "--model-dtype", "bfloat16")
     made = patch_of(model, data_dir, tmp_path, stats_corpus=str(data_dir / CORPUS), stats_tokens=TOKENS,
@@ -203,7 +203,6 @@ def test_make_patch_stats_model_dtype_computes_what_stats_compute_model_dtype_do
     assert made.hparams["mom2_model_dtype"] == "bfloat16" and made.hparams["dtype"] == "float32"
     assert all(torch.equal(from_file.deltas[n], made.deltas[n]) for n in made.deltas)
     assert not all(torch.equal(fp32.deltas[n], made.deltas[n]) for n in made.deltas)
-
 
 
 def test_bf16_products_are_recorded_and_close_to_fp32_statistics(model, data_dir, whole, tmp_path):
@@ -217,6 +216,7 @@ def test_bf16_products_are_recorded_and_close_to_fp32_statistics(model, data_dir
         assert not torch.equal(a, b) and (a - b).norm() <= 1e-2 * b.norm()
     patch = patch_of(model, data_dir, tmp_path, stats=low.path)
     assert patch.hparams["mom2_dtype"] == "bfloat16" and patch.covariance["dtype"] == "bfloat16"
+
 
 def test_damaged_or_foreign_stats_files_are_refused(whole, tmp_path):
     one, _ = whole
