@@ -130,13 +130,13 @@ def covariance(args, model_dir):
             for ids, mask in batches:
                 accumulate(em, ids, mask, sums, products)
             passes[model_dtype, products] = time.perf_counter() - t, sums
-    fp32 = passes[torch.float32, torch.float32]
+    _, fp32 = passes[torch.float32, torch.float32]
     print(f"machine: {machine()}; {n} tokens of {CORPUS.name}, layers {hp.layers}")
     print("| pass (statistics for all layers in one pass) | seconds | tokens/s | C_l vs fp32's (max rel. Frobenius) |\n"
           "|---|---|---|---|")
     print(f"| bare forward, all {em.n_layers} layers + LM head | {bare:.1f} | {n / bare:.0f} | - |")
     for (model_dtype, products), (seconds, sums) in passes.items():
-        rel = max(float((sums[l] - fp32[1][l]).norm() / fp32[1][l].norm()) for l in hp.layers)
+        rel = max(float((sums[l] - fp32[l]).norm() / fp32[l].norm()) for l in hp.layers)
         name = f"model in {str(model_dtype)[6:]}, products in {str(products)[6:]}"
         print(f"| {name} | {seconds:.1f} | {n / seconds:.0f} | {rel:.1e} |")
 

@@ -67,6 +67,11 @@ def targets_for(out: Path, model_sha: str, em, tok, requests, templates, hp: HPa
     return result, bool(result.resumed.all())
 
 
+def statistics_of(hp: HParams) -> tuple:
+    """What a configuration's covariances depend on besides the corpus."""
+    return hp.layers, hp.mom2_dtype, hp.mom2_model_dtype
+
+
 def record_prompts(data: Path, span: list[int], exclude: set[str]) -> list[PreservePrompt]:
     """The rewrite prompts (with their true answers) of records [start, stop) of `data` whose subjects
     are not in `exclude`, as --preserve reads them."""
@@ -148,8 +153,7 @@ def main():
         hp = base_hp.replace(**overrides)
         if hp.layers[-1] != base_hp.layers[-1]:
             raise SystemExit(f"{name}: the last layer must stay {base_hp.layers[-1]} (z is computed there)")
-        stats_of = lambda h: (h.layers, h.mom2_dtype, h.mom2_model_dtype)  # noqa: E731
-        if hp.method == "alphaedit" or stats_of(hp) != stats_of(base_hp):  # a projection, or other covariances
+        if hp.method == "alphaedit" or statistics_of(hp) != statistics_of(base_hp):  # a projection, other C_l
             stats = statistics(em, tok, ckpt, hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
         if "neighbours" in cfg:  # make-patch --neighbour-subjects, with the subjects of these records
             spec = cfg["neighbours"]

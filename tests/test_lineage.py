@@ -225,6 +225,8 @@ def test_neighbour_subjects_ask_each_edit_of_other_subjects(tiny_models, data_di
 def test_vocabulary_neighbours_need_no_file_and_are_seeded(tiny_models, data_dir, tmp_path, monkeypatch):
     """--neighbour-subjects vocab:N: made-up names from the tokenizer's words stand in for a subjects file
     (the same seed gives the same patch); a malformed spec fails before the model loads."""
+    from transformers import AutoTokenizer
+
     from memit_vllm.editor import memit
     from memit_vllm.editor.preserve import vocabulary_subjects
 
@@ -233,8 +235,7 @@ def test_vocabulary_neighbours_need_no_file_and_are_seeded(tiny_models, data_dir
     assert result.report.preserved_keys > 0
     again = tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="vocab:50", neighbours_per_edit=3)
     assert again.patch.patch_id == result.patch.patch_id
-    tok, _ = memit.load_editable(model)
-    names = vocabulary_subjects(tok, 50, seed=0)
+    names = vocabulary_subjects(AutoTokenizer.from_pretrained(model), 50, seed=0)
     assert len(names) == 50 and all(len(n.split()) == 2 and n.split()[0][0].isupper() for n in names)
     monkeypatch.setattr(memit, "load_editable", lambda *a, **k: pytest.fail("the model was loaded"))
     for bad in ("vocab:", "vocab:x", "vocab:0"):

@@ -40,7 +40,7 @@ def check_out_file(out: str | os.PathLike) -> None:
 @click.option("--stats-tokens", type=int, help="Token budget for the covariance (default: the whole corpus).")
 @click.option("--stats-dtype", type=click.Choice(PRODUCT_DTYPES),
               help="dtype of the covariance's k k^T products (default float32; sums are float64; bfloat16: each "
-                   "batch's products summed in fp32 and rounded once, ~1.9x faster on AVX-512 BF16 CPUs).")
+                   "batch's products summed in fp32 and rounded once: faster on AVX-512 BF16 CPUs).")
 @click.option("--stats-model-dtype", type=click.Choice(FORWARD_DTYPES),
               help="dtype the model runs in for the covariance pass (default: the model's; bfloat16 is ~2x faster on "
                    "CPUs with AVX-512 BF16; products and sums keep --stats-dtype/float64). Other statistics: cached "

@@ -31,7 +31,7 @@ METHODS = ("memit", "alphaedit")
 EARLY_STOPS = ("loss", "most_probable")
 FORWARD_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 # The k k^T products of the covariance pass (mom2_dtype). bfloat16: one batch's products are summed in
-# fp32 inside the matmul and rounded to bf16 once, then summed in float64 (1.9x faster than float32 here).
+# fp32 inside the matmul and rounded to bf16 once, then summed in float64 (docs/benchmarks.md, "In bf16").
 PRODUCT_DTYPES = ("float32", "float64", "bfloat16")
 
 

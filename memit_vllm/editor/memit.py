@@ -14,6 +14,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ from .solve import solve_alphaedit_update, solve_layer_update
 from .stats_file import StatsFile, stats_for_edit
 from .target_store import TargetStore, check_resume_dir, z_identity
 from .targets import BUCKET_OVERHEAD_TOKENS, TargetResult, compute_targets
-from .trace import capture
+from .trace import UpwardReads
 
 KEY_BATCH_PROMPTS = 256  # prompts per forward when reading keys (memory/speed only)
 
@@ -194,32 +195,28 @@ class KeyReader:
 
     def __init__(self, em: EditableModel, tok, requests: list[EditRequest], groups: list[list[str]],
                  batch_prompts: int = KEY_BATCH_PROMPTS):
-        self.em, self.n, self.groups = em, len(requests), groups
-        self.batches = []  # (ids, mask, lookup, bare)
+        self.n, self.groups = len(requests), groups
+        batches, self.lookups, self.bare = [], [], []  # per batch: (ids, mask), subject positions, bare prompt?
         for t, template in enumerate(t for g in groups for t in g):
             encs = [encode(tok, template, r) for r in requests]
             for start in range(0, len(encs), batch_prompts):
                 part = encs[start : start + batch_prompts]
-                ids, mask = pad_right([e.ids for e in part], pad_id(tok))
-                self.batches.append((ids, mask, torch.tensor([e.lookup for e in part]), t == 0))
-        self.saved: tuple[int, list[torch.Tensor], int] | None = None  # (layer, inputs per batch, tuple_len)
+                batches.append(pad_right([e.ids for e in part], pad_id(tok)))
+                self.lookups.append(torch.tensor([e.lookup for e in part]))
+                self.bare.append(t == 0)
+        self.reads = UpwardReads(em, batches)
 
     @torch.no_grad()
     def read(self, layer: int, out_layer: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Keys at `layer` (averaged within, then across template groups) and layer `out_layer`'s output
         at the subject's last token of the bare prompt (None: not read), for every request: [n, d_ff],
         [n, d_model]. Only weights at or above the previously read layer may have changed since that read."""
-        saved = self.saved if self.saved and self.saved[0] <= layer else None
-        keys, outs, inputs = [], [], []
-        for b, (ids, mask, lookup, bare) in enumerate(self.batches):
-            read_out = bare and out_layer is not None
-            got = capture(self.em, ids, mask, outputs=[out_layer] if read_out else [], keys=[layer], inputs=[layer],
-                          resume=(saved[0], saved[1][b], saved[2]) if saved else None)
-            keys.append(_at_lookup(got.keys[layer], lookup).float())  # averaged in fp32 whatever the model's dtype
-            if read_out:
-                outs.append(_at_lookup(got.outputs[out_layer], lookup).float())
-            inputs.append(got.inputs[layer])
-        self.saved = (layer, inputs, got.tuple_len.get(layer - 1, 0))  # how layer-1 returns: resume_after mimics it
+        keys, outs = [], []
+        wanted = [[out_layer] if bare and out_layer is not None else [] for bare in self.bare]
+        for b, got in self.reads.read(layer, wanted):
+            keys.append(_at_lookup(got.keys[layer], self.lookups[b]).float())  # averaged in fp32 whatever the dtype
+            if wanted[b]:
+                outs.append(_at_lookup(got.outputs[out_layer], self.lookups[b]).float())
         k = torch.cat(keys).view(-1, self.n, keys[0].shape[-1])  # [templates, n, d_ff]
         bounds = torch.tensor([len(g) for g in self.groups]).cumsum(0).tolist()
         k_avg = torch.stack([k[a:b].mean(0) for a, b in zip([0, *bounds], bounds)]).mean(0)
@@ -328,20 +325,19 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     edited = {r.fact for r in requests}
     kept_facts = [f for f in lineage if f.fact not in edited]  # changed facts must move
     prompts = read_preserve_file(config.preserve) if config.preserve else []
+    made_up = vocabulary_count(config.neighbour_subjects)  # vocab:N, checked here; its names need the tokenizer
+    neighbours = partial(neighbour_prompts, requests, per_edit=config.neighbours_per_edit, seed=config.seed,
+                         source=f"--neighbour-subjects {config.neighbour_subjects}")  # of a list of subjects
     if config.neighbour_subjects:
         if not isinstance(config.neighbours_per_edit, int) or config.neighbours_per_edit < 1:
             raise MemitError(f"neighbours_per_edit must be an integer >= 1, not {config.neighbours_per_edit!r}")
-        if vocabulary_count(config.neighbour_subjects) is None:
-            subjects = read_subjects(config.neighbour_subjects, "--neighbour-subjects")
-            prompts += neighbour_prompts(requests, subjects, config.neighbours_per_edit, config.seed,
-                                         f"--neighbour-subjects {config.neighbour_subjects}")
+        if made_up is None:
+            prompts += neighbours(read_subjects(config.neighbour_subjects, "--neighbour-subjects"))
 
     torch.manual_seed(config.seed)
     tok, em = load_editable(ckpt, dtype, **(placement.load_kwargs() if placement else {}))
-    if vocabulary_count(config.neighbour_subjects):
-        subjects = vocabulary_subjects(tok, vocabulary_count(config.neighbour_subjects), config.seed)
-        prompts += neighbour_prompts(requests, subjects, config.neighbours_per_edit, config.seed,
-                                     f"--neighbour-subjects {config.neighbour_subjects}")
+    if made_up:
+        prompts += neighbours(vocabulary_subjects(tok, made_up, config.seed))
     if not hp.preserve_lineage:
         kept_facts = []
     # Sampled on the CPU whatever the device, so the same seed gives the same templates everywhere (a

@@ -20,7 +20,7 @@ import torch
 from ..core.records import EditRequest, read_prompts, target_text
 from ..core.tokens import pad_id, pad_right, target_ids
 from ..errors import MemitError
-from .trace import capture
+from .trace import UpwardReads
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,9 @@ class PreservedKeys:
         self.em, self.prompt_weight = em, prompt_weight
         self.facts = KeyReader(em, tok, requests, groups, batch_prompts) if requests else None
         seqs = [tok(p.prompt)["input_ids"] + (target_ids(tok, p.answer)[:-1] if p.answer else []) for p in prompts]
-        self.prompts = [pad_right(seqs[i:i + batch_prompts], pad_id(tok)) for i in range(0, len(seqs), batch_prompts)]
+        self.prompts = UpwardReads(em, [pad_right(seqs[i:i + batch_prompts], pad_id(tok))
+                                        for i in range(0, len(seqs), batch_prompts)])
         self.count = len(requests) + sum(len(s) for s in seqs)  # key vectors per layer
-        # The prompts' inputs of the layer last read: the next (higher) layer's read starts there, as
-        # KeyReader's does (updating that layer changes nothing below it).
-        self.saved: tuple[int, list[torch.Tensor], int] | None = None
 
     def __bool__(self) -> bool:
         return self.count > 0
@@ -106,14 +104,8 @@ class PreservedKeys:
         if self.facts is not None:
             k, _ = self.facts.read(layer, None)
             total += (k.double().T @ k.double()).to(total.device)
-        saved = self.saved if self.saved and self.saved[0] <= layer else None
-        inputs, tuple_len = [], 0
-        for b, (ids, mask) in enumerate(self.prompts):
-            got = capture(self.em, ids, mask, keys=[layer], inputs=[layer],
-                          resume=(saved[0], saved[1][b], saved[2]) if saved else None)
-            k = got.keys[layer][mask.bool().to(got.keys[layer].device)].to(total.device, torch.float64)
+        for b, got in self.prompts.read(layer):
+            mask = self.prompts.batches[b][1].bool()
+            k = got.keys[layer][mask.to(got.keys[layer].device)].to(total.device, torch.float64)
             total += self.prompt_weight * (k.T @ k)
-            inputs.append(got.inputs[layer])
-            tuple_len = got.tuple_len.get(layer - 1, 0)
-        self.saved = (layer, inputs, tuple_len) if self.prompts else None
         return total

@@ -79,3 +79,27 @@ def capture(em: EditableModel, input_ids: torch.Tensor, attention_mask: torch.Te
             h.remove()
     return got
 
+
+
+class UpwardReads:
+    """Fixed batches read one layer at a time, upwards: each read starts at the inputs of the layer the
+    previous read saved, instead of at the embeddings (valid while only weights at or above that layer
+    changed since: the update loop changes the layer just read). Used by the edit keys (memit.KeyReader)
+    and the preserved prompts (preserve.PreservedKeys)."""
+
+    def __init__(self, em: EditableModel, batches: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.em, self.batches = em, batches
+        self.saved: tuple[int, list[torch.Tensor], int] | None = None  # (layer, inputs per batch, tuple_len)
+
+    def read(self, layer: int, outputs: list[list[int]] | None = None):
+        """Yield (batch index, Captured) with the keys at `layer` (and the layer outputs `outputs[b]`) of
+        every batch; once all are read, their inputs of `layer` are what the next read starts from."""
+        saved = self.saved if self.saved and self.saved[0] <= layer else None
+        inputs, tuple_len = [], 0
+        for b, (ids, mask) in enumerate(self.batches):
+            got = capture(self.em, ids, mask, outputs=outputs[b] if outputs else (), keys=[layer], inputs=[layer],
+                          resume=(saved[0], saved[1][b], saved[2]) if saved else None)
+            inputs.append(got.inputs[layer])
+            tuple_len = got.tuple_len.get(layer - 1, 0)  # how layer-1 returns: resume_after mimics it
+            yield b, got
+        self.saved = (layer, inputs, tuple_len) if inputs else None
