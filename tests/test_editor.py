@@ -16,6 +16,7 @@ from memit_vllm.compat import check_transformers
 from memit_vllm.core.tokens import target_ids
 from memit_vllm.core.versions import ALLOW_UNTESTED_ENV
 from memit_vllm.core.architectures import ARCHITECTURES
+from memit_vllm.core.records import EditRequest
 from memit_vllm.editor import EditableModel, HParams, edit, load_requests, solve_layer_update
 from memit_vllm.editor import memit
 from memit_vllm.editor.memit import KeyReader
@@ -208,6 +209,28 @@ def test_target_already_predicted_is_warned(smollm2, tmp_path, data_dir):
     with pytest.warns(UserWarning, match="already continues with ' Paris'"):
         edit(smollm2, reqs, hparams={**FAST, "v_num_grad_steps": 1}, stats_corpus=str(data_dir / CORPUS),
              stats_tokens=2000, cache_dir=tmp_path, layers=[3], progress=False)
+
+
+def test_already_predicted_is_the_greedy_continuation(smollm2):
+    """Exactly the requests whose target is the model's own greedy continuation (1-3 tokens), across
+    batches of prompts of different lengths."""
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    em = EditableModel(AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32))
+    facts = [("The Eiffel Tower is located in the city of", "The Eiffel Tower"),
+             ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux"),
+             ("Toko Yasuda, the", "Toko Yasuda"), ("The capital city of the country of Japan is", "Japan"),
+             ("Apple was founded by", "Apple")]
+    reqs = []
+    for k, (text, subject) in enumerate(facts):
+        bare = EditRequest(text.replace(subject, "{}"), subject, " x")
+        ids = torch.tensor([encode(tok, "{}", bare).ids])
+        greedy = em.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1 + k % 3,
+                                   do_sample=False, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        if target_ids(tok, tok.decode(greedy)) != greedy:
+            continue  # a continuation that does not tokenize back to itself cannot be a request's target
+        reqs += [replace(bare, target_new=tok.decode(greedy)), replace(bare, target_new=" zebra zebra")]
+    assert len(reqs) >= 6
+    assert memit._already_predicted(em, tok, reqs, batch_prompts=3) == list(range(0, len(reqs), 2))
 
 
 def test_request_formats_normalise_to_the_same_edit(data_dir, tmp_path):
