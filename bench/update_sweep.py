@@ -38,10 +38,13 @@ from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.core.records import load_requests, read_dataset, template_prompt
 from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editable
 from memit_vllm.editor.arch import checkpoint_dims
+from memit_vllm.editor.covariance import file_corpus
 from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, layer_updates, statistics
 from memit_vllm.editor.preserve import (PreservedKeys, PreservePrompt, neighbour_prompts, read_preserve_file,
                                         vocabulary_subjects)
+from memit_vllm.editor.precision import forward_dtype
 from memit_vllm.editor.prompts import context_templates
+from memit_vllm.editor.sensitivity import output_fisher
 from memit_vllm.editor.target_store import TargetStore, z_identity
 from memit_vllm.editor.targets import compute_targets
 from memit_vllm.evaluate.generation import covariance_budget, generation_task, unrelated_prompts
@@ -60,10 +63,13 @@ def targets_for(out: Path, model_sha: str, em, tok, requests, templates, hp: HPa
     """z for the requests, kept in `out`/z by make-patch --resume-dir's store (keyed by what z depends on:
     `model_sha` is the weights' hash, as statistics identities hold it), and whether every batch was read
     back from there."""
+    corpus = file_corpus(CORPUS) if hp.z_fisher_weight else None  # its first tokens: never the held-out slice
     identity = z_identity(model_sha, [], str(em.model.dtype).removeprefix("torch."), hp, templates, hp.layers[-1],
-                          em.output_device)
+                          em.output_device, corpus.identity if corpus else None)
+    fisher = None if corpus is None else output_fisher(em, tok, corpus, hp.layers, hp.z_fisher_tokens,
+                                                       forward_dtype(hp.z_dtype, em.model), 0)
     result = compute_targets(em, tok, requests, templates, hp.layers[-1], hp, progress=True,
-                             store=TargetStore(out / "z", identity))
+                             store=TargetStore(out / "z", identity), fisher=fisher)
     return result, bool(result.resumed.all())
 
 

@@ -62,6 +62,11 @@ class HParams:
     # The dtype the model runs in while the update reads keys and outputs (None: the model's own); keys are
     # averaged in fp32, the solves are float64, and the update is added to the weights in their own dtype.
     keys_dtype: str | None = None
+    # A penalty in the z loss on how loud the delta is on text in general (editor/sensitivity.py): this
+    # weight times delta^T F delta / 2, an expected KL in nats; 0 turns it off. F is read over the first
+    # z_fisher_tokens tokens of the statistics corpus.
+    z_fisher_weight: float = 0.0
+    z_fisher_tokens: int = 8192
     # The update rule (editor/solve.py): "memit" (eq. 14, preserved keys join the lambda*C memory term) or
     # "alphaedit" (the update projected onto the near-null space of C, Fang et al. 2025).
     method: str = "memit"
@@ -116,6 +121,8 @@ _RULES = {
                 f"one of {', '.join(FORWARD_DTYPES)} (or null: the model's dtype)"),
     "keys_dtype": (lambda v: v is None or v in FORWARD_DTYPES,
                    f"one of {', '.join(FORWARD_DTYPES)} (or null: the model's dtype)"),
+    "z_fisher_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: off)"),
+    "z_fisher_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "method": (lambda v: v in METHODS, f"one of {', '.join(METHODS)}"),
     "nullspace_threshold": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "L2": (lambda v: _is_number(v) and v > 0, "a positive number"),

@@ -33,10 +33,11 @@ from .covariance import layer_covariances, layer_projections, resolve_corpus, st
 from .hparams import HParams, default_hparams, load_hparams_file
 from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
 from .memory import peak_memory, reset_gpu_peaks
-from .precision import computing_in
+from .precision import computing_in, forward_dtype
 from .preserve import (PreservedKeys, neighbour_prompts, read_preserve_file, vocabulary_count,
                        vocabulary_subjects)
 from .prompts import context_templates, encode
+from .sensitivity import output_fisher
 from .solve import solve_alphaedit_update, solve_layer_update
 from .stats_file import StatsFile, stats_for_edit
 from .target_store import TargetStore, check_resume_dir, z_identity
@@ -249,7 +250,7 @@ def statistics(em: EditableModel, tok, ckpt: Checkpoint, hp: HParams, config: Ed
     else:
         corpus = resolve_corpus(config.stats_corpus, em, tok, config.seed)
         model_sha = weights_sha256(ckpt, cache)
-        forward = getattr(torch, hp.mom2_model_dtype) if hp.mom2_model_dtype else em.model.dtype
+        forward = forward_dtype(hp.mom2_model_dtype, em.model)
         identity = stats_identity(model_sha, corpus.identity, hp.mom2_n_tokens, hp.mom2_dtype, em.d_ff, forward)
         with computing_in(em.model, forward):
             covs, info = layer_covariances(em, tok, hp.layers, corpus, identity, hp.mom2_n_tokens, hp.mom2_dtype,
@@ -283,7 +284,7 @@ def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: Ta
     the model as updated so far."""
     deltas, delivered = {}, {}
     z_layer = hp.layers[-1]
-    reading = getattr(torch, hp.keys_dtype) if hp.keys_dtype else em.model.dtype
+    reading = forward_dtype(hp.keys_dtype, em.model)
     for i, layer in enumerate(tqdm(hp.layers, desc="layer updates", disable=not progress)):
         with computing_in(em.model, reading):  # a cast copy for the reads; the update goes to the originals
             k, h = reader.read(layer, z_layer)
@@ -370,12 +371,17 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
             warnings.warn(f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}",
                           stacklevel=2)
         templates = [t for g in groups for t in g]
+        fisher_corpus = resolve_corpus(config.stats_corpus, em, tok, config.seed) if hp.z_fisher_weight else None
         store = None if resume_dir is None else TargetStore(resume_dir, z_identity(
-            stats.identity["model"], [p.patch_id for p in stack], dtype, hp, templates, hp.layers[-1], device))
+            stats.identity["model"], [p.patch_id for p in stack], dtype, hp, templates, hp.layers[-1], device,
+            fisher_corpus.identity if fisher_corpus else None))
         with _timed(seconds, "z"):
+            fisher = None if fisher_corpus is None else output_fisher(
+                em, tok, fisher_corpus, hp.layers, hp.z_fisher_tokens, forward_dtype(hp.z_dtype, em.model),
+                config.seed)
             targets = distributed.split_edits(
                 lambda part: compute_targets(em, tok, part, templates, hp.layers[-1], hp, config.progress,
-                                             config.bucket_overhead_tokens, store), requests)
+                                             config.bucket_overhead_tokens, store, fisher), requests)
         with _timed(seconds, "update"):
             reader = distributed.SplitReader(lambda part: KeyReader(em, tok, part, groups, config.key_batch_prompts),
                                              requests)

@@ -35,3 +35,8 @@ def computing_in(model: torch.nn.Module, dtype: torch.dtype):
             p.data = data
         for m, name, p in offloaded:
             m._parameters[name] = p
+
+
+def forward_dtype(name: str | None, model: torch.nn.Module) -> torch.dtype:
+    """The dtype an hparams forward option names (z_dtype, mom2_model_dtype, keys_dtype), else the model's own."""
+    return getattr(torch, name) if name else model.dtype

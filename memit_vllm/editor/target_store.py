@@ -48,12 +48,16 @@ def check_resume_dir(folder: str | os.PathLike) -> Path:
 
 
 def z_identity(model: str, made_on: list[str], dtype: str, hp: HParams, templates: list[str], layer: int,
-               device: torch.device) -> dict:
+               device: torch.device, fisher_corpus: str | None = None) -> dict:
     """Everything a batch's z vectors depend on besides its requests (`model`: the base weights' hash,
-    `made_on`: the ids of the patches merged on it)."""
-    return {"format": FORMAT, "model": model, "made_on": made_on, "dtype": dtype, "layer": layer,
-            "templates": templates, "device": torch.device(device).type,
-            "hparams": {k: getattr(hp, k) for k in Z_HPARAMS}}
+    `made_on`: the ids of the patches merged on it, `fisher_corpus`: the corpus of the z penalty's F)."""
+    identity = {"format": FORMAT, "model": model, "made_on": made_on, "dtype": dtype, "layer": layer,
+                "templates": templates, "device": torch.device(device).type,
+                "hparams": {k: getattr(hp, k) for k in Z_HPARAMS}}
+    if hp.z_fisher_weight:  # named only when on, so the batches of runs without the penalty keep their names
+        identity["fisher"] = {"weight": hp.z_fisher_weight, "tokens": hp.z_fisher_tokens, "corpus": fisher_corpus,
+                              "layers": hp.layers}
+    return identity
 
 
 class TargetStore:

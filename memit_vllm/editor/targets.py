@@ -34,7 +34,7 @@ from ..core.tokens import pad_id, pad_right, target_ids
 from .arch import EditableModel
 from .hparams import HParams
 from .offload import weights_reread
-from .precision import computing_in
+from .precision import computing_in, forward_dtype
 from .prompts import encode
 from .target_store import TargetStore
 from .trace import capture
@@ -108,11 +108,12 @@ class TargetResult:
 
 def compute_targets(em: EditableModel, tok, requests: list[EditRequest], templates: list[str], layer: int,
                     hp: HParams, progress: bool = True, bucket_overhead_tokens: float = BUCKET_OVERHEAD_TOKENS,
-                    store: TargetStore | None = None) -> TargetResult:
+                    store: TargetStore | None = None, fisher: torch.Tensor | None = None) -> TargetResult:
     """z for every request at `layer`, optimised in batches of hp.z_batch_edits edits. Batches are formed
     from edits of similar suffix length (less padding); results come back in request order.
     `bucket_overhead_tokens`: the cost of one more padded call, see `length_buckets` (speed only).
-    `store`: where finished batches are kept and read back from (a resumed run)."""
+    `store`: where finished batches are kept and read back from (a resumed run). `fisher`: F of
+    sensitivity.output_fisher, for the penalty of hp.z_fisher_weight."""
     order = sorted(range(len(requests)), key=lambda i: _suffix_len(tok, requests[i]))
     parts = []
     bar = tqdm(total=len(requests), desc="z vectors", unit="edit", disable=not progress)
@@ -122,7 +123,7 @@ def compute_targets(em: EditableModel, tok, requests: list[EditRequest], templat
         if kept is not None:
             parts.append(TargetResult(**kept, resumed=torch.ones(len(chunk), dtype=torch.long)))
         else:
-            parts.append(_optimise(em, tok, chunk, templates, layer, hp, bucket_overhead_tokens))
+            parts.append(_optimise(em, tok, chunk, templates, layer, hp, bucket_overhead_tokens, fisher))
             if store:
                 store.save(chunk, parts[-1])
         bar.update(len(chunk))
@@ -210,12 +211,12 @@ class _PrefixSplit:
 
 
 def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams,
-              bucket_overhead_tokens: float) -> TargetResult:
+              bucket_overhead_tokens: float, fisher: torch.Tensor | None) -> TargetResult:
     rows = _build_rows(tok, requests, templates)
     got = capture(em, rows.ids, rows.mask, outputs=[layer])
     # the z work (delta, Adam, loss) beside the output head that computes its logits
     h_layer, tuple_len = got.outputs[layer].to(em.output_device), got.tuple_len[layer]
-    dtype = getattr(torch, hp.z_dtype) if hp.z_dtype else h_layer.dtype  # the forward's; delta, Adam and loss are fp32
+    dtype = forward_dtype(hp.z_dtype, em.model)  # the forward's; delta, Adam and loss are fp32
     h_layer = h_layer.float()
     h_init = h_layer[rows.first_row, rows.lookup[rows.first_row]]  # [n, d]
     # torch's CPU flash-attention backward in bf16/fp16 is slower than fp32's on these short rows (suffixes
@@ -224,11 +225,11 @@ def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams,
     attention = attention_implementation(em.model, "eager") if reduced_on_cpu else nullcontext()
     with computing_in(em.model, dtype), attention, weights_reread(em.model):
         split = _PrefixSplit(em, rows, h_layer, bucket_overhead_tokens, dtype)
-        return _descend(em, rows, split, h_init, layer, tuple_len, hp)
+        return _descend(em, rows, split, h_init, layer, tuple_len, hp, fisher)
 
 
 def _descend(em: EditableModel, rows: _Rows, split: _PrefixSplit, h_init: torch.Tensor, layer: int,
-             tuple_len: int, hp: HParams) -> TargetResult:
+             tuple_len: int, hp: HParams, fisher: torch.Tensor | None) -> TargetResult:
     """Adam on every edit's delta until its loss falls under the early-stop value, or with
     v_early_stop="most_probable" until the target is the argmax after every rewrite row (ENCORE's MPES,
     Gupta et al. 2025: no push past what greedy decoding needs), or the step budget."""
@@ -273,6 +274,8 @@ def _descend(em: EditableModel, rows: _Rows, split: _PrefixSplit, h_init: torch.
 
         decay = hp.v_weight_decay * delta.norm(dim=1) / h_init.norm(dim=1) ** 2
         loss = nll + hp.kl_factor * kl + decay
+        if fisher is not None:  # the delta's expected KL on text in general, were it added there (sensitivity.py)
+            loss = loss + hp.z_fisher_weight * 0.5 * ((delta @ fisher.to(delta.device)) * delta).sum(1)
 
         final_loss = torch.where(active, loss.detach(), final_loss)
         target_prob = torch.where(active, prob, target_prob)

@@ -1,0 +1,65 @@
+"""How much a change of the edited layers' outputs moves the model's predictions on ordinary text: the
+Fisher information of the next-token distributions with respect to those hidden states
+(HParams.z_fisher_weight).
+
+An update leaks a small share of every edit's residual into the outputs at every other key
+(docs/hyperparameters.md, "Drift": ~1-2% per edit at SmolLM2's layers), along the edit's own delta, at
+each edited layer. Added at a random text position of layer l's output, a change d moves the
+predictions there and after it by a KL of about d^T F_l d / 2, with F_l = E[g g^T], g the gradient of
+log p(y) (y sampled from the model's own next-token distributions) with respect to that state. A
+change at a lower layer passes through more layers and is louder (SmolLM2: trace F_3 ~2.7x F_9), so the
+penalty uses the mean of F_l over the edited layers: d^T F d / 2 per edit prefers a delta that makes its
+own prompt say the target while moving little else wherever the update writes it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..compat import layer_output, resume_after
+from ..core.tokens import pad_id, pad_right
+from .arch import EditableModel
+from .covariance import Corpus, token_batches
+from .precision import computing_in
+from .trace import capture
+
+
+def output_fisher(em: EditableModel, tok, corpus: Corpus, layers: list[int], tokens: int, dtype: torch.dtype,
+                  seed: int) -> torch.Tensor:
+    """The mean over `layers` of F_l [d_model, d_model] (float32, on the output head's device) over the
+    first `tokens` tokens of `corpus`: each position's gradient of the log-likelihood of next tokens
+    sampled from the model (teacher forced on the corpus text) with respect to layer l's output there.
+    One forward and backward per batch serves every layer; accumulated in float64, run in `dtype`."""
+    d, low = em.d_model, min(layers)
+    total, count = torch.zeros(d, d, dtype=torch.float64), 0
+    sampler = torch.Generator().manual_seed(seed)
+    states = {}
+
+    def keep(i):
+        def hook(module, args, output):
+            states[i] = layer_output(output)[0]
+            states[i].retain_grad()
+        return hook
+
+    handles = [em.layers[i].register_forward_hook(keep(i)) for i in set(layers) - {low}]
+    try:
+        with computing_in(em.model, dtype):
+            for batch in token_batches(tok, corpus, tokens):
+                ids, mask = pad_right(batch, pad_id(tok))
+                with torch.no_grad():
+                    got = capture(em, ids, mask, outputs=[low])
+                states[low] = got.outputs[low].detach().requires_grad_(True)
+                with resume_after(em.layers, low, states[low], got.tuple_len[low]):
+                    final = em.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                live = mask.bool()
+                logp = torch.log_softmax(em.logits(final[live]).float(), dim=-1)
+                sampled = torch.multinomial(logp.detach().exp().cpu(), 1, generator=sampler).to(logp.device)
+                logp.gather(1, sampled).sum().backward()
+                for i in set(layers):
+                    g = states[i].grad[live.to(states[i].device)].double().cpu()
+                    total += g.T @ g
+                count += int(live.sum())
+    finally:
+        for h in handles:
+            h.remove()
+    return (total / max(count * len(set(layers)), 1)).float().to(em.output_device)

@@ -1,0 +1,87 @@
+"""The z penalty's F (editor/sensitivity.py): what it predicts, and that the penalty steers the z."""
+
+import json
+
+import torch
+import torch.nn.functional as F
+
+from memit_vllm.checkpoint import Checkpoint
+from memit_vllm.compat import layer_output
+from memit_vllm.core.records import load_requests
+from memit_vllm.editor import default_hparams, load_editable
+from memit_vllm.editor.arch import checkpoint_dims
+from memit_vllm.editor.covariance import file_corpus
+from memit_vllm.editor.sensitivity import output_fisher
+from memit_vllm.editor.targets import compute_targets
+from memit_vllm.editor.trace import capture
+
+LAYER = 1
+
+
+def _corpus(tmp_path, data_dir, n: int):
+    lines = (data_dir / "corpus" / "smollm2_self_2k.jsonl").read_text().splitlines()[:n]
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"text": json.loads(x)["text"][:200]}) for x in lines))
+    return file_corpus(path)
+
+
+def _kl_of_adding(em, ids: torch.Tensor, d: torch.Tensor) -> float:
+    """Mean over positions s of the summed KL of every prediction at or after s when d is added to
+    layer LAYER's output at s alone."""
+    with torch.no_grad():
+        base = F.log_softmax(em.model(ids).logits[0].double(), -1)
+        total = 0.0
+        for s in range(ids.shape[1]):
+            def add(module, args, output, s=s):
+                layer_output(output)[0][0, s] += d  # the layer's hidden states, in place
+            handle = em.layers[LAYER].register_forward_hook(add)
+            try:
+                new = F.log_softmax(em.model(ids).logits[0].double(), -1)
+            finally:
+                handle.remove()
+            total += float((base.exp() * (base - new)).sum(-1)[s:].sum())
+    return total / ids.shape[1]
+
+
+def test_fisher_predicts_the_kl_of_a_small_change_of_the_hidden_state(tiny_models, data_dir, tmp_path):
+    tok, em = load_editable(Checkpoint(tiny_models["llama"]))
+    corpus = _corpus(tmp_path, data_dir, 24)
+    fisher = output_fisher(em, tok, corpus, [LAYER], 10_000, torch.float32, seed=0).double()
+    assert torch.allclose(fisher, fisher.T, atol=1e-9) and torch.linalg.eigvalsh(fisher).min() > -1e-9
+    texts = [tok(t)["input_ids"] for t in corpus.texts()]
+    size = 0.05 * float(capture(em, torch.tensor([texts[0]]), torch.ones(1, len(texts[0]), dtype=torch.long),
+                                outputs=[LAYER]).outputs[LAYER].norm(dim=-1).mean())  # small: F is second order
+    gen = torch.Generator().manual_seed(0)
+    measured, predicted = [], []
+    for _ in range(4):  # random directions; the mean over them and over the corpus's positions
+        d = torch.randn(em.d_model, generator=gen)
+        d *= size / d.norm()
+        measured.append(sum(_kl_of_adding(em, torch.tensor([ids]), d) * len(ids) for ids in texts)
+                        / sum(len(ids) for ids in texts))
+        predicted.append(float(0.5 * d.double() @ fisher @ d.double()))
+    ratio = sum(measured) / sum(predicted)
+    assert 0.75 < ratio < 1.33, (measured, predicted)
+
+
+def test_one_pass_over_several_layers_gives_the_mean_of_each_layers_own(tiny_models, data_dir, tmp_path):
+    tok, em = load_editable(Checkpoint(tiny_models["llama"]))
+    corpus = _corpus(tmp_path, data_dir, 8)
+    each = [output_fisher(em, tok, corpus, [layer], 4096, torch.float32, seed=0) for layer in (0, 1, 2)]
+    together = output_fisher(em, tok, corpus, [0, 1, 2], 4096, torch.float32, seed=0)
+    assert torch.allclose(together, sum(each) / 3, rtol=1e-4, atol=1e-12)
+    assert not torch.allclose(each[0], each[2], rtol=0.05)  # the layers differ: the mean is not one of them
+
+
+def test_the_penalty_makes_the_deltas_quieter_where_F_says(smollm2, data_dir, tmp_path):
+    tok, em = load_editable(Checkpoint(smollm2))
+    hp, _ = default_hparams(*checkpoint_dims(Checkpoint(smollm2)))
+    hp = hp.replace(v_num_grad_steps=10, v_lr=2.0, z_dtype="bfloat16")
+    reqs = load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=4)
+    layer = hp.layers[-1]
+    fisher = output_fisher(em, tok, _corpus(tmp_path, data_dir, 16), hp.layers, 2048, torch.bfloat16, seed=0)
+    loudness = {}
+    for weight in (0.0, 1.0):
+        z = compute_targets(em, tok, reqs, ["{}"], layer, hp.replace(z_fisher_weight=weight), progress=False,
+                            fisher=fisher)
+        loudness[weight] = float(0.5 * ((z.delta @ fisher) * z.delta).sum(1).mean())
+    assert loudness[1.0] < 0.7 * loudness[0.0], loudness
