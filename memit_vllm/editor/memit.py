@@ -327,6 +327,9 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     distributed.check_shares(len(requests), "edits")
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     given = _stats_file(config, ckpt, hp, dims[2], cache)
+    if given is not None and hp.z_fisher_weight:
+        raise MemitError("z_fisher_weight reads F over the statistics corpus, and --stats FILE brings none: drop "
+                         "z_fisher_weight, or let make-patch compute the statistics (--stats-corpus)")
     resume_dir = check_resume_dir(config.resume_dir) if config.resume_dir is not None else None
     if given is not None:  # the patch records the budget and dtype the statistics were computed with
         hp = replace(hp, mom2_n_tokens=given.budget, mom2_dtype=given.identity["dtype"])

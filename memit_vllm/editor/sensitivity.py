@@ -7,9 +7,9 @@ An update leaks a small share of every edit's residual into the outputs at every
 each edited layer. Added at a random text position of layer l's output, a change d moves the
 predictions there and after it by a KL of about d^T F_l d / 2, with F_l = E[g g^T], g the gradient of
 log p(y) (y sampled from the model's own next-token distributions) with respect to that state. A
-change at a lower layer passes through more layers and is louder (SmolLM2: trace F_3 ~2.7x F_9), so the
-penalty uses the mean of F_l over the edited layers: d^T F d / 2 per edit prefers a delta that makes its
-own prompt say the target while moving little else wherever the update writes it.
+change at a lower layer passes through more layers on its way to the output, so the penalty uses the
+mean of F_l over the edited layers: d^T F d / 2 per edit prefers a delta that makes its own prompt say
+the target while moving little else wherever the update writes it.
 """
 
 from __future__ import annotations
