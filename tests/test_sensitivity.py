@@ -79,9 +79,12 @@ def test_the_penalty_makes_the_deltas_quieter_where_F_says(smollm2, data_dir, tm
     reqs = load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=4)
     layer = hp.layers[-1]
     fisher = output_fisher(em, tok, _corpus(tmp_path, data_dir, 16), hp.layers, 2048, torch.bfloat16, seed=0)
-    loudness = {}
+    loudness, size = {}, {}
     for weight in (0.0, 1.0):
         z = compute_targets(em, tok, reqs, ["{}"], layer, hp.replace(z_fisher_weight=weight), progress=False,
                             fisher=fisher)
         loudness[weight] = float(0.5 * ((z.delta @ fisher) * z.delta).sum(1).mean())
+        size[weight] = float((z.delta ** 2).sum(1).mean())
     assert loudness[1.0] < 0.7 * loudness[0.0], loudness
+    # not merely smaller deltas (what weight decay gives): quieter per unit of size, i.e. other directions
+    assert loudness[1.0] / size[1.0] < 0.9 * loudness[0.0] / size[0.0], (loudness, size)

@@ -31,7 +31,7 @@ def output_fisher(em: EditableModel, tok, corpus: Corpus, layers: list[int], tok
     sampled from the model (teacher forced on the corpus text) with respect to layer l's output there.
     One forward and backward per batch serves every layer; accumulated in float64, run in `dtype`."""
     d, low = em.d_model, min(layers)
-    total, count = torch.zeros(d, d, dtype=torch.float64), 0
+    total, count = torch.zeros(d, d, dtype=torch.float64, device="cpu"), 0  # the grads come to the CPU
     sampler = torch.Generator().manual_seed(seed)
     states = {}
 
