@@ -29,6 +29,7 @@ import argparse
 import json
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -66,8 +67,8 @@ def targets_for(out: Path, model_sha: str, em, tok, requests, templates, hp: HPa
     corpus = file_corpus(CORPUS) if hp.z_fisher_weight else None  # its first tokens: never the held-out slice
     identity = z_identity(model_sha, [], str(em.model.dtype).removeprefix("torch."), hp, templates, hp.layers[-1],
                           em.output_device, corpus.identity if corpus else None)
-    fisher = None if corpus is None else output_fisher(em, tok, corpus, hp.layers, hp.z_fisher_tokens,
-                                                       forward_dtype(hp.z_dtype, em.model), 0)
+    fisher = None if corpus is None else partial(output_fisher, em, tok, corpus, hp.layers, hp.z_fisher_tokens,
+                                                 forward_dtype(hp.z_dtype, em.model), 0)
     result = compute_targets(em, tok, requests, templates, hp.layers[-1], hp, progress=True,
                              store=TargetStore(out / "z", identity), fisher=fisher)
     return result, bool(result.resumed.all())

@@ -382,9 +382,9 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
             stats.identity["model"], [p.patch_id for p in stack], dtype, hp, templates, hp.layers[-1], device,
             fisher_corpus.identity if fisher_corpus else None))
         with _timed(seconds, "z"):
-            fisher = None if fisher_corpus is None else output_fisher(
-                em, tok, fisher_corpus, hp.layers, hp.z_fisher_tokens, forward_dtype(hp.z_dtype, em.model),
-                config.seed)
+            fisher = None if fisher_corpus is None else partial(
+                output_fisher, em, tok, fisher_corpus, hp.layers, hp.z_fisher_tokens,
+                forward_dtype(hp.z_dtype, em.model), config.seed)
             targets = distributed.split_edits(
                 lambda part: compute_targets(em, tok, part, templates, hp.layers[-1], hp, config.progress,
                                              config.bucket_overhead_tokens, store, fisher), requests)

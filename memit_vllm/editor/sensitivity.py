@@ -30,7 +30,8 @@ def output_fisher(em: EditableModel, tok, corpus: Corpus, layers: list[int], tok
     first `tokens` tokens of `corpus`: each position's gradient of the log-likelihood of next tokens
     sampled from the model (teacher forced on the corpus text) with respect to layer l's output there.
     One forward and backward per batch serves every layer; accumulated in float64, run in `dtype`."""
-    d, low = em.d_model, min(layers)
+    layers = sorted(set(layers))
+    d, low = em.d_model, layers[0]
     total, count = torch.zeros(d, d, dtype=torch.float64, device="cpu"), 0  # the grads come to the CPU
     sampler = torch.Generator().manual_seed(seed)
     states = {}
@@ -41,7 +42,7 @@ def output_fisher(em: EditableModel, tok, corpus: Corpus, layers: list[int], tok
             states[i].retain_grad()
         return hook
 
-    handles = [em.layers[i].register_forward_hook(keep(i)) for i in set(layers) - {low}]
+    handles = [em.layers[i].register_forward_hook(keep(i)) for i in layers[1:]]
     try:
         with computing_in(em.model, dtype):
             for batch in token_batches(tok, corpus, tokens):
@@ -52,14 +53,29 @@ def output_fisher(em: EditableModel, tok, corpus: Corpus, layers: list[int], tok
                 with resume_after(em.layers, low, states[low], got.tuple_len[low]):
                     final = em.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                 live = mask.bool()
-                logp = torch.log_softmax(em.logits(final[live]).float(), dim=-1)
-                sampled = torch.multinomial(logp.detach().exp().cpu(), 1, generator=sampler).to(logp.device)
-                logp.gather(1, sampled).sum().backward()
-                for i in set(layers):
+                flat = final[live]
+                flat.backward(_head_gradient(em, flat.detach(), sampler))
+                for i in layers:
                     g = states[i].grad[live.to(states[i].device)].double().cpu()
                     total += g.T @ g
                 count += int(live.sum())
     finally:
         for h in handles:
             h.remove()
-    return (total / max(count * len(set(layers)), 1)).float().to(em.output_device)
+    return (total / max(count * len(layers), 1)).float().to(em.output_device)
+
+
+HEAD_ROWS = 1024  # positions per output-head chunk: their vocabulary-wide log-probabilities exist at once
+
+
+def _head_gradient(em: EditableModel, final: torch.Tensor, sampler: torch.Generator) -> torch.Tensor:
+    """d log p(y) / d final for every row of `final` (the final hidden states), y sampled from the model's
+    own distribution there: the head runs in chunks, so a large vocabulary never holds all rows' logits."""
+    grad = torch.empty_like(final)
+    for start in range(0, len(final), HEAD_ROWS):
+        h = final[start : start + HEAD_ROWS].clone().requires_grad_(True)
+        logp = torch.log_softmax(em.logits(h).float(), dim=-1)
+        sampled = torch.multinomial(logp.detach().exp().cpu(), 1, generator=sampler).to(logp.device)
+        logp.gather(1, sampled).sum().backward()
+        grad[start : start + HEAD_ROWS] = h.grad
+    return grad

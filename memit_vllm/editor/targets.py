@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -108,12 +110,15 @@ class TargetResult:
 
 def compute_targets(em: EditableModel, tok, requests: list[EditRequest], templates: list[str], layer: int,
                     hp: HParams, progress: bool = True, bucket_overhead_tokens: float = BUCKET_OVERHEAD_TOKENS,
-                    store: TargetStore | None = None, fisher: torch.Tensor | None = None) -> TargetResult:
+                    store: TargetStore | None = None,
+                    fisher: Callable[[], torch.Tensor] | None = None) -> TargetResult:
     """z for every request at `layer`, optimised in batches of hp.z_batch_edits edits. Batches are formed
     from edits of similar suffix length (less padding); results come back in request order.
     `bucket_overhead_tokens`: the cost of one more padded call, see `length_buckets` (speed only).
-    `store`: where finished batches are kept and read back from (a resumed run). `fisher`: F of
-    sensitivity.output_fisher, for the penalty of hp.z_fisher_weight."""
+    `store`: where finished batches are kept and read back from (a resumed run). `fisher`: computes F
+    (sensitivity.output_fisher) for the penalty of hp.z_fisher_weight, once, and only if a batch is not
+    read back."""
+    fisher = cache(fisher) if fisher else None
     order = sorted(range(len(requests)), key=lambda i: _suffix_len(tok, requests[i]))
     parts = []
     bar = tqdm(total=len(requests), desc="z vectors", unit="edit", disable=not progress)
@@ -123,7 +128,8 @@ def compute_targets(em: EditableModel, tok, requests: list[EditRequest], templat
         if kept is not None:
             parts.append(TargetResult(**kept, resumed=torch.ones(len(chunk), dtype=torch.long)))
         else:
-            parts.append(_optimise(em, tok, chunk, templates, layer, hp, bucket_overhead_tokens, fisher))
+            parts.append(_optimise(em, tok, chunk, templates, layer, hp, bucket_overhead_tokens,
+                                   fisher() if fisher else None))
             if store:
                 store.save(chunk, parts[-1])
         bar.update(len(chunk))

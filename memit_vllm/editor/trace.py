@@ -80,7 +80,6 @@ def capture(em: EditableModel, input_ids: torch.Tensor, attention_mask: torch.Te
     return got
 
 
-
 class UpwardReads:
     """Fixed batches read one layer at a time, upwards: each read starts at the inputs of the layer the
     previous read saved, instead of at the embeddings (valid while only weights at or above that layer
