@@ -60,7 +60,7 @@ SHOWN = ["ES", "PS", "NS", "rewrite_hit", "paraphrase_hit", "neighbour_word_kept
          "unrelated_word_kept_confident", "unrelated_kept", "heldout_kl"]
 
 
-def targets_for(out: Path, model_sha: str, em, tok, requests, templates, hp: HParams):
+def targets_for(out: Path, model_sha: str, em, tok, requests, templates, hp: HParams, seed: int):
     """z for the requests, kept in `out`/z by make-patch --resume-dir's store (keyed by what z depends on:
     `model_sha` is the weights' hash, as statistics identities hold it), and whether every batch was read
     back from there."""
@@ -68,7 +68,7 @@ def targets_for(out: Path, model_sha: str, em, tok, requests, templates, hp: HPa
     identity = z_identity(model_sha, [], str(em.model.dtype).removeprefix("torch."), hp, templates, hp.layers[-1],
                           em.output_device, corpus.identity if corpus else None)
     fisher = None if corpus is None else partial(output_fisher, em, tok, corpus, hp.layers, hp.z_fisher_tokens,
-                                                 forward_dtype(hp.z_dtype, em.model), 0)
+                                                 forward_dtype(hp.z_dtype, em.model), seed)
     result = compute_targets(em, tok, requests, templates, hp.layers[-1], hp, progress=True,
                              store=TargetStore(out / "z", identity), fisher=fisher)
     return result, bool(result.resumed.all())
@@ -129,7 +129,7 @@ def main():
     stats = statistics(em, tok, ckpt, base_hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
     t = time.monotonic()
     targets, cached = targets_for(out, stats.identity["model"], em, tok, requests, [t for g in groups for t in g],
-                                  base_hp)
+                                  base_hp, args.seed)
     print(f"z for {len(requests)} edits: {'cached' if cached else f'{time.monotonic() - t:.0f} s'}")
 
     unrelated, unrelated_source = unrelated_prompts(args.data, fmt, records)
