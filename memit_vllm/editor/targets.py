@@ -258,7 +258,9 @@ def _descend(em: EditableModel, rows: _Rows, split: _PrefixSplit, h_init: torch.
         local = torch.full((P,), -1, dtype=torch.long)
         local[sel] = torch.arange(len(sel))
         delta = torch.stack(deltas)  # [n, d]
-        out = split.forward(em, layer, tuple_len, sel, delta[rows.edit[sel]])
+        # index_select: its backward sums each edit's rows in a fixed order (plain indexing's backward is an
+        # accumulating index_put_, whose multi-threaded CPU kernel adds in a varying order: z not repeatable)
+        out = split.forward(em, layer, tuple_len, sel, delta.index_select(0, rows.edit[sel]))
 
         # NLL of the target tokens, mean over tokens of a prompt, then over an edit's prompts.
         keep = active[rows.edit[rows.tgt_row]]
