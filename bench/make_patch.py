@@ -3,6 +3,7 @@
     .venv/bin/python bench/make_patch.py z-speed  [--edits 8] [--z-variants '[{}, {"z_dtype": "bfloat16"}]']
     .venv/bin/python bench/make_patch.py covariance [--tokens 50000]
     .venv/bin/python bench/make_patch.py spectrum [--thresholds 5e-3,1e-2,2e-2]
+    .venv/bin/python bench/make_patch.py repeat   [--edits 16] [--hparams '{"z_dtype": "bfloat16"}']
     .venv/bin/python bench/make_patch.py scaling  [--sizes 10,100] [--data FILE] [--eval]
                                                   [--dtype|--saved-in bfloat16] [--layers 3-9] [--lambda 768]
                                                   [--hparams '{"v_num_grad_steps": 40}']
@@ -13,6 +14,9 @@
 - covariance: tokens/s of the one-pass statistics for all edited layers (the model in fp32, then in
   bf16: make-patch --stats-model-dtype, with fp32 and bf16 products: --stats-dtype) vs a bare full
   forward over the same tokens, and how far each pass's C_l are from the fp32 pass's.
+- repeat: `memit-vllm make-patch` run twice in separate processes (same requests, seed and settings,
+  this process's thread count, SOURCE_DATE_EPOCH set), and whether the two patch files are identical
+  byte for byte (README "Reproducible"); if not, how far apart their deltas are. Exits 1 if they differ.
 - scaling: make-patch end to end for each size (time split stats / z / update, peak RSS) and, with
   --eval, CounterFact scores before/after. Stats are cached after the first size. The hyperparameter
   options override the preset (docs/hyperparameters.md's table is rows of this with --sizes 10).
@@ -224,9 +228,41 @@ def scaling(args, model_dir):
               + " | ".join(scores) + " |", flush=True)
 
 
+def repeat(args, model_dir):
+    import json
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "memit_vllm", "make-patch", "--model", str(model_dir),
+               "--requests", args.data, "--limit", str(args.edits), "--stats-corpus", str(CORPUS)]
+        if args.hparams:
+            Path(d, "hp.json").write_text(args.hparams)
+            cmd += ["--hparams", str(Path(d, "hp.json"))]
+        print(f"machine: {machine()}; {args.edits} edits of {Path(args.data).name}, hparams {args.hparams or 'preset'}")
+        runs = []
+        for i in range(2):
+            out = Path(d, f"run{i}.patch")
+            t = time.monotonic()
+            subprocess.run([*cmd, "--out", str(out)], check=True, stdout=subprocess.DEVNULL,
+                           env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()),
+                                "SOURCE_DATE_EPOCH": "1700000000"})  # pins `created`, the one field that may differ
+            runs.append((out, time.monotonic() - t))
+        (a, ta), (b, tb) = runs
+        same = a.read_bytes() == b.read_bytes()
+        print(f"runs: {ta:.0f} s and {tb:.0f} s; patch files identical: {'yes' if same else 'NO'}")
+        if not same:
+            da, db = load_file(a), load_file(b)
+            diff = {k: float((da[k].double() - db[k].double()).abs().max()) for k in da if k in db}
+            print("max |delta difference| per tensor: " + json.dumps(diff))
+        return same
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["z-speed", "covariance", "scaling", "spectrum"])
+    ap.add_argument("what", choices=["z-speed", "covariance", "scaling", "spectrum", "repeat"])
     ap.add_argument("--thresholds", default="5e-3,1e-2,2e-2", help="spectrum: AlphaEdit thresholds to tabulate")
     ap.add_argument("--model", default=None, help="checkpoint dir (default: the prepared smollm2-135m)")
     ap.add_argument("--edits", type=int, default=8)
@@ -253,7 +289,10 @@ def main():
     ap.add_argument("--hparams", help="JSON of other overrides, e.g. '{\"v_num_grad_steps\": 25}'")
     args = ap.parse_args()
     model_dir = Path(args.model) if args.model else prepare("smollm2-135m")
-    {"z-speed": z_speed, "covariance": covariance, "scaling": scaling, "spectrum": spectrum}[args.what](args, model_dir)
+    ran = {"z-speed": z_speed, "covariance": covariance, "scaling": scaling, "spectrum": spectrum,
+           "repeat": repeat}[args.what](args, model_dir)
+    if ran is False:  # repeat: the two patches differ
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":
