@@ -233,7 +233,7 @@ def repeat(args, model_dir):
     import subprocess
     import sys
 
-    from safetensors.torch import load_file
+    from memit_vllm.patch import load_patch
 
     with tempfile.TemporaryDirectory() as d:
         cmd = [sys.executable, "-m", "memit_vllm", "make-patch", "--model", str(model_dir),
@@ -254,10 +254,10 @@ def repeat(args, model_dir):
         same = a.read_bytes() == b.read_bytes()
         print(f"runs: {ta:.0f} s and {tb:.0f} s; patch files identical: {'yes' if same else 'NO'}")
         if not same:
-            da, db = load_file(a), load_file(b)
-            diff = {k: float((da[k].double() - db[k].double()).abs().max()) for k in da if k in db}
-            print("max |delta difference| per tensor: " + json.dumps(diff))
-        return same
+            pa, pb = load_patch(a), load_patch(b)
+            diff = {k: float((pa.deltas[k].double() - pb.deltas[k].double()).abs().max()) for k in pa.deltas}
+            print(f"patch ids {pa.patch_id} / {pb.patch_id}; max |delta difference| per tensor: {json.dumps(diff)}")
+            raise SystemExit(1)
 
 
 def main():
@@ -289,10 +289,8 @@ def main():
     ap.add_argument("--hparams", help="JSON of other overrides, e.g. '{\"v_num_grad_steps\": 25}'")
     args = ap.parse_args()
     model_dir = Path(args.model) if args.model else prepare("smollm2-135m")
-    ran = {"z-speed": z_speed, "covariance": covariance, "scaling": scaling, "spectrum": spectrum,
-           "repeat": repeat}[args.what](args, model_dir)
-    if ran is False:  # repeat: the two patches differ
-        raise SystemExit(1)
+    {"z-speed": z_speed, "covariance": covariance, "scaling": scaling, "spectrum": spectrum,
+     "repeat": repeat}[args.what](args, model_dir)
 
 
 if __name__ == "__main__":
