@@ -12,6 +12,7 @@ patches it finds, so a long run can stop and continue):
   of the untouched or close-neighbour subjects) at lambda 384 and preserve weight 1/16 (docs/hyperparameters.md,
   session 10: the configuration that kept 90% of unrelated first words for one batch of 100);
 - onebatch: all edits so far in one patch on the base (the reference point; remade at each step).
+`--cost` instead times one arm's next batch made `--on` its lineage against the same edits on the base.
 After each batch (or every --eval-every batches), on every edit made so far: ES, PS, NS (teacher forced,
 as `eval`), and the share of greedy rewrite completions that start with the new target; retention of
 what was not edited: NS on 200 fixed untouched records (the last 200 of the data file), NS on the
@@ -34,6 +35,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from transformers import AutoTokenizer
 
 from memit_vllm import make_patch
 from memit_vllm.checkpoint import Checkpoint
@@ -82,22 +84,44 @@ def batch_patch(arm: str, t: int, batches: list[list], args, budget: int, earlie
     path = Path(args.out) / arm / f"batch-{t:03d}.patch"
     if path.is_file():
         return path, None
-    start = time.monotonic()
     if arm == "onebatch":
-        requests, on, hparams = [r for b in batches[:t + 1] for r in b], [], {}
+        requests, on = [r for b in batches[:t + 1] for r in b], []
     else:
-        requests, hparams = batches[t], dict(ARMS[arm] or {})
-        on = [] if arm == "independent" else earlier
-    hparams |= json.loads(args.hparams)
+        requests, on = batches[t], [] if arm == "independent" else earlier
+    patch, seconds = made(arm, requests, on, args, budget, f"{arm}-{t}")
+    patch.save(path)
+    print(f"{arm} batch {t}: made in {seconds:.0f} s", flush=True)
+    return path, seconds
+
+
+def made(arm: str, requests: list, on: list[Path], args, budget: int, name: str):
+    """The patch of `requests` made by `arm`'s rule on base + `on`, and the seconds make_patch took."""
+    hparams = dict(ARMS[arm] or {}) | json.loads(args.hparams)
     if args.z_dtype:
         hparams["z_dtype"] = args.z_dtype
     preserve = Path(args.out) / "close-neighbours-preserve.json" if arm == "preserve" else None
     subjects = Path(args.out) / "neighbour-subjects.json" if arm == "neighbours" else None
-    make_patch(args.model, requests, on=on, hparams=hparams, stats_corpus=str(HELDOUT_DEFAULT), stats_tokens=budget,
-               name=f"{arm}-{t}", progress=False, preserve=preserve, neighbour_subjects=subjects).save(path)
-    seconds = time.monotonic() - start
-    print(f"{arm} batch {t}: made in {seconds:.0f} s", flush=True)
-    return path, seconds
+    start = time.monotonic()
+    patch = make_patch(args.model, requests, on=on, hparams=hparams, stats_corpus=str(HELDOUT_DEFAULT),
+                       stats_tokens=budget, name=name, progress=False, preserve=preserve, neighbour_subjects=subjects)
+    return patch, time.monotonic() - start
+
+
+def cost(arm: str, after: list, lineage: list[Path], args) -> None:
+    """Issue 13's cost target: the next batch's edits made `--on` the arm's lineage against the same
+    edits made on the base, in this process, base first; each patch is made whole (z, keys, solves),
+    nothing shared between the two."""
+    if arm in ("independent", "onebatch"):
+        raise SystemExit(f"--cost: arm {arm} makes no lineage; give one that edits --on its earlier batches")
+    missing = [p for p in lineage if not p.is_file()]
+    if missing:
+        raise SystemExit(f"--cost: {missing[0]} is not there: run the {arm} arm to {len(lineage)} batches first")
+    budget = covariance_budget(AutoTokenizer.from_pretrained(Checkpoint(args.model).path), HELDOUT_DEFAULT)
+    _, alone = made(arm, after, [], args, budget, f"{arm}-cost-base")
+    _, on = made(arm, after, lineage, args, budget, f"{arm}-cost-on")
+    edits = len(lineage) * args.batch
+    print(json.dumps({"arm": arm, "edits": len(after), "lineage_edits": edits, "base_seconds": round(alone, 1),
+                      "on_seconds": round(on, 1), "ratio": round(on / alone, 3)}))
 
 
 @torch.no_grad()
@@ -125,6 +149,9 @@ def main():
                     "e.g. the fast z recipe '{\"v_lr\": 2.0, \"v_early_stop_loss\": 0.3}'")
     ap.add_argument("--eval-every", type=int, default=1, help="measure after every k-th batch (and the last)")
     ap.add_argument("--report-only", action="store_true", help="print the table (and plot) of what is measured")
+    ap.add_argument("--cost", action="store_true", help="instead of the run: time the next batch of edits (batch "
+                    "--batches) made --on the arm's first --batches patches in --out, against the same edits made "
+                    "on the base (one arm; the patches are not kept)")
     args = ap.parse_args()
     arms = args.arms.split(",")
     unknown = set(arms) - set(ARMS)
@@ -132,6 +159,12 @@ def main():
         raise SystemExit(f"unknown arms {sorted(unknown)}; known: {', '.join(ARMS)}")
     n = args.batch * args.batches
     raw, dropped = without_conflicts(args.data, None)
+    if args.cost:
+        if len(arms) != 1:
+            raise SystemExit(f"--cost times one arm's lineage; got --arms {args.arms}")
+        after = [parse_record(r, f"record {n + i}") for i, r in enumerate(raw[n:n + args.batch])]
+        lineage = [Path(args.out) / arms[0] / f"batch-{t:03d}.patch" for t in range(args.batches)]
+        return cost(arms[0], after, lineage, args)
     edits, untouched = raw[:n], raw[-UNTOUCHED:]
     print(f"{len(edits)} edits in {args.batches} batches of {args.batch}; {dropped} conflicting records skipped")
     batches = [[parse_record(r, f"record {i}") for i, r in enumerate(edits[s:s + args.batch])]
