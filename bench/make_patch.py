@@ -26,9 +26,12 @@ Each prints the machine it ran on and a Markdown table for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -229,10 +232,6 @@ def scaling(args, model_dir):
 
 
 def repeat(args, model_dir):
-    import json
-    import subprocess
-    import sys
-
     from memit_vllm.patch import load_patch
 
     with tempfile.TemporaryDirectory() as d:

@@ -110,7 +110,7 @@ def made(arm: str, requests: list, on: list[Path], args, budget: int, name: str)
 def cost(arm: str, after: list, lineage: list[Path], args) -> None:
     """Issue 13's cost target: the next batch's edits made `--on` the arm's lineage against the same
     edits made on the base, in this process, base first; each patch is made whole (z, keys, solves),
-    nothing shared between the two."""
+    only the cached statistics shared."""
     if arm in ("independent", "onebatch"):
         raise SystemExit(f"--cost: arm {arm} makes no lineage; give one that edits --on its earlier batches")
     missing = [p for p in lineage if not p.is_file()]
@@ -119,8 +119,8 @@ def cost(arm: str, after: list, lineage: list[Path], args) -> None:
     budget = covariance_budget(AutoTokenizer.from_pretrained(Checkpoint(args.model).path), HELDOUT_DEFAULT)
     _, alone = made(arm, after, [], args, budget, f"{arm}-cost-base")
     _, on = made(arm, after, lineage, args, budget, f"{arm}-cost-on")
-    edits = len(lineage) * args.batch
-    print(json.dumps({"arm": arm, "edits": len(after), "lineage_edits": edits, "base_seconds": round(alone, 1),
+    print(json.dumps({"arm": arm, "edits": len(after), "lineage_edits": len(lineage) * args.batch,
+                      "base_seconds": round(alone, 1),
                       "on_seconds": round(on, 1), "ratio": round(on / alone, 3)}))
 
 
