@@ -79,7 +79,6 @@ def z_speed(args, model_dir):
             print(f"| {cost:g} | {time.perf_counter() - t:.1f} |")
         return
     if args.z_variants:  # the batched path alone, once per set of z hyperparameters (e.g. z_dtype, v_lr)
-        import json
 
         print(f"machine: {machine()}; {len(reqs)} CounterFact edits, layer {layer}, batched z only")
         print("| z hparams | batched z (s) | mean steps | at the step cap | mean / min P(target) | mean final loss "
@@ -173,7 +172,6 @@ def spectrum(args, model_dir):
 
 def without_conflicts(path: str, n: int) -> Path:
     """The first n records of `path` that make-patch accepts together, as a temp file."""
-    import json
 
     from memit_vllm.core.records import without_conflicts as keep
 
@@ -196,7 +194,6 @@ def saved_copy(model_dir: Path, dtype: str) -> Path:
 
 
 def scaling(args, model_dir):
-    import json
 
     from memit_vllm.editor import EditConfig, edit, load_requests, parse_layers
     from memit_vllm.evaluate.run import evaluate
