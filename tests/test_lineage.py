@@ -266,3 +266,27 @@ def test_patch_tools_refuse_a_child_without_its_stack_and_change_nothing(lineage
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["stack"] == [a.patch_id, b.patch_id]
     assert "made on" in cli("inspect", pb).output
+
+
+def test_lineage_keys_are_cached_and_a_cold_cache_makes_the_same_patch(lineage, data_dir, tmp_path):
+    """The lineage's keys come from the cache entries the earlier patches wrote (none read again); with no
+    cache, or a damaged entry, they are read on base + the stack up to their patch: the same patch."""
+    model, a, b = lineage  # b, made on a, cached a's keys (read then) and its own
+    warm = tiny_edit(model, reqs(data_dir, 4, 2), data_dir, tmp_path, on=[a, b])
+    assert warm.report.lineage_keys_read == 0 and warm.report.preserved_keys == 4
+    cold = tiny_edit(model, reqs(data_dir, 4, 2), data_dir, tmp_path / "other", on=[a, b])
+    assert cold.report.lineage_keys_read == 2
+    entries = sorted((tmp_path / "cache" / "lineage-keys").rglob("*.safetensors"))
+    assert len(entries) == 3  # a's, b's and the warm child's
+    for f in entries:
+        f.write_bytes(f.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="lineage key cache entry .* cannot be read"):
+        damaged = tiny_edit(model, reqs(data_dir, 4, 2), data_dir, tmp_path, on=[a, b])
+    assert damaged.report.lineage_keys_read == 2
+    for other in (cold, damaged):
+        for n in warm.patch.deltas:
+            torch.testing.assert_close(other.patch.deltas[n], warm.patch.deltas[n], rtol=1e-6, atol=1e-7)
+    current = tiny_edit(model, reqs(data_dir, 4, 2), data_dir, tmp_path, on=[a, b],
+                        hparams={"lineage_keys": "current"})
+    assert current.report.lineage_keys_read == 0 and current.report.preserved_keys == 4
+    assert current.patch.hparams["lineage_keys"] == "current"

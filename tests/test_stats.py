@@ -374,3 +374,14 @@ def test_torchrun_statistics_and_patch_equal_one_process(model, data_dir, whole,
     single = patch_of(model, data_dir, tmp_path, n=6, stats_corpus=str(data_dir / CORPUS), stats_tokens=TOKENS)
     assert distributed.covariance == single.covariance  # the statistics' record: same corpus, tokens, dtype
     assert_deltas_close(distributed, single, DISTRIBUTED_RTOL)
+
+    # a child --on it: the parent's keys (no cache entry yet) are read by both ranks, as one process does
+    later = tmp_path / "later.json"
+    later.write_text(json.dumps(json.loads((data_dir / "counterfact" / "counterfact_500.json").read_text())[6:10]))
+    torchrun("make-patch", "--model", model, "--requests", later, "--on", tmp_path / "dist.patch", "--hparams", hp,
+             "--stats-corpus", data_dir / CORPUS, "--stats-tokens", TOKENS, "--cache-dir", tmp_path / "dist-cache",
+             "--out", tmp_path / "child.patch", cwd=tmp_path)
+    child = edit(model, load_requests(later), hparams={**FAST, "layers": LAYERS}, cache_dir=tmp_path / "cache",
+                 progress=False, on=[distributed], stats_corpus=str(data_dir / CORPUS), stats_tokens=TOKENS)
+    assert child.report.lineage_keys_read == 1 and child.report.preserved_keys == 6
+    assert_deltas_close(load_patch(tmp_path / "child.patch"), child.patch, DISTRIBUTED_RTOL)

@@ -130,8 +130,9 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
         click.echo(f"warning: {w}", err=True)
     click.echo(f"{r.n_edits} edits on {r.device}, layers {r.layers}, {r.method} ({r.hparams_source})")
     if r.made_on:
-        click.echo(f"made on {' -> '.join(r.made_on)} ({r.preserved_keys} preserved keys per layer); serve it "
-                   "after exactly those patches")
+        click.echo(f"made on {' -> '.join(r.made_on)} ({r.preserved_keys} preserved keys per layer; the lineage "
+                   f"keys of {r.lineage_keys_read} of its patches read, the rest cached); serve it after exactly "
+                   "those patches")
     if r.preserved_keys and not r.made_on:
         click.echo(f"{r.preserved_keys} preserved keys per layer (--preserve, --neighbour-subjects)")
     for change in r.changed:

@@ -28,6 +28,7 @@ _REFERENCE_ONLY_KEYS = {
 
 
 METHODS = ("memit", "alphaedit")
+LINEAGE_KEYS = ("as_made", "current")  # editor/lineage_keys.py
 EARLY_STOPS = ("loss", "most_probable")
 FORWARD_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 # The k k^T products of the covariance pass (mom2_dtype). bfloat16: one batch's products are summed in
@@ -73,6 +74,9 @@ class HParams:
     nullspace_threshold: float = 2e-2  # alphaedit: eigenvalues of C below this span the projection
     L2: float = 10.0  # alphaedit: ridge on the update (the reference's name)
     preserve_lineage: bool = True  # with --on: the lineage's facts join the preserved keys
+    # Which keys of the lineage's facts (editor/lineage_keys.py): "as_made" (read on the model their patch left,
+    # cached: no cost per earlier fact) or "current" (re-read on the model being edited, each time).
+    lineage_keys: str = "as_made"
     preserve_weight: float = 1.0  # each --preserve prompt key's weight in the solve (an edit key counts 1)
 
     def to_dict(self) -> dict:
@@ -127,6 +131,7 @@ _RULES = {
     "nullspace_threshold": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "L2": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "preserve_lineage": (lambda v: isinstance(v, bool), "true or false"),
+    "lineage_keys": (lambda v: v in LINEAGE_KEYS, f"one of {', '.join(LINEAGE_KEYS)}"),
     "preserve_weight": (lambda v: _is_number(v) and v > 0, "a positive number"),
 }
 

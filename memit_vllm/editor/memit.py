@@ -32,6 +32,7 @@ from .devicemap import check_placement, describe
 from .covariance import layer_covariances, layer_projections, resolve_corpus, stats_identity
 from .hparams import HParams, default_hparams, load_hparams_file
 from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
+from .lineage_keys import LineageKeys
 from .memory import peak_memory, reset_gpu_peaks
 from .precision import computing_in, forward_dtype
 from .preserve import (PreservedKeys, neighbour_prompts, read_preserve_file, vocabulary_count,
@@ -117,6 +118,7 @@ class EditReport:
     made_on: list[str] = field(default_factory=list)  # ids of the stack the patch was made on
     changed: list[str] = field(default_factory=list)  # facts of the lineage this patch changes
     preserved_keys: int = 0  # key vectors per layer the update was solved to leave alone
+    lineage_keys_read: int = 0  # patches of the stack whose facts' keys were read (not in the cache)
     memory: dict = field(default_factory=dict)  # peak RSS, checkpoint size, peak per GPU (editor/memory.py)
 
 
@@ -140,6 +142,7 @@ class Statistics:
 class LayerUpdates:
     deltas: dict[str, torch.Tensor]  # checkpoint name -> delta (fp32, CPU, checkpoint layout)
     delivered: dict[int, float]  # layer -> fraction of the residual its update delivered on the edited keys
+    keys: dict[int, torch.Tensor]  # layer -> the edit keys it read ([n, d_ff]; kept only when asked)
 
 
 def _as_requests(requests, zsre_target: str) -> list[EditRequest]:
@@ -279,10 +282,12 @@ def _stats_file(config: EditConfig, ckpt: Checkpoint, hp: HParams, d_ff: int, ca
 
 
 def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: TargetResult, stats: Statistics,
-                  preserved: PreservedKeys | None = None, progress: bool = True) -> LayerUpdates:
+                  preserved: PreservedKeys | None = None, progress: bool = True, keep_keys: bool = False
+                  ) -> LayerUpdates:
     """One update per layer, applied to the model in turn; residuals (and preserved keys) re-measured on
-    the model as updated so far."""
-    deltas, delivered = {}, {}
+    the model as updated so far. `keep_keys`: return the edit keys read (those of the edited model: each
+    layer's are read after every layer below it is updated)."""
+    deltas, delivered, keys = {}, {}, {}
     z_layer = hp.layers[-1]
     reading = forward_dtype(hp.keys_dtype, em.model)
     for i, layer in enumerate(tqdm(hp.layers, desc="layer updates", disable=not progress)):
@@ -298,10 +303,20 @@ def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: Ta
         else:
             update = solve_layer_update(K, R, stats.covs[layer], hp.mom2_update_weight, kept)  # [d_model, d_ff]
         delivered[layer] = float((update @ K).norm() / R.norm().clamp(min=1e-12))
+        if keep_keys:
+            keys[layer] = k.cpu()
         update = update.float()
         em.add_to_weight(layer, update)
         deltas[em.param_name(layer)] = em.to_checkpoint_layout(update).contiguous().cpu()
-    return LayerUpdates(deltas, delivered)
+    return LayerUpdates(deltas, delivered, keys)
+
+
+def _all_keys(em: EditableModel, tok, groups: list[list[str]], hp: HParams, batch_prompts: int,
+              requests: list[EditRequest]) -> dict[int, torch.Tensor]:
+    """The keys of `requests` at every edited layer of the model as it is, read as layer_updates reads them."""
+    reader = distributed.SplitReader(lambda part: KeyReader(em, tok, part, groups, batch_prompts), requests)
+    with computing_in(em.model, forward_dtype(hp.keys_dtype, em.model)):
+        return {layer: reader.read(layer, None)[0] for layer in hp.layers}
 
 
 @contextmanager
@@ -354,6 +369,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         prompts += neighbours(vocabulary_subjects(tok, made_up, config.seed))
     if not hp.preserve_lineage:
         kept_facts = []
+    lineage_read = 0
     # Sampled on the CPU whatever the device, so the same seed gives the same templates everywhere (a
     # dispatched model computes on its devices, and returns the logits to the CPU inputs' device).
     groups = context_templates(em.model, tok, hp.context_template_seeds, hp.context_template_length, config.seed)
@@ -372,6 +388,16 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         seconds = {}
         with _timed(seconds, "stats"):  # of the base weights (the cache key), before the stack is merged
             stats = statistics(em, tok, ckpt, hp, config, cache, given)
+        recorded = None
+        if stack:
+            recorded = LineageKeys(cache, stats.identity["model"], {
+                "templates": groups, "layers": hp.layers, "dtype": dtype,
+                "keys_dtype": str(forward_dtype(hp.keys_dtype, em.model))}, hp.layers, em.d_ff)
+        if recorded and kept_facts and hp.lineage_keys == "as_made":
+            with _timed(seconds, "lineage_keys"):
+                lineage_read = recorded.prepare(em, ckpt, stack, {f.fact for f in kept_facts}, partial(
+                    _all_keys, em, tok, groups, hp, config.key_batch_prompts))
+            kept_facts = []  # their keys are the cached ones
         merge_stack(em, ckpt, stack)
         for i in _already_predicted(em, tok, requests, config.key_batch_prompts):
             warnings.warn(f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}",
@@ -392,8 +418,8 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
             reader = distributed.SplitReader(lambda part: KeyReader(em, tok, part, groups, config.key_batch_prompts),
                                              requests)
             preserved = PreservedKeys(em, tok, kept_facts, groups, prompts, config.key_batch_prompts,
-                                      hp.preserve_weight)
-            updates = layer_updates(em, reader, hp, targets, stats, preserved, config.progress)
+                                      hp.preserve_weight, recorded)
+            updates = layer_updates(em, reader, hp, targets, stats, preserved, config.progress, bool(stack))
     seconds["total"] = time.monotonic() - t0
     warned = [str(w.message) for w in caught]
     for message in warned:  # again, outside the recording block, for callers that watch warnings
@@ -404,7 +430,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         z_resumed=int(targets.resumed.sum()),
         delivered=updates.delivered, covariance=stats.info, warnings=warned, device=where, method=hp.method,
         made_on=[p.patch_id for p in stack], changed=changed_facts(requests, lineage),
-        preserved_keys=preserved.count, memory=peak_memory(ckpt))
+        preserved_keys=preserved.count, lineage_keys_read=lineage_read, memory=peak_memory(ckpt))
 
     patch = Patch(
         deltas=updates.deltas,
@@ -418,6 +444,8 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
                     **({"provenance": stats.provenance} if stats.provenance else {})},
         name=config.name, version=config.version, made_on=[p.patch_id for p in stack],
     )
+    if recorded:  # the next patch on this lineage reads none of these keys again
+        recorded.save([*patch.made_on, patch.patch_id], updates.keys)
     return EditResult(patch, report)
 
 

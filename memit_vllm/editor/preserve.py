@@ -2,11 +2,12 @@
 (`make-patch --on`), the user's `--preserve` prompts, and the edits' prompts asked of other subjects
 (`--neighbour-subjects`).
 
-Their summed outer products K_p K_p^T join the layer solve (solve.py), read at each layer on the model
-as updated so far, like the edit keys: for a lineage fact, the key at its subject's last token averaged
-over the context templates (how it was inserted); for a --preserve prompt, the key at every position of
-the prompt and of its answer but the last (every position whose output the answer depends on), each
-weighted by HParams.preserve_weight (an edit key counts 1).
+Their summed outer products K_p K_p^T join the layer solve (solve.py). For a lineage fact, the key at its
+subject's last token averaged over the context templates (how it was inserted), as read on the model its
+own patch left (cached: lineage_keys.py; hparams lineage_keys "current": re-read on the model as updated
+so far, like the edit keys). For a --preserve prompt, read at each layer on the model as updated so far,
+the key at every position of the prompt and of its answer but the last (every position whose output the
+answer depends on), each weighted by HParams.preserve_weight (an edit key counts 1).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from ..core.records import EditRequest, read_prompts, target_text
 from ..core.tokens import pad_id, pad_right, target_ids
 from ..errors import MemitError
+from .lineage_keys import LineageKeys
 from .trace import UpwardReads
 
 
@@ -85,15 +87,17 @@ class PreservedKeys:
     """K_p K_p^T per layer, read on demand (layers in increasing order, as the update loop goes)."""
 
     def __init__(self, em, tok, requests: list[EditRequest], groups: list[list[str]],
-                 prompts: list[PreservePrompt], batch_prompts: int, prompt_weight: float = 1.0):
+                 prompts: list[PreservePrompt], batch_prompts: int, prompt_weight: float = 1.0,
+                 recorded: LineageKeys | None = None):
         from .memit import KeyReader  # the same reader as the edit keys
 
         self.em, self.prompt_weight = em, prompt_weight
+        self.recorded = recorded if recorded and recorded.count else None
         self.facts = KeyReader(em, tok, requests, groups, batch_prompts) if requests else None
         seqs = [tok(p.prompt)["input_ids"] + (target_ids(tok, p.answer)[:-1] if p.answer else []) for p in prompts]
         self.prompts = UpwardReads(em, [pad_right(seqs[i:i + batch_prompts], pad_id(tok))
                                         for i in range(0, len(seqs), batch_prompts)])
-        self.count = len(requests) + sum(len(s) for s in seqs)  # key vectors per layer
+        self.count = len(requests) + (self.recorded.count if self.recorded else 0) + sum(len(s) for s in seqs)
 
     def __bool__(self) -> bool:
         return self.count > 0
@@ -104,6 +108,9 @@ class PreservedKeys:
         if self.facts is not None:
             k, _ = self.facts.read(layer, None)
             total += (k.double().T @ k.double()).to(total.device)
+        if self.recorded is not None:
+            k = self.recorded.at(layer).to(total.device, torch.float64)
+            total += k.T @ k
         for b, got in self.prompts.read(layer):
             mask = self.prompts.batches[b][1].bool()
             k = got.keys[layer][mask.to(got.keys[layer].device)].to(total.device, torch.float64)
