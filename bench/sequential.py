@@ -12,7 +12,8 @@ patches it finds, so a long run can stop and continue):
   of the untouched or close-neighbour subjects) at lambda 384 and preserve weight 1/16 (docs/hyperparameters.md,
   session 10: the configuration that kept 90% of unrelated first words for one batch of 100);
 - onebatch: all edits so far in one patch on the base (the reference point; remade at each step).
-`--cost` instead times one arm's next batch made `--on` its lineage against the same edits on the base.
+`--cost` instead times one arm's next batch made `--on` its lineage (its keys cached, and re-read) against
+the same edits on the base.
 After each batch (or every --eval-every batches), on every edit made so far: ES, PS, NS (teacher forced,
 as `eval`), and the share of greedy rewrite completions that start with the new target; retention of
 what was not edited: NS on 200 fixed untouched records (the last 200 of the data file), NS on the
@@ -94,9 +95,10 @@ def batch_patch(arm: str, t: int, batches: list[list], args, budget: int, earlie
     return path, seconds
 
 
-def made(arm: str, requests: list, on: list[Path], args, budget: int, name: str):
-    """The patch of `requests` made by `arm`'s rule on base + `on`, and the seconds make_patch took."""
-    hparams = dict(ARMS[arm] or {}) | json.loads(args.hparams)
+def made(arm: str, requests: list, on: list[Path], args, budget: int, name: str, **extra):
+    """The patch of `requests` made by `arm`'s rule (and `extra` hparams) on base + `on`, and the seconds
+    make_patch took."""
+    hparams = dict(ARMS[arm] or {}) | json.loads(args.hparams) | extra
     if args.z_dtype:
         hparams["z_dtype"] = args.z_dtype
     preserve = Path(args.out) / "close-neighbours-preserve.json" if arm == "preserve" else None
@@ -110,7 +112,9 @@ def made(arm: str, requests: list, on: list[Path], args, budget: int, name: str)
 def cost(arm: str, after: list, lineage: list[Path], args) -> None:
     """Issue 13's cost target: the next batch's edits made `--on` the arm's lineage against the same
     edits made on the base, in this process, base first; each patch is made whole (z, keys, solves),
-    only the cached statistics shared."""
+    only the cached statistics (and the lineage's cached keys) shared. Then the same `--on` with the
+    lineage's keys re-read on the model being edited (`lineage_keys: current`): its time, and how far its
+    deltas are from the cached keys' (relative Frobenius norm of the difference, over all layers)."""
     if arm in ("independent", "onebatch"):
         raise SystemExit(f"--cost: arm {arm} makes no lineage; give one that edits --on its earlier batches")
     missing = [p for p in lineage if not p.is_file()]
@@ -118,10 +122,14 @@ def cost(arm: str, after: list, lineage: list[Path], args) -> None:
         raise SystemExit(f"--cost: {missing[0]} is not there: run the {arm} arm to {len(lineage)} batches first")
     budget = covariance_budget(AutoTokenizer.from_pretrained(Checkpoint(args.model).path), HELDOUT_DEFAULT)
     _, alone = made(arm, after, [], args, budget, f"{arm}-cost-base")
-    _, on = made(arm, after, lineage, args, budget, f"{arm}-cost-on")
+    cached, on = made(arm, after, lineage, args, budget, f"{arm}-cost-on")
+    reread, current = made(arm, after, lineage, args, budget, f"{arm}-cost-on", lineage_keys="current")
+    diff = sum(float((cached.deltas[n] - reread.deltas[n]).double().norm() ** 2) for n in cached.deltas) ** 0.5
+    size = sum(float(reread.deltas[n].double().norm() ** 2) for n in reread.deltas) ** 0.5
     print(json.dumps({"arm": arm, "edits": len(after), "lineage_edits": len(lineage) * args.batch,
-                      "base_seconds": round(alone, 1),
-                      "on_seconds": round(on, 1), "ratio": round(on / alone, 3)}))
+                      "base_seconds": round(alone, 1), "on_seconds": round(on, 1), "ratio": round(on / alone, 3),
+                      "current_seconds": round(current, 1), "current_ratio": round(current / alone, 3),
+                      "cached_vs_current": round(diff / size, 5)}))
 
 
 @torch.no_grad()
