@@ -290,3 +290,5 @@ def test_lineage_keys_are_cached_and_a_cold_cache_makes_the_same_patch(lineage, 
                         hparams={"lineage_keys": "current"})
     assert current.report.lineage_keys_read == 0 and current.report.preserved_keys == 4
     assert current.patch.hparams["lineage_keys"] == "current"
+    # a's keys re-read on base + a + b are not those cached on base + a: b edited the layers below them
+    assert any(not torch.equal(current.patch.deltas[n], warm.patch.deltas[n]) for n in warm.patch.deltas)
