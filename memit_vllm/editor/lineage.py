@@ -39,13 +39,17 @@ def merge_stack(em, ckpt: Checkpoint, stack: list[Patch]) -> None:
         em.set_weight(em.arch.layer_of(name), ps.merge(name, ckpt.tensor(name)))
 
 
+def patch_requests(p: Patch) -> list[EditRequest]:
+    """A patch's recorded requests, parsed (in their order: the rows of its cached keys, lineage_keys.py)."""
+    return [parse_record(rec, f"patch {p.name or p.patch_id} request {i}") for i, rec in enumerate(p.requests)]
+
+
 def lineage_facts(stack: list[Patch]) -> list[EditRequest]:
     """Every fact the stack edited, as it stands after the whole stack: a later patch's request for the
     same fact replaces the earlier one, keeping the earliest recorded target_true (the base's answer)."""
     facts: dict[tuple[str, str], EditRequest] = {}
     for p in stack:
-        for i, rec in enumerate(p.requests):
-            r = parse_record(rec, f"patch {p.name or p.patch_id} request {i}")
+        for r in patch_requests(p):
             old = facts.get(r.fact)
             facts[r.fact] = replace(r, target_true=old.target_true or r.target_true) if old else r
     return list(facts.values())

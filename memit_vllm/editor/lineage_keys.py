@@ -27,28 +27,23 @@ from safetensors.torch import save_file
 
 from ..checkpoint import Checkpoint
 from ..core.files import atomic_file
-from ..core.records import EditRequest, parse_record
-from ..errors import MemitError
+from ..core.records import EditRequest
 from ..patch import Patch
 from . import distributed
 from .covariance import read_checked
-from .lineage import merge_stack
-
-
-def patch_requests(p: Patch) -> list[EditRequest]:
-    return [parse_record(rec, f"patch {p.name or p.patch_id} request {i}") for i, rec in enumerate(p.requests)]
+from .lineage import merge_stack, patch_requests
 
 
 class LineageKeys:
-    """Where each kept lineage fact's keys are: the cache entry of the last patch of the stack that edited
-    it, and its row there. `reading` names what keys depend on besides the patches (templates, layers,
-    dtypes); entries are keyed by it, the base weights' hash and the ids of the stack up to their patch."""
+    """The kept lineage facts' keys, each from the cache entry of the last patch of the stack that edited
+    it. `reading` names what keys depend on besides the patches (templates, layers, dtypes); entries are
+    keyed by it, the base weights' hash and the ids of the stack up to their patch."""
 
     def __init__(self, cache: Path, model_sha: str, reading: dict, layers: list[int], d_ff: int):
         self.dir = cache / "lineage-keys" / model_sha[:24]
         self.model_sha, self.layers, self.d_ff = model_sha, list(layers), d_ff
         self.reading = hashlib.sha256(json.dumps(reading, sort_keys=True).encode()).hexdigest()[:24]
-        self.entries: list[tuple[Path, dict, int, list[int]]] = []  # file, identity, its facts, kept rows
+        self.kept: dict[int, torch.Tensor] = {}  # layer -> [kept facts, d_ff] fp32 (prepare)
 
     def _identity(self, lineage: list[str]) -> dict[str, str]:
         return {"model": self.model_sha, "reading": self.reading, "lineage": json.dumps(lineage)}
@@ -57,15 +52,17 @@ class LineageKeys:
         key = hashlib.sha256(json.dumps(self._identity(lineage), sort_keys=True).encode()).hexdigest()[:32]
         return self.dir / f"{key}.safetensors"
 
-    def _sound(self, lineage: list[str], n: int) -> bool:
+    def _load(self, lineage: list[str], n: int) -> dict[int, torch.Tensor] | None:
+        """The cached keys of the last patch of `lineage` (n requests), or None: absent or unsound (warned)."""
         f = self._file(lineage)
         if not f.is_file():
-            return False
+            return None
         got, problem = read_checked(f, self._identity(lineage), tuple(f"layer{l}" for l in self.layers),
                                     (n, self.d_ff))
         if problem:
             warnings.warn(f"lineage key cache entry {f}: {problem}; reading those keys again", stacklevel=3)
-        return got is not None
+            return None
+        return {l: got[f"layer{l}"] for l in self.layers}
 
     def save(self, lineage: list[str], keys: dict[int, torch.Tensor]) -> None:
         """Cache the keys (per layer, [requests, d_ff]) of the last patch of `lineage`. Under torch.distributed
@@ -76,10 +73,10 @@ class LineageKeys:
 
     def prepare(self, em, ckpt: Checkpoint, stack: list[Patch], kept: set,
                 read_keys: Callable[[list[EditRequest]], dict[int, torch.Tensor]]) -> int:
-        """Find (or read and cache) the keys of every patch of `stack` holding a kept fact (`kept`: their
-        EditRequest.fact) and note each kept fact's row. A missing entry is read by `read_keys` on base +
-        the stack up to its patch: the model is left with a prefix of the stack merged (the caller merges
-        the whole stack next). Returns how many patches' keys were read."""
+        """Gather the keys of the kept facts (`kept`: their EditRequest.fact) from the cache, reading (and
+        caching) those of a patch with no sound entry by `read_keys` on base + the stack up to it: the model
+        is then left with a prefix of the stack merged (the caller merges the whole stack next). Returns
+        how many patches' keys were read."""
         latest: dict[tuple, tuple[int, int]] = {}  # fact -> (patch index, row) of its last request
         requests = [patch_requests(p) for p in stack]
         for k, rs in enumerate(requests):
@@ -90,27 +87,24 @@ class LineageKeys:
             if fact in kept:
                 wanted.setdefault(k, []).append(i)
         ids, todo = [p.patch_id for p in stack], sorted(wanted)
+        cached = [self._load(ids[:k + 1], len(requests[k])) for k in todo]
         # a patch any rank lacks is read by all (the reads are collective under torch.distributed)
-        missing = distributed.any_rank([not self._sound(ids[:k + 1], len(requests[k])) for k in todo])
-        for k, read in zip(todo, missing):
-            lineage = ids[:k + 1]
+        missing = distributed.any_rank([keys is None for keys in cached])
+        parts: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
+        for k, keys, read in zip(todo, cached, missing):
             if read:
                 merge_stack(em, ckpt, stack[:k + 1])
-                self.save(lineage, read_keys(requests[k]))
-            self.entries.append((self._file(lineage), self._identity(lineage), len(requests[k]), sorted(wanted[k])))
+                keys = read_keys(requests[k])
+                self.save(ids[:k + 1], keys)
+            for l in self.layers:
+                parts[l].append(keys[l][sorted(wanted[k])].float().cpu())
+        self.kept = {l: torch.cat(p) for l, p in parts.items() if p}
         return sum(missing)
 
     @property
     def count(self) -> int:
-        return sum(len(rows) for *_, rows in self.entries)
+        return len(next(iter(self.kept.values()))) if self.kept else 0
 
     def at(self, layer: int) -> torch.Tensor:
         """The kept facts' keys at `layer`, [count, d_ff] fp32."""
-        parts = []
-        for f, identity, n, rows in self.entries:
-            got, problem = (read_checked(f, identity, (f"layer{layer}",), (n, self.d_ff)) if f.is_file()
-                            else (None, "it is gone"))
-            if got is None:
-                raise MemitError(f"lineage key cache entry {f} changed while make-patch ran ({problem}); run it again")
-            parts.append(got[f"layer{layer}"][rows])
-        return torch.cat(parts) if parts else torch.zeros(0, self.d_ff)
+        return self.kept[layer]

@@ -311,10 +311,16 @@ def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: Ta
     return LayerUpdates(deltas, delivered, keys)
 
 
+def _key_reader(em: EditableModel, tok, groups: list[list[str]], batch_prompts: int,
+                requests: list[EditRequest]) -> distributed.SplitReader:
+    """The edit keys' reader (this rank's share of `requests`; reads return every request's rows)."""
+    return distributed.SplitReader(lambda part: KeyReader(em, tok, part, groups, batch_prompts), requests)
+
+
 def _all_keys(em: EditableModel, tok, groups: list[list[str]], hp: HParams, batch_prompts: int,
               requests: list[EditRequest]) -> dict[int, torch.Tensor]:
     """The keys of `requests` at every edited layer of the model as it is, read as layer_updates reads them."""
-    reader = distributed.SplitReader(lambda part: KeyReader(em, tok, part, groups, batch_prompts), requests)
+    reader = _key_reader(em, tok, groups, batch_prompts, requests)
     with computing_in(em.model, forward_dtype(hp.keys_dtype, em.model)):
         return {layer: reader.read(layer, None)[0] for layer in hp.layers}
 
@@ -415,8 +421,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
                 lambda part: compute_targets(em, tok, part, templates, hp.layers[-1], hp, config.progress,
                                              config.bucket_overhead_tokens, store, fisher), requests)
         with _timed(seconds, "update"):
-            reader = distributed.SplitReader(lambda part: KeyReader(em, tok, part, groups, config.key_batch_prompts),
-                                             requests)
+            reader = _key_reader(em, tok, groups, config.key_batch_prompts, requests)
             preserved = PreservedKeys(em, tok, kept_facts, groups, prompts, config.key_batch_prompts,
                                       hp.preserve_weight, recorded)
             updates = layer_updates(em, reader, hp, targets, stats, preserved, config.progress, bool(stack))
