@@ -120,6 +120,27 @@ def test_most_probable_early_stop_ends_each_edit_once_its_target_is_the_argmax(s
         assert all(argmax_with(greedy.delta[i], reqs[i], t) == first for t in TEMPLATES), reqs[i]
 
 
+def test_steepest_descent_reaches_the_early_stop_with_shorter_deltas_than_adam(smollm2, data_dir):
+    """v_optimizer="steepest": every step moves a delta v_step x |h| along its negative gradient (one step
+    gives exactly that norm), and the edits reach the loss Adam reaches with shorter deltas: Adam's
+    per-coordinate steps grow sign-like vectors, whose extra length leaks to other keys."""
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    em = EditableModel(model)
+    reqs, layer = requests_from(data_dir, 4), 6
+    hp = HParams(layers=[layer], mom2_update_weight=1.0, v_num_grad_steps=40, v_lr=0.5, v_early_stop_loss=0.3)
+    steep = hp.replace(v_optimizer="steepest", v_step=0.05)
+    one = compute_targets(em, tok, reqs, TEMPLATES, layer, steep.replace(v_num_grad_steps=2), progress=False)
+    h = one.z - one.delta
+    assert torch.allclose(one.delta.norm(dim=1), 0.05 * h.norm(dim=1), rtol=1e-5)
+    adam = compute_targets(em, tok, reqs, TEMPLATES, layer, hp, progress=False)
+    steepest = compute_targets(em, tok, reqs, TEMPLATES, layer, steep, progress=False)
+    assert (adam.final_loss < 0.3).all() and (steepest.final_loss < 0.3).all()
+    assert steepest.delta.norm(dim=1).sum() < 0.8 * adam.delta.norm(dim=1).sum()
+
+
 FAST = {"v_num_grad_steps": 4, "context_template_seeds": ["The", "I"], "context_template_length": 5}
 
 
@@ -361,6 +382,8 @@ def test_unwritable_out_fails_before_loading_the_model(out, tmp_path, data_dir):
     ({"z_batch_edits": 0}, "z_batch_edits must be an integer >= 1"),
     ({"v_num_grad_steps": 2.5}, "v_num_grad_steps must be an integer >= 1"),
     ({"preserve_lineage": "yes"}, "preserve_lineage must be true or false"),
+    ({"v_optimizer": "sgd"}, "v_optimizer must be one of adam, steepest, not 'sgd'"),
+    ({"v_step": 2}, r"v_step must be a number in \(0, 1\]"),
     ({"layers": [1, 9]}, r"layers \[9\] out of range: this model has layers 0..3"),
 ])
 def test_bad_hparams_fail_before_loading_the_model(hparams, message, tiny_models, data_dir, monkeypatch):

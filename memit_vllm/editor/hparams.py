@@ -30,6 +30,7 @@ _REFERENCE_ONLY_KEYS = {
 METHODS = ("memit", "alphaedit")
 LINEAGE_KEYS = ("as_made", "current")  # editor/lineage_keys.py
 EARLY_STOPS = ("loss", "most_probable")
+OPTIMIZERS = ("adam", "steepest")  # of the z deltas: editor/targets.py
 FORWARD_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 # The k k^T products of the covariance pass (mom2_dtype). bfloat16: one batch's products are summed in
 # fp32 inside the matmul and rounded to bf16 once, then summed in float64 (docs/benchmarks.md, "In bf16").
@@ -49,6 +50,11 @@ class HParams:
     # When an edit's z optimisation stops: "loss" (under v_early_stop_loss, the reference's) or
     # "most_probable" (its target is the argmax after every rewrite row: editor/targets.py).
     v_early_stop: str = "loss"
+    # How the z deltas descend: "adam" (the reference's; v_lr is its step size) or "steepest" (each step moves
+    # an edit's delta by v_step x |h| along its negative gradient: no per-coordinate scaling, so it reaches
+    # the early stop with a shorter, quieter delta; editor/targets.py).
+    v_optimizer: str = "adam"
+    v_step: float = 0.0667
     context_template_length: int = 10
     context_template_seeds: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
     mom2_n_tokens: int | None = None  # covariance token budget; None: the whole corpus
@@ -113,6 +119,8 @@ _RULES = {
     "kl_factor": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "v_early_stop_loss": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "v_early_stop": (lambda v: v in EARLY_STOPS, f"one of {', '.join(EARLY_STOPS)}"),
+    "v_optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
+    "v_step": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (a fraction of the hidden state's norm)"),
     "context_template_length": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "context_template_seeds": (lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
                                "a list of non-empty strings"),
