@@ -64,7 +64,7 @@ def targets_for(out: Path, model_sha: str, em, tok, requests, templates, hp: HPa
     """z for the requests, kept in `out`/z by make-patch --resume-dir's store (keyed by what z depends on:
     `model_sha` is the weights' hash, as statistics identities hold it), and whether every batch was read
     back from there."""
-    corpus = file_corpus(CORPUS) if hp.z_fisher_weight else None  # its first tokens: never the held-out slice
+    corpus = file_corpus(CORPUS) if hp.reads_fisher else None  # its first tokens: never the held-out slice
     identity = z_identity(model_sha, [], str(em.model.dtype).removeprefix("torch."), hp, templates, hp.layers[-1],
                           em.output_device, corpus.identity if corpus else None)
     fisher = None if corpus is None else partial(output_fisher, em, tok, corpus, hp.layers, hp.z_fisher_tokens,

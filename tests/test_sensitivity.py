@@ -88,3 +88,22 @@ def test_the_penalty_makes_the_deltas_quieter_where_F_says(smollm2, data_dir, tm
     assert loudness[1.0] < 0.7 * loudness[0.0], loudness
     # not merely smaller deltas (what weight decay gives): quieter per unit of size, i.e. other directions
     assert loudness[1.0] / size[1.0] < 0.9 * loudness[0.0] / size[0.0], (loudness, size)
+
+
+def test_steepest_descent_in_the_metric_of_F_reaches_the_loss_with_quieter_deltas(smollm2, data_dir, tmp_path):
+    """v_optimizer "steepest_fisher" steps along (F + ridge)^-1 g: at the same early-stop loss its deltas
+    are quieter on ordinary text (d^T F d) than the Euclidean steepest descent's, and in other directions."""
+    tok, em = load_editable(Checkpoint(smollm2))
+    hp, _ = default_hparams(*checkpoint_dims(Checkpoint(smollm2)))
+    hp = hp.replace(v_num_grad_steps=40, z_dtype="bfloat16", v_early_stop_loss=0.3, v_optimizer="steepest")
+    reqs = load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=4)
+    fisher = output_fisher(em, tok, _corpus(tmp_path, data_dir, 16), hp.layers, 2048, torch.bfloat16, seed=0)
+    loudness, size = {}, {}
+    for optimizer in ("steepest", "steepest_fisher"):
+        z = compute_targets(em, tok, reqs, ["{}"], hp.layers[-1], hp.replace(v_optimizer=optimizer), progress=False,
+                            fisher=lambda: fisher)
+        assert (z.final_loss < 0.3).all(), optimizer
+        loudness[optimizer] = float(0.5 * ((z.delta @ fisher) * z.delta).sum(1).mean())
+        size[optimizer] = float((z.delta ** 2).sum(1).mean())
+    assert loudness["steepest_fisher"] < 0.8 * loudness["steepest"], loudness
+    assert loudness["steepest_fisher"] / size["steepest_fisher"] < loudness["steepest"] / size["steepest"]

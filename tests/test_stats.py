@@ -160,13 +160,14 @@ def test_make_patch_checks_the_stats_file_before_loading_the_model(model, data_d
         ({"stats": shards[1].path}, "holds shards 1 of 3: merge the others"),
         ({"stats": one.path, "stats_tokens": 10}, "drop --stats-tokens"),
         ({"stats": tmp_path / "missing.st"}, "does not exist"),
-        ({"stats": one.path, "fisher": 0.2}, "z_fisher_weight reads F over the statistics corpus"),
+        ({"stats": one.path, "z": {"z_fisher_weight": 0.2}}, "read F over the statistics corpus"),
+        ({"stats": one.path, "z": {"v_optimizer": "steepest_fisher"}}, "read F over the statistics corpus"),
     ]:
         target = kw.pop("model", model)
         if "layers" in kw:
             kw["hparams"] = {**FAST, "layers": kw.pop("layers")}
-        if "fisher" in kw:
-            kw["hparams"] = {**FAST, "layers": LAYERS, "z_fisher_weight": kw.pop("fisher")}
+        if "z" in kw:
+            kw["hparams"] = {**FAST, "layers": LAYERS, **kw.pop("z")}
         with pytest.raises(MemitError, match=message):
             requests = load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=1)
             edit(target, requests, **{"hparams": {**FAST, "layers": LAYERS}, "cache_dir": tmp_path / "cache",

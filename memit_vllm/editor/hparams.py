@@ -30,7 +30,7 @@ _REFERENCE_ONLY_KEYS = {
 METHODS = ("memit", "alphaedit")
 LINEAGE_KEYS = ("as_made", "current")  # editor/lineage_keys.py
 EARLY_STOPS = ("loss", "most_probable")
-OPTIMIZERS = ("adam", "steepest")  # of the z deltas: editor/targets.py
+OPTIMIZERS = ("adam", "steepest", "steepest_fisher")  # of the z deltas: editor/targets.py
 FORWARD_DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 # The k k^T products of the covariance pass (mom2_dtype). bfloat16: one batch's products are summed in
 # fp32 inside the matmul and rounded to bf16 once, then summed in float64 (docs/benchmarks.md, "In bf16").
@@ -50,9 +50,10 @@ class HParams:
     # When an edit's z optimisation stops: "loss" (under v_early_stop_loss, the reference's) or
     # "most_probable" (its target is the argmax after every rewrite row: editor/targets.py).
     v_early_stop: str = "loss"
-    # How the z deltas descend: "adam" (the reference's; v_lr is its step size) or "steepest" (each step moves
+    # How the z deltas descend: "adam" (the reference's; v_lr is its step size), "steepest" (each step moves
     # an edit's delta by v_step x |h| along its negative gradient: no per-coordinate scaling, so it reaches
-    # the early stop with a shorter, quieter delta; editor/targets.py).
+    # the early stop with a shorter, quieter delta) or "steepest_fisher" (the same in the metric of F, the
+    # output Fisher of z_fisher_weight: the quietest direction on ordinary text; editor/targets.py).
     v_optimizer: str = "adam"
     v_step: float = 0.0667
     context_template_length: int = 10
@@ -87,6 +88,11 @@ class HParams:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def reads_fisher(self) -> bool:
+        """Whether the z optimisation needs F (editor/sensitivity.py), read over the statistics corpus."""
+        return bool(self.z_fisher_weight) or self.v_optimizer == "steepest_fisher"
 
     def replace(self, **overrides) -> "HParams":
         unknown = set(overrides) - {f.name for f in fields(self)}

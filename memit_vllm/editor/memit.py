@@ -348,9 +348,10 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     distributed.check_shares(len(requests), "edits")
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     given = _stats_file(config, ckpt, hp, dims[2], cache)
-    if given is not None and hp.z_fisher_weight:
-        raise MemitError("z_fisher_weight reads F over the statistics corpus, and --stats FILE brings none: drop "
-                         "z_fisher_weight, or let make-patch compute the statistics (--stats-corpus)")
+    if given is not None and hp.reads_fisher:
+        raise MemitError("z_fisher_weight and v_optimizer steepest_fisher read F over the statistics corpus, and "
+                         "--stats FILE brings none: drop them, or let make-patch compute the statistics "
+                         "(--stats-corpus)")
     resume_dir = check_resume_dir(config.resume_dir) if config.resume_dir is not None else None
     if given is not None:  # the patch records the budget and dtype the statistics were computed with
         hp = replace(hp, mom2_n_tokens=given.budget, mom2_dtype=given.identity["dtype"])
@@ -409,7 +410,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
             warnings.warn(f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}",
                           stacklevel=2)
         templates = [t for g in groups for t in g]
-        fisher_corpus = resolve_corpus(config.stats_corpus, em, tok, config.seed) if hp.z_fisher_weight else None
+        fisher_corpus = resolve_corpus(config.stats_corpus, em, tok, config.seed) if hp.reads_fisher else None
         store = None if resume_dir is None else TargetStore(resume_dir, z_identity(
             stats.identity["model"], [p.patch_id for p in stack], dtype, hp, templates, hp.layers[-1], device,
             fisher_corpus.identity if fisher_corpus else None))

@@ -56,7 +56,7 @@ def z_identity(model: str, made_on: list[str], dtype: str, hp: HParams, template
                 "hparams": {k: getattr(hp, k) for k in Z_HPARAMS}}
     if hp.v_optimizer != "adam":  # named only when not the reference's, as the penalty below
         identity["optimizer"] = {"name": hp.v_optimizer, "step": hp.v_step}
-    if hp.z_fisher_weight:  # named only when on, so the batches of runs without the penalty keep their names
+    if hp.reads_fisher:  # named only when on, so the batches of runs without the penalty keep their names
         identity["fisher"] = {"weight": hp.z_fisher_weight, "tokens": hp.z_fisher_tokens, "corpus": fisher_corpus,
                               "layers": hp.layers}
     return identity

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..compat import PrefixCache, attention_implementation, resume_after
+from ..errors import MemitError
 from ..core.records import EditRequest
 from ..core.tokens import pad_id, pad_right, target_ids
 from .arch import EditableModel
@@ -116,9 +117,12 @@ def compute_targets(em: EditableModel, tok, requests: list[EditRequest], templat
     from edits of similar suffix length (less padding); results come back in request order.
     `bucket_overhead_tokens`: the cost of one more padded call, see `length_buckets` (speed only).
     `store`: where finished batches are kept and read back from (a resumed run). `fisher`: computes F
-    (sensitivity.output_fisher) for the penalty of hp.z_fisher_weight, once, and only if a batch is not
-    read back."""
+    (sensitivity.output_fisher) for the penalty of hp.z_fisher_weight and the metric of "steepest_fisher",
+    once, and only if a batch is not read back."""
+    if hp.reads_fisher and fisher is None:
+        raise MemitError("z_fisher_weight and v_optimizer steepest_fisher need F: give compute_targets `fisher`")
     fisher = cache(fisher) if fisher else None
+    metric = cache(lambda: fisher_metric_inverse(fisher())) if hp.v_optimizer == "steepest_fisher" else None
     order = sorted(range(len(requests)), key=lambda i: _suffix_len(tok, requests[i]))
     parts = []
     bar = tqdm(total=len(requests), desc="z vectors", unit="edit", disable=not progress)
@@ -129,7 +133,7 @@ def compute_targets(em: EditableModel, tok, requests: list[EditRequest], templat
             parts.append(TargetResult(**kept, resumed=torch.ones(len(chunk), dtype=torch.long)))
         else:
             parts.append(_optimise(em, tok, chunk, templates, layer, hp, bucket_overhead_tokens,
-                                   fisher() if fisher else None))
+                                   fisher() if hp.z_fisher_weight else None, metric() if metric else None))
             if store:
                 store.save(chunk, parts[-1])
         bar.update(len(chunk))
@@ -217,7 +221,8 @@ class _PrefixSplit:
 
 
 def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams,
-              bucket_overhead_tokens: float, fisher: torch.Tensor | None) -> TargetResult:
+              bucket_overhead_tokens: float, fisher: torch.Tensor | None,
+              metric_inverse: torch.Tensor | None) -> TargetResult:
     rows = _build_rows(tok, requests, templates)
     got = capture(em, rows.ids, rows.mask, outputs=[layer])
     # the z work (delta, Adam, loss) beside the output head that computes its logits
@@ -231,29 +236,43 @@ def _optimise(em: EditableModel, tok, requests, templates, layer, hp: HParams,
     attention = attention_implementation(em.model, "eager") if reduced_on_cpu else nullcontext()
     with computing_in(em.model, dtype), attention, weights_reread(em.model):
         split = _PrefixSplit(em, rows, h_layer, bucket_overhead_tokens, dtype)
-        return _descend(em, rows, split, h_init, layer, tuple_len, hp, fisher)
+        return _descend(em, rows, split, h_init, layer, tuple_len, hp, fisher, metric_inverse)
 
 
 class Steepest(torch.optim.Optimizer):
     """Normalised steepest descent: each step moves a delta a fixed length (its group's lr) along its
-    negative gradient. Adam scales every coordinate's step alike, so from zero its deltas are sign-like
-    vectors that grow to the clamp (on SmolLM2, 88% of 100 edits end there): longer than the early stop
-    needs, and every extra unit leaks to other keys. Along the gradient, the same loss is reached with
-    about half the norm and 2.6x less expected KL on ordinary text (docs/hyperparameters.md, "Session 17")."""
+    negative gradient, or along M^-1 times it (`metric_inverse`: the steepest direction in the norm of M).
+    Adam scales every coordinate's step alike, so from zero its deltas are sign-like vectors that grow to
+    the clamp (on SmolLM2, 88% of 100 edits end there): longer than the early stop needs, and every extra
+    unit leaks to other keys (docs/hyperparameters.md, "Session 17")."""
 
-    def __init__(self, params: list[torch.Tensor], lengths: list[float]):
+    def __init__(self, params: list[torch.Tensor], lengths: list[float], metric_inverse: torch.Tensor | None = None):
         super().__init__([{"params": [p], "lr": length} for p, length in zip(params, lengths)], {})
+        self.metric_inverse = metric_inverse
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             p = group["params"][0]
             if p.grad is not None:
-                p.sub_(p.grad, alpha=group["lr"] / float(p.grad.norm().clamp(min=1e-12)))
+                u = p.grad if self.metric_inverse is None else self.metric_inverse.to(p.device) @ p.grad
+                p.sub_(u, alpha=group["lr"] / float(u.norm().clamp(min=1e-12)))
+
+
+FISHER_METRIC_RIDGE = 0.1  # of F's mean eigenvalue, added to F: directions F cannot tell apart stay steppable
+
+
+def fisher_metric_inverse(fisher: torch.Tensor) -> torch.Tensor:
+    """(F + ridge I)^-1 in float64 then fp32: "steepest_fisher" steps along it, the change of the edited state
+    that raises the target most per unit of expected KL on ordinary text (sensitivity.py)."""
+    f = fisher.double()
+    ridge = FISHER_METRIC_RIDGE * f.trace() / f.shape[0]
+    return torch.linalg.inv(f + ridge * torch.eye(f.shape[0], dtype=f.dtype, device=f.device)).float()
 
 
 def _descend(em: EditableModel, rows: _Rows, split: _PrefixSplit, h_init: torch.Tensor, layer: int,
-             tuple_len: int, hp: HParams, fisher: torch.Tensor | None) -> TargetResult:
+             tuple_len: int, hp: HParams, fisher: torch.Tensor | None,
+             metric_inverse: torch.Tensor | None) -> TargetResult:
     """Adam (or Steepest) on every edit's delta until its loss falls under the early-stop value, or with
     v_early_stop="most_probable" until the target is the argmax after every rewrite row (ENCORE's MPES,
     Gupta et al. 2025: no push past what greedy decoding needs), or the step budget."""
@@ -262,8 +281,8 @@ def _descend(em: EditableModel, rows: _Rows, split: _PrefixSplit, h_init: torch.
     max_norm = hp.clamp_norm_factor * h_init.norm(dim=1)
 
     deltas = [torch.zeros(h_init.shape[1], requires_grad=True) for _ in range(n)]
-    if hp.v_optimizer == "steepest":
-        opt = Steepest(deltas, (hp.v_step * h_init.norm(dim=1)).tolist())
+    if hp.v_optimizer in ("steepest", "steepest_fisher"):
+        opt = Steepest(deltas, (hp.v_step * h_init.norm(dim=1)).tolist(), metric_inverse)
     else:
         opt = torch.optim.Adam(deltas, lr=hp.v_lr)
     active = torch.ones(n, dtype=torch.bool)
