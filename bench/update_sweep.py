@@ -74,6 +74,24 @@ def targets_for(out: Path, model_sha: str, em, tok, requests, templates, hp: HPa
     return result, bool(result.resumed.all())
 
 
+def z_summary(out: Path, em, tok, targets, hp: HParams, seed: int) -> dict:
+    """What the z deltas are like: mean |delta| / |h|, the share at the clamp, and their mean loudness on
+    ordinary text d^T F d / 2 (F of sensitivity.output_fisher over the first z_fisher_tokens corpus tokens at
+    the edited layers, kept in `out`: the expected KL were a delta added at a random position)."""
+    path = out / "fisher.pt"
+    if path.is_file():
+        fisher = torch.load(path)
+    else:
+        fisher = output_fisher(em, tok, file_corpus(CORPUS), hp.layers, hp.z_fisher_tokens, torch.float32, seed)
+        torch.save(fisher, path)
+    h = (targets.z - targets.delta).norm(dim=1)
+    ratio = targets.delta.norm(dim=1) / h
+    d = targets.delta.double()
+    at_clamp = (ratio > 0.99 * hp.clamp_norm_factor).float()
+    return {"delta_over_h": float(ratio.mean()), "at_clamp": float(at_clamp.mean()),
+            "loudness": float(0.5 * ((d @ fisher.double()) * d).sum(1).mean())}
+
+
 def statistics_of(hp: HParams) -> tuple:
     """What a configuration's covariances depend on besides the corpus."""
     return hp.layers, hp.mom2_dtype, hp.mom2_model_dtype
@@ -131,6 +149,8 @@ def main():
     targets, cached = targets_for(out, stats.identity["model"], em, tok, requests, [t for g in groups for t in g],
                                   base_hp, args.seed)
     print(f"z for {len(requests)} edits: {'cached' if cached else f'{time.monotonic() - t:.0f} s'}")
+    z_info = z_summary(out, em, tok, targets, base_hp, args.seed)
+    print("z: " + ", ".join(f"{k} {v:.3f}" for k, v in z_info.items()))
 
     unrelated, unrelated_source = unrelated_prompts(args.data, fmt, records)
     _, everything = read_dataset(args.data)  # the subjects scored here (edited or unrelated): never preserved
@@ -188,7 +208,7 @@ def main():
         row = {"name": name, "overrides": overrides, "preserve_records": cfg.get("preserve_records"),
                "preserve_file": cfg.get("preserve_file"),
                "neighbours": cfg.get("neighbours"),
-               "update_seconds": round(seconds, 1), "delivered": updates.delivered,
+               "update_seconds": round(seconds, 1), "delivered": updates.delivered, "z": z_info,
                **after, **generated, "before": before["tf"]}
         result_file.write_text(json.dumps(row, indent=1))
         rows.append(row)
