@@ -382,7 +382,7 @@ def test_unwritable_out_fails_before_loading_the_model(out, tmp_path, data_dir):
     ({"z_batch_edits": 0}, "z_batch_edits must be an integer >= 1"),
     ({"v_num_grad_steps": 2.5}, "v_num_grad_steps must be an integer >= 1"),
     ({"preserve_lineage": "yes"}, "preserve_lineage must be true or false"),
-    ({"v_optimizer": "sgd"}, "v_optimizer must be one of adam, steepest, not 'sgd'"),
+    ({"v_optimizer": "sgd"}, "v_optimizer must be one of adam, steepest, steepest_fisher, not 'sgd'"),
     ({"v_step": 2}, r"v_step must be a number in \(0, 1\]"),
     ({"layers": [1, 9]}, r"layers \[9\] out of range: this model has layers 0..3"),
 ])
