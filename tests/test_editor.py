@@ -150,6 +150,21 @@ def tiny_edit(model, data_dir, tmp_path, n=2, hparams=None, **kw):
                 **kw)
 
 
+@pytest.mark.parametrize("optimizer", ["steepest", "steepest_fisher"])
+def test_make_patch_with_another_z_optimiser_records_it_and_resumes_only_its_own_z(optimizer, tiny_models, data_dir,
+                                                                                   tmp_path):
+    """The optimiser reaches the patch's hparams and the z store's identity: a resumed run with it reads
+    its own z back, and an Adam run in the same --resume-dir does not take them."""
+    model, resume = tiny_models["llama"], tmp_path / "z"
+    first = tiny_edit(model, data_dir, tmp_path, hparams={"v_optimizer": optimizer}, resume_dir=resume)
+    assert first.patch.hparams["v_optimizer"] == optimizer
+    again = tiny_edit(model, data_dir, tmp_path, hparams={"v_optimizer": optimizer}, resume_dir=resume)
+    assert again.report.z_resumed == 2
+    adam = tiny_edit(model, data_dir, tmp_path, resume_dir=resume)
+    assert adam.report.z_resumed == 0
+    assert not all(torch.equal(first.patch.deltas[k], adam.patch.deltas[k]) for k in first.patch.deltas)
+
+
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_patch_keys_and_shapes_match_the_checkpoint(arch, tiny_models, data_dir, tmp_path):
     result = tiny_edit(tiny_models[arch], data_dir, tmp_path)
