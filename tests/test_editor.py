@@ -17,7 +17,7 @@ from memit_vllm.core.tokens import target_ids
 from memit_vllm.core.versions import ALLOW_UNTESTED_ENV
 from memit_vllm.core.architectures import ARCHITECTURES
 from memit_vllm.core.records import EditRequest
-from memit_vllm.editor import EditableModel, HParams, edit, load_requests, solve_layer_update
+from memit_vllm.editor import EditableModel, HParams, edit, load_editable, load_requests, solve_layer_update
 from memit_vllm.editor import memit
 from memit_vllm.editor.memit import KeyReader
 from memit_vllm.editor.prompts import encode
@@ -124,11 +124,7 @@ def test_steepest_descent_reaches_the_early_stop_with_shorter_deltas_than_adam(s
     """v_optimizer="steepest": every step moves a delta v_step x |h| along its negative gradient (one step
     gives exactly that norm), and the edits reach the loss Adam reaches with shorter deltas: Adam's
     per-coordinate steps grow sign-like vectors, whose extra length leaks to other keys."""
-    tok = AutoTokenizer.from_pretrained(smollm2)
-    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    em = EditableModel(model)
+    tok, em = load_editable(Checkpoint(smollm2))
     reqs, layer = requests_from(data_dir, 4), 6
     hp = HParams(layers=[layer], mom2_update_weight=1.0, v_num_grad_steps=40, v_lr=0.5, v_early_stop_loss=0.3)
     steep = hp.replace(v_optimizer="steepest", v_step=0.05)

@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..compat import PrefixCache, attention_implementation, resume_after
-from ..errors import MemitError
 from ..core.records import EditRequest
 from ..core.tokens import pad_id, pad_right, target_ids
+from ..errors import MemitError
 from .arch import EditableModel
 from .hparams import HParams
 from .offload import weights_reread
@@ -243,8 +243,8 @@ class Steepest(torch.optim.Optimizer):
     """Normalised steepest descent: each step moves a delta a fixed length (its group's lr) along its
     negative gradient, or along M^-1 times it (`metric_inverse`: the steepest direction in the norm of M).
     Adam scales every coordinate's step alike, so from zero its deltas are sign-like vectors that grow to
-    the clamp (on SmolLM2 at lr 2.0, 88% of 100 edits end there): longer than the early stop needs, and every extra
-    unit leaks to other keys (docs/hyperparameters.md, "Session 17")."""
+    the clamp (on SmolLM2 at lr 2.0, 88% of 100 edits end there): longer than the early stop needs, and
+    every extra unit leaks to other keys (docs/hyperparameters.md, "Session 17")."""
 
     def __init__(self, params: list[torch.Tensor], lengths: list[float], metric_inverse: torch.Tensor | None = None):
         super().__init__([{"params": [p], "lr": length} for p, length in zip(params, lengths)], {})
