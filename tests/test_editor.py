@@ -22,7 +22,7 @@ from memit_vllm.editor import memit
 from memit_vllm.editor.memit import KeyReader
 from memit_vllm.editor.prompts import encode
 from memit_vllm.editor.reference import plain_z_delta
-from memit_vllm.editor.targets import compute_targets, length_buckets
+from memit_vllm.editor.targets import TargetResult, compute_targets, length_buckets, scaled_for_delivery
 from memit_vllm.editor.trace import capture
 from memit_vllm.errors import MemitError
 from memit_vllm.patch import load_patch
@@ -137,6 +137,17 @@ def test_steepest_descent_reaches_the_early_stop_with_shorter_deltas_than_adam(s
     assert steepest.delta.norm(dim=1).sum() < 0.8 * adam.delta.norm(dim=1).sum()
 
 
+def test_a_delivery_scale_lengthens_each_optimised_delta_within_the_clamp():
+    """z = h + scale x delta, except where that passes the clamp (clamp_norm_factor x |h|): there the delta
+    keeps its direction at the clamp's length. The scale is applied to what the optimiser returned."""
+    h = torch.tensor([[10.0, 0.0], [0.0, 10.0]])
+    delta = torch.tensor([[0.0, 3.0], [6.0, 0.0]])  # |d|/|h| 0.3 and 0.6; at scale 1.5: 0.45 and 0.9 (clamped)
+    optimised = TargetResult(h + delta, delta, torch.zeros(2), torch.ones(2), torch.ones(2), torch.zeros(2))
+    got = scaled_for_delivery(optimised, HParams(layers=[0], mom2_update_weight=1.0, v_delivery_scale=1.5))
+    assert torch.allclose(got.delta, torch.tensor([[0.0, 4.5], [7.5, 0.0]]))
+    assert torch.allclose(got.z - got.delta, h) and torch.equal(got.steps, optimised.steps)
+
+
 FAST = {"v_num_grad_steps": 4, "context_template_seeds": ["The", "I"], "context_template_length": 5}
 
 
@@ -159,6 +170,16 @@ def test_make_patch_with_another_z_optimiser_records_it_and_resumes_only_its_own
     adam = tiny_edit(model, data_dir, tmp_path, resume_dir=resume)
     assert adam.report.z_resumed == 0
     assert not all(torch.equal(first.patch.deltas[k], adam.patch.deltas[k]) for k in first.patch.deltas)
+
+
+def test_a_delivery_scale_reuses_the_stored_z_and_records_itself(tiny_models, data_dir, tmp_path):
+    """The scale is applied after the z store: a run with another scale reads the optimised z back instead
+    of optimising again, and its patch (hparams and deltas) differs from the unscaled one."""
+    model, resume = tiny_models["llama"], tmp_path / "z"
+    plain = tiny_edit(model, data_dir, tmp_path, resume_dir=resume)
+    scaled = tiny_edit(model, data_dir, tmp_path, hparams={"v_delivery_scale": 1.5}, resume_dir=resume)
+    assert scaled.report.z_resumed == 2 and scaled.patch.hparams["v_delivery_scale"] == 1.5
+    assert not all(torch.equal(plain.patch.deltas[k], scaled.patch.deltas[k]) for k in plain.patch.deltas)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -395,6 +416,7 @@ def test_unwritable_out_fails_before_loading_the_model(out, tmp_path, data_dir):
     ({"preserve_lineage": "yes"}, "preserve_lineage must be true or false"),
     ({"v_optimizer": "sgd"}, "v_optimizer must be one of adam, steepest, steepest_fisher, not 'sgd'"),
     ({"v_step": 2}, r"v_step must be a number in \(0, 1\]"),
+    ({"v_delivery_scale": 0.5}, r"v_delivery_scale must be a number in \[1, 4\], not 0.5"),
     ({"layers": [1, 9]}, r"layers \[9\] out of range: this model has layers 0..3"),
 ])
 def test_bad_hparams_fail_before_loading_the_model(hparams, message, tiny_models, data_dir, monkeypatch):

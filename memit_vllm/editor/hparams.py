@@ -56,6 +56,12 @@ class HParams:
     # output Fisher of z_fisher_weight: the quietest direction on ordinary text; editor/targets.py).
     v_optimizer: str = "adam"
     v_step: float = 0.0667
+    # Each optimised delta is multiplied by this (and clamped) before it becomes the target z. The update
+    # delivers only part of a residual (lambda*C's ridge, the spreading over layers), and less to the keys of
+    # the prompt's paraphrases than to its own: a delta that just reaches the early stop lands short there.
+    # Steepest deltas are short, so they need the margin that Adam's clamp-length deltas carry by accident
+    # (docs/hyperparameters.md, "Session 18"). Applied after the z store: scales share one optimisation.
+    v_delivery_scale: float = 1.0
     context_template_length: int = 10
     context_template_seeds: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
     mom2_n_tokens: int | None = None  # covariance token budget; None: the whole corpus
@@ -127,6 +133,7 @@ _RULES = {
     "v_early_stop": (lambda v: v in EARLY_STOPS, f"one of {', '.join(EARLY_STOPS)}"),
     "v_optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
     "v_step": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (a fraction of the hidden state's norm)"),
+    "v_delivery_scale": (lambda v: _is_number(v) and 1 <= v <= 4, "a number in [1, 4]"),
     "context_template_length": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "context_template_seeds": (lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
                                "a list of non-empty strings"),

@@ -139,7 +139,17 @@ def compute_targets(em: EditableModel, tok, requests: list[EditRequest], templat
         bar.update(len(chunk))
     bar.close()
     back = torch.tensor(order).argsort()  # the inverse permutation
-    return TargetResult(*(torch.cat([getattr(p, f) for p in parts])[back] for f in TargetResult.__dataclass_fields__))
+    result = TargetResult(*(torch.cat([getattr(p, f) for p in parts])[back] for f in TargetResult.__dataclass_fields__))
+    return scaled_for_delivery(result, hp) if hp.v_delivery_scale != 1 else result
+
+
+def scaled_for_delivery(result: TargetResult, hp: HParams) -> TargetResult:
+    """Each delta times hp.v_delivery_scale, within the clamp (hp.clamp_norm_factor x |h|)."""
+    h = result.z - result.delta
+    delta = result.delta * hp.v_delivery_scale
+    norm = delta.norm(dim=1, keepdim=True)
+    delta = delta * (hp.clamp_norm_factor * h.norm(dim=1, keepdim=True) / norm.clamp(min=1e-12)).clamp(max=1)
+    return replace(result, z=h + delta, delta=delta)
 
 
 def _suffix_len(tok, request: EditRequest) -> int:
