@@ -1,8 +1,16 @@
 """MEMIT on the real default model: 10 CounterFact edits take, generalise, and leave neighbours alone."""
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 from memit_vllm import make_patch
 from memit_vllm.editor import load_requests
 from memit_vllm.evaluate.run import evaluate
+from memit_vllm.patch import load_patch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_ten_counterfact_edits_on_smollm2(smollm2, data_dir, tmp_path):
@@ -11,6 +19,29 @@ def test_ten_counterfact_edits_on_smollm2(smollm2, data_dir, tmp_path):
                        stats_corpus=str(data_dir / "corpus" / "smollm2_self_2k.jsonl"), progress=False)
     assert patch.hparams["source"] == "measured, SmolLM2-135M"
     result = evaluate(str(smollm2), data, [patch.save(tmp_path / "ten.patch")], n=10)
+    before, after = result["before"], result["after"]
+    assert after["ES"] == 1.0, after
+    assert after["PS"] >= 0.8, after
+    assert after["NS"] >= before["NS"] - 0.05, (before, after)
+
+
+def test_the_contained_recipe_on_smollm2_through_the_cli(smollm2, data_dir, tmp_path):
+    """README's recipe for contained edits (examples/hparams/smollm2-contained.json with made-up-name
+    neighbours), as a user runs it: the patch records it, and the 10 edits take and generalise while
+    their neighbours keep NS within 5 points, the bar of the preset's test above."""
+    data = data_dir / "counterfact" / "counterfact_500.json"
+    requests = tmp_path / "ten.json"
+    requests.write_text(json.dumps(json.loads(data.read_text())[:10]))
+    out = tmp_path / "contained.patch"
+    made = subprocess.run(
+        [sys.executable, "-m", "memit_vllm", "make-patch", "--model", str(smollm2), "--requests", str(requests),
+         "--stats-corpus", str(data_dir / "corpus" / "smollm2_self_2k.jsonl"), "--out", str(out),
+         "--hparams", str(ROOT / "examples" / "hparams" / "smollm2-contained.json"),
+         "--neighbour-subjects", "vocab:2000"], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    patch = load_patch(out)
+    assert (patch.hparams["v_optimizer"], patch.hparams["v_delivery_scale"]) == ("steepest_fisher", 1.3)
+    result = evaluate(str(smollm2), data, [out], n=10)
     before, after = result["before"], result["after"]
     assert after["ES"] == 1.0, after
     assert after["PS"] >= 0.8, after
