@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from memit_vllm.core.versions import ALLOW_UNTESTED_ENV
 from memit_vllm.core.architectures import ARCHITECTURES
 from memit_vllm.core.records import EditRequest
 from memit_vllm.editor import EditableModel, HParams, edit, load_editable, load_requests, solve_layer_update
+from memit_vllm.editor.hparams import default_hparams, load_hparams_file
 from memit_vllm.editor import memit
 from memit_vllm.editor.memit import KeyReader
 from memit_vllm.editor.prompts import encode
@@ -27,6 +29,8 @@ from memit_vllm.editor.trace import capture
 from memit_vllm.errors import MemitError
 from memit_vllm.patch import load_patch
 from memit_vllm.patch.merge import PatchSet
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TEMPLATES = ["{}", "Some text about things. {}", "Because it was late. {}"]
 CORPUS = "corpus/smollm2_self_2k.jsonl"
@@ -146,6 +150,15 @@ def test_a_delivery_scale_lengthens_each_optimised_delta_within_the_clamp():
     got = scaled_for_delivery(optimised, HParams(layers=[0], mom2_update_weight=1.0, v_delivery_scale=1.5))
     assert torch.allclose(got.delta, torch.tensor([[0.0, 4.5], [7.5, 0.0]]))
     assert torch.allclose(got.z - got.delta, h) and torch.equal(got.steps, optimised.steps)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples" / "hparams").glob("*.json")), ids=lambda p: p.name)
+def test_the_example_hparams_files_are_valid_for_smollm2(path):
+    """README's recipes (examples/hparams/smollm2-*.json) load and pass every hparams check on SmolLM2's
+    preset: a recipe that names a setting wrongly fails here, not in a user's make-patch."""
+    preset, _ = default_hparams("llama", 30, 1536)
+    recipe = load_hparams_file(path)
+    assert {k: getattr(preset.replace(**recipe), k) for k in recipe} == recipe
 
 
 FAST = {"v_num_grad_steps": 4, "context_template_seeds": ["The", "I"], "context_template_length": 5}
