@@ -40,7 +40,7 @@ def test_the_contained_recipe_on_smollm2_through_the_cli(smollm2, data_dir, tmp_
          "--neighbour-subjects", "vocab:2000"], capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     patch = load_patch(out)
-    assert (patch.hparams["v_optimizer"], patch.hparams["v_delivery_scale"]) == ("steepest_fisher", 1.3)
+    assert (patch.hparams["v_optimizer"], patch.hparams["v_delivery_scale"]) == ("steepest_fisher", 1.15)
     result = evaluate(str(smollm2), data, [out], n=10)
     before, after = result["before"], result["after"]
     assert after["ES"] == 1.0, after
