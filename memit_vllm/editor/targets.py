@@ -146,10 +146,14 @@ def compute_targets(em: EditableModel, tok, requests: list[EditRequest], templat
 def scaled_for_delivery(result: TargetResult, hp: HParams) -> TargetResult:
     """Each delta times hp.v_delivery_scale, within the clamp (hp.clamp_norm_factor x |h|)."""
     h = result.z - result.delta
-    delta = result.delta * hp.v_delivery_scale
-    norm = delta.norm(dim=1, keepdim=True)
-    delta = delta * (hp.clamp_norm_factor * h.norm(dim=1, keepdim=True) / norm.clamp(min=1e-12)).clamp(max=1)
+    delta = within_clamp(result.delta * hp.v_delivery_scale, hp.clamp_norm_factor * h.norm(dim=1, keepdim=True))
     return replace(result, z=h + delta, delta=delta)
+
+
+def within_clamp(delta: torch.Tensor, max_norm: torch.Tensor) -> torch.Tensor:
+    """`delta` (over its last dim) shortened to `max_norm` where it is longer: the reference's clamp."""
+    norm = delta.norm(dim=-1, keepdim=True)
+    return torch.where(norm > max_norm, delta * (max_norm / norm), delta)
 
 
 def _suffix_len(tok, request: EditRequest) -> int:
@@ -353,9 +357,7 @@ def _descend(em: EditableModel, rows: _Rows, split: _PrefixSplit, h_init: torch.
         steps += active.long()
         with torch.no_grad():
             for e in active.nonzero().squeeze(1).tolist():
-                norm = deltas[e].norm()
-                if norm > max_norm[e]:
-                    deltas[e].mul_(max_norm[e] / norm)
+                deltas[e].copy_(within_clamp(deltas[e], max_norm[e]))
 
     delta = torch.stack([d.detach() for d in deltas])
     return TargetResult(h_init + delta, delta, final_loss, target_prob, steps, torch.zeros(n, dtype=torch.long))
