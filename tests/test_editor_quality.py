@@ -18,7 +18,11 @@ def test_ten_counterfact_edits_on_smollm2(smollm2, data_dir, tmp_path):
     patch = make_patch(smollm2, load_requests(data, limit=10),
                        stats_corpus=str(data_dir / "corpus" / "smollm2_self_2k.jsonl"), progress=False)
     assert patch.hparams["source"] == "measured, SmolLM2-135M"
-    result = evaluate(str(smollm2), data, [patch.save(tmp_path / "ten.patch")], n=10)
+    assert_ten_edits_take(evaluate(str(smollm2), data, [patch.save(tmp_path / "ten.patch")], n=10))
+
+
+def assert_ten_edits_take(result: dict) -> None:
+    """The bar for 10 edits: all take (ES 1.0), paraphrases mostly (PS >= 0.8), neighbours' NS within 5 points."""
     before, after = result["before"], result["after"]
     assert after["ES"] == 1.0, after
     assert after["PS"] >= 0.8, after
@@ -28,7 +32,7 @@ def test_ten_counterfact_edits_on_smollm2(smollm2, data_dir, tmp_path):
 def test_the_contained_recipe_on_smollm2_through_the_cli(smollm2, data_dir, tmp_path):
     """README's recipe for contained edits (examples/hparams/smollm2-contained.json with made-up-name
     neighbours), as a user runs it: the patch records it, and the 10 edits take and generalise while
-    their neighbours keep NS within 5 points, the bar of the preset's test above."""
+    their neighbours keep NS within 5 points (the same bar as the preset)."""
     data = data_dir / "counterfact" / "counterfact_500.json"
     requests = tmp_path / "ten.json"
     requests.write_text(json.dumps(json.loads(data.read_text())[:10]))
@@ -41,8 +45,4 @@ def test_the_contained_recipe_on_smollm2_through_the_cli(smollm2, data_dir, tmp_
     assert made.returncode == 0, made.stderr
     patch = load_patch(out)
     assert (patch.hparams["v_optimizer"], patch.hparams["v_delivery_scale"]) == ("steepest_fisher", 1.15)
-    result = evaluate(str(smollm2), data, [out], n=10)
-    before, after = result["before"], result["after"]
-    assert after["ES"] == 1.0, after
-    assert after["PS"] >= 0.8, after
-    assert after["NS"] >= before["NS"] - 0.05, (before, after)
+    assert_ten_edits_take(evaluate(str(smollm2), data, [out], n=10))
