@@ -20,7 +20,8 @@ data file (or of "preserve_data": another file) become --preserve prompts: other
 same relation templates as the edits, kept disjoint from the evaluated and the unrelated records; or
 "preserve_file": a ready --preserve file; or "neighbours": {"data": FILE, "records": [start, stop],
 "per_edit": N}: make-patch --neighbour-subjects with the subjects of those records (never a scored one),
-or {"vocabulary": COUNT, "per_edit": N}: COUNT made-up names from the tokenizer (vocabulary_subjects).
+or {"vocabulary": COUNT, "per_edit": N}: COUNT made-up names from the tokenizer (vocabulary_subjects), or
+{"model": COUNT, "per_edit": N}: COUNT names the model lists (model_subjects, cached as make-patch does).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editabl
 from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.covariance import file_corpus
 from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, layer_updates, statistics
-from memit_vllm.editor.preserve import (PreservedKeys, PreservePrompt, neighbour_prompts, read_preserve_file,
-                                        vocabulary_subjects)
+from memit_vllm.editor.preserve import (PreservedKeys, PreservePrompt, cached_model_subjects, neighbour_prompts,
+                                        read_preserve_file, vocabulary_subjects)
 from memit_vllm.editor.precision import forward_dtype
 from memit_vllm.editor.prompts import context_templates
 from memit_vllm.editor.sensitivity import output_fisher
@@ -186,6 +187,9 @@ def main():
             spec = cfg["neighbours"]
             if spec.get("vocabulary"):  # made-up names from the tokenizer (preserve.vocabulary_subjects)
                 subjects = vocabulary_subjects(tok, spec["vocabulary"], args.seed)
+            elif spec.get("model"):  # names the model lists (make-patch --neighbour-subjects model:N)
+                subjects = cached_model_subjects(cache_dir(), stats.identity["model"], em.model, tok, spec["model"],
+                                                 args.seed)
             else:
                 _, pool = read_dataset(spec.get("data", args.data), spec["records"][1])
                 subjects = [r.subject for r in pool[spec["records"][0]:] if r.subject not in scored]

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from memit_vllm import make_patch
 from memit_vllm.editor import load_requests
 from memit_vllm.evaluate.run import evaluate
@@ -46,3 +48,30 @@ def test_the_contained_recipe_on_smollm2_through_the_cli(smollm2, data_dir, tmp_
     patch = load_patch(out)
     assert (patch.hparams["v_optimizer"], patch.hparams["v_delivery_scale"]) == ("steepest_fisher", 1.15)
     assert_ten_edits_take(evaluate(str(smollm2), data, [out], n=10))
+
+
+def test_smollm2_lists_its_own_neighbour_names_once_per_seed(smollm2, data_dir, tmp_path, monkeypatch):
+    """--neighbour-subjects model:N on the real model: N distinct names of the kinds facts are about, from the
+    model's own lists; the same seed gives the same names, read back from the cache (a damaged cache file is
+    listed again), and make-patch preserves each edit's prompt asked of them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memit_vllm.editor import preserve
+    from memit_vllm.editor import edit
+
+    tok, model = AutoTokenizer.from_pretrained(smollm2), AutoModelForCausalLM.from_pretrained(smollm2)
+    names = preserve.cached_model_subjects(tmp_path, "fingerprint", model, tok, 60, seed=0)
+    assert len(names) == len(set(names)) == 60
+    assert all(n[0].isupper() and len(n.split()) <= 5 for n in names), names
+    cached = tmp_path / "subjects" / "fingerprint" / "model60-seed0.json"
+    assert json.loads(cached.read_text()) == names
+    with monkeypatch.context() as m:
+        m.setattr(preserve, "model_subjects", lambda *a, **k: pytest.fail("listed again"))
+        assert preserve.cached_model_subjects(tmp_path, "fingerprint", model, tok, 60, seed=0) == names
+    cached.write_text("[")
+    assert preserve.cached_model_subjects(tmp_path, "fingerprint", model, tok, 60, seed=0) == names
+
+    result = edit(smollm2, load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=2),
+                  stats_corpus=str(data_dir / "corpus" / "smollm2_self_2k.jsonl"), progress=False,
+                  neighbour_subjects="model:60", neighbours_per_edit=3)
+    assert result.report.preserved_keys > 0 and "neighbour_names" in result.report.seconds

@@ -238,9 +238,27 @@ def test_vocabulary_neighbours_need_no_file_and_are_seeded(tiny_models, data_dir
     names = vocabulary_subjects(AutoTokenizer.from_pretrained(model), 50, seed=0)
     assert len(names) == 50 and all(len(n.split()) == 2 and n.split()[0][0].isupper() for n in names)
     monkeypatch.setattr(memit, "load_editable", lambda *a, **k: pytest.fail("the model was loaded"))
-    for bad in ("vocab:", "vocab:x", "vocab:0"):
-        with pytest.raises(MemitError, match=f"--neighbour-subjects '{bad}': expected vocab:N"):
+    for bad in ("vocab:", "vocab:x", "vocab:0", "model:", "model:-3"):
+        with pytest.raises(MemitError, match=f"--neighbour-subjects '{bad}': expected {bad[:5]}:N"):
             tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects=bad)
+
+
+def test_listed_names_are_each_items_leading_capitalised_words():
+    """model:N reads the model's numbered lists: each item's name up to a bracket, colon, comma or dash, in
+    quotes or not; a line that is not an item ends the list."""
+    from memit_vllm.editor.preserve import _listed_names
+
+    text = (' Paris\n2. Tomb Raider - the reboot\n3. London (UK)\n4. Everest: the tallest\n5. "The Beatles"\n'
+            '6. lowercase thing\n7. Leonardo da Vinci, painter\n\nMore prose. 8. Not This')
+    assert _listed_names(text) == ["Paris", "Tomb Raider", "London", "Everest", "The Beatles", "Leonardo da Vinci"]
+
+
+def test_a_model_that_lists_no_names_fails_with_the_fix_and_writes_nothing(tiny_models, data_dir, tmp_path):
+    """A random tiny model writes no numbered list of names: model:N says so, names the alternatives, and
+    caches nothing."""
+    with pytest.raises(MemitError, match=r"model:50: the model listed \d+ usable names; give --neighbour-subjects"):
+        tiny_edit(tiny_models["llama"], reqs(data_dir, 0, 2), data_dir, tmp_path, neighbour_subjects="model:50")
+    assert not list((tmp_path / "cache").glob("subjects/*/*.json"))  # nothing cached to be read back
 
 
 def test_patch_tools_refuse_a_child_without_its_stack_and_change_nothing(lineage, tmp_path, data_dir):

@@ -70,7 +70,7 @@ def check_out_file(out: str | os.PathLike) -> None:
 @click.option("--method", type=click.Choice(METHODS), help="Update rule (default: the hparams' method, memit).")
 @click.option("--preserve", type=click.Path(dir_okay=False),
               help="JSON/JSONL prompts (optionally with the answer to keep) the update must leave alone.")
-@click.option("--neighbour-subjects", metavar="FILE|vocab:N",
+@click.option("--neighbour-subjects", metavar="FILE|vocab:N|model:N",
               help="Subject names (text, one per line, or a JSON list), or vocab:N for N made-up names from the "
                    "tokenizer's words (no file needed): each edit's prompt asked of some of them joins the preserved "
                    "prompts, so other subjects keep their answers to the edited relations.")

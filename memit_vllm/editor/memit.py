@@ -35,8 +35,8 @@ from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
 from .lineage_keys import LineageKeys
 from .memory import peak_memory, reset_gpu_peaks
 from .precision import computing_in, forward_dtype
-from .preserve import (PreservedKeys, neighbour_prompts, read_preserve_file, vocabulary_count,
-                       vocabulary_subjects)
+from .preserve import (PreservedKeys, cached_model_subjects, generated_subjects, neighbour_prompts,
+                       read_preserve_file, vocabulary_subjects)
 from .prompts import context_templates, encode
 from .sensitivity import output_fisher
 from .solve import solve_alphaedit_update, solve_layer_update
@@ -77,8 +77,8 @@ class EditConfig:
     progress: bool = True
     on: list = field(default_factory=list)  # patches (files or Patch) to edit on, in stack order (lineage.py)
     preserve: str | Path | None = None  # JSON/JSONL prompts whose outputs the update must leave alone
-    # Subject names (a file, or vocab:N made-up names): each edit's prompt asked of `neighbours_per_edit` of
-    # them joins the preserved prompts.
+    # Subject names (a file, vocab:N made-up names or model:N names the model lists): each edit's prompt
+    # asked of `neighbours_per_edit` of them joins the preserved prompts.
     neighbour_subjects: str | Path | None = None
     neighbours_per_edit: int = 10
     # Finished z batches are kept here, and read back when a run with the same settings resumes (target_store.py).
@@ -361,19 +361,19 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     edited = {r.fact for r in requests}
     kept_facts = [f for f in lineage if f.fact not in edited]  # changed facts must move
     prompts = read_preserve_file(config.preserve) if config.preserve else []
-    made_up = vocabulary_count(config.neighbour_subjects)  # vocab:N, checked here; its names need the tokenizer
+    generated = generated_subjects(config.neighbour_subjects)  # vocab:N or model:N, checked here, made below
     neighbours = partial(neighbour_prompts, requests, per_edit=config.neighbours_per_edit, seed=config.seed,
                          source=f"--neighbour-subjects {config.neighbour_subjects}")  # of a list of subjects
     if config.neighbour_subjects:
         if not isinstance(config.neighbours_per_edit, int) or config.neighbours_per_edit < 1:
             raise MemitError(f"neighbours_per_edit must be an integer >= 1, not {config.neighbours_per_edit!r}")
-        if made_up is None:
+        if generated is None:
             prompts += neighbours(read_subjects(config.neighbour_subjects, "--neighbour-subjects"))
 
     torch.manual_seed(config.seed)
     tok, em = load_editable(ckpt, dtype, **(placement.load_kwargs() if placement else {}))
-    if made_up:
-        prompts += neighbours(vocabulary_subjects(tok, made_up, config.seed))
+    if generated and generated[0] == "vocab":
+        prompts += neighbours(vocabulary_subjects(tok, generated[1], config.seed))
     if not hp.preserve_lineage:
         kept_facts = []
     lineage_read = 0
@@ -395,6 +395,10 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         seconds = {}
         with _timed(seconds, "stats"):  # of the base weights (the cache key), before the stack is merged
             stats = statistics(em, tok, ckpt, hp, config, cache, given)
+        if generated and generated[0] == "model":  # names the base model lists (before the stack is merged)
+            with _timed(seconds, "neighbour_names"):
+                prompts += neighbours(cached_model_subjects(cache, stats.identity["model"], em.model, tok,
+                                                            generated[1], config.seed, config.progress))
         recorded = None
         if stack:
             recorded = LineageKeys(cache, stats.identity["model"], {
@@ -466,7 +470,7 @@ def make_patch(model: str | Path, requests, config: EditConfig | None = None, **
     zsre_target, device (default: cuda when available), device_map and offload_folder (a model larger
     than one GPU or than RAM, README "Models: architectures, dtype, size"), progress, method, on (patches
     to edit on, README "Editing over time"), preserve (a prompts file), neighbour_subjects (a subjects file,
-    or vocab:N) and neighbours_per_edit, resume_dir (finished z batches kept there; a rerun resumes, README
+    vocab:N or model:N) and neighbours_per_edit, resume_dir (finished z batches kept there; a rerun resumes, README
     "Large jobs"), and the speed knobs key_batch_prompts and bucket_overhead_tokens.
     """
     return edit(model, requests, config, **kwargs).patch

@@ -12,12 +12,15 @@ answer depends on), each weighted by HParams.preserve_weight (an edit key counts
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
+from ..core.files import atomic_file
 from ..core.records import EditRequest, read_prompts, target_text
 from ..core.tokens import pad_id, pad_right, target_ids
 from ..errors import MemitError
@@ -56,18 +59,20 @@ def neighbour_prompts(requests: list[EditRequest], subjects: list[str], per_edit
 
 
 _NAME_WORD = re.compile(r" [A-Z][a-z]{3,}")
-VOCABULARY = "vocab:"  # --neighbour-subjects vocab:N: N made-up names instead of a file (vocabulary_subjects)
+# --neighbour-subjects vocab:N (made-up names from the tokenizer) or model:N (names the model writes itself)
+GENERATED = {"vocab": "made-up names from the tokenizer", "model": "names the model itself lists"}
 
 
-def vocabulary_count(spec) -> int | None:
-    """N of a `vocab:N` --neighbour-subjects, None when `spec` names a file (checked before any model loads)."""
-    if not isinstance(spec, str) or not spec.startswith(VOCABULARY):
+def generated_subjects(spec) -> tuple[str, int] | None:
+    """(kind, N) of a `vocab:N` or `model:N` --neighbour-subjects, None when `spec` names a file (checked
+    before any model loads)."""
+    kind, sep, n = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    if not sep or kind not in GENERATED:
         return None
-    n = spec[len(VOCABULARY):]
     if not n.isdigit() or int(n) < 1:
-        raise MemitError(f"--neighbour-subjects {spec!r}: expected vocab:N with N an integer >= 1 (e.g. vocab:2000), "
-                         "or a file of subject names")
-    return int(n)
+        raise MemitError(f"--neighbour-subjects {spec!r}: expected {kind}:N with N an integer >= 1 (e.g. "
+                         f"{kind}:2000), or a file of subject names")
+    return kind, int(n)
 
 
 def vocabulary_subjects(tok, count: int, seed: int) -> list[str]:
@@ -81,6 +86,83 @@ def vocabulary_subjects(tok, count: int, seed: int) -> list[str]:
                          "--neighbour-subjects FILE")
     rnd = random.Random(seed)
     return [f"{a} {b}" for a, b in (rnd.sample(words, 2) for _ in range(count))]
+
+
+# The kinds of thing facts are about: the model is asked to list well-known ones of each (model_subjects).
+NAME_KINDS = ("people", "cities", "countries", "companies", "musicians", "football clubs", "actors", "writers",
+              "scientists", "politicians", "rivers", "universities", "television shows", "video games", "bands",
+              "athletes", "painters", "car brands", "newspapers", "mountains", "films", "books", "languages",
+              "religions", "sports teams", "inventors", "philosophers", "composers", "islands", "buildings")
+_LIST_ITEM = re.compile(r"(?:\d+\.)?\s*\"?([A-Z][\w.'&-]*(?: [\w.'&][\w.'&-]*){0,4})\"?\s*(?:$|[(:,\u2013\u2014-])")
+_LIST_NEW_TOKENS = 64
+
+
+def _listed_names(text: str) -> list[str]:
+    """The names of a sampled numbered list ("Paris\n2. Venice\n3. London (UK)..."): each line's leading
+    capitalised run of at most five words, up to the first bracket, colon, comma or dash."""
+    names = []
+    for i, line in enumerate(text.split("\n")):
+        line = line.strip()
+        if i and not re.match(r"\d+\.", line):
+            break  # the list ended
+        m = _LIST_ITEM.match(line)
+        if m and len(m.group(1)) <= 40 and any(c.isalpha() for c in m.group(1)):
+            names.append(m.group(1).strip(" .-"))
+    return [n for n in names if n]
+
+
+@torch.no_grad()
+def model_subjects(model, tok, count: int, seed: int, progress: bool = False) -> list[str]:
+    """`count` names the model itself lists when asked for well-known things of each of NAME_KINDS
+    (sampled, temperature 1, top-p 0.95, seeded): subjects of the kinds facts are about, which the model
+    holds facts of, with no data file. Over a lineage they keep other subjects' facts where vocab:N's
+    made-up names do not (docs/benchmarks.md, "Session 19"). Rounds stop when `count` distinct names are
+    found, or after `count` prompts (a model that lists nothing usable fails with the fix)."""
+    from tqdm.auto import tqdm
+
+    prompts = [f"Here is a list of well-known {k}:\n1." for k in NAME_KINDS]
+    seqs = [tok(p)["input_ids"] for p in prompts]
+    width, pad = max(map(len, seqs)), pad_id(tok)
+    ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+    device = model.get_input_embeddings().weight.device
+    found: dict[str, None] = {}
+    rounds = max(1, -(-count // len(NAME_KINDS)))
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+            tqdm(total=count, desc="neighbour names", unit="name", disable=not progress) as bar:
+        torch.manual_seed(seed)
+        for _ in range(rounds):
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                                 temperature=1.0, top_p=0.95, top_k=0, max_new_tokens=_LIST_NEW_TOKENS,
+                                 pad_token_id=pad)
+            for row in out[:, width:]:
+                for name in _listed_names(tok.decode(row, skip_special_tokens=True)):
+                    if name not in found and len(found) < count:
+                        found[name] = None
+                        bar.update()
+            if len(found) >= count:
+                break
+    if len(found) < 2:
+        raise MemitError(f"--neighbour-subjects model:{count}: the model listed {len(found)} usable names; give "
+                         "--neighbour-subjects FILE (or vocab:N)")
+    return list(found)
+
+
+def cached_model_subjects(cache_root: Path, model_id: str, model, tok, count: int, seed: int,
+                          progress: bool = False) -> list[str]:
+    """model_subjects, kept under the cache dir by the model's fingerprint `model_id` (a JSON list, written
+    atomically): one model's names are listed once (minutes on a CPU); a damaged cache file is listed again."""
+    cache = Path(cache_root) / "subjects" / model_id[:24] / f"model{count}-seed{seed}.json"
+    try:
+        names = json.loads(cache.read_text())
+        if isinstance(names, list) and names and all(isinstance(n, str) and n for n in names):
+            return names
+    except (OSError, ValueError):
+        pass
+    names = model_subjects(model, tok, count, seed, progress)
+    with atomic_file(cache) as tmp:
+        tmp.write_text(json.dumps(names, indent=0))
+    return names
 
 
 class PreservedKeys:
