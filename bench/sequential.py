@@ -16,11 +16,14 @@ patches it finds, so a long run can stop and continue):
 `--cost` instead times one arm's next batch made `--on` its lineage (its keys cached, and re-read) against
 the same edits on the base.
 After each batch (or every --eval-every batches), on every edit made so far: ES, PS, NS (teacher forced,
-as `eval`), and the share of greedy rewrite completions that start with the new target; retention of
-what was not edited: NS on 200 fixed untouched records (the last 200 of the data file), NS on the
-close-neighbour suite (`close_neighbours`: never-edited prompts of the same relation, words and true
-object as 50 edits of the first batch) and the mean token NLL of the held-out corpus slice (eval
---generate's, which the statistics here exclude). A Markdown table, the JSON of every point
+as `eval`), and the share of greedy rewrite and paraphrase completions that start with the new target
+(`eval --generate`'s rewrite_hit, paraphrase_hit); retention of what was not edited: NS on 200 fixed
+untouched records (the last 200 of the data file), the share of their rewrite prompts whose greedy
+completion keeps the unedited model's first word and all 8 tokens (eval --generate's unrelated metrics,
+with these prompts as the unrelated set), NS on the close-neighbour suite (`close_neighbours`:
+never-edited prompts of the same relation, words and true object as 50 edits of the first batch), and on
+the held-out corpus slice (eval --generate's, which the statistics here exclude) the mean token NLL and
+the next-token KL from the unedited model. A Markdown table, the JSON of every point
 (--out/ARM/results.json: arms may run as parallel processes, one core each) and a PNG of the curves
 (--plot).
 
@@ -34,6 +37,7 @@ import argparse
 import json
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -43,9 +47,9 @@ from memit_vllm import make_patch
 from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.core.files import atomic_file
 from memit_vllm.core.records import parse_record, read_dataset, without_conflicts
-from memit_vllm.evaluate.generation import HELDOUT_DEFAULT, covariance_budget, heldout_texts
-from memit_vllm.evaluate.metrics import target_hit
-from memit_vllm.evaluate.patching import load_model, merge_into_model
+from memit_vllm.evaluate.generation import HELDOUT_DEFAULT, NEW_TOKENS, covariance_budget, heldout_texts
+from memit_vllm.evaluate.metrics import GeneratedRecord, hit_metrics, kept_metrics
+from memit_vllm.evaluate.patching import load_model, merge_into_model, swapped
 from memit_vllm.evaluate.run import measure_counterfact
 from memit_vllm.evaluate.scoring import TransformersScorer, encode_pair
 from memit_vllm.patch import load_patch
@@ -209,6 +213,8 @@ def main():
                                      "close_NS": measure_counterfact(scorer, close_records)["NS"],
                                      "heldout_nll": nll(model, texts)})
     results = {"unedited": json.loads(unedited_file.read_text())}
+    untouched_prompts = [r.rewrite_prompt for r in untouched_records]
+    unrelated = (untouched_prompts, scorer.greedy(untouched_prompts, NEW_TOKENS))  # with the unedited model's
     patches: dict[str, list[Path]] = {arm: [] for arm in arms}
     for arm in arms:  # each arm's points in its own file: arms may run in parallel processes (one core each)
         results.update(_read(work / arm / "results.json"))
@@ -223,13 +229,13 @@ def main():
             unedited = merge_into_model(model, ckpt, stack)
             seen = edit_records[:(t + 1) * args.batch]
             tf = measure_counterfact(scorer, seen)
-            hits = [target_hit(c, encode_pair(tok, r.rewrite_prompt, r.target_new)[1]) for c, r in
-                    zip(scorer.greedy([r.rewrite_prompt for r in seen], 8), seen)]
             results[key] = {"edits": len(seen), **{k: tf[k] for k in ("ES", "PS", "NS")},
-                            "rewrite_hit": sum(hits) / len(hits),
+                            **generated_view(scorer, seen, unrelated),
                             "untouched_NS": measure_counterfact(scorer, untouched_records)["NS"],
                             "close_NS": measure_counterfact(scorer, close_records)["NS"],
-                            "heldout_nll": nll(model, texts), "make_seconds": seconds}
+                            "heldout_nll": nll(model, texts),
+                            "heldout_kl": scorer.heldout_kl(texts, partial(swapped, model, unedited))[0],
+                            "make_seconds": seconds}
             for name, value in unedited.items():  # back to the base for the next point
                 model.get_parameter(name).data.copy_(value)
             atomic_write(work / arm / "results.json", {k: v for k, v in results.items() if k.startswith(arm + "/")})
@@ -238,7 +244,8 @@ def main():
 
     base = results["unedited"]
     print(f"\nunedited: untouched NS {base['untouched_NS']:.3f}, held-out NLL {base['heldout_nll']:.3f}\n")
-    cols = ["ES", "PS", "NS", "rewrite_hit", "untouched_NS", "close_NS", "heldout_nll"]
+    cols = ["ES", "PS", "NS", "rewrite_hit", "paraphrase_hit", "untouched_NS", "unrelated_word_kept",
+            "unrelated_kept", "close_NS", "heldout_nll", "heldout_kl"]
     print("| arm | edits | " + " | ".join(cols) + " | this batch's patch (s) | vs independent |\n|---|---|"
           + "---|" * (len(cols) + 2))
     for arm in arms:
@@ -248,10 +255,24 @@ def main():
                 alone = results.get(f"independent/{t}", {}).get("make_seconds")
                 ratio = f"{r['make_seconds'] / alone:.2f}x" if r.get("make_seconds") and alone else "-"
                 seconds = f"{r['make_seconds']:.0f}" if r.get("make_seconds") else "-"
-                scores = " | ".join(f"{r[c]:.3f}" for c in cols)
+                scores = " | ".join(f"{r[c]:.3f}" if c in r else "-" for c in cols)  # older runs: fewer
                 print(f"| {arm} | {r['edits']} | {scores} | {seconds} | {ratio} |")
     if args.plot:
         plot(results, arms, args.batches, cols, base, args.plot)
+
+
+def generated_view(scorer, seen: list, unrelated: tuple[list[str], list]) -> dict[str, float]:
+    """eval --generate's view on the edits so far (greedy rewrite and paraphrase completions that start
+    with the new target) and on the untouched records' rewrite prompts (first word and all tokens kept
+    from the unedited model's completions, `unrelated`: (prompts, completions))."""
+    tok = scorer.tokenizer
+    hit_prompts = [p for r in seen for p in [r.rewrite_prompt, *r.paraphrase_prompts]]
+    done = iter(scorer.greedy(hit_prompts, NEW_TOKENS))
+    records = [GeneratedRecord(*[[(next(done), tuple(encode_pair(tok, p, r.target_new)[1])) for p in prompts]
+                                 for prompts in ([r.rewrite_prompt], r.paraphrase_prompts)]) for r in seen]
+    prompts, before = unrelated
+    kept = kept_metrics([], list(zip(before, scorer.greedy(prompts, NEW_TOKENS))))
+    return hit_metrics(records) | {k: kept[k] for k in ("unrelated_word_kept", "unrelated_kept")}
 
 
 def _read(path: Path) -> dict:
@@ -273,6 +294,7 @@ def plot(results, arms, batches, cols, base, path):
     for ax, col in zip(axes, cols):
         for arm in arms:
             pts = [results[f"{arm}/{t}"] for t in range(batches) if f"{arm}/{t}" in results]
+            pts = [p for p in pts if col in p]  # points of older runs lack the later columns
             ax.plot([p["edits"] for p in pts], [p[col] for p in pts], marker="o", label=arm)
         if col in base:
             ax.axhline(base[col], color="grey", linestyle="--", linewidth=1)
