@@ -11,7 +11,7 @@ patches it finds, so a long run can stop and continue):
 - neighbours: memit-kp plus `--neighbour-subjects` (10 per edit, subjects of records NEIGHBOUR_RECORDS, none
   of the untouched or close-neighbour subjects) at lambda 384 and preserve weight 1/16 (docs/hyperparameters.md,
   session 10: the configuration that kept 90% of unrelated first words for one batch of 100; `--neighbour-subjects
-  vocab:N`: made-up names instead);
+  vocab:N` or `model:N`: made-up names, or names the model lists, instead);
 - onebatch: all edits so far in one patch on the base (the reference point; remade at each step).
 `--cost` instead times one arm's next batch made `--on` its lineage (its keys cached, and re-read) against
 the same edits on the base.
@@ -161,7 +161,7 @@ def main():
     ap.add_argument("--hparams", default="{}", help="JSON of hyperparameters for every arm (over each arm's own), "
                     "e.g. the fast z recipe '{\"v_lr\": 2.0, \"v_early_stop_loss\": 0.3}'")
     ap.add_argument("--neighbour-subjects", help="the neighbours arm's --neighbour-subjects (default: the subjects "
-                    "of records NEIGHBOUR_RECORDS), e.g. vocab:2000 for made-up names (no data file)")
+                    "of records NEIGHBOUR_RECORDS), e.g. model:2000 (names the model lists) or vocab:2000 (made-up)")
     ap.add_argument("--eval-every", type=int, default=1, help="measure after every k-th batch (and the last)")
     ap.add_argument("--report-only", action="store_true", help="print the table (and plot) of what is measured")
     ap.add_argument("--cost", action="store_true", help="instead of the run: time the next batch of edits (batch "

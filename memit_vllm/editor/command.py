@@ -71,9 +71,10 @@ def check_out_file(out: str | os.PathLike) -> None:
 @click.option("--preserve", type=click.Path(dir_okay=False),
               help="JSON/JSONL prompts (optionally with the answer to keep) the update must leave alone.")
 @click.option("--neighbour-subjects", metavar="FILE|vocab:N|model:N",
-              help="Subject names (text, one per line, or a JSON list), or vocab:N for N made-up names from the "
-                   "tokenizer's words (no file needed): each edit's prompt asked of some of them joins the preserved "
-                   "prompts, so other subjects keep their answers to the edited relations.")
+              help="Subject names (text, one per line, or a JSON list), model:N for N names the model lists "
+                   "itself (well-known people, places, companies...; listed once per model and cached), or vocab:N "
+                   "for N made-up names from the tokenizer's words: each edit's prompt asked of some of them joins "
+                   "the preserved prompts, so other subjects keep their answers to the edited relations.")
 @click.option("--neighbours-per-edit", type=click.IntRange(min=1), default=10, show_default=True,
               help="How many --neighbour-subjects each edit's prompt is asked of (a seeded sample).")
 @click.option("--z-dtype", type=click.Choice(FORWARD_DTYPES),
