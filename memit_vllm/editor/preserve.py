@@ -59,8 +59,8 @@ def neighbour_prompts(requests: list[EditRequest], subjects: list[str], per_edit
 
 
 _NAME_WORD = re.compile(r" [A-Z][a-z]{3,}")
-# --neighbour-subjects vocab:N (made-up names from the tokenizer) or model:N (names the model writes itself)
-GENERATED = {"vocab": "made-up names from the tokenizer", "model": "names the model itself lists"}
+# --neighbour-subjects vocab:N (made-up names from the tokenizer) or model:N (names the model lists itself)
+GENERATED = ("vocab", "model")
 
 
 def generated_subjects(spec) -> tuple[str, int] | None:
