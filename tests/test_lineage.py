@@ -131,6 +131,30 @@ def test_on_nothing_is_plain_make_patch_byte_for_byte(tiny_models, data_dir, tmp
     assert plain.read_bytes() == on.read_bytes()
 
 
+def test_chunks_make_one_patch_equal_to_the_stacked_lineage(lineage, data_dir, tmp_path, monkeypatch):
+    """chunk 2 on four requests: the fixture's lineage a -> b made in one call and stacked, with the same
+    deltas as stacking a and b, every fact, made on the bare base, the chunk size recorded. A chunk as large
+    as the requests is plain make-patch; a bad chunk fails before the model loads, at the CLI too (exit 2)."""
+    from memit_vllm.editor import memit
+
+    model, a, b = lineage
+    chunked = tiny_edit(model, reqs(data_dir, 0, 4), data_dir, tmp_path, chunk=2, name="ab")
+    by_hand = stack_patches([a, b])
+    assert chunked.patch.deltas.keys() == by_hand.deltas.keys()
+    assert all(torch.equal(chunked.patch.deltas[n], by_hand.deltas[n]) for n in by_hand.deltas)
+    assert (chunked.patch.requests, chunked.patch.made_on, chunked.patch.name) == (by_hand.requests, [], "ab")
+    assert chunked.patch.hparams["chunk"] == 2 and chunked.report.n_edits == 4 and chunked.report.preserved_keys > 0
+    whole = tiny_edit(model, reqs(data_dir, 0, 4), data_dir, tmp_path, chunk=4).patch
+    assert whole.patch_id == tiny_edit(model, reqs(data_dir, 0, 4), data_dir, tmp_path).patch.patch_id
+    monkeypatch.setattr(memit, "load_editable", lambda *a, **k: pytest.fail("the model was loaded"))
+    for bad in (0, "2", True):
+        with pytest.raises(MemitError, match=f"chunk must be an integer >= 1 \\(edits per chunk\\), not {bad!r}"):
+            tiny_edit(model, reqs(data_dir, 0, 4), data_dir, tmp_path, chunk=bad)
+    cli = make_patch_cli("--model", model, "--requests", data_dir / "counterfact" / "counterfact_500.json",
+                         "--limit", 4, "--chunk", 0, "--out", tmp_path / "never.patch")
+    assert cli.returncode == 2 and "--chunk" in cli.stderr and not (tmp_path / "never.patch").exists()
+
+
 def make_patch_cli(*args):
     return subprocess.run([sys.executable, "-m", "memit_vllm", "make-patch", *map(str, args)], capture_output=True,
                           text=True)

@@ -86,12 +86,16 @@ def check_out_file(out: str | os.PathLike) -> None:
 @click.option("--resume-dir", type=click.Path(), metavar="DIR",
               help="Keep each finished batch of z vectors in DIR; rerunning the same command after an interruption "
                    "reads them back and computes only the rest (other settings or requests compute afresh).")
+@click.option("--chunk", type=click.IntRange(min=1), metavar="N",
+              help="Make more than N requests as a lineage of chunks of N, each solved on the model the chunks "
+                   "before left (their facts preserved, as --on does), stacked into one patch (README \"Large "
+                   "jobs\"). Default: one batch.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text.")
 def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_weight, stats_corpus, stats_tokens,
                        stats_dtype, stats_model_dtype, stats_file, cache_dir, seed, name, version_, limit, zsre_target,
                        device, device_map, offload_folder, on,
                        withdraw, method, z_dtype, dtype, preserve, neighbour_subjects, neighbours_per_edit, resume_dir,
-                       as_json):
+                       chunk, as_json):
     """Compute MEMIT z vectors and layer deltas for the edit requests and write a patch file (under
     torchrun: the work split across the processes, rank 0 writes; README "Large jobs")."""
     from ..core.records import load_requests, validate_requests
@@ -115,7 +119,7 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
                         zsre_target=zsre_target, device=device, device_map=device_map, offload_folder=offload_folder,
                         progress=not as_json, on=list(on), preserve=preserve,
                         neighbour_subjects=neighbour_subjects, neighbours_per_edit=neighbours_per_edit,
-                        resume_dir=resume_dir)
+                        resume_dir=resume_dir, chunk=chunk)
     with warnings.catch_warnings(record=True):  # they are in the report, printed below
         warnings.simplefilter("always")
         result = edit(model, requests, config)

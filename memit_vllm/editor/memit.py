@@ -26,6 +26,7 @@ from ..core.records import EditRequest, load_requests, parse_record, read_subjec
 from ..core.tokens import pad_id, pad_right, target_ids
 from ..errors import MemitError
 from ..patch import BaseModel, Patch
+from ..patch.tools import stack_patches
 from .arch import EditableModel, check_layers, checkpoint_dims, load_editable, model_dtype
 from . import distributed
 from .devicemap import check_placement, describe
@@ -83,6 +84,9 @@ class EditConfig:
     neighbours_per_edit: int = 10
     # Finished z batches are kept here, and read back when a run with the same settings resumes (target_store.py).
     resume_dir: str | Path | None = None
+    # More requests than this are made as a lineage of chunks of this many, each on the model the ones before
+    # left (their facts preserved, as --on), stacked into one patch (_edit_in_chunks). None: one batch.
+    chunk: int | None = None
     # Speed only: results do not depend on these.
     key_batch_prompts: int = KEY_BATCH_PROMPTS
     bucket_overhead_tokens: float = BUCKET_OVERHEAD_TOKENS  # see targets.length_buckets
@@ -339,6 +343,11 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     t0 = time.monotonic()
     reset_gpu_peaks()
     requests = _as_requests(requests, config.zsre_target)
+    if config.chunk is not None:
+        if isinstance(config.chunk, bool) or not isinstance(config.chunk, int) or config.chunk < 1:
+            raise MemitError(f"chunk must be an integer >= 1 (edits per chunk), not {config.chunk!r}")
+        if len(requests) > config.chunk:
+            return _edit_in_chunks(model, requests, config)
     ckpt = Checkpoint(model)
     dims = checkpoint_dims(ckpt)  # unsupported architectures and bad settings fail before loading
     hp, hp_source = _hparams(dims, config)
@@ -459,6 +468,37 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     return EditResult(patch, report)
 
 
+def _edit_in_chunks(model, requests: list[EditRequest], config: EditConfig) -> EditResult:
+    """`requests` made chunk by chunk, each chunk `--on` the configured stack and the chunks before it (its
+    update solved on the model they left, their facts' keys preserved), then stacked into one patch made on
+    the configured stack. A solve over many edits at once spreads each edit's residual over keys that
+    resemble many others; a lineage of smaller solves keeps other subjects and ordinary text better at the
+    same edits (docs/benchmarks.md, "Session 19"). With --resume-dir a rerun reuses every finished chunk's z."""
+    parts: list[EditResult] = []
+    for start in range(0, len(requests), config.chunk):
+        parts.append(edit(model, requests[start:start + config.chunk],
+                          replace(config, chunk=None, on=[*config.on, *(p.patch for p in parts)])))
+    stacked = stack_patches([p.patch for p in parts], version=config.version)
+    patch = replace(stacked, name=config.name, hparams={**stacked.hparams, "chunk": config.chunk})
+    return EditResult(patch, _chunks_report([p.report for p in parts], len(requests)))
+
+
+def _chunks_report(reports: list[EditReport], n_edits: int) -> EditReport:
+    """One report of a chunked run: times and counts summed, z figures averaged over the edits, the largest
+    GPU peaks (the process's peak RSS is the last chunk's already), the last chunk's update figures."""
+    share = [r.n_edits / n_edits for r in reports]
+    steps = dict.fromkeys(k for r in reports for k in r.seconds)
+    gpu = {d: max(r.memory.get("gpu_peak_gb", {}).get(d, 0.0) for r in reports)
+           for d in reports[-1].memory.get("gpu_peak_gb", {})}
+    return replace(
+        reports[-1], n_edits=n_edits, seconds={k: sum(r.seconds.get(k, 0.0) for r in reports) for k in steps},
+        z_target_prob=sum(r.z_target_prob * w for r, w in zip(reports, share)),
+        z_steps=sum(r.z_steps * w for r, w in zip(reports, share)), z_resumed=sum(r.z_resumed for r in reports),
+        warnings=[w for r in reports for w in r.warnings], made_on=reports[0].made_on,
+        changed=[c for r in reports for c in r.changed], lineage_keys_read=sum(r.lineage_keys_read for r in reports),
+        memory=reports[-1].memory | ({"gpu_peak_gb": gpu} if gpu else {}))
+
+
 def make_patch(model: str | Path, requests, config: EditConfig | None = None, **kwargs) -> Patch:
     """MEMIT patch for `requests` (a file path, EditRequests, or request dicts) on checkpoint `model`
     (a checkpoint dir, an HF hub id or a default model name).
@@ -471,6 +511,7 @@ def make_patch(model: str | Path, requests, config: EditConfig | None = None, **
     than one GPU or than RAM, README "Models: architectures, dtype, size"), progress, method, on (patches
     to edit on, README "Editing over time"), preserve (a prompts file), neighbour_subjects (a subjects file,
     vocab:N or model:N) and neighbours_per_edit, resume_dir (finished z batches kept there; a rerun resumes, README
-    "Large jobs"), and the speed knobs key_batch_prompts and bucket_overhead_tokens.
+    "Large jobs"), chunk (more requests than this are made as a lineage of chunks stacked into one patch),
+    and the speed knobs key_batch_prompts and bucket_overhead_tokens.
     """
     return edit(model, requests, config, **kwargs).patch
