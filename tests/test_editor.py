@@ -156,9 +156,13 @@ def test_a_delivery_scale_lengthens_each_optimised_delta_within_the_clamp():
 def test_the_example_hparams_files_are_valid_for_smollm2(path):
     """README's recipes (examples/hparams/smollm2-*.json) load and pass every hparams check on SmolLM2's
     preset: a recipe that names a setting wrongly fails here, not in a user's make-patch."""
+    from memit_vllm.editor.preserve import generated_subjects
+
     preset, _ = default_hparams("llama", 30, 1536)
     recipe = load_hparams_file(path)
     assert {k: getattr(preset.replace(**recipe), k) for k in recipe} == recipe
+    if recipe.get("neighbour_subjects"):  # model:N / vocab:N well formed (a file would have to exist)
+        assert generated_subjects(recipe["neighbour_subjects"]) is not None
 
 
 FAST = {"v_num_grad_steps": 4, "context_template_seeds": ["The", "I"], "context_template_length": 5}

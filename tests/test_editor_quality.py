@@ -32,9 +32,9 @@ def assert_ten_edits_take(result: dict) -> None:
 
 
 def test_the_contained_recipe_on_smollm2_through_the_cli(smollm2, data_dir, tmp_path):
-    """README's recipe for contained edits (examples/hparams/smollm2-contained.json with made-up-name
-    neighbours), as a user runs it: the patch records it, and the 10 edits take and generalise while
-    their neighbours keep NS within 5 points (the same bar as the preset)."""
+    """README's recipe for contained edits (examples/hparams/smollm2-contained.json, which names its
+    neighbours: model:2000), as a user runs it: the patch records it, and the 10 edits take and generalise
+    while their neighbours keep NS within 5 points (the same bar as the preset)."""
     data = data_dir / "counterfact" / "counterfact_500.json"
     requests = tmp_path / "ten.json"
     requests.write_text(json.dumps(json.loads(data.read_text())[:10]))
@@ -42,11 +42,12 @@ def test_the_contained_recipe_on_smollm2_through_the_cli(smollm2, data_dir, tmp_
     made = subprocess.run(
         [sys.executable, "-m", "memit_vllm", "make-patch", "--model", str(smollm2), "--requests", str(requests),
          "--stats-corpus", str(data_dir / "corpus" / "smollm2_self_2k.jsonl"), "--out", str(out),
-         "--hparams", str(ROOT / "examples" / "hparams" / "smollm2-contained.json"),
-         "--neighbour-subjects", "vocab:2000"], capture_output=True, text=True)
+         "--hparams", str(ROOT / "examples" / "hparams" / "smollm2-contained.json")],
+        capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     patch = load_patch(out)
-    assert (patch.hparams["v_optimizer"], patch.hparams["v_delivery_scale"]) == ("steepest_fisher", 1.15)
+    assert (patch.hparams["v_optimizer"], patch.hparams["v_delivery_scale"]) == ("steepest_fisher", 1.3)
+    assert patch.hparams["neighbour_subjects"] == "model:2000"
     assert_ten_edits_take(evaluate(str(smollm2), data, [out], n=10))
 
 

@@ -267,6 +267,25 @@ def test_vocabulary_neighbours_need_no_file_and_are_seeded(tiny_models, data_dir
             tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects=bad)
 
 
+def test_a_recipe_file_names_its_neighbours_and_the_flag_overrides_it(tiny_models, data_dir, tmp_path):
+    """hparams neighbour_subjects (what a recipe file holds) works as --neighbour-subjects does and is recorded
+    in the patch; the flag wins, and `none` turns them off whatever the hparams say."""
+    model, requests = tiny_models["llama"], reqs(data_dir, 0, 2)
+    by_file = tiny_edit(model, requests, data_dir, tmp_path, hparams={"neighbour_subjects": "vocab:50"},
+                        neighbours_per_edit=3)
+    by_flag = tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="vocab:50", neighbours_per_edit=3)
+    assert by_file.report.preserved_keys == by_flag.report.preserved_keys > 0
+    assert all(torch.equal(by_file.patch.deltas[n], by_flag.patch.deltas[n]) for n in by_flag.patch.deltas)
+    assert by_file.patch.hparams["neighbour_subjects"] == by_flag.patch.hparams["neighbour_subjects"] == "vocab:50"
+    off = tiny_edit(model, requests, data_dir, tmp_path, hparams={"neighbour_subjects": "vocab:50"},
+                    neighbour_subjects="none")
+    assert off.report.preserved_keys == 0 and off.patch.hparams["neighbour_subjects"] is None
+    plain = tiny_edit(model, requests, data_dir, tmp_path).patch
+    assert all(torch.equal(off.patch.deltas[n], plain.deltas[n]) for n in plain.deltas)
+    with pytest.raises(MemitError, match="hyperparameter neighbour_subjects must be a subjects file, model:N"):
+        tiny_edit(model, requests, data_dir, tmp_path, hparams={"neighbour_subjects": " "})
+
+
 def test_listed_names_are_each_items_leading_capitalised_words():
     """model:N reads the model's numbered lists: each item's name up to a bracket, colon, comma or dash, in
     quotes or not; a line that is not an item ends the list."""

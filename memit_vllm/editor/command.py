@@ -70,11 +70,12 @@ def check_out_file(out: str | os.PathLike) -> None:
 @click.option("--method", type=click.Choice(METHODS), help="Update rule (default: the hparams' method, memit).")
 @click.option("--preserve", type=click.Path(dir_okay=False),
               help="JSON/JSONL prompts (optionally with the answer to keep) the update must leave alone.")
-@click.option("--neighbour-subjects", metavar="FILE|vocab:N|model:N",
+@click.option("--neighbour-subjects", metavar="FILE|model:N|vocab:N|none",
               help="Subject names (text, one per line, or a JSON list), model:N for N names the model lists "
                    "itself (well-known people, places, companies...; listed once per model and cached), or vocab:N "
                    "for N made-up names from the tokenizer's words: each edit's prompt asked of some of them joins "
-                   "the preserved prompts, so other subjects keep their answers to the edited relations.")
+                   "the preserved prompts, so other subjects keep their answers to the edited relations. Default: "
+                   "the hparams' neighbour_subjects (none unless a --hparams file names them); none: off.")
 @click.option("--neighbours-per-edit", type=click.IntRange(min=1), default=10, show_default=True,
               help="How many --neighbour-subjects each edit's prompt is asked of (a seeded sample).")
 @click.option("--z-dtype", type=click.Choice(FORWARD_DTYPES),

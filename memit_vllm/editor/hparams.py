@@ -91,6 +91,9 @@ class HParams:
     # cached: no cost per earlier fact) or "current" (re-read on the model being edited, each time).
     lineage_keys: str = "as_made"
     preserve_weight: float = 1.0  # each --preserve prompt key's weight in the solve (an edit key counts 1)
+    # Other subjects each edit's prompt is asked of, preserved (--neighbour-subjects, which overrides it): a
+    # subjects file, "model:N" or "vocab:N" (editor/preserve.py); None: none. Here, a recipe file holds them.
+    neighbour_subjects: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,6 +157,8 @@ _RULES = {
     "preserve_lineage": (lambda v: isinstance(v, bool), "true or false"),
     "lineage_keys": (lambda v: v in LINEAGE_KEYS, f"one of {', '.join(LINEAGE_KEYS)}"),
     "preserve_weight": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "neighbour_subjects": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
+                           "a subjects file, model:N or vocab:N (or null: none)"),
 }
 
 

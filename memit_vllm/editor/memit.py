@@ -46,6 +46,7 @@ from .target_store import TargetStore, check_resume_dir, z_identity
 from .targets import BUCKET_OVERHEAD_TOKENS, TargetResult, compute_targets
 from .trace import UpwardReads
 
+NO_NEIGHBOURS = "none"  # --neighbour-subjects none
 KEY_BATCH_PROMPTS = 256  # prompts per forward when reading keys (memory/speed only)
 
 
@@ -79,7 +80,8 @@ class EditConfig:
     on: list = field(default_factory=list)  # patches (files or Patch) to edit on, in stack order (lineage.py)
     preserve: str | Path | None = None  # JSON/JSONL prompts whose outputs the update must leave alone
     # Subject names (a file, vocab:N made-up names or model:N names the model lists): each edit's prompt
-    # asked of `neighbours_per_edit` of them joins the preserved prompts.
+    # asked of `neighbours_per_edit` of them joins the preserved prompts. None: the hparams' (default none);
+    # NO_NEIGHBOURS: none, whatever the hparams say.
     neighbour_subjects: str | Path | None = None
     neighbours_per_edit: int = 10
     # Finished z batches are kept here, and read back when a run with the same settings resumes (target_store.py).
@@ -370,14 +372,18 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     edited = {r.fact for r in requests}
     kept_facts = [f for f in lineage if f.fact not in edited]  # changed facts must move
     prompts = read_preserve_file(config.preserve) if config.preserve else []
-    generated = generated_subjects(config.neighbour_subjects)  # vocab:N or model:N, checked here, made below
+    # --neighbour-subjects over the hparams' (a recipe file may name them); "none" turns them off
+    spec = config.neighbour_subjects or hp.neighbour_subjects
+    spec = None if spec == NO_NEIGHBOURS else str(spec) if spec else None
+    hp = replace(hp, neighbour_subjects=spec)  # recorded in the patch
+    generated = generated_subjects(spec)  # vocab:N or model:N, checked here, made below
     neighbours = partial(neighbour_prompts, requests, per_edit=config.neighbours_per_edit, seed=config.seed,
-                         source=f"--neighbour-subjects {config.neighbour_subjects}")  # of a list of subjects
-    if config.neighbour_subjects:
+                         source=f"--neighbour-subjects {spec}")  # of a list of subjects
+    if spec:
         if not isinstance(config.neighbours_per_edit, int) or config.neighbours_per_edit < 1:
             raise MemitError(f"neighbours_per_edit must be an integer >= 1, not {config.neighbours_per_edit!r}")
         if generated is None:
-            prompts += neighbours(read_subjects(config.neighbour_subjects, "--neighbour-subjects"))
+            prompts += neighbours(read_subjects(spec, "--neighbour-subjects"))
 
     torch.manual_seed(config.seed)
     tok, em = load_editable(ckpt, dtype, **(placement.load_kwargs() if placement else {}))
