@@ -5,14 +5,20 @@ patches it finds, so a long run can stop and continue):
 - independent: every batch made on the bare base, the patches stacked (memit-vllm before `--on`);
 - memit: each batch made `--on` the earlier ones, plain MEMIT (`preserve_lineage` false: the
   reference's sequential MEMIT);
-- memit-kp: the same with the lineage's facts as preserved keys (make-patch's default with `--on`);
+- memit-kp: the same with the lineage's facts as preserved keys (make-patch's default with `--on` before
+  session 19);
 - alphaedit: each batch `--on` the earlier ones with `--method alphaedit`;
 - preserve: memit-kp plus `--preserve` of the close-neighbour suite below (with their true answers);
 - neighbours: memit-kp plus `--neighbour-subjects` (10 per edit, subjects of records NEIGHBOUR_RECORDS, none
   of the untouched or close-neighbour subjects) at lambda 384 and preserve weight 1/16 (docs/hyperparameters.md,
   session 10: the configuration that kept 90% of unrelated first words for one batch of 100; `--neighbour-subjects
   vocab:N` or `model:N`: made-up names, or names the model lists, instead);
+- default: each batch `--on` the earlier ones with make-patch's defaults (a preset's on-stack variant: on
+  SmolLM2 steepest_fisher z, lambda 768, `model:2000` neighbours at weight 1/16);
 - onebatch: all edits so far in one patch on the base (the reference point; remade at each step).
+memit, memit-kp, alphaedit, preserve and neighbours keep the SmolLM2 preset of before session 19
+(BEFORE_19: Adam z, no neighbours unless the arm adds them); independent, default and onebatch take
+make-patch's defaults; --hparams and --z-dtype apply over every arm's.
 `--cost` instead times one arm's next batch made `--on` its lineage (its keys cached, and re-read) against
 the same edits on the base.
 After each batch (or every --eval-every batches), on every edit made so far: ES, PS, NS (teacher forced,
@@ -47,6 +53,7 @@ from memit_vllm import make_patch
 from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.core.files import atomic_file
 from memit_vllm.core.records import parse_record, read_dataset, without_conflicts
+from memit_vllm.editor.memit import NO_NEIGHBOURS
 from memit_vllm.evaluate.generation import HELDOUT_DEFAULT, NEW_TOKENS, covariance_budget, heldout_texts
 from memit_vllm.evaluate.metrics import GeneratedRecord, hit_metrics, kept_metrics
 from memit_vllm.evaluate.patching import load_model, merge_into_model, swapped
@@ -56,8 +63,15 @@ from memit_vllm.patch import load_patch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_edit_10k.json"
-ARMS = {"independent": None, "memit": {"preserve_lineage": False}, "memit-kp": {}, "alphaedit": {"method": "alphaedit"},
-        "preserve": {}, "neighbours": {"mom2_update_weight": 384, "preserve_weight": 0.0625}, "onebatch": None}
+# The SmolLM2 preset before session 19 (the reference's Adam z, lambda 768, no neighbours): the arms that stand
+# for the reference's rules keep it; independent, default and onebatch take make-patch's defaults.
+BEFORE_19 = {"v_optimizer": "adam", "v_delivery_scale": 1.0, "z_dtype": "float32", "mom2_update_weight": 768,
+             "preserve_weight": 1.0}
+ARMS = {"independent": None, "memit": BEFORE_19 | {"preserve_lineage": False}, "memit-kp": BEFORE_19,
+        "alphaedit": BEFORE_19 | {"method": "alphaedit"}, "preserve": BEFORE_19,
+        "neighbours": BEFORE_19 | {"mom2_update_weight": 384, "preserve_weight": 0.0625}, "default": None,
+        "onebatch": None}
+OWN_NEIGHBOURS = ("independent", "default", "onebatch")  # make-patch's default neighbours (the preset's)
 UNTOUCHED = 200
 NEIGHBOUR_RECORDS = (2000, 4000)
 CLOSE_EDITS, CLOSE_PER_EDIT = 50, 4
@@ -107,7 +121,8 @@ def made(arm: str, requests: list, on: list[Path], args, budget: int, name: str,
     if args.z_dtype:
         hparams["z_dtype"] = args.z_dtype
     preserve = Path(args.out) / "close-neighbours-preserve.json" if arm == "preserve" else None
-    subjects = (args.neighbour_subjects or Path(args.out) / "neighbour-subjects.json") if arm == "neighbours" else None
+    subjects = (args.neighbour_subjects or Path(args.out) / "neighbour-subjects.json") if arm == "neighbours" else \
+        None if arm in OWN_NEIGHBOURS else NO_NEIGHBOURS
     start = time.monotonic()
     patch = make_patch(args.model, requests, on=on, hparams=hparams, stats_corpus=str(HELDOUT_DEFAULT),
                        stats_tokens=budget, name=name, progress=False, preserve=preserve, neighbour_subjects=subjects)

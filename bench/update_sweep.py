@@ -22,6 +22,8 @@ same relation templates as the edits, kept disjoint from the evaluated and the u
 "per_edit": N}: make-patch --neighbour-subjects with the subjects of those records (never a scored one),
 or {"vocabulary": COUNT, "per_edit": N}: COUNT made-up names from the tokenizer (vocabulary_subjects), or
 {"model": COUNT, "per_edit": N}: COUNT names the model lists (model_subjects, cached as make-patch does).
+A configuration with none of these takes the hparams' neighbour_subjects (the SmolLM2 preset's model:2000),
+10 per edit, as make-patch does.
 """
 
 from __future__ import annotations
@@ -37,13 +39,13 @@ import torch
 
 from memit_vllm.cache import cache_dir
 from memit_vllm.checkpoint import Checkpoint
-from memit_vllm.core.records import load_requests, read_dataset, template_prompt
+from memit_vllm.core.records import load_requests, read_dataset, read_subjects, template_prompt
 from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editable
 from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.covariance import file_corpus
 from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, layer_updates, statistics
-from memit_vllm.editor.preserve import (PreservedKeys, PreservePrompt, cached_model_subjects, neighbour_prompts,
-                                        read_preserve_file, vocabulary_subjects)
+from memit_vllm.editor.preserve import (PreservedKeys, PreservePrompt, cached_model_subjects, generated_subjects,
+                                        neighbour_prompts, read_preserve_file, vocabulary_subjects)
 from memit_vllm.editor.precision import forward_dtype
 from memit_vllm.editor.prompts import context_templates
 from memit_vllm.editor.sensitivity import output_fisher
@@ -198,6 +200,12 @@ def main():
             prompts = read_preserve_file(cfg["preserve_file"])
         elif "preserve_records" in cfg:
             prompts = record_prompts(Path(cfg.get("preserve_data", args.data)), cfg["preserve_records"], scored)
+        elif hp.neighbour_subjects:  # the preset's (or the configuration's) own, as make-patch takes them
+            kind = generated_subjects(hp.neighbour_subjects)
+            subjects = read_subjects(hp.neighbour_subjects, "neighbour_subjects") if kind is None else \
+                vocabulary_subjects(tok, kind[1], args.seed) if kind[0] == "vocab" else \
+                cached_model_subjects(cache_dir(), stats.identity["model"], em.model, tok, kind[1], args.seed)
+            prompts = neighbour_prompts(requests, subjects, EditConfig.neighbours_per_edit, args.seed)
         else:
             prompts = []
         start = time.monotonic()

@@ -165,6 +165,29 @@ def test_the_example_hparams_files_are_valid_for_smollm2(path):
         assert generated_subjects(recipe["neighbour_subjects"]) is not None
 
 
+def test_smollm2s_preset_has_a_variant_on_a_stack_and_a_z_without_f_for_a_stats_file():
+    """The measured SmolLM2 preset (docs/hyperparameters.md, "Session 19"): one batch gets the contained
+    setting, a patch made --on a stack or in --chunk the quieter lineage setting; with --stats FILE (no
+    corpus for F) the preset's steepest_fisher steps as steepest, while a user's own choice is kept (and
+    refused later, with the fix). A model without a preset has one setting."""
+    from memit_vllm.editor.memit import EditConfig, _hparams
+
+    smollm2 = ("llama", 30, 1536)
+    one, source = _hparams(smollm2, EditConfig(), has_corpus=True)
+    assert source == "measured, SmolLM2-135M" and one.v_optimizer == "steepest_fisher" and one.neighbour_subjects
+    for config in (EditConfig(on=["a.patch"]), EditConfig(chunk=100)):
+        stacked, source = _hparams(smollm2, config, has_corpus=True)
+        assert source == "measured, SmolLM2-135M, on a stack"
+        assert stacked.mom2_update_weight > one.mom2_update_weight and stacked.v_delivery_scale < one.v_delivery_scale
+        assert (stacked.v_optimizer, stacked.neighbour_subjects) == (one.v_optimizer, one.neighbour_subjects)
+    no_f, source = _hparams(smollm2, EditConfig(), has_corpus=False)
+    assert no_f.v_optimizer == "steepest" and "steepest z (no corpus to read F over)" in source
+    mine, _ = _hparams(smollm2, EditConfig(hparams={"v_optimizer": "steepest_fisher"}), has_corpus=False)
+    assert mine.v_optimizer == "steepest_fisher"
+    derived = [_hparams(("llama", 16, 4096), c, has_corpus=True)[0] for c in (EditConfig(), EditConfig(chunk=9))]
+    assert derived[0] == derived[1] and derived[0].v_optimizer == "adam" and derived[0].neighbour_subjects is None
+
+
 FAST = {"v_num_grad_steps": 4, "context_template_seeds": ["The", "I"], "context_template_length": 5}
 
 

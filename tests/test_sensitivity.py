@@ -75,7 +75,7 @@ def test_one_pass_over_several_layers_gives_the_mean_of_each_layers_own(tiny_mod
 def test_the_penalty_makes_the_deltas_quieter_where_F_says(smollm2, data_dir, tmp_path):
     tok, em = load_editable(Checkpoint(smollm2))
     hp, _ = default_hparams(*checkpoint_dims(Checkpoint(smollm2)))
-    hp = hp.replace(v_num_grad_steps=10, v_lr=2.0, z_dtype="bfloat16")
+    hp = hp.replace(v_num_grad_steps=10, v_lr=2.0, z_dtype="bfloat16", v_optimizer="adam", v_delivery_scale=1.0)
     reqs = load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=4)
     layer = hp.layers[-1]
     fisher = output_fisher(em, tok, _corpus(tmp_path, data_dir, 16), hp.layers, 2048, torch.bfloat16, seed=0)
@@ -95,7 +95,8 @@ def test_steepest_descent_in_the_metric_of_F_reaches_the_loss_with_quieter_delta
     are quieter on ordinary text (d^T F d) than the Euclidean steepest descent's, and in other directions."""
     tok, em = load_editable(Checkpoint(smollm2))
     hp, _ = default_hparams(*checkpoint_dims(Checkpoint(smollm2)))
-    hp = hp.replace(v_num_grad_steps=40, z_dtype="bfloat16", v_early_stop_loss=0.3, v_optimizer="steepest")
+    hp = hp.replace(v_num_grad_steps=40, z_dtype="bfloat16", v_early_stop_loss=0.3, v_optimizer="steepest",
+                    v_delivery_scale=1.0)
     reqs = load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=4)
     fisher = output_fisher(em, tok, _corpus(tmp_path, data_dir, 16), hp.layers, 2048, torch.bfloat16, seed=0)
     loudness, size = {}, {}

@@ -87,7 +87,8 @@ class EditConfig:
     # Finished z batches are kept here, and read back when a run with the same settings resumes (target_store.py).
     resume_dir: str | Path | None = None
     # More requests than this are made as a lineage of chunks of this many, each on the model the ones before
-    # left (their facts preserved, as --on), stacked into one patch (_edit_in_chunks). None: one batch.
+    # left (their facts preserved, as --on), stacked into one patch (_edit_in_chunks). None: one batch. Given
+    # (as with --on), a preset's on-stack variant applies.
     chunk: int | None = None
     # Speed only: results do not depend on these.
     key_batch_prompts: int = KEY_BATCH_PROMPTS
@@ -159,12 +160,17 @@ def _as_requests(requests, zsre_target: str) -> list[EditRequest]:
     return validate_requests(out)
 
 
-def _hparams(dims: tuple[str, int, int], config: EditConfig) -> tuple[HParams, str]:
+def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool) -> tuple[HParams, str]:
+    """The preset (its on-stack variant with --on or --chunk), the user's hparams over it, the flags over
+    those. Without a corpus (--stats FILE) a preset's steepest_fisher z, which reads F over the corpus,
+    steps as "steepest" (the same descent in the plain metric; said in the source)."""
     overrides = {"layers": config.layers, "mom2_update_weight": config.mom2_update_weight, "method": config.method,
                  "z_dtype": config.z_dtype, "mom2_n_tokens": config.stats_tokens, "mom2_dtype": config.stats_dtype,
                  "mom2_model_dtype": config.stats_model_dtype}
     hparams = config.hparams
-    hp, source = default_hparams(*dims)
+    hp, source = default_hparams(*dims, on_stack=bool(config.on) or config.chunk is not None)
+    if not has_corpus and hp.v_optimizer == "steepest_fisher":
+        hp, source = hp.replace(v_optimizer="steepest"), f"{source}, steepest z (no corpus to read F over)"
     if isinstance(hparams, HParams):
         hp, source = hparams, "given"
     elif hparams is not None:
@@ -352,7 +358,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
             return _edit_in_chunks(model, requests, config)
     ckpt = Checkpoint(model)
     dims = checkpoint_dims(ckpt)  # unsupported architectures and bad settings fail before loading
-    hp, hp_source = _hparams(dims, config)
+    hp, hp_source = _hparams(dims, config, has_corpus=config.stats is None)
     check_layers(hp.layers, dims[1], ckpt.config)
     placement = check_placement(config.device_map, config.offload_folder, config.device, ckpt)
     dtype = model_dtype(ckpt, config.dtype)
@@ -482,8 +488,8 @@ def _edit_in_chunks(model, requests: list[EditRequest], config: EditConfig) -> E
     same edits (docs/benchmarks.md, "Session 19"). With --resume-dir a rerun reuses every finished chunk's z."""
     parts: list[EditResult] = []
     for start in range(0, len(requests), config.chunk):
-        parts.append(edit(model, requests[start:start + config.chunk],
-                          replace(config, chunk=None, on=[*config.on, *(p.patch for p in parts)])))
+        parts.append(edit(model, requests[start:start + config.chunk],  # one chunk each: no deeper split
+                          replace(config, on=[*config.on, *(p.patch for p in parts)])))
     stacked = stack_patches([p.patch for p in parts], version=config.version)
     patch = replace(stacked, name=config.name, hparams={**stacked.hparams, "chunk": config.chunk})
     return EditResult(patch, _chunks_report([p.report for p in parts], len(requests)))
