@@ -280,9 +280,11 @@ def test_a_recipe_file_names_its_neighbours_and_the_flag_overrides_it(tiny_model
     off = tiny_edit(model, requests, data_dir, tmp_path, hparams={"neighbour_subjects": "vocab:50"},
                     neighbour_subjects="none")
     assert off.report.preserved_keys == 0 and off.patch.hparams["neighbour_subjects"] is None
+    in_file = tiny_edit(model, requests, data_dir, tmp_path, hparams={"neighbour_subjects": "none"})
+    assert in_file.report.preserved_keys == 0 and in_file.patch.hparams["neighbour_subjects"] is None
     plain = tiny_edit(model, requests, data_dir, tmp_path).patch
     assert all(torch.equal(off.patch.deltas[n], plain.deltas[n]) for n in plain.deltas)
-    with pytest.raises(MemitError, match="hyperparameter neighbour_subjects must be a subjects file, model:N"):
+    with pytest.raises(MemitError, match="neighbour_subjects must be a subjects file, model:N, vocab:N or none"):
         tiny_edit(model, requests, data_dir, tmp_path, hparams={"neighbour_subjects": " "})
 
 

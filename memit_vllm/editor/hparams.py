@@ -92,7 +92,7 @@ class HParams:
     lineage_keys: str = "as_made"
     preserve_weight: float = 1.0  # each --preserve prompt key's weight in the solve (an edit key counts 1)
     # Other subjects each edit's prompt is asked of, preserved (--neighbour-subjects, which overrides it): a
-    # subjects file, "model:N" or "vocab:N" (editor/preserve.py); None: none. Here, a recipe file holds them.
+    # subjects file, "model:N" or "vocab:N" (editor/preserve.py); None or "none": none.
     neighbour_subjects: str | None = None
 
     def to_dict(self) -> dict:
@@ -158,7 +158,7 @@ _RULES = {
     "lineage_keys": (lambda v: v in LINEAGE_KEYS, f"one of {', '.join(LINEAGE_KEYS)}"),
     "preserve_weight": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "neighbour_subjects": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
-                           "a subjects file, model:N or vocab:N (or null: none)"),
+                           "a subjects file, model:N, vocab:N or none"),
 }
 
 
