@@ -3,24 +3,12 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from memit_vllm import make_patch
 from memit_vllm.editor import load_requests
 from memit_vllm.evaluate.run import evaluate
 from memit_vllm.patch import load_patch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def test_ten_counterfact_edits_on_smollm2(smollm2, data_dir, tmp_path):
-    data = data_dir / "counterfact" / "counterfact_500.json"
-    patch = make_patch(smollm2, load_requests(data, limit=10),
-                       stats_corpus=str(data_dir / "corpus" / "smollm2_self_2k.jsonl"), progress=False)
-    assert patch.hparams["source"] == "measured, SmolLM2-135M"
-    assert_ten_edits_take(evaluate(str(smollm2), data, [patch.save(tmp_path / "ten.patch")], n=10))
 
 
 def assert_ten_edits_take(result: dict) -> None:
@@ -31,23 +19,23 @@ def assert_ten_edits_take(result: dict) -> None:
     assert after["NS"] >= before["NS"] - 0.05, (before, after)
 
 
-def test_the_contained_recipe_on_smollm2_through_the_cli(smollm2, data_dir, tmp_path):
-    """README's recipe for contained edits (examples/hparams/smollm2-contained.json, which names its
-    neighbours: model:2000), as a user runs it: the patch records it, and the 10 edits take and generalise
-    while their neighbours keep NS within 5 points (the same bar as the preset)."""
+def test_the_default_is_the_contained_setting_through_the_cli(smollm2, data_dir, tmp_path):
+    """make-patch with no hparams, as a user runs it: the patch records SmolLM2's preset (the short z with its
+    delivery margin, the model's own names as neighbours: docs/hyperparameters.md, "Session 19"), and the 10
+    edits take and generalise while their neighbours keep NS within 5 points."""
     data = data_dir / "counterfact" / "counterfact_500.json"
     requests = tmp_path / "ten.json"
     requests.write_text(json.dumps(json.loads(data.read_text())[:10]))
-    out = tmp_path / "contained.patch"
+    out = tmp_path / "default.patch"
     made = subprocess.run(
         [sys.executable, "-m", "memit_vllm", "make-patch", "--model", str(smollm2), "--requests", str(requests),
-         "--stats-corpus", str(data_dir / "corpus" / "smollm2_self_2k.jsonl"), "--out", str(out),
-         "--hparams", str(ROOT / "examples" / "hparams" / "smollm2-contained.json")],
+         "--stats-corpus", str(data_dir / "corpus" / "smollm2_self_2k.jsonl"), "--out", str(out)],
         capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     patch = load_patch(out)
-    assert (patch.hparams["v_optimizer"], patch.hparams["v_delivery_scale"]) == ("steepest_fisher", 1.3)
-    assert patch.hparams["neighbour_subjects"] == "model:2000"
+    assert patch.hparams["source"] == "measured, SmolLM2-135M"
+    assert (patch.hparams["v_optimizer"], patch.hparams["neighbour_subjects"]) == ("steepest_fisher", "model:2000")
+    assert "preserved keys per layer" in made.stdout
     assert_ten_edits_take(evaluate(str(smollm2), data, [out], n=10))
 
 
