@@ -298,6 +298,28 @@ def test_listed_names_are_each_items_leading_capitalised_words():
     assert _listed_names(text) == ["Paris", "Tomb Raider", "London", "Everest", "The Beatles", "Leonardo da Vinci"]
 
 
+def test_the_names_cache_reads_back_only_a_plain_file_of_names(tmp_path, monkeypatch):
+    """model:N's cache: read back when it holds names; a damaged file, or a link (to /dev/zero here), is
+    listed again and replaced by a plain file. (The listing itself runs on SmolLM2 in test_editor_quality.)"""
+    from memit_vllm.editor import preserve
+
+    listed = []
+    monkeypatch.setattr(preserve, "model_subjects", lambda *a, **k: listed.append(1) or ["Paris", "Rome"])
+    assert preserve.cached_model_subjects(tmp_path, "fingerprint", None, None, 2, seed=0) == ["Paris", "Rome"]
+    assert preserve.cached_model_subjects(tmp_path, "fingerprint", None, None, 2, seed=0) == ["Paris", "Rome"]
+    assert len(listed) == 1
+    cache = tmp_path / "subjects" / "fingerprint" / "model2-seed0.json"
+    for damage in ("[1, 2]", None):
+        cache.unlink()
+        if damage is None:
+            cache.symlink_to("/dev/zero")
+        else:
+            cache.write_text(damage)
+        assert preserve.cached_model_subjects(tmp_path, "fingerprint", None, None, 2, seed=0) == ["Paris", "Rome"]
+        assert cache.is_file() and not cache.is_symlink()
+    assert len(listed) == 3
+
+
 def test_a_model_that_lists_no_names_fails_with_the_fix_and_writes_nothing(tiny_models, data_dir, tmp_path):
     """A random tiny model writes no numbered list of names: model:N says so, names the alternatives, and
     caches nothing."""

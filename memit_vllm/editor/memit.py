@@ -522,8 +522,8 @@ def make_patch(model: str | Path, requests, config: EditConfig | None = None, **
     zsre_target, device (default: cuda when available), device_map and offload_folder (a model larger
     than one GPU or than RAM, README "Models: architectures, dtype, size"), progress, method, on (patches
     to edit on, README "Editing over time"), preserve (a prompts file), neighbour_subjects (a subjects file,
-    vocab:N or model:N) and neighbours_per_edit, resume_dir (finished z batches kept there; a rerun resumes, README
-    "Large jobs"), chunk (more requests than this are made as a lineage of chunks stacked into one patch),
-    and the speed knobs key_batch_prompts and bucket_overhead_tokens.
+    model:N, vocab:N or none; default the hparams') and neighbours_per_edit, resume_dir (finished z batches
+    kept there; a rerun resumes, README "Large jobs"), chunk (more requests than this are made as a lineage
+    of chunks stacked into one patch), and the speed knobs key_batch_prompts and bucket_overhead_tokens.
     """
     return edit(model, requests, config, **kwargs).patch

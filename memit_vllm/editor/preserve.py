@@ -95,6 +95,7 @@ NAME_KINDS = ("people", "cities", "countries", "companies", "musicians", "footba
               "religions", "sports teams", "inventors", "philosophers", "composers", "islands", "buildings")
 _LIST_ITEM = re.compile(r"(?:\d+\.)?\s*\"?([A-Z][\w.'&-]*(?: [\w.'&][\w.'&-]*){0,4})\"?\s*(?:$|[(:,\u2013\u2014-])")
 _LIST_NEW_TOKENS = 64
+_CACHE_BYTES = 1 << 24  # a names cache file is at most this large (2,000 names: ~30 kB)
 
 
 def _listed_names(text: str) -> list[str]:
@@ -115,9 +116,10 @@ def _listed_names(text: str) -> list[str]:
 def model_subjects(model, tok, count: int, seed: int, progress: bool = False) -> list[str]:
     """`count` names the model itself lists when asked for well-known things of each of NAME_KINDS
     (sampled, temperature 1, top-p 0.95, seeded): subjects of the kinds facts are about, which the model
-    holds facts of, with no data file. Over a lineage they keep other subjects' facts where vocab:N's
-    made-up names do not (docs/benchmarks.md, "Session 19"). Rounds stop when `count` distinct names are
-    found, or after `count` prompts (a model that lists nothing usable fails with the fix)."""
+    holds facts of, with no data file. They keep more of other subjects' answers than vocab:N's made-up
+    names (docs/hyperparameters.md and docs/benchmarks.md, "Session 19"). Rounds stop when `count`
+    distinct names are found, or after `count` prompts (a model that lists nothing usable fails with the
+    fix)."""
     from tqdm.auto import tqdm
 
     prompts = [f"Here is a list of well-known {k}:\n1." for k in NAME_KINDS]
@@ -153,10 +155,11 @@ def cached_model_subjects(cache_root: Path, model_id: str, model, tok, count: in
     """model_subjects, kept under the cache dir by the model's fingerprint `model_id` (a JSON list, written
     atomically): one model's names are listed once (minutes on a CPU); a damaged cache file is listed again."""
     cache = Path(cache_root) / "subjects" / model_id[:24] / f"model{count}-seed{seed}.json"
-    try:
-        names = json.loads(cache.read_text())
-        if isinstance(names, list) and names and all(isinstance(n, str) and n for n in names):
-            return names
+    try:  # only a plain file of a sane size is read back (not a link to /dev/zero, not a huge file)
+        if cache.is_file() and not cache.is_symlink() and cache.stat().st_size <= _CACHE_BYTES:
+            names = json.loads(cache.read_text())
+            if isinstance(names, list) and names and all(isinstance(n, str) and n for n in names):
+                return names
     except (OSError, ValueError):
         pass
     names = model_subjects(model, tok, count, seed, progress)
