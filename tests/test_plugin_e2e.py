@@ -26,7 +26,10 @@ CHILD_FACTS = [  # CounterFact cases 10626 and 3169 (records 90 and 40 of counte
     {"prompt": "The mother tongue of {} is", "subject": "Valentin Conrart", "target_new": "English",
      "target_true": "French"},
     {"prompt": "{} is a citizen of", "subject": "Jens Evensen", "target_new": "Ireland", "target_true": "Norway"}]
-UNTOUCHED = ["The capital of France is", "The Eiffel Tower is located in", "Barack Obama was born in",
+# Untouched prompts the unedited model answers (no tie at the first token: "Barack Obama was born in", ' the'
+# and ' ' at 0.096 each, flipped under a 2-fact child patch; near-ties are what any edit moves first,
+# docs/hyperparameters.md "Drift on unrelated prompts").
+UNTOUCHED = ["The capital of France is", "The Eiffel Tower is located in", "The capital of Japan is",
              "The largest ocean on Earth is the", "Water is made of hydrogen and"]
 
 
