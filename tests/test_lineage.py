@@ -133,8 +133,9 @@ def test_on_nothing_is_plain_make_patch_byte_for_byte(tiny_models, data_dir, tmp
 
 def test_chunks_make_one_patch_equal_to_the_stacked_lineage(lineage, data_dir, tmp_path, monkeypatch):
     """chunk 2 on four requests: the fixture's lineage a -> b made in one call and stacked, with the same
-    deltas as stacking a and b, every fact, made on the bare base, the chunk size recorded. A chunk as large
-    as the requests is plain make-patch; a bad chunk fails before the model loads, at the CLI too (exit 2)."""
+    deltas as stacking a and b, every fact, made on the bare base, the chunk size recorded; with a resume dir
+    a rerun reads every chunk's z back. A chunk as large as the requests is one batch (plain make-patch on a
+    model without a preset); a bad chunk fails before the model loads, at the CLI too (exit 2)."""
     from memit_vllm.editor import memit
 
     model, a, b = lineage
@@ -144,6 +145,11 @@ def test_chunks_make_one_patch_equal_to_the_stacked_lineage(lineage, data_dir, t
     assert all(torch.equal(chunked.patch.deltas[n], by_hand.deltas[n]) for n in by_hand.deltas)
     assert (chunked.patch.requests, chunked.patch.made_on, chunked.patch.name) == (by_hand.requests, [], "ab")
     assert chunked.patch.hparams["chunk"] == 2 and chunked.report.n_edits == 4 and chunked.report.preserved_keys > 0
+    resumed = tiny_edit(model, reqs(data_dir, 0, 4), data_dir, tmp_path, chunk=2, name="ab",
+                        resume_dir=tmp_path / "z")
+    again = tiny_edit(model, reqs(data_dir, 0, 4), data_dir, tmp_path, chunk=2, name="ab", resume_dir=tmp_path / "z")
+    assert (resumed.report.z_resumed, again.report.z_resumed) == (0, 4)  # every chunk's z read back
+    assert again.patch.patch_id == resumed.patch.patch_id == chunked.patch.patch_id
     whole = tiny_edit(model, reqs(data_dir, 0, 4), data_dir, tmp_path, chunk=4).patch
     assert whole.patch_id == tiny_edit(model, reqs(data_dir, 0, 4), data_dir, tmp_path).patch.patch_id
     monkeypatch.setattr(memit, "load_editable", lambda *a, **k: pytest.fail("the model was loaded"))
