@@ -45,8 +45,7 @@ def test_smollm2_lists_its_own_neighbour_names_once_per_seed(smollm2, data_dir, 
     listed again), and make-patch preserves each edit's prompt asked of them."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from memit_vllm.editor import preserve
-    from memit_vllm.editor import edit
+    from memit_vllm.editor import edit, preserve
 
     tok, model = AutoTokenizer.from_pretrained(smollm2), AutoModelForCausalLM.from_pretrained(smollm2)
     names = preserve.cached_model_subjects(tmp_path, "fingerprint", model, tok, 60, seed=0)
