@@ -53,7 +53,7 @@ from memit_vllm import make_patch
 from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.core.files import atomic_file
 from memit_vllm.core.records import parse_record, read_dataset, without_conflicts
-from memit_vllm.editor.memit import NO_NEIGHBOURS
+from memit_vllm.editor.preserve import NO_NEIGHBOURS
 from memit_vllm.evaluate.generation import HELDOUT_DEFAULT, NEW_TOKENS, covariance_budget, heldout_texts
 from memit_vllm.evaluate.metrics import GeneratedRecord, hit_metrics, kept_metrics
 from memit_vllm.evaluate.patching import load_model, merge_into_model, swapped

@@ -44,8 +44,8 @@ from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editabl
 from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.covariance import file_corpus
 from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, layer_updates, statistics
-from memit_vllm.editor.preserve import (PreservedKeys, PreservePrompt, cached_model_subjects, generated_subjects,
-                                        neighbour_prompts, read_preserve_file, vocabulary_subjects)
+from memit_vllm.editor.preserve import (NO_NEIGHBOURS, PreservedKeys, PreservePrompt, generated_names,
+                                        generated_subjects, neighbour_prompts, read_preserve_file)
 from memit_vllm.editor.precision import forward_dtype
 from memit_vllm.editor.prompts import context_templates
 from memit_vllm.editor.sensitivity import output_fisher
@@ -187,11 +187,11 @@ def main():
             stats = statistics(em, tok, ckpt, hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
         if "neighbours" in cfg:  # make-patch --neighbour-subjects, with the subjects of these records
             spec = cfg["neighbours"]
-            if spec.get("vocabulary"):  # made-up names from the tokenizer (preserve.vocabulary_subjects)
-                subjects = vocabulary_subjects(tok, spec["vocabulary"], args.seed)
-            elif spec.get("model"):  # names the model lists (make-patch --neighbour-subjects model:N)
-                subjects = cached_model_subjects(cache_dir(), stats.identity["model"], em.model, tok, spec["model"],
-                                                 args.seed)
+            # made-up names from the tokenizer, or names the model lists (preserve.generated_names)
+            kind = ("vocab", spec["vocabulary"]) if spec.get("vocabulary") else \
+                ("model", spec["model"]) if spec.get("model") else None
+            if kind:
+                subjects = generated_names(*kind, em.model, tok, args.seed, cache_dir(), stats.identity["model"])
             else:
                 _, pool = read_dataset(spec.get("data", args.data), spec["records"][1])
                 subjects = [r.subject for r in pool[spec["records"][0]:] if r.subject not in scored]
@@ -200,11 +200,10 @@ def main():
             prompts = read_preserve_file(cfg["preserve_file"])
         elif "preserve_records" in cfg:
             prompts = record_prompts(Path(cfg.get("preserve_data", args.data)), cfg["preserve_records"], scored)
-        elif hp.neighbour_subjects:  # the preset's (or the configuration's) own, as make-patch takes them
+        elif hp.neighbour_subjects not in (None, NO_NEIGHBOURS):  # the preset's (or configuration's), as make-patch
             kind = generated_subjects(hp.neighbour_subjects)
             subjects = read_subjects(hp.neighbour_subjects, "neighbour_subjects") if kind is None else \
-                vocabulary_subjects(tok, kind[1], args.seed) if kind[0] == "vocab" else \
-                cached_model_subjects(cache_dir(), stats.identity["model"], em.model, tok, kind[1], args.seed)
+                generated_names(*kind, em.model, tok, args.seed, cache_dir(), stats.identity["model"])
             prompts = neighbour_prompts(requests, subjects, EditConfig.neighbours_per_edit, args.seed)
         else:
             prompts = []

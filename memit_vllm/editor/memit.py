@@ -36,8 +36,8 @@ from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
 from .lineage_keys import LineageKeys
 from .memory import peak_memory, reset_gpu_peaks
 from .precision import computing_in, forward_dtype
-from .preserve import (PreservedKeys, cached_model_subjects, generated_subjects, neighbour_prompts,
-                       read_preserve_file, vocabulary_subjects)
+from .preserve import (NO_NEIGHBOURS, PreservedKeys, generated_names, generated_subjects, neighbour_prompts,
+                       read_preserve_file)
 from .prompts import context_templates, encode
 from .sensitivity import output_fisher
 from .solve import solve_alphaedit_update, solve_layer_update
@@ -46,7 +46,6 @@ from .target_store import TargetStore, check_resume_dir, z_identity
 from .targets import BUCKET_OVERHEAD_TOKENS, TargetResult, compute_targets
 from .trace import UpwardReads
 
-NO_NEIGHBOURS = "none"  # --neighbour-subjects none
 KEY_BATCH_PROMPTS = 256  # prompts per forward when reading keys (memory/speed only)
 
 
@@ -393,8 +392,6 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
 
     torch.manual_seed(config.seed)
     tok, em = load_editable(ckpt, dtype, **(placement.load_kwargs() if placement else {}))
-    if generated and generated[0] == "vocab":
-        prompts += neighbours(vocabulary_subjects(tok, generated[1], config.seed))
     if not hp.preserve_lineage:
         kept_facts = []
     lineage_read = 0
@@ -416,10 +413,10 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         seconds = {}
         with _timed(seconds, "stats"):  # of the base weights (the cache key), before the stack is merged
             stats = statistics(em, tok, ckpt, hp, config, cache, given)
-        if generated and generated[0] == "model":  # names the base model lists (before the stack is merged)
+        if generated:  # of the base model (before the stack is merged): its tokenizer's words or its own lists
             with _timed(seconds, "neighbour_names"):
-                prompts += neighbours(cached_model_subjects(cache, stats.identity["model"], em.model, tok,
-                                                            generated[1], config.seed, config.progress))
+                prompts += neighbours(generated_names(*generated, em.model, tok, config.seed, cache,
+                                                      stats.identity["model"], config.progress))
         recorded = None
         if stack:
             recorded = LineageKeys(cache, stats.identity["model"], {

@@ -61,6 +61,7 @@ def neighbour_prompts(requests: list[EditRequest], subjects: list[str], per_edit
 _NAME_WORD = re.compile(r" [A-Z][a-z]{3,}")
 # --neighbour-subjects vocab:N (made-up names from the tokenizer) or model:N (names the model lists itself)
 GENERATED = ("vocab", "model")
+NO_NEIGHBOURS = "none"  # --neighbour-subjects none: none, whatever the hparams say
 
 
 def generated_subjects(spec) -> tuple[str, int] | None:
@@ -148,6 +149,14 @@ def model_subjects(model, tok, count: int, seed: int, progress: bool = False) ->
         raise MemitError(f"--neighbour-subjects model:{count}: the model listed {len(found)} usable names; give "
                          "--neighbour-subjects FILE (or vocab:N)")
     return list(found)
+
+
+def generated_names(kind: str, count: int, model, tok, seed: int, cache_root: Path, model_id: str,
+                    progress: bool = False) -> list[str]:
+    """The names of a `vocab:N` or `model:N` spec (generated_subjects), model:N's cached by `model_id`."""
+    if kind == "vocab":
+        return vocabulary_subjects(tok, count, seed)
+    return cached_model_subjects(cache_root, model_id, model, tok, count, seed, progress)
 
 
 def cached_model_subjects(cache_root: Path, model_id: str, model, tok, count: int, seed: int,
