@@ -205,8 +205,9 @@ def scaling(args, model_dir):
         args.data = str(without_conflicts(args.data, max(int(x) for x in args.sizes.split(","))))
     print(f"machine: {machine()}; layers {args.layers or 'preset'}, lambda {args.lam or 'preset'}, "
           f"hparams {overrides or 'preset'}, model dtype {args.dtype or 'as stored'}")
-    print("| edits | stats (s) | z (s) | update (s) | total (s) | peak RSS (GiB) | ES | PS | NS | NS before |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| edits | stats (s) | neighbour names (s) | z (s) | update (s) | total (s) | peak RSS (GiB) | ES | PS | NS "
+          "| NS before |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for size in [int(s) for s in args.sizes.split(",")]:
         reqs = load_requests(args.data, limit=size)
         result = edit(model_dir, reqs, EditConfig(stats_corpus=str(CORPUS), hparams=overrides,
@@ -224,7 +225,8 @@ def scaling(args, model_dir):
             with tempfile.TemporaryDirectory() as d:
                 ev = evaluate(str(model_dir), args.data, [result.patch.save(Path(d) / "p.patch")], n=size)
             scores = [f"{ev['after'][k]:.3f}" for k in ("ES", "PS", "NS")] + [f"{ev['before']['NS']:.3f}"]
-        print(f"| {size} | {s['stats']:.1f} | {s['z']:.1f} | {s['update']:.1f} | {s['total']:.1f} | {rss:.2f} | "
+        print(f"| {size} | {s['stats']:.1f} | {s.get('neighbour_names', 0.0):.1f} | {s['z']:.1f} | "
+              f"{s['update']:.1f} | {s['total']:.1f} | {rss:.2f} | "
               + " | ".join(scores) + " |", flush=True)
 
 

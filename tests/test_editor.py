@@ -154,8 +154,9 @@ def test_a_delivery_scale_lengthens_each_optimised_delta_within_the_clamp():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples" / "hparams").glob("*.json")), ids=lambda p: p.name)
 def test_the_example_hparams_files_are_valid_for_smollm2(path):
-    """README's recipes (examples/hparams/smollm2-*.json) load and pass every hparams check on SmolLM2's
-    preset: a recipe that names a setting wrongly fails here, not in a user's make-patch."""
+    """The example hparams files (examples/hparams/smollm2-*.json, e.g. the preset before session 19) load and
+    pass every hparams check on SmolLM2's preset: a file that names a setting wrongly fails here, not in a
+    user's make-patch."""
     from memit_vllm.editor.preserve import generated_subjects
 
     preset, _ = default_hparams("llama", 30, 1536)
