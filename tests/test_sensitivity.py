@@ -72,6 +72,20 @@ def test_one_pass_over_several_layers_gives_the_mean_of_each_layers_own(tiny_mod
     assert not torch.allclose(each[0], each[2], rtol=0.05)  # the layers differ: the mean is not one of them
 
 
+def test_the_backward_in_parts_gives_the_same_F_as_one_pass(tiny_models, data_dir, tmp_path):
+    """The parts bound the memory of the backward (one part's activations), not what F is."""
+    tok, em = load_editable(Checkpoint(tiny_models["llama"]))
+    corpus = _corpus(tmp_path, data_dir, 12)
+    whole = output_fisher(em, tok, corpus, [0, 2], 4096, torch.float32, seed=0, grad_tokens=10**9)
+    parts = output_fisher(em, tok, corpus, [0, 2], 4096, torch.float32, seed=0, grad_tokens=64)
+    other = output_fisher(em, tok, corpus, [0, 2], 4096, torch.float32, seed=1, grad_tokens=64)
+
+    def off(f):
+        return float(torch.linalg.norm(f - whole) / torch.linalg.norm(whole))
+    assert off(parts) < 1e-5  # float32 rounding of other padded shapes
+    assert off(other) > 0.05  # the seed's draws, not the parts, decide F
+
+
 def test_the_penalty_makes_the_deltas_quieter_where_F_says(smollm2, data_dir, tmp_path):
     tok, em = load_editable(Checkpoint(smollm2))
     hp, _ = default_hparams(*checkpoint_dims(Checkpoint(smollm2)))

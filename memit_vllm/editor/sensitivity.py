@@ -24,12 +24,17 @@ from .precision import computing_in
 from .trace import capture
 
 
+GRAD_TOKENS = 1024  # padded tokens per forward and backward: the activations the backward keeps
+
+
 def output_fisher(em: EditableModel, tok, corpus: Corpus, layers: list[int], tokens: int, dtype: torch.dtype,
-                  seed: int) -> torch.Tensor:
+                  seed: int, grad_tokens: int = GRAD_TOKENS) -> torch.Tensor:
     """The mean over `layers` of F_l [d_model, d_model] (float32, on the output head's device) over the
     first `tokens` tokens of `corpus`: each position's gradient of the log-likelihood of next tokens
     sampled from the model (teacher forced on the corpus text) with respect to layer l's output there.
-    One forward and backward per batch serves every layer; accumulated in float64, run in `dtype`."""
+    One forward and backward per part of about `grad_tokens` padded tokens serves every layer, so the
+    backward keeps one part's activations; the draws are made per corpus batch, so the part size does not
+    change F. Accumulated in float64, run in `dtype`."""
     layers = sorted(set(layers))
     d, low = em.d_model, layers[0]
     total, count = torch.zeros(d, d, dtype=torch.float64, device="cpu"), 0  # the grads come to the CPU
@@ -46,36 +51,56 @@ def output_fisher(em: EditableModel, tok, corpus: Corpus, layers: list[int], tok
     try:
         with computing_in(em.model, dtype):
             for batch in token_batches(tok, corpus, tokens):
-                ids, mask = pad_right(batch, pad_id(tok))
-                with torch.no_grad():
-                    got = capture(em, ids, mask, outputs=[low])
-                states[low] = got.outputs[low].detach().requires_grad_(True)
-                with resume_after(em.layers, low, states[low], got.tuple_len[low]):
-                    final = em.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                live = mask.bool()
-                flat = final[live]
-                flat.backward(_head_gradient(em, flat.detach(), sampler))
-                for i in layers:
-                    g = states[i].grad[live.to(states[i].device)].double().cpu()
-                    total += g.T @ g
-                count += int(live.sum())
+                draws = torch.rand(sum(map(len, batch)), generator=sampler)  # one per position, in row order
+                for part in _parts(batch, grad_tokens):
+                    ids, mask = pad_right(part, pad_id(tok))
+                    with torch.no_grad():
+                        got = capture(em, ids, mask, outputs=[low])
+                    states[low] = got.outputs[low].detach().requires_grad_(True)
+                    with resume_after(em.layers, low, states[low], got.tuple_len[low]):
+                        final = em.model.base_model(input_ids=ids, attention_mask=mask,
+                                                    use_cache=False).last_hidden_state
+                    live = mask.bool()
+                    flat = final[live]
+                    flat.backward(_head_gradient(em, flat.detach(), draws[: len(flat)]))
+                    draws = draws[len(flat) :]
+                    for i in layers:
+                        g = states[i].grad[live.to(states[i].device)].double().cpu()
+                        total += g.T @ g
+                    count += len(flat)
     finally:
         for h in handles:
             h.remove()
     return (total / max(count * len(layers), 1)).float().to(em.output_device)
 
 
-HEAD_ROWS = 1024  # positions per output-head chunk: their vocabulary-wide log-probabilities exist at once
+def _parts(batch: list[list[int]], budget: int) -> list[list[list[int]]]:
+    """`batch`'s sequences, in order, in runs of at most `budget` padded tokens (one sequence at least)."""
+    parts, width = [[]], 0
+    for ids in batch:
+        if parts[-1] and max(width, len(ids)) * (len(parts[-1]) + 1) > budget:
+            parts.append([])
+            width = 0
+        parts[-1].append(ids)
+        width = max(width, len(ids))
+    return parts
 
 
-def _head_gradient(em: EditableModel, final: torch.Tensor, sampler: torch.Generator) -> torch.Tensor:
-    """d log p(y) / d final for every row of `final` (the final hidden states), y sampled from the model's
-    own distribution there: the head runs in chunks, so a large vocabulary never holds all rows' logits."""
+HEAD_ROWS = 256  # positions per output-head chunk: their vocabulary-wide log-probabilities exist at once
+
+
+def _head_gradient(em: EditableModel, final: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """d log p(y) / d final for every row of `final` (the final hidden states), y drawn from the model's
+    own distribution there by inverting its cumulative distribution at the row's uniform draw (so the
+    draw of a position does not depend on how rows are chunked); the head runs in chunks, so a large
+    vocabulary never holds all rows' logits."""
     grad = torch.empty_like(final)
     for start in range(0, len(final), HEAD_ROWS):
         h = final[start : start + HEAD_ROWS].clone().requires_grad_(True)
         logp = torch.log_softmax(em.logits(h).float(), dim=-1)
-        sampled = torch.multinomial(logp.detach().exp().cpu(), 1, generator=sampler).to(logp.device)
+        cdf = logp.detach().exp().cumsum(-1)
+        u = draws[start : start + HEAD_ROWS].to(cdf.device).unsqueeze(1) * cdf[:, -1:]
+        sampled = torch.searchsorted(cdf, u).clamp_(max=cdf.shape[1] - 1)
         logp.gather(1, sampled).sum().backward()
         grad[start : start + HEAD_ROWS] = h.grad
     return grad
