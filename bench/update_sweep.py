@@ -208,7 +208,9 @@ def main():
         else:
             prompts = []
         start = time.monotonic()
-        preserved = PreservedKeys(em, tok, [], groups, prompts, KEY_BATCH_PROMPTS, hp.preserve_weight)
+        preserved = PreservedKeys(em, tok, [], groups, prompts, KEY_BATCH_PROMPTS, hp.preserve_weight,
+                                  restore_layer=hp.layers[-1] if hp.preserve_restore else None,
+                                  reading=forward_dtype(hp.keys_dtype, em.model))
         updates = layer_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, preserved,
                                 progress=False)
         seconds = time.monotonic() - start

@@ -54,6 +54,24 @@ def test_alphaedit_solve_equals_the_equation_written_out():
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-9, atol=1e-12)
 
 
+def test_a_pull_on_preserved_keys_joins_both_solves_as_written_out():
+    """With R_p K_p^T (preserve_restore): Delta = (R K^T + R_p K_p^T) (lambda C + K_p K_p^T + K K^T)^-1 for
+    MEMIT, Delta^T = (P (K_p K_p^T + K K^T) + L2 I)^-1 P (K R^T + K_p R_p^T) for AlphaEdit, in numpy."""
+    rng = np.random.default_rng(3)
+    d_model, d_ff, n, lam, l2 = 5, 12, 3, 0.4, 0.7
+    C, _ = spd_with_null_space(rng, d_ff, 6)
+    K, R = rng.standard_normal((d_ff, n)), rng.standard_normal((d_model, n))
+    Kp, Rp = rng.standard_normal((d_ff, 4)), rng.standard_normal((d_model, 4))
+    P = nullspace_projection(torch.tensor(C), 1e-2).numpy()
+    t = lambda a: torch.tensor(a)  # noqa: E731
+    memit = (R @ K.T + Rp @ Kp.T) @ np.linalg.inv(lam * C + Kp @ Kp.T + K @ K.T)
+    alpha = (np.linalg.inv(P @ (Kp @ Kp.T + K @ K.T) + l2 * np.eye(d_ff)) @ P @ (K @ R.T + Kp @ Rp.T)).T
+    np.testing.assert_allclose(solve_layer_update(t(K), t(R), t(C), lam, t(Kp @ Kp.T), t(Rp @ Kp.T)).numpy(),
+                               memit, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(solve_alphaedit_update(t(K), t(R), t(P), t(Kp @ Kp.T), l2, t(Rp @ Kp.T)).numpy(),
+                               alpha, rtol=1e-9, atol=1e-12)
+
+
 def test_projection_is_symmetric_idempotent_and_spans_the_small_eigenvalues():
     rng = np.random.default_rng(1)
     C, null = spd_with_null_space(rng, 10, 4)
@@ -222,6 +240,43 @@ def test_preserve_weight_counts_each_prompt_key_that_many_times(tiny_models, dat
         assert not torch.allclose(delta, plain.deltas[name], rtol=1e-4, atol=1e-7)
 
 
+def _outputs(model, patches, prompts, layer):
+    """Layer `layer`'s outputs at every position of `prompts` with `patches` merged (transformers)."""
+    from transformers import AutoTokenizer
+
+    from memit_vllm.evaluate.patching import load_model, merge_into_model
+
+    ckpt = Checkpoint(model)
+    net, _ = load_model(ckpt)
+    if patches:
+        merge_into_model(net, ckpt, patches)
+    tok = AutoTokenizer.from_pretrained(model)
+    with torch.no_grad():
+        return torch.cat([net(**tok(p, return_tensors="pt"), output_hidden_states=True).hidden_states[layer + 1][0]
+                          for p in prompts])
+
+
+def test_restore_pulls_preserved_prompts_back_to_the_base_where_hold_keeps_the_drift(lineage, data_dir, tmp_path):
+    """preserve_restore: the prompts a patch on a stack preserves move back towards the base model's outputs
+    (undoing the drift the stack left on them); holding them keeps the stack's drift."""
+    model, a, _ = lineage
+    prompts = [r.text() for r in reqs(data_dir, 8, 6)]  # other subjects, CounterFact's relation templates
+    keep = tmp_path / "keep.jsonl"
+    keep.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    made = {restore: tiny_edit(model, reqs(data_dir, 2, 2), data_dir, tmp_path, on=[a], preserve=keep,
+                               hparams={"preserve_weight": 4.0, "preserve_restore": restore}).patch
+            for restore in (False, True)}
+    top = a.hparams["layers"][-1]
+    base = _outputs(model, [], prompts, top)
+    drift = {name: float((_outputs(model, patches, prompts, top) - base).norm()) for name, patches in
+             {"a": [a], "hold": [a, made[False]], "restore": [a, made[True]]}.items()}
+    assert drift["a"] > 0.01 * float(base.norm())  # the stack moved them
+    assert drift["restore"] < 0.5 * drift["hold"], drift
+    assert made[True].hparams["preserve_restore"] is True
+    with pytest.raises(MemitError, match="preserve_restore must be true or false"):
+        tiny_edit(model, reqs(data_dir, 2, 2), data_dir, tmp_path, hparams={"preserve_restore": 1})
+
+
 def test_neighbour_subjects_ask_each_edit_of_other_subjects(tiny_models, data_dir, tmp_path):
     from memit_vllm.editor.preserve import neighbour_prompts
 
@@ -229,6 +284,8 @@ def test_neighbour_subjects_ask_each_edit_of_other_subjects(tiny_models, data_di
     pool = [r.subject for r in reqs(data_dir, 3, 40)] + [requests[0].subject]
     prompts = neighbour_prompts(requests, pool, 4, seed=0)
     assert len(prompts) == 12 and prompts == neighbour_prompts(requests, pool, 4, seed=0)
+    earlier = set(pool[:30])  # subjects a lineage edited: their facts are not the base's to keep
+    assert not any(s in p.prompt for s in earlier for p in neighbour_prompts(requests, pool, 4, 0, edited=earlier))
     for i, r in enumerate(requests):
         mine = prompts[4 * i:4 * i + 4]
         pre, post = r.prompt.split("{}")

@@ -91,6 +91,10 @@ class HParams:
     # cached: no cost per earlier fact) or "current" (re-read on the model being edited, each time).
     lineage_keys: str = "as_made"
     preserve_weight: float = 1.0  # each --preserve prompt key's weight in the solve (an edit key counts 1)
+    # What the solve asks of the preserved prompts (--preserve, neighbours): false holds their outputs where
+    # the model being edited has them; true pulls them back to the base model's (at the last edited layer),
+    # undoing what the patches below and this update's lower layers moved there (editor/preserve.py).
+    preserve_restore: bool = False
     # Other subjects each edit's prompt is asked of, preserved (--neighbour-subjects, which overrides it): a
     # subjects file, "model:N" or "vocab:N" (editor/preserve.py); None or "none": none.
     neighbour_subjects: str | None = None
@@ -157,6 +161,7 @@ _RULES = {
     "preserve_lineage": (lambda v: isinstance(v, bool), "true or false"),
     "lineage_keys": (lambda v: v in LINEAGE_KEYS, f"one of {', '.join(LINEAGE_KEYS)}"),
     "preserve_weight": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "preserve_restore": (lambda v: isinstance(v, bool), "true or false"),
     "neighbour_subjects": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
                            "a subjects file, model:N, vocab:N or none"),
 }

@@ -36,7 +36,7 @@ from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
 from .lineage_keys import LineageKeys
 from .memory import peak_memory, reset_gpu_peaks
 from .precision import computing_in, forward_dtype
-from .preserve import (NO_NEIGHBOURS, PreservedKeys, generated_names, generated_subjects, neighbour_prompts,
+from .preserve import (NO_NEIGHBOURS, Preserved, PreservedKeys, generated_names, generated_subjects, neighbour_prompts,
                        read_preserve_file)
 from .prompts import context_templates, encode
 from .sensitivity import output_fisher
@@ -304,15 +304,15 @@ def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: Ta
     for i, layer in enumerate(tqdm(hp.layers, desc="layer updates", disable=not progress)):
         with computing_in(em.model, reading):  # a cast copy for the reads; the update goes to the originals
             k, h = reader.read(layer, z_layer)
-            kept = preserved.at(layer) if preserved else None
+            kept = preserved.at(layer, 1 / (len(hp.layers) - i)) if preserved else Preserved(None)
         device = em.device_of(layer)  # the solve beside its layer
         K = k.T.double().to(device)  # [d_ff, n]
         R = (targets.z.to(device) - h.to(device)).T.double() / (len(hp.layers) - i)
         R = em.to_output_space(layer, z_layer, K, R)  # [d_model, n]
         if hp.method == "alphaedit":
-            update = solve_alphaedit_update(K, R, stats.projections[layer], kept, hp.L2)
-        else:
-            update = solve_layer_update(K, R, stats.covs[layer], hp.mom2_update_weight, kept)  # [d_model, d_ff]
+            update = solve_alphaedit_update(K, R, stats.projections[layer], kept.gram, hp.L2, kept.pull)
+        else:  # [d_model, d_ff]
+            update = solve_layer_update(K, R, stats.covs[layer], hp.mom2_update_weight, kept.gram, kept.pull)
         delivered[layer] = float((update @ K).norm() / R.norm().clamp(min=1e-12))
         if keep_keys:
             keys[layer] = k.cpu()
@@ -383,7 +383,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     hp = replace(hp, neighbour_subjects=spec)  # recorded in the patch
     generated = generated_subjects(spec)  # vocab:N or model:N, checked here, made below
     neighbours = partial(neighbour_prompts, requests, per_edit=config.neighbours_per_edit, seed=config.seed,
-                         source=f"--neighbour-subjects {spec}")  # of a list of subjects
+                         source=f"--neighbour-subjects {spec}", edited={f.subject for f in lineage})
     if spec:
         if not isinstance(config.neighbours_per_edit, int) or config.neighbours_per_edit < 1:
             raise MemitError(f"neighbours_per_edit must be an integer >= 1, not {config.neighbours_per_edit!r}")
@@ -427,6 +427,10 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
                 lineage_read = recorded.prepare(em, ckpt, stack, {f.fact for f in kept_facts}, partial(
                     _all_keys, em, tok, groups, hp, config.key_batch_prompts))
             kept_facts = []  # their keys are the cached ones
+        reading = forward_dtype(hp.keys_dtype, em.model)
+        preserved = PreservedKeys(em, tok, kept_facts, groups, prompts, config.key_batch_prompts, hp.preserve_weight,
+                                  recorded, restore_layer=hp.layers[-1] if hp.preserve_restore else None,
+                                  reading=reading)  # before the stack is merged: restored towards the base
         merge_stack(em, ckpt, stack)
         for i in _already_predicted(em, tok, requests, config.key_batch_prompts):
             warnings.warn(f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}",
@@ -445,8 +449,6 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
                                              config.bucket_overhead_tokens, store, fisher), requests)
         with _timed(seconds, "update"):
             reader = _key_reader(em, tok, groups, config.key_batch_prompts, requests)
-            preserved = PreservedKeys(em, tok, kept_facts, groups, prompts, config.key_batch_prompts,
-                                      hp.preserve_weight, recorded)
             updates = layer_updates(em, reader, hp, targets, stats, preserved, config.progress, bool(stack))
     seconds["total"] = time.monotonic() - t0
     warned = [str(w.message) for w in caught]

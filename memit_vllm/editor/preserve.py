@@ -25,7 +25,8 @@ from ..core.records import EditRequest, read_prompts, target_text
 from ..core.tokens import pad_id, pad_right, target_ids
 from ..errors import MemitError
 from .lineage_keys import LineageKeys
-from .trace import UpwardReads
+from .precision import computing_in
+from .trace import UpwardReads, capture
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,13 @@ def read_preserve_file(path) -> list[PreservePrompt]:
 
 
 def neighbour_prompts(requests: list[EditRequest], subjects: list[str], per_edit: int, seed: int,
-                      source: str = "--neighbour-subjects") -> list[PreservePrompt]:
+                      source: str = "--neighbour-subjects", edited: set[str] = frozenset()) -> list[PreservePrompt]:
     """Each edit's prompt asked of `per_edit` other subjects (a seeded sample of `subjects`, never one
-    being edited). An update learns "this relation -> the new object" for any subject whose key resembles
-    the edited ones; in the solve these keys say what it must leave alone (docs/hyperparameters.md,
-    "Drift"). `source` names where `subjects` came from, in messages."""
-    edited = {r.subject for r in requests}
+    being edited, nor one of `edited`: the lineage's, whose facts are not the base's to keep). An update
+    learns "this relation -> the new object" for any subject whose key resembles the edited ones; in the
+    solve these keys say what it must leave alone (docs/hyperparameters.md, "Drift"). `source` names where
+    `subjects` came from, in messages."""
+    edited = {r.subject for r in requests} | set(edited)
     pool = sorted(set(subjects) - edited)
     if not pool:
         raise MemitError(f"{source}: every subject in it is being edited; give other subjects")
@@ -177,12 +179,27 @@ def cached_model_subjects(cache_root: Path, model_id: str, model, tok, count: in
     return names
 
 
+@dataclass(frozen=True)
+class Preserved:
+    """One layer's preserved terms of the solve: `gram` = sum of w k k^T [d_ff, d_ff] (float64), and `pull`
+    = sum of w r k^T [d_model, d_ff] over the restored prompts' keys (r the share of their way back to the
+    base model's output that this layer delivers), None when nothing is restored."""
+
+    gram: torch.Tensor
+    pull: torch.Tensor | None = None
+
+
 class PreservedKeys:
-    """K_p K_p^T per layer, read on demand (layers in increasing order, as the update loop goes)."""
+    """K_p K_p^T per layer, read on demand (layers in increasing order, as the update loop goes). With
+    `restore_layer` (HParams.preserve_restore) the prompts' outputs at that layer are read at construction
+    (in `reading`, the dtype the update's reads run in), which must be on the base model (before a stack
+    is merged): each layer's solve then pulls the prompts back towards them instead of holding them
+    where they are."""
 
     def __init__(self, em, tok, requests: list[EditRequest], groups: list[list[str]],
                  prompts: list[PreservePrompt], batch_prompts: int, prompt_weight: float = 1.0,
-                 recorded: LineageKeys | None = None):
+                 recorded: LineageKeys | None = None, restore_layer: int | None = None,
+                 reading: torch.dtype | None = None):
         from .memit import KeyReader  # the same reader as the edit keys
 
         self.em, self.prompt_weight = em, prompt_weight
@@ -192,21 +209,38 @@ class PreservedKeys:
         self.prompts = UpwardReads(em, [pad_right(seqs[i:i + batch_prompts], pad_id(tok))
                                         for i in range(0, len(seqs), batch_prompts)])
         self.count = len(requests) + (self.recorded.count if self.recorded else 0) + sum(len(s) for s in seqs)
+        self.restore_layer, self.base = restore_layer, []
+        if restore_layer is not None:
+            with torch.no_grad(), computing_in(em.model, reading or em.model.dtype):
+                self.base = [capture(em, ids, mask, outputs=[restore_layer]).outputs[restore_layer][mask.bool()]
+                             for ids, mask in self.prompts.batches]
 
     def __bool__(self) -> bool:
         return self.count > 0
 
     @torch.no_grad()
-    def at(self, layer: int) -> torch.Tensor:
-        total = torch.zeros(self.em.d_ff, self.em.d_ff, dtype=torch.float64, device=self.em.device_of(layer))
+    def at(self, layer: int, share: float = 1.0) -> Preserved:
+        """The terms at `layer`, read on the model as updated so far; `share`: the part of the remaining
+        way back to the base outputs that this layer is to deliver (1 / the edited layers left, as for the
+        edits' residuals)."""
+        device = self.em.device_of(layer)
+        total = torch.zeros(self.em.d_ff, self.em.d_ff, dtype=torch.float64, device=device)
+        pull = None if self.restore_layer is None else torch.zeros(self.em.d_model, self.em.d_ff,
+                                                                  dtype=torch.float64, device=device)
         if self.facts is not None:
             k, _ = self.facts.read(layer, None)
-            total += (k.double().T @ k.double()).to(total.device)
+            total += (k.double().T @ k.double()).to(device)
         if self.recorded is not None:
-            k = self.recorded.at(layer).to(total.device, torch.float64)
+            k = self.recorded.at(layer).to(device, torch.float64)
             total += k.T @ k
-        for b, got in self.prompts.read(layer):
+        outputs = None if pull is None else [[self.restore_layer]] * len(self.prompts.batches)
+        for b, got in self.prompts.read(layer, outputs):
             mask = self.prompts.batches[b][1].bool()
-            k = got.keys[layer][mask.to(got.keys[layer].device)].to(total.device, torch.float64)
+            k = got.keys[layer][mask.to(got.keys[layer].device)].to(device, torch.float64)
             total += self.prompt_weight * (k.T @ k)
-        return total
+            if pull is not None:
+                now = got.outputs[self.restore_layer][mask.to(got.outputs[self.restore_layer].device)]
+                r = (self.base[b].to(device, torch.float64) - now.to(device, torch.float64)) * share
+                r = self.em.to_output_space(layer, self.restore_layer, k.T, r.T)  # [d_model, tokens]
+                pull += self.prompt_weight * (r @ k)
+        return Preserved(total, pull)
