@@ -44,7 +44,7 @@ from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editabl
 from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.covariance import file_corpus
 from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, layer_updates, statistics
-from memit_vllm.editor.preserve import (NO_NEIGHBOURS, PreservedKeys, PreservePrompt, generated_names,
+from memit_vllm.editor.preserve import (NO_NEIGHBOURS, PreservePrompt, preserved_keys, generated_names,
                                         generated_subjects, neighbour_prompts, read_preserve_file)
 from memit_vllm.editor.precision import forward_dtype
 from memit_vllm.editor.prompts import context_templates
@@ -208,9 +208,8 @@ def main():
         else:
             prompts = []
         start = time.monotonic()
-        preserved = PreservedKeys(em, tok, [], groups, prompts, KEY_BATCH_PROMPTS, hp.preserve_weight,
-                                  restore_layer=hp.layers[-1] if hp.preserve_restore else None,
-                                  reading=forward_dtype(hp.keys_dtype, em.model))
+        preserved = preserved_keys(em, tok, hp, [], groups, prompts, KEY_BATCH_PROMPTS,
+                                   corpus=file_corpus(CORPUS))  # its first tokens: never the held-out slice
         updates = layer_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, preserved,
                                 progress=False)
         seconds = time.monotonic() - start

@@ -277,6 +277,25 @@ def test_restore_pulls_preserved_prompts_back_to_the_base_where_hold_keeps_the_d
         tiny_edit(model, reqs(data_dir, 2, 2), data_dir, tmp_path, hparams={"preserve_restore": 1})
 
 
+def test_corpus_restore_pulls_the_corpus_texts_back_to_the_base_and_the_edits_still_land(tiny_models, data_dir,
+                                                                                         tmp_path):
+    """corpus_restore_tokens: the upper layers pull the first corpus tokens' outputs at the last edited layer
+    back to the base model's, undoing the lower layers' leak there (whether that carries over to other text
+    is the benchmark's: docs/hyperparameters.md "Session 20"); the edits' own outputs still move."""
+    model, layers = tiny_models["llama"], [0, 1, 2, 3]
+    texts = [json.loads(line)["text"][:300] for line in (data_dir / CORPUS).read_text().splitlines()[:5]]
+    edited = [r.text() for r in reqs(data_dir, 0, 4)]
+    made = {n: tiny_edit(model, reqs(data_dir, 0, 4), data_dir, tmp_path,
+                         hparams={"corpus_restore_tokens": n, "layers": layers}).patch for n in (0, 3000)}
+
+    def moved(prompts, n):
+        top = layers[-1]
+        return float((_outputs(model, [made[n]], prompts, top) - _outputs(model, [], prompts, top)).norm())
+    assert moved(texts, 3000) < 0.9 * moved(texts, 0)  # within the first 3,000 tokens: pulled
+    assert moved(edited, 3000) > 0.5 * moved(edited, 0)
+    assert made[3000].hparams["corpus_restore_tokens"] == 3000
+
+
 def test_neighbour_subjects_ask_each_edit_of_other_subjects(tiny_models, data_dir, tmp_path):
     from memit_vllm.editor.preserve import neighbour_prompts
 

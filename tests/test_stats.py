@@ -160,8 +160,10 @@ def test_make_patch_checks_the_stats_file_before_loading_the_model(model, data_d
         ({"stats": shards[1].path}, "holds shards 1 of 3: merge the others"),
         ({"stats": one.path, "stats_tokens": 10}, "drop --stats-tokens"),
         ({"stats": tmp_path / "missing.st"}, "does not exist"),
-        ({"stats": one.path, "z": {"z_fisher_weight": 0.2}}, "read F over the statistics corpus"),
-        ({"stats": one.path, "z": {"v_optimizer": "steepest_fisher"}}, "read F over the statistics corpus"),
+        ({"stats": one.path, "z": {"z_fisher_weight": 0.2}}, "read the statistics corpus"),
+        ({"stats": one.path, "z": {"v_optimizer": "steepest_fisher"}}, "read the statistics corpus"),
+        ({"stats": one.path, "z": {"corpus_restore_tokens": 512}}, "read the statistics corpus"),
+        ({"z": {"corpus_restore_tokens": 512, "method": "alphaedit"}}, "which method alphaedit has not"),
     ]:
         target = kw.pop("model", model)
         if "layers" in kw:

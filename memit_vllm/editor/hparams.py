@@ -95,6 +95,11 @@ class HParams:
     # the model being edited has them; true pulls them back to the base model's (at the last edited layer),
     # undoing what the patches below and this update's lower layers moved there (editor/preserve.py).
     preserve_restore: bool = False
+    # The first this many statistics-corpus tokens are pulled back the same way (0: off): lambda C holds
+    # every corpus key's output where the layers below left it, so an update's lower layers' leak onto
+    # ordinary text stays; pulled back (weight lambda per token's share of E[.], as C counts), the upper
+    # layers undo it, and on a stack the stack's too (editor/restore.py). Method memit only.
+    corpus_restore_tokens: int = 0
     # Other subjects each edit's prompt is asked of, preserved (--neighbour-subjects, which overrides it): a
     # subjects file, "model:N" or "vocab:N" (editor/preserve.py); None or "none": none.
     neighbour_subjects: str | None = None
@@ -106,6 +111,11 @@ class HParams:
     def reads_fisher(self) -> bool:
         """Whether the z optimisation needs F (editor/sensitivity.py), read over the statistics corpus."""
         return bool(self.z_fisher_weight) or self.v_optimizer == "steepest_fisher"
+
+    @property
+    def reads_corpus(self) -> bool:
+        """Whether the edit reads the statistics corpus itself (F, or texts to restore), not only C."""
+        return self.reads_fisher or self.corpus_restore_tokens > 0
 
     def replace(self, **overrides) -> "HParams":
         unknown = set(overrides) - {f.name for f in fields(self)}
@@ -162,6 +172,7 @@ _RULES = {
     "lineage_keys": (lambda v: v in LINEAGE_KEYS, f"one of {', '.join(LINEAGE_KEYS)}"),
     "preserve_weight": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "preserve_restore": (lambda v: isinstance(v, bool), "true or false"),
+    "corpus_restore_tokens": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)"),
     "neighbour_subjects": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
                            "a subjects file, model:N, vocab:N or none"),
 }

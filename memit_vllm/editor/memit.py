@@ -36,8 +36,8 @@ from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
 from .lineage_keys import LineageKeys
 from .memory import peak_memory, reset_gpu_peaks
 from .precision import computing_in, forward_dtype
-from .preserve import (NO_NEIGHBOURS, Preserved, PreservedKeys, generated_names, generated_subjects, neighbour_prompts,
-                       read_preserve_file)
+from .preserve import (NO_NEIGHBOURS, Preserved, PreservedKeys, generated_names, generated_subjects,
+                       neighbour_prompts, preserved_keys, read_preserve_file)
 from .prompts import context_templates, encode
 from .sensitivity import output_fisher
 from .solve import solve_alphaedit_update, solve_layer_update
@@ -364,10 +364,13 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     distributed.check_shares(len(requests), "edits")
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     given = _stats_file(config, ckpt, hp, dims[2], cache)
-    if given is not None and hp.reads_fisher:
-        raise MemitError("z_fisher_weight and v_optimizer steepest_fisher read F over the statistics corpus, and "
-                         "--stats FILE brings none: drop them, or let make-patch compute the statistics "
-                         "(--stats-corpus)")
+    if given is not None and hp.reads_corpus:
+        raise MemitError("z_fisher_weight, v_optimizer steepest_fisher and corpus_restore_tokens read the statistics "
+                         "corpus, and --stats FILE brings none: drop them, or let make-patch compute the "
+                         "statistics (--stats-corpus)")
+    if hp.corpus_restore_tokens and hp.method != "memit":
+        raise MemitError(f"corpus_restore_tokens pulls on MEMIT's lambda C term, which method {hp.method} has not: "
+                         "set it to 0, or use method memit")
     resume_dir = check_resume_dir(config.resume_dir) if config.resume_dir is not None else None
     if given is not None:  # the patch records the budget and dtype the statistics were computed with
         hp = replace(hp, mom2_n_tokens=given.budget, mom2_dtype=given.identity["dtype"])
@@ -427,16 +430,16 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
                 lineage_read = recorded.prepare(em, ckpt, stack, {f.fact for f in kept_facts}, partial(
                     _all_keys, em, tok, groups, hp, config.key_batch_prompts))
             kept_facts = []  # their keys are the cached ones
-        reading = forward_dtype(hp.keys_dtype, em.model)
-        preserved = PreservedKeys(em, tok, kept_facts, groups, prompts, config.key_batch_prompts, hp.preserve_weight,
-                                  recorded, restore_layer=hp.layers[-1] if hp.preserve_restore else None,
-                                  reading=reading)  # before the stack is merged: restored towards the base
+        text_corpus = resolve_corpus(config.stats_corpus, em, tok, config.seed) if hp.reads_corpus else None
+        # before the stack is merged: what is restored is restored to the base's outputs
+        preserved = preserved_keys(em, tok, hp, kept_facts, groups, prompts, config.key_batch_prompts, recorded,
+                                   text_corpus)
         merge_stack(em, ckpt, stack)
         for i in _already_predicted(em, tok, requests, config.key_batch_prompts):
             warnings.warn(f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}",
                           stacklevel=2)
         templates = [t for g in groups for t in g]
-        fisher_corpus = resolve_corpus(config.stats_corpus, em, tok, config.seed) if hp.reads_fisher else None
+        fisher_corpus = text_corpus if hp.reads_fisher else None
         store = None if resume_dir is None else TargetStore(resume_dir, z_identity(
             stats.identity["model"], [p.patch_id for p in stack], dtype, hp, templates, hp.layers[-1], device,
             fisher_corpus.identity if fisher_corpus else None))

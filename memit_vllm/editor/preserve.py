@@ -24,9 +24,11 @@ from ..core.files import atomic_file
 from ..core.records import EditRequest, read_prompts, target_text
 from ..core.tokens import pad_id, pad_right, target_ids
 from ..errors import MemitError
+from .covariance import Corpus, token_batches
+from .hparams import HParams
 from .lineage_keys import LineageKeys
-from .precision import computing_in
-from .trace import UpwardReads, capture
+from .precision import forward_dtype
+from .restore import AnchoredTexts
 
 
 @dataclass(frozen=True)
@@ -190,33 +192,32 @@ class Preserved:
 
 
 class PreservedKeys:
-    """K_p K_p^T per layer, read on demand (layers in increasing order, as the update loop goes). With
-    `restore_layer` (HParams.preserve_restore) the prompts' outputs at that layer are read at construction
-    (in `reading`, the dtype the update's reads run in), which must be on the base model (before a stack
-    is merged): each layer's solve then pulls the prompts back towards them instead of holding them
-    where they are."""
+    """The preserved terms per layer, read on demand (layers in increasing order, as the update loop goes).
+    With `z_layer` and `restore_prompts` (HParams.preserve_restore) the prompts are pulled back to the base
+    model's outputs at z_layer instead of held; `corpus` (token id batches of ordinary text, with
+    `corpus_weight` per token: HParams.corpus_restore_tokens) is pulled back the same way, with no term of
+    its own in the gram (lambda C holds the corpus already). Built on the base model, before a stack is
+    merged (restore.AnchoredTexts)."""
 
     def __init__(self, em, tok, requests: list[EditRequest], groups: list[list[str]],
                  prompts: list[PreservePrompt], batch_prompts: int, prompt_weight: float = 1.0,
-                 recorded: LineageKeys | None = None, restore_layer: int | None = None,
+                 recorded: LineageKeys | None = None, z_layer: int | None = None, restore_prompts: bool = False,
+                 corpus: list[tuple[torch.Tensor, torch.Tensor]] = (), corpus_weight: float = 0.0,
                  reading: torch.dtype | None = None):
         from .memit import KeyReader  # the same reader as the edit keys
 
-        self.em, self.prompt_weight = em, prompt_weight
+        self.em, self.prompt_weight, self.corpus_weight = em, prompt_weight, corpus_weight
         self.recorded = recorded if recorded and recorded.count else None
         self.facts = KeyReader(em, tok, requests, groups, batch_prompts) if requests else None
         seqs = [tok(p.prompt)["input_ids"] + (target_ids(tok, p.answer)[:-1] if p.answer else []) for p in prompts]
-        self.prompts = UpwardReads(em, [pad_right(seqs[i:i + batch_prompts], pad_id(tok))
-                                        for i in range(0, len(seqs), batch_prompts)])
-        self.count = len(requests) + (self.recorded.count if self.recorded else 0) + sum(len(s) for s in seqs)
-        self.restore_layer, self.base = restore_layer, []
-        if restore_layer is not None:
-            with torch.no_grad(), computing_in(em.model, reading or em.model.dtype):
-                self.base = [capture(em, ids, mask, outputs=[restore_layer]).outputs[restore_layer][mask.bool()]
-                             for ids, mask in self.prompts.batches]
+        self.prompts = AnchoredTexts(em, [pad_right(seqs[i:i + batch_prompts], pad_id(tok))
+                                          for i in range(0, len(seqs), batch_prompts)],
+                                     z_layer if restore_prompts else None, reading)
+        self.corpus = AnchoredTexts(em, list(corpus), z_layer, reading) if corpus else None
+        self.count = len(requests) + (self.recorded.count if self.recorded else 0) + self.prompts.tokens
 
     def __bool__(self) -> bool:
-        return self.count > 0
+        return self.count > 0 or self.corpus is not None
 
     @torch.no_grad()
     def at(self, layer: int, share: float = 1.0) -> Preserved:
@@ -225,22 +226,32 @@ class PreservedKeys:
         edits' residuals)."""
         device = self.em.device_of(layer)
         total = torch.zeros(self.em.d_ff, self.em.d_ff, dtype=torch.float64, device=device)
-        pull = None if self.restore_layer is None else torch.zeros(self.em.d_model, self.em.d_ff,
-                                                                  dtype=torch.float64, device=device)
+        pull = torch.zeros(self.em.d_model, self.em.d_ff, dtype=torch.float64, device=device)
         if self.facts is not None:
             k, _ = self.facts.read(layer, None)
             total += (k.double().T @ k.double()).to(device)
         if self.recorded is not None:
             k = self.recorded.at(layer).to(device, torch.float64)
             total += k.T @ k
-        outputs = None if pull is None else [[self.restore_layer]] * len(self.prompts.batches)
-        for b, got in self.prompts.read(layer, outputs):
-            mask = self.prompts.batches[b][1].bool()
-            k = got.keys[layer][mask.to(got.keys[layer].device)].to(device, torch.float64)
+        for k, r in self.prompts.read(layer, share):
             total += self.prompt_weight * (k.T @ k)
-            if pull is not None:
-                now = got.outputs[self.restore_layer][mask.to(got.outputs[self.restore_layer].device)]
-                r = (self.base[b].to(device, torch.float64) - now.to(device, torch.float64)) * share
-                r = self.em.to_output_space(layer, self.restore_layer, k.T, r.T)  # [d_model, tokens]
+            if r is not None:
                 pull += self.prompt_weight * (r @ k)
-        return Preserved(total, pull)
+        for k, r in self.corpus.read(layer, share) if self.corpus else ():
+            pull += self.corpus_weight * (r @ k)
+        pulled = self.prompts.z_layer is not None or self.corpus is not None
+        return Preserved(total, pull if pulled else None)
+
+
+def preserved_keys(em, tok, hp: HParams, facts: list[EditRequest], groups: list[list[str]],
+                   prompts: list[PreservePrompt], batch_prompts: int, recorded: LineageKeys | None = None,
+                   corpus: Corpus | None = None) -> PreservedKeys:
+    """PreservedKeys as `hp` asks (weights, what is restored), the first hp.corpus_restore_tokens tokens
+    of `corpus` pulled back at lambda per token's share, as C = E[k k^T] weighs them. On the base model."""
+    batches = [pad_right(b, pad_id(tok)) for b in token_batches(tok, corpus, hp.corpus_restore_tokens)] \
+        if hp.corpus_restore_tokens else []
+    tokens = sum(int(mask.sum()) for _, mask in batches)
+    return PreservedKeys(em, tok, facts, groups, prompts, batch_prompts, hp.preserve_weight, recorded,
+                         z_layer=hp.layers[-1], restore_prompts=hp.preserve_restore, corpus=batches,
+                         corpus_weight=hp.mom2_update_weight / max(tokens, 1),
+                         reading=forward_dtype(hp.keys_dtype, em.model))
