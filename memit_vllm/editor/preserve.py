@@ -184,8 +184,8 @@ def cached_model_subjects(cache_root: Path, model_id: str, model, tok, count: in
 @dataclass(frozen=True)
 class Preserved:
     """One layer's preserved terms of the solve: `gram` = sum of w k k^T [d_ff, d_ff] (float64), and `pull`
-    = sum of w r k^T [d_model, d_ff] over the restored prompts' keys (r the share of their way back to the
-    base model's output that this layer delivers), None when nothing is restored."""
+    = sum of w r k^T [d_model, d_ff] over the keys of restored prompts and corpus tokens (r the share of
+    their way back to the base model's output that this layer delivers), None when nothing is restored."""
 
     gram: torch.Tensor
     pull: torch.Tensor | None = None
