@@ -242,15 +242,12 @@ def test_preserve_weight_counts_each_prompt_key_that_many_times(tiny_models, dat
 
 def _outputs(model, patches, prompts, layer):
     """Layer `layer`'s outputs at every position of `prompts` with `patches` merged (transformers)."""
-    from transformers import AutoTokenizer
-
     from memit_vllm.evaluate.patching import load_model, merge_into_model
 
     ckpt = Checkpoint(model)
-    net, _ = load_model(ckpt)
+    net, tok = load_model(ckpt)
     if patches:
         merge_into_model(net, ckpt, patches)
-    tok = AutoTokenizer.from_pretrained(model)
     with torch.no_grad():
         return torch.cat([net(**tok(p, return_tensors="pt"), output_hidden_states=True).hidden_states[layer + 1][0]
                           for p in prompts])
@@ -288,11 +285,12 @@ def test_corpus_restore_pulls_the_corpus_texts_back_to_the_base_and_the_edits_st
     made = {n: tiny_edit(model, reqs(data_dir, 0, 4), data_dir, tmp_path,
                          hparams={"corpus_restore_tokens": n, "layers": layers}).patch for n in (0, 3000)}
 
-    def moved(prompts, n):
-        top = layers[-1]
-        return float((_outputs(model, [made[n]], prompts, top) - _outputs(model, [], prompts, top)).norm())
-    assert moved(texts, 3000) < 0.9 * moved(texts, 0)  # within the first 3,000 tokens: pulled
-    assert moved(edited, 3000) > 0.5 * moved(edited, 0)
+    def moved(prompts):
+        base = _outputs(model, [], prompts, layers[-1])
+        return {n: float((_outputs(model, [p], prompts, layers[-1]) - base).norm()) for n, p in made.items()}
+    on_texts, on_edits = moved(texts), moved(edited)
+    assert on_texts[3000] < 0.9 * on_texts[0]  # within the first 3,000 tokens: pulled
+    assert on_edits[3000] > 0.5 * on_edits[0]
     assert made[3000].hparams["corpus_restore_tokens"] == 3000
 
 

@@ -20,7 +20,7 @@ import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -186,23 +186,35 @@ def _cache_file(cache: Path, identity: dict[str, str], layer: int) -> Path:
 def token_batches(tok, corpus: Corpus, budget: int | None, shard: Shard = Shard()) -> Iterator[list[list[int]]]:
     """Token id sequences in batches of about BATCH_TOKENS, stopping exactly at the budget; only the
     batches of `shard` are yielded (every text is still tokenised: that decides where batches end)."""
-    used, batch, width, j = 0, [], 0, 0
-    for text in corpus.texts():
-        ids = tok(text, truncation=True, max_length=MAX_SEQ)["input_ids"]
-        if budget is not None:
-            ids = ids[: budget - used]
-        if not ids:
-            continue
-        used += len(ids)
-        if batch and max(width, len(ids)) * (len(batch) + 1) > BATCH_TOKENS:
-            if j % shard.count == shard.index:
-                yield batch
-            batch, width, j = [], 0, j + 1
+    def sequences():
+        used = 0
+        for text in corpus.texts():
+            ids = tok(text, truncation=True, max_length=MAX_SEQ)["input_ids"]
+            if budget is not None:
+                ids = ids[: budget - used]
+            if not ids:
+                continue
+            used += len(ids)
+            yield ids
+            if budget is not None and used >= budget:
+                break
+
+    for j, batch in enumerate(packed(sequences(), BATCH_TOKENS)):
+        if j % shard.count == shard.index:
+            yield batch
+
+
+def packed(sequences: Iterable[list[int]], budget: int) -> Iterator[list[list[int]]]:
+    """`sequences`, in order, in runs of at most `budget` padded tokens (one sequence at least): the widest
+    sequence times the count, as pad_right lays a run out."""
+    batch, width = [], 0
+    for ids in sequences:
+        if batch and max(width, len(ids)) * (len(batch) + 1) > budget:
+            yield batch
+            batch, width = [], 0
         batch.append(ids)
         width = max(width, len(ids))
-        if budget is not None and used >= budget:
-            break
-    if batch and j % shard.count == shard.index:
+    if batch:
         yield batch
 
 

@@ -194,9 +194,10 @@ class Preserved:
 class PreservedKeys:
     """The preserved terms per layer, read on demand (layers in increasing order, as the update loop goes).
     With `z_layer` and `restore_prompts` (HParams.preserve_restore) the prompts are pulled back to the base
-    model's outputs at z_layer instead of held; `corpus` (token id batches of ordinary text, with
-    `corpus_weight` per token: HParams.corpus_restore_tokens) is pulled back the same way, with no term of
-    its own in the gram (lambda C holds the corpus already). Built on the base model, before a stack is
+    model's outputs at z_layer instead of held; `corpus` (token id batches of ordinary text:
+    HParams.corpus_restore_tokens) is pulled back the same way at `corpus_weight` (lambda) times the mean
+    over its tokens, as lambda C = lambda E[k k^T] weighs them, with no term of its own in the gram
+    (lambda C holds the corpus already). Built on the base model, before a stack is
     merged (restore.AnchoredTexts)."""
 
     def __init__(self, em, tok, requests: list[EditRequest], groups: list[list[str]],
@@ -206,7 +207,7 @@ class PreservedKeys:
                  reading: torch.dtype | None = None):
         from .memit import KeyReader  # the same reader as the edit keys
 
-        self.em, self.prompt_weight, self.corpus_weight = em, prompt_weight, corpus_weight
+        self.em, self.prompt_weight = em, prompt_weight
         self.recorded = recorded if recorded and recorded.count else None
         self.facts = KeyReader(em, tok, requests, groups, batch_prompts) if requests else None
         seqs = [tok(p.prompt)["input_ids"] + (target_ids(tok, p.answer)[:-1] if p.answer else []) for p in prompts]
@@ -214,6 +215,7 @@ class PreservedKeys:
                                           for i in range(0, len(seqs), batch_prompts)],
                                      z_layer if restore_prompts else None, reading)
         self.corpus = AnchoredTexts(em, list(corpus), z_layer, reading) if corpus else None
+        self.corpus_weight = corpus_weight / self.corpus.tokens if self.corpus else 0.0  # per token
         self.count = len(requests) + (self.recorded.count if self.recorded else 0) + self.prompts.tokens
 
     def __bool__(self) -> bool:
@@ -246,12 +248,10 @@ class PreservedKeys:
 def preserved_keys(em, tok, hp: HParams, facts: list[EditRequest], groups: list[list[str]],
                    prompts: list[PreservePrompt], batch_prompts: int, recorded: LineageKeys | None = None,
                    corpus: Corpus | None = None) -> PreservedKeys:
-    """PreservedKeys as `hp` asks (weights, what is restored), the first hp.corpus_restore_tokens tokens
-    of `corpus` pulled back at lambda per token's share, as C = E[k k^T] weighs them. On the base model."""
+    """PreservedKeys as `hp` asks (weights, what is restored; the first hp.corpus_restore_tokens tokens of
+    `corpus` pulled back at lambda). On the base model."""
     batches = [pad_right(b, pad_id(tok)) for b in token_batches(tok, corpus, hp.corpus_restore_tokens)] \
         if hp.corpus_restore_tokens else []
-    tokens = sum(int(mask.sum()) for _, mask in batches)
     return PreservedKeys(em, tok, facts, groups, prompts, batch_prompts, hp.preserve_weight, recorded,
                          z_layer=hp.layers[-1], restore_prompts=hp.preserve_restore, corpus=batches,
-                         corpus_weight=hp.mom2_update_weight / max(tokens, 1),
-                         reading=forward_dtype(hp.keys_dtype, em.model))
+                         corpus_weight=hp.mom2_update_weight, reading=forward_dtype(hp.keys_dtype, em.model))

@@ -19,7 +19,7 @@ import torch
 from ..compat import layer_output, resume_after
 from ..core.tokens import pad_id, pad_right
 from .arch import EditableModel
-from .covariance import Corpus, token_batches
+from .covariance import Corpus, packed, token_batches
 from .precision import computing_in
 from .trace import capture
 
@@ -52,7 +52,7 @@ def output_fisher(em: EditableModel, tok, corpus: Corpus, layers: list[int], tok
         with computing_in(em.model, dtype):
             for batch in token_batches(tok, corpus, tokens):
                 draws = torch.rand(sum(map(len, batch)), generator=sampler)  # one per position, in row order
-                for part in _parts(batch, grad_tokens):
+                for part in packed(batch, grad_tokens):
                     ids, mask = pad_right(part, pad_id(tok))
                     with torch.no_grad():
                         got = capture(em, ids, mask, outputs=[low])
@@ -72,18 +72,6 @@ def output_fisher(em: EditableModel, tok, corpus: Corpus, layers: list[int], tok
         for h in handles:
             h.remove()
     return (total / max(count * len(layers), 1)).float().to(em.output_device)
-
-
-def _parts(batch: list[list[int]], budget: int) -> list[list[list[int]]]:
-    """`batch`'s sequences, in order, in runs of at most `budget` padded tokens (one sequence at least)."""
-    parts, width = [[]], 0
-    for ids in batch:
-        if parts[-1] and max(width, len(ids)) * (len(parts[-1]) + 1) > budget:
-            parts.append([])
-            width = 0
-        parts[-1].append(ids)
-        width = max(width, len(ids))
-    return parts
 
 
 HEAD_ROWS = 256  # positions per output-head chunk: their vocabulary-wide log-probabilities exist at once
