@@ -43,7 +43,7 @@ from memit_vllm.core.records import load_requests, read_dataset, read_subjects, 
 from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editable
 from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.covariance import file_corpus
-from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, layer_updates, statistics
+from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, delivered_updates, statistics
 from memit_vllm.editor.preserve import (NO_NEIGHBOURS, PreservePrompt, preserved_keys, generated_names,
                                         generated_subjects, neighbour_prompts, read_preserve_file)
 from memit_vllm.editor.precision import forward_dtype
@@ -210,8 +210,8 @@ def main():
         start = time.monotonic()
         preserved = preserved_keys(em, tok, hp, [], groups, prompts, KEY_BATCH_PROMPTS,
                                    corpus=file_corpus(CORPUS))  # its first tokens: never the held-out slice
-        updates = layer_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, preserved,
-                                progress=False)
+        updates, _ = delivered_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, preserved,
+                                       progress=False)
         seconds = time.monotonic() - start
         after = measure_counterfact(scorer, records)
         generated = task.metrics(task.complete(scorer), generated_before)

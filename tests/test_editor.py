@@ -21,10 +21,11 @@ from memit_vllm.core.records import EditRequest
 from memit_vllm.editor import EditableModel, HParams, edit, load_editable, load_requests, solve_layer_update
 from memit_vllm.editor.hparams import default_hparams, load_hparams_file
 from memit_vllm.editor import memit
-from memit_vllm.editor.memit import KeyReader
+from memit_vllm.editor.memit import KeyReader, Statistics, delivered_updates
 from memit_vllm.editor.prompts import encode
 from memit_vllm.editor.reference import plain_z_delta
-from memit_vllm.editor.targets import TargetResult, compute_targets, length_buckets, scaled_for_delivery
+from memit_vllm.editor.targets import (DELIVERY_SCALES, TargetResult, compute_targets, length_buckets,
+                                      scaled_for_delivery, scaled_to_reach)
 from memit_vllm.editor.trace import capture
 from memit_vllm.errors import MemitError
 from memit_vllm.patch import load_patch
@@ -150,6 +151,51 @@ def test_a_delivery_scale_lengthens_each_optimised_delta_within_the_clamp():
     got = scaled_for_delivery(optimised, HParams(layers=[0], mom2_update_weight=1.0, v_delivery_scale=1.5))
     assert torch.allclose(got.delta, torch.tensor([[0.0, 4.5], [7.5, 0.0]]))
     assert torch.allclose(got.z - got.delta, h) and torch.equal(got.steps, optimised.steps)
+
+
+def test_a_delivery_target_scales_each_delta_by_the_share_its_edit_lacked():
+    """z = h + delta x target / rho, rho the share of delta that the first update moved the output along it
+    (what moved across it does not count); the scale within DELIVERY_SCALES, the result within the clamp."""
+    h = torch.tensor([[10.0, 0.0], [0.0, 10.0], [10.0, 0.0], [0.0, 10.0]])
+    delta = torch.tensor([[0.0, 2.0], [2.0, 0.0], [0.0, 1.0], [5.0, 0.0]])
+    rho = torch.tensor([0.5, 0.8, 0.1, 0.5])
+    across = torch.tensor([[3.0, 0.0], [0.0, -1.0], [2.0, 0.0], [0.0, 5.0]])  # orthogonal to each delta
+    optimised = TargetResult(h + delta, delta, torch.zeros(4), torch.ones(4), torch.ones(4), torch.zeros(4))
+    hp = HParams(layers=[0], mom2_update_weight=1.0, v_delivery_target=0.8)
+    got = scaled_to_reach(optimised, h + rho[:, None] * delta + across, hp)
+    # scales 1.6, 1.0, 8 -> DELIVERY_SCALES[1] = 2, 1.6 (8 passes the clamp 0.75 x 10: cut to 7.5)
+    assert DELIVERY_SCALES[1] == 2.0
+    assert torch.allclose(got.delta, torch.tensor([[0.0, 3.2], [2.0, 0.0], [0.0, 2.0], [7.5, 0.0]]))
+    assert torch.allclose(got.z - got.delta, h)
+
+
+def test_an_update_aimed_at_a_delivery_target_lands_each_edit_closer_to_it(tiny_models, data_dir):
+    """The update kept with v_delivery_target: each edit's delta scaled by target / (the share the plain
+    update delivered at the last edited layer), so the shares delivered gather around the target."""
+    tok, em = load_editable(tiny_models["llama"])
+    reqs, layers, groups = requests_from(data_dir, 4), [1, 2], [TEMPLATES]
+    keys, _ = KeyReader(em, tok, reqs, groups).read(layers[0], None)
+    # C = I at a lambda of the keys' squared norm: about half of each residual delivered
+    hp = HParams(layers=layers, mom2_update_weight=float((keys ** 2).sum(1).mean()), v_num_grad_steps=10,
+                 clamp_norm_factor=4.0)
+    targets = compute_targets(em, tok, reqs, TEMPLATES, layers[-1], hp, progress=False)
+    stats = Statistics({}, "", {l: torch.eye(em.d_ff, dtype=torch.float64) for l in layers}, {})
+    original = {l: em.weight(l).clone() for l in layers}
+
+    def delivered(hp):
+        for layer, weight in original.items():
+            em.set_weight(layer, weight)
+        _, used = delivered_updates(em, KeyReader(em, tok, reqs, groups), hp, targets, stats, progress=False)
+        _, out = KeyReader(em, tok, reqs, groups).read(layers[-1], layers[-1])
+        d = targets.delta
+        return ((out - (targets.z - d)) * d).sum(1) / (d * d).sum(1), used
+
+    plain, _ = delivered(hp)
+    aimed, used = delivered(hp.replace(v_delivery_target=1.0))
+    assert plain.std() > 0.05, plain  # the edits are delivered unevenly without a target
+    assert (aimed - 1).abs().mean() < 0.5 * (plain - 1).abs().mean(), (plain, aimed)
+    scale = used.delta.norm(dim=1) / targets.delta.norm(dim=1)  # the first pass is the plain update
+    assert torch.allclose(scale, (1.0 / plain).clamp(*DELIVERY_SCALES), rtol=1e-3)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples" / "hparams").glob("*.json")), ids=lambda p: p.name)
@@ -458,6 +504,8 @@ def test_unwritable_out_fails_before_loading_the_model(out, tmp_path, data_dir):
     ({"v_optimizer": "sgd"}, "v_optimizer must be one of adam, steepest, steepest_fisher, not 'sgd'"),
     ({"v_step": 2}, r"v_step must be a number in \(0, 1\]"),
     ({"v_delivery_scale": 0.5}, r"v_delivery_scale must be a number in \[1, 4\], not 0.5"),
+    ({"v_delivery_target": 3}, r"v_delivery_target must be a number in \[0, 2\] \(0: off\), not 3"),
+    ({"v_delivery_target": 0.9, "v_delivery_scale": 1.3}, "both scale the z deltas: set v_delivery_target to 0"),
     ({"layers": [1, 9]}, r"layers \[9\] out of range: this model has layers 0..3"),
 ])
 def test_bad_hparams_fail_before_loading_the_model(hparams, message, tiny_models, data_dir, monkeypatch):

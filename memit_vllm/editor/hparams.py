@@ -62,6 +62,13 @@ class HParams:
     # Steepest deltas are short, so they need the margin that Adam's clamp-length deltas carry by accident
     # (docs/hyperparameters.md, "Session 18"). Applied after the z store: scales share one optimisation.
     v_delivery_scale: float = 1.0
+    # Instead of one scale for every delta (0: off): a first update with the unscaled deltas measures the
+    # share rho_i of each delta that reaches the last edited layer at its prompt, and the update kept is
+    # made with each delta times this / rho_i (within targets.DELIVERY_SCALES and the clamp). A uniform
+    # scale gives a surplus to the edits the update delivers well (rho_i 0.62-0.98 on SmolLM2), and every
+    # surplus leaks onto other keys; this gives each edit what it lacks. Costs a second update (and a copy of
+    # the edited layers' weights to go back to).
+    v_delivery_target: float = 0.0
     context_template_length: int = 10
     context_template_seeds: list[str] = field(default_factory=lambda: ["The", "Therefore", "Because", "I", "You"])
     mom2_n_tokens: int | None = None  # covariance token budget; None: the whole corpus
@@ -125,6 +132,10 @@ class HParams:
         merged = {**self.to_dict(), **{k: v for k, v in overrides.items() if v is not None}}
         for name, value in merged.items():
             _check(name, value)
+        if merged["v_delivery_target"] and merged["v_delivery_scale"] != 1:
+            raise MemitError(f"v_delivery_target {merged['v_delivery_target']} and v_delivery_scale "
+                             f"{merged['v_delivery_scale']} both scale the z deltas: set v_delivery_target to 0 "
+                             "(one scale for all) or v_delivery_scale to 1 (a scale per edit)")
         return HParams(**merged)
 
 
@@ -151,6 +162,7 @@ _RULES = {
     "v_optimizer": (lambda v: v in OPTIMIZERS, f"one of {', '.join(OPTIMIZERS)}"),
     "v_step": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1] (a fraction of the hidden state's norm)"),
     "v_delivery_scale": (lambda v: _is_number(v) and 1 <= v <= 4, "a number in [1, 4]"),
+    "v_delivery_target": (lambda v: _is_number(v) and 0 <= v <= 2, "a number in [0, 2] (0: off)"),
     "context_template_length": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "context_template_seeds": (lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
                                "a list of non-empty strings"),

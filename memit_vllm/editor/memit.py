@@ -43,7 +43,7 @@ from .sensitivity import output_fisher
 from .solve import solve_alphaedit_update, solve_layer_update
 from .stats_file import StatsFile, stats_for_edit
 from .target_store import TargetStore, check_resume_dir, z_identity
-from .targets import BUCKET_OVERHEAD_TOKENS, TargetResult, compute_targets
+from .targets import BUCKET_OVERHEAD_TOKENS, TargetResult, compute_targets, scaled_to_reach
 from .trace import UpwardReads
 
 KEY_BATCH_PROMPTS = 256  # prompts per forward when reading keys (memory/speed only)
@@ -322,6 +322,26 @@ def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: Ta
     return LayerUpdates(deltas, delivered, keys)
 
 
+def delivered_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: TargetResult, stats: Statistics,
+                      preserved: PreservedKeys | None = None, progress: bool = True, keep_keys: bool = False
+                      ) -> tuple[LayerUpdates, TargetResult]:
+    """layer_updates, and the targets it was made for. With hp.v_delivery_target, a first update measures
+    how much of each delta reaches the last edited layer at the edit's prompt; the edited layers go back
+    to their weights before it, and the update kept is made with each delta scaled to reach the target
+    (targets.scaled_to_reach). The readers start again from the bottom (trace.UpwardReads), and restored
+    texts' anchors were read before either update."""
+    if not hp.v_delivery_target:
+        return layer_updates(em, reader, hp, targets, stats, preserved, progress, keep_keys), targets
+    before = {layer: em.weight(layer).clone() for layer in hp.layers}
+    layer_updates(em, reader, hp, targets, stats, preserved, progress)
+    with torch.no_grad(), computing_in(em.model, forward_dtype(hp.keys_dtype, em.model)):
+        _, reached = reader.read(hp.layers[-1], hp.layers[-1])
+    for layer, weight in before.items():
+        em.set_weight(layer, weight)
+    targets = scaled_to_reach(targets, reached, hp)
+    return layer_updates(em, reader, hp, targets, stats, preserved, progress, keep_keys), targets
+
+
 def _key_reader(em: EditableModel, tok, groups: list[list[str]], batch_prompts: int,
                 requests: list[EditRequest]) -> distributed.SplitReader:
     """The edit keys' reader (this rank's share of `requests`; reads return every request's rows)."""
@@ -452,7 +472,8 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
                                              config.bucket_overhead_tokens, store, fisher), requests)
         with _timed(seconds, "update"):
             reader = _key_reader(em, tok, groups, config.key_batch_prompts, requests)
-            updates = layer_updates(em, reader, hp, targets, stats, preserved, config.progress, bool(stack))
+            updates, targets = delivered_updates(em, reader, hp, targets, stats, preserved, config.progress,
+                                                 bool(stack))
     seconds["total"] = time.monotonic() - t0
     warned = [str(w.message) for w in caught]
     for message in warned:  # again, outside the recording block, for callers that watch warnings

@@ -143,6 +143,20 @@ def compute_targets(em: EditableModel, tok, requests: list[EditRequest], templat
     return scaled_for_delivery(result, hp) if hp.v_delivery_scale != 1 else result
 
 
+DELIVERY_SCALES = (0.5, 2.0)  # the per-edit scales of HParams.v_delivery_target stay within these
+
+
+def scaled_to_reach(result: TargetResult, reached: torch.Tensor, hp: HParams) -> TargetResult:
+    """Each delta times hp.v_delivery_target / rho_i (within DELIVERY_SCALES and the clamp), rho_i the share of delta_i
+    that a first update made with these targets delivered: the projection on it of `reached` [n, d_model]
+    (the last edited layer's output at the edit's prompt after that update) minus the output before."""
+    h, d = result.z - result.delta, result.delta
+    rho = ((reached.to(d) - h) * d).sum(1) / (d * d).sum(1).clamp(min=1e-12)
+    scale = (hp.v_delivery_target / rho.clamp(min=1e-3)).clamp(*DELIVERY_SCALES)
+    delta = within_clamp(d * scale[:, None], hp.clamp_norm_factor * h.norm(dim=1, keepdim=True))
+    return replace(result, z=h + delta, delta=delta)
+
+
 def scaled_for_delivery(result: TargetResult, hp: HParams) -> TargetResult:
     """Each delta times hp.v_delivery_scale, within the clamp (hp.clamp_norm_factor x |h|)."""
     h = result.z - result.delta
