@@ -253,9 +253,11 @@ def _outputs(model, patches, prompts, layer):
                           for p in prompts])
 
 
-def test_restore_pulls_preserved_prompts_back_to_the_base_where_hold_keeps_the_drift(lineage, data_dir, tmp_path):
-    """preserve_restore: the prompts a patch on a stack preserves move back towards the base model's outputs
-    (undoing the drift the stack left on them); holding them keeps the stack's drift."""
+def test_restore_pulls_preserved_prompts_back_to_the_stacks_outputs_where_hold_lets_the_update_move_them(
+        lineage, data_dir, tmp_path):
+    """preserve_restore: the prompts a patch on a stack preserves end near the outputs the stack gave them
+    (the update's lower layers' drift undone, the stack's own kept: pulling that back took its edits'
+    reach with it); holding them each layer at a time lets the update's compounding move them."""
     model, a, _ = lineage
     prompts = [r.text() for r in reqs(data_dir, 8, 6)]  # other subjects, CounterFact's relation templates
     keep = tmp_path / "keep.jsonl"
@@ -264,11 +266,11 @@ def test_restore_pulls_preserved_prompts_back_to_the_base_where_hold_keeps_the_d
                                hparams={"preserve_weight": 4.0, "preserve_restore": restore}).patch
             for restore in (False, True)}
     top = a.hparams["layers"][-1]
-    base = _outputs(model, [], prompts, top)
-    drift = {name: float((_outputs(model, patches, prompts, top) - base).norm()) for name, patches in
-             {"a": [a], "hold": [a, made[False]], "restore": [a, made[True]]}.items()}
-    assert drift["a"] > 0.01 * float(base.norm())  # the stack moved them
-    assert drift["restore"] < 0.5 * drift["hold"], drift
+    base, stack = _outputs(model, [], prompts, top), _outputs(model, [a], prompts, top)
+    moved = {restore: float((_outputs(model, [a, p], prompts, top) - stack).norm()) for restore, p in made.items()}
+    assert moved[True] < 0.9 * moved[False], moved  # 0.0077 against 0.0097 when written
+    # the anchor is the stack: the stack's drift (0.072) stays, where a pull to the base took it to 0.010
+    assert float((_outputs(model, [a, made[True]], prompts, top) - base).norm()) > 0.5 * float((stack - base).norm())
     assert made[True].hparams["preserve_restore"] is True
     with pytest.raises(MemitError, match="preserve_restore must be true or false"):
         tiny_edit(model, reqs(data_dir, 2, 2), data_dir, tmp_path, hparams={"preserve_restore": 1})
@@ -277,7 +279,7 @@ def test_restore_pulls_preserved_prompts_back_to_the_base_where_hold_keeps_the_d
 def test_corpus_restore_pulls_the_corpus_texts_back_to_the_base_and_the_edits_still_land(tiny_models, data_dir,
                                                                                          tmp_path):
     """corpus_restore_tokens: the upper layers pull the first corpus tokens' outputs at the last edited layer
-    back to the base model's, undoing the lower layers' leak there (whether that carries over to other text
+    back to where the model had them (here the base), undoing the lower layers' leak there (whether that carries over to other text
     is the benchmark's: docs/hyperparameters.md "Session 20"); the edits' own outputs still move."""
     model, layers = tiny_models["llama"], [0, 1, 2, 3]
     texts = [json.loads(line)["text"][:300] for line in (data_dir / CORPUS).read_text().splitlines()[:5]]

@@ -451,10 +451,10 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
                     _all_keys, em, tok, groups, hp, config.key_batch_prompts))
             kept_facts = []  # their keys are the cached ones
         text_corpus = resolve_corpus(config.stats_corpus, em, tok, config.seed) if hp.reads_corpus else None
-        # before the stack is merged: what is restored is restored to the base's outputs
+        merge_stack(em, ckpt, stack)
+        # after the stack is merged: what is restored is restored to the outputs of the model being edited
         preserved = preserved_keys(em, tok, hp, kept_facts, groups, prompts, config.key_batch_prompts, recorded,
                                    text_corpus)
-        merge_stack(em, ckpt, stack)
         for i in _already_predicted(em, tok, requests, config.key_batch_prompts):
             warnings.warn(f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}",
                           stacklevel=2)

@@ -185,7 +185,7 @@ def cached_model_subjects(cache_root: Path, model_id: str, model, tok, count: in
 class Preserved:
     """One layer's preserved terms of the solve: `gram` = sum of w k k^T [d_ff, d_ff] (float64), and `pull`
     = sum of w r k^T [d_model, d_ff] over the keys of restored prompts and corpus tokens (r the share of
-    their way back to the base model's output that this layer delivers), None when nothing is restored."""
+    their way back to the anchored output that this layer delivers), None when nothing is restored."""
 
     gram: torch.Tensor
     pull: torch.Tensor | None = None
@@ -193,12 +193,12 @@ class Preserved:
 
 class PreservedKeys:
     """The preserved terms per layer, read on demand (layers in increasing order, as the update loop goes).
-    With `z_layer` and `restore_prompts` (HParams.preserve_restore) the prompts are pulled back to the base
-    model's outputs at z_layer instead of held; `corpus` (token id batches of ordinary text:
+    With `z_layer` and `restore_prompts` (HParams.preserve_restore) the prompts are pulled back to their
+    outputs at z_layer before the update instead of held; `corpus` (token id batches of ordinary text:
     HParams.corpus_restore_tokens) is pulled back the same way at `corpus_weight` (lambda) times the mean
     over its tokens, as lambda C = lambda E[k k^T] weighs them, with no term of its own in the gram
-    (lambda C holds the corpus already). Built on the base model, before a stack is
-    merged (restore.AnchoredTexts)."""
+    (lambda C holds the corpus already). Built on the model being edited (a stack merged), before the
+    update (restore.AnchoredTexts)."""
 
     def __init__(self, em, tok, requests: list[EditRequest], groups: list[list[str]],
                  prompts: list[PreservePrompt], batch_prompts: int, prompt_weight: float = 1.0,
@@ -224,7 +224,7 @@ class PreservedKeys:
     @torch.no_grad()
     def at(self, layer: int, share: float = 1.0) -> Preserved:
         """The terms at `layer`, read on the model as updated so far; `share`: the part of the remaining
-        way back to the base outputs that this layer is to deliver (1 / the edited layers left, as for the
+        way back to the anchored outputs that this layer is to deliver (1 / the edited layers left, as for the
         edits' residuals)."""
         device = self.em.device_of(layer)
         total = torch.zeros(self.em.d_ff, self.em.d_ff, dtype=torch.float64, device=device)
@@ -249,7 +249,7 @@ def preserved_keys(em, tok, hp: HParams, facts: list[EditRequest], groups: list[
                    prompts: list[PreservePrompt], batch_prompts: int, recorded: LineageKeys | None = None,
                    corpus: Corpus | None = None) -> PreservedKeys:
     """PreservedKeys as `hp` asks (weights, what is restored; the first hp.corpus_restore_tokens tokens of
-    `corpus` pulled back at lambda). On the base model."""
+    `corpus` pulled back at lambda). On the model being edited, before the update."""
     batches = [pad_right(b, pad_id(tok)) for b in token_batches(tok, corpus, hp.corpus_restore_tokens)] \
         if hp.corpus_restore_tokens else []
     return PreservedKeys(em, tok, facts, groups, prompts, batch_prompts, hp.preserve_weight, recorded,
