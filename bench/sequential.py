@@ -65,8 +65,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact_edit_10k.json"
 # The SmolLM2 preset before session 19 (the reference's Adam z, lambda 768, no neighbours): the arms that stand
 # for the reference's rules keep it; independent, default and onebatch take make-patch's defaults.
-BEFORE_19 = {"v_optimizer": "adam", "v_delivery_scale": 1.0, "z_dtype": "float32", "mom2_update_weight": 768,
-             "preserve_weight": 1.0}
+BEFORE_19 = {"v_optimizer": "adam", "v_delivery_scale": 1.0, "v_delivery_target": 0.0, "z_dtype": "float32",
+             "mom2_update_weight": 768, "preserve_weight": 1.0}
 ARMS = {"independent": None, "memit": BEFORE_19 | {"preserve_lineage": False}, "memit-kp": BEFORE_19,
         "alphaedit": BEFORE_19 | {"method": "alphaedit"}, "preserve": BEFORE_19,
         "neighbours": BEFORE_19 | {"mom2_update_weight": 384, "preserve_weight": 0.0625}, "default": None,

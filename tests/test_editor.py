@@ -225,7 +225,7 @@ def test_smollm2s_preset_has_a_variant_on_a_stack_and_a_z_without_f_for_a_stats_
     for config in (EditConfig(on=["a.patch"]), EditConfig(chunk=100)):
         stacked, source = _hparams(smollm2, config, has_corpus=True)
         assert source == "measured, SmolLM2-135M, on a stack"
-        assert stacked.mom2_update_weight > one.mom2_update_weight and stacked.v_delivery_scale < one.v_delivery_scale
+        assert stacked.mom2_update_weight > one.mom2_update_weight and stacked.v_delivery_target < one.v_delivery_target
         assert (stacked.v_optimizer, stacked.neighbour_subjects) == (one.v_optimizer, one.neighbour_subjects)
     no_f, source = _hparams(smollm2, EditConfig(), has_corpus=False)
     assert no_f.v_optimizer == "steepest" and "steepest z (no corpus to read F over)" in source

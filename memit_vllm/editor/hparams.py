@@ -99,13 +99,14 @@ class HParams:
     lineage_keys: str = "as_made"
     preserve_weight: float = 1.0  # each --preserve prompt key's weight in the solve (an edit key counts 1)
     # What the solve asks of the preserved prompts (--preserve, neighbours): false holds their outputs where
-    # the model being edited has them; true pulls them back to the base model's (at the last edited layer),
-    # undoing what the patches below and this update's lower layers moved there (editor/preserve.py).
+    # the model has them when each layer is solved; true pulls them back to the outputs they had at the last
+    # edited layer before the update (a stack's included), undoing what its lower layers moved there
+    # (editor/restore.py).
     preserve_restore: bool = False
     # The first this many statistics-corpus tokens are pulled back the same way (0: off): lambda C holds
     # every corpus key's output where the layers below left it, so an update's lower layers' leak onto
     # ordinary text stays; pulled back (weight lambda per token's share of E[.], as C counts), the upper
-    # layers undo it, and on a stack the stack's too (editor/restore.py). Method memit only.
+    # layers undo it (editor/restore.py). Method memit only.
     corpus_restore_tokens: int = 0
     # Other subjects each edit's prompt is asked of, preserved (--neighbour-subjects, which overrides it): a
     # subjects file, "model:N" or "vocab:N" (editor/preserve.py); None or "none": none.
@@ -224,9 +225,9 @@ PRESETS = [
     # delivery margin (its forward in bf16: the delta, loss and solves stay fp32/float64), and the model's own
     # names as neighbours. On a stack, the quieter per-patch setting that keeps a 1,000-edit lineage.
     Preset("llama", 30, 1536, [3, 4, 5, 6, 7, 8, 9], 384, v_num_grad_steps=40, source="measured, SmolLM2-135M",
-           recipe={"v_optimizer": "steepest_fisher", "v_early_stop_loss": 0.05, "v_delivery_scale": 1.3,
+           recipe={"v_optimizer": "steepest_fisher", "v_early_stop_loss": 0.05, "v_delivery_target": 0.9,
                    "z_dtype": "bfloat16", "preserve_weight": 0.125, "neighbour_subjects": "model:2000"},
-           on_stack={"v_delivery_scale": 1.0, "mom2_update_weight": 768, "preserve_weight": 0.0625}),
+           on_stack={"v_delivery_target": 0.0, "mom2_update_weight": 768, "preserve_weight": 0.0625}),
 ]
 
 
