@@ -279,8 +279,9 @@ def test_restore_pulls_preserved_prompts_back_to_the_stacks_outputs_where_hold_l
 def test_corpus_restore_pulls_the_corpus_texts_back_to_the_base_and_the_edits_still_land(tiny_models, data_dir,
                                                                                          tmp_path):
     """corpus_restore_tokens: the upper layers pull the first corpus tokens' outputs at the last edited layer
-    back to where the model had them (here the base), undoing the lower layers' leak there (whether that carries over to other text
-    is the benchmark's: docs/hyperparameters.md "Session 20"); the edits' own outputs still move."""
+    back to where the model had them (here the base), undoing the lower layers' leak there (whether that
+    carries over to other text is the benchmark's: docs/hyperparameters.md "Session 20"); the edits' own
+    outputs still move."""
     model, layers = tiny_models["llama"], [0, 1, 2, 3]
     texts = [json.loads(line)["text"][:300] for line in (data_dir / CORPUS).read_text().splitlines()[:5]]
     edited = [r.text() for r in reqs(data_dir, 0, 4)]
