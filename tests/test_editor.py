@@ -227,6 +227,16 @@ def test_smollm2s_preset_has_a_variant_on_a_stack_and_a_z_without_f_for_a_stats_
         assert source == "measured, SmolLM2-135M, on a stack"
         assert stacked.mom2_update_weight > one.mom2_update_weight and stacked.v_delivery_target < one.v_delivery_target
         assert (stacked.v_optimizer, stacked.neighbour_subjects) == (one.v_optimizer, one.neighbour_subjects)
+        assert stacked.corpus_restore_tokens > 0 == one.corpus_restore_tokens
+    # the stack's corpus pull needs the corpus and MEMIT's lambda C: left out (and said) without either
+    for config, corpus, why in ((EditConfig(on=["a.patch"]), False, "no corpus pull (no corpus to read)"),
+                                (EditConfig(on=["a.patch"], method="alphaedit"), True,
+                                 "no corpus pull (method alphaedit)")):
+        hp, source = _hparams(smollm2, config, has_corpus=corpus)
+        assert hp.corpus_restore_tokens == 0 and why in source, source
+    mine, _ = _hparams(smollm2, EditConfig(on=["a.patch"], method="alphaedit", hparams={"corpus_restore_tokens": 512}),
+                       has_corpus=True)
+    assert mine.corpus_restore_tokens == 512  # the user's own: refused with the fix when the edit starts (test_stats)
     no_f, source = _hparams(smollm2, EditConfig(), has_corpus=False)
     assert no_f.v_optimizer == "steepest" and "steepest z (no corpus to read F over)" in source
     mine, _ = _hparams(smollm2, EditConfig(hparams={"v_optimizer": "steepest_fisher"}), has_corpus=False)

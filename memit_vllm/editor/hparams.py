@@ -221,13 +221,16 @@ PRESETS = [
     Preset("gptj", 28, 16384, [3, 4, 5, 6, 7, 8], 15000, source="MEMIT paper, GPT-J 6B"),
     Preset("llama", 32, 14336, [4, 5, 6, 7, 8], 15000, v_lr=0.1, source="MEMIT reference, Llama-3-8B"),
     # SmolLM2-135M, measured on counterfact_500 (layers, lambda: docs/hyperparameters.md) and chosen by both
-    # the teacher-forced and the generated view (issue 18; "Session 19"): a short z in F's metric with a
-    # delivery margin (its forward in bf16: the delta, loss and solves stay fp32/float64), and the model's own
-    # names as neighbours. On a stack, the quieter per-patch setting that keeps a 1,000-edit lineage.
+    # the teacher-forced and the generated view (issue 18; "Session 19" to "Session 21"): a short z in F's
+    # metric delivered to a target per edit (its forward in bf16: the delta, loss and solves stay
+    # fp32/float64), and the model's own names as neighbours. On a stack, the quieter per-patch setting that
+    # keeps a 1,000-edit lineage, with 32,768 corpus tokens pulled back to the stack's outputs
+    # (docs/benchmarks.md, "Session 21").
     Preset("llama", 30, 1536, [3, 4, 5, 6, 7, 8, 9], 384, v_num_grad_steps=40, source="measured, SmolLM2-135M",
            recipe={"v_optimizer": "steepest_fisher", "v_early_stop_loss": 0.05, "v_delivery_target": 0.9,
                    "z_dtype": "bfloat16", "preserve_weight": 0.125, "neighbour_subjects": "model:2000"},
-           on_stack={"v_delivery_target": 0.0, "mom2_update_weight": 768, "preserve_weight": 0.0625}),
+           on_stack={"v_delivery_target": 0.0, "mom2_update_weight": 768, "preserve_weight": 0.0625,
+                     "corpus_restore_tokens": 32768}),
 ]
 
 

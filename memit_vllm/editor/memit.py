@@ -162,7 +162,9 @@ def _as_requests(requests, zsre_target: str) -> list[EditRequest]:
 def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool) -> tuple[HParams, str]:
     """The preset (its on-stack variant with --on or --chunk), the user's hparams over it, the flags over
     those. Without a corpus (--stats FILE) a preset's steepest_fisher z, which reads F over the corpus,
-    steps as "steepest" (the same descent in the plain metric; said in the source)."""
+    steps as "steepest" (the same descent in the plain metric), and a preset's corpus pull is left out, as
+    it is with a method other than memit (no lambda C term to pull on); the source says so. A user's own
+    choice of either is kept, and refused later with the fix."""
     overrides = {"layers": config.layers, "mom2_update_weight": config.mom2_update_weight, "method": config.method,
                  "z_dtype": config.z_dtype, "mom2_n_tokens": config.stats_tokens, "mom2_dtype": config.stats_dtype,
                  "mom2_model_dtype": config.stats_model_dtype}
@@ -170,13 +172,20 @@ def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool) -
     hp, source = default_hparams(*dims, on_stack=bool(config.on) or config.chunk is not None)
     if not has_corpus and hp.v_optimizer == "steepest_fisher":
         hp, source = hp.replace(v_optimizer="steepest"), f"{source}, steepest z (no corpus to read F over)"
+    if not has_corpus and hp.corpus_restore_tokens:
+        hp, source = hp.replace(corpus_restore_tokens=0), f"{source}, no corpus pull (no corpus to read)"
+    values = {}
     if isinstance(hparams, HParams):
         hp, source = hparams, "given"
     elif hparams is not None:
         values = hparams if isinstance(hparams, dict) else load_hparams_file(hparams)
         hp, source = hp.replace(**values), f"{hparams if not isinstance(hparams, dict) else 'dict'} over {source}"
+    hp = hp.replace(**overrides)
+    if hp.method != "memit" and hp.corpus_restore_tokens and "corpus_restore_tokens" not in values \
+            and not isinstance(hparams, HParams):
+        hp, source = hp.replace(corpus_restore_tokens=0), f"{source}, no corpus pull (method {hp.method})"
     given = sorted(k for k, v in overrides.items() if v is not None)
-    return hp.replace(**overrides), source + (f", with {', '.join(given)} given" if given else "")
+    return hp, source + (f", with {', '.join(given)} given" if given else "")
 
 
 @torch.no_grad()
