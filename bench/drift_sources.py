@@ -24,7 +24,7 @@ from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.core.records import load_requests
 from memit_vllm.editor import EditConfig, default_hparams, load_editable
 from memit_vllm.editor.arch import checkpoint_dims
-from memit_vllm.editor.memit import KeyReader, layer_updates, statistics
+from memit_vllm.editor.memit import KeyReader, delivered_updates, statistics
 from memit_vllm.editor.prompts import context_templates
 from memit_vllm.evaluate.generation import UNRELATED_PROMPTS, covariance_budget
 
@@ -71,7 +71,7 @@ def main():
     targets, _ = targets_for(Path(args.sweep), stats.identity["model"], em, tok, requests,
                              [t for g in groups for t in g], hp)
     base = {l: em.down_proj(l).weight.detach().clone() for l in hp.layers}
-    layer_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, progress=False)
+    delivered_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, progress=False)  # as make-patch
     delta = {l: em.down_proj(l).weight.detach() - base[l] for l in hp.layers}
     for l in hp.layers:
         em.down_proj(l).weight.copy_(base[l])

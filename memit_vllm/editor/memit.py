@@ -172,8 +172,6 @@ def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool) -
     hp, source = default_hparams(*dims, on_stack=bool(config.on) or config.chunk is not None)
     if not has_corpus and hp.v_optimizer == "steepest_fisher":
         hp, source = hp.replace(v_optimizer="steepest"), f"{source}, steepest z (no corpus to read F over)"
-    if not has_corpus and hp.corpus_restore_tokens:
-        hp, source = hp.replace(corpus_restore_tokens=0), f"{source}, no corpus pull (no corpus to read)"
     values = {}
     if isinstance(hparams, HParams):
         hp, source = hparams, "given"
@@ -181,9 +179,10 @@ def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool) -
         values = hparams if isinstance(hparams, dict) else load_hparams_file(hparams)
         hp, source = hp.replace(**values), f"{hparams if not isinstance(hparams, dict) else 'dict'} over {source}"
     hp = hp.replace(**overrides)
-    if hp.method != "memit" and hp.corpus_restore_tokens and "corpus_restore_tokens" not in values \
-            and not isinstance(hparams, HParams):
-        hp, source = hp.replace(corpus_restore_tokens=0), f"{source}, no corpus pull (method {hp.method})"
+    preset_pull = not isinstance(hparams, HParams) and "corpus_restore_tokens" not in values
+    if preset_pull and hp.corpus_restore_tokens and (not has_corpus or hp.method != "memit"):
+        why = f"method {hp.method}" if has_corpus else "no corpus to read"
+        hp, source = hp.replace(corpus_restore_tokens=0), f"{source}, no corpus pull ({why})"
     given = sorted(k for k, v in overrides.items() if v is not None)
     return hp, source + (f", with {', '.join(given)} given" if given else "")
 
@@ -343,7 +342,7 @@ def delivered_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets
         return layer_updates(em, reader, hp, targets, stats, preserved, progress, keep_keys), targets
     before = {layer: em.weight(layer).clone() for layer in hp.layers}
     layer_updates(em, reader, hp, targets, stats, preserved, progress)
-    with torch.no_grad(), computing_in(em.model, forward_dtype(hp.keys_dtype, em.model)):
+    with computing_in(em.model, forward_dtype(hp.keys_dtype, em.model)):
         _, reached = reader.read(hp.layers[-1], hp.layers[-1])
     for layer, weight in before.items():
         em.set_weight(layer, weight)

@@ -152,15 +152,18 @@ def scaled_to_reach(result: TargetResult, reached: torch.Tensor, hp: HParams) ->
     (the last edited layer's output at the edit's prompt after that update) minus the output before."""
     h, d = result.z - result.delta, result.delta
     rho = ((reached.to(d) - h) * d).sum(1) / (d * d).sum(1).clamp(min=1e-12)
-    scale = (hp.v_delivery_target / rho.clamp(min=1e-3)).clamp(*DELIVERY_SCALES)
-    delta = within_clamp(d * scale[:, None], hp.clamp_norm_factor * h.norm(dim=1, keepdim=True))
-    return replace(result, z=h + delta, delta=delta)
+    return _rescaled(result, (hp.v_delivery_target / rho.clamp(min=1e-3)).clamp(*DELIVERY_SCALES)[:, None], hp)
 
 
 def scaled_for_delivery(result: TargetResult, hp: HParams) -> TargetResult:
     """Each delta times hp.v_delivery_scale, within the clamp (hp.clamp_norm_factor x |h|)."""
+    return _rescaled(result, hp.v_delivery_scale, hp)
+
+
+def _rescaled(result: TargetResult, scale: float | torch.Tensor, hp: HParams) -> TargetResult:
+    """Each delta times `scale` (one, or one per row [n, 1]), within the clamp; h stays."""
     h = result.z - result.delta
-    delta = within_clamp(result.delta * hp.v_delivery_scale, hp.clamp_norm_factor * h.norm(dim=1, keepdim=True))
+    delta = within_clamp(result.delta * scale, hp.clamp_norm_factor * h.norm(dim=1, keepdim=True))
     return replace(result, z=h + delta, delta=delta)
 
 
