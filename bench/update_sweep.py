@@ -210,8 +210,11 @@ def main():
         start = time.monotonic()
         preserved = preserved_keys(em, tok, hp, [], groups, prompts, KEY_BATCH_PROMPTS,
                                    corpus=file_corpus(CORPUS))  # its first tokens: never the held-out slice
-        updates, _ = delivered_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, preserved,
-                                       progress=False)
+        updates, used = delivered_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, preserved,
+                                          progress=False)
+        # per-edit scales (v_delivery_target: target / the share rho_i the first update delivered), 5/50/95%
+        scales = used.delta.norm(dim=1) / targets.delta.norm(dim=1).clamp(min=1e-12)
+        quantiles = [round(float(q), 3) for q in scales.quantile(torch.tensor([0.05, 0.5, 0.95]))]
         seconds = time.monotonic() - start
         after = measure_counterfact(scorer, records)
         generated = task.metrics(task.complete(scorer), generated_before)
@@ -220,7 +223,8 @@ def main():
         row = {"name": name, "overrides": overrides, "preserve_records": cfg.get("preserve_records"),
                "preserve_file": cfg.get("preserve_file"),
                "neighbours": cfg.get("neighbours"),
-               "update_seconds": round(seconds, 1), "delivered": updates.delivered, "z": z_info,
+               "update_seconds": round(seconds, 1), "delivered": updates.delivered, "delivery_scales": quantiles,
+               "z": z_info,
                **after, **generated, "before": before["tf"]}
         result_file.write_text(json.dumps(row, indent=1))
         rows.append(row)
