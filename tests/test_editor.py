@@ -212,13 +212,15 @@ def test_the_example_hparams_files_are_valid_for_smollm2(path):
         assert generated_subjects(recipe["neighbour_subjects"]) is not None
 
 
-def test_smollm2s_preset_has_a_variant_on_a_stack_and_a_z_without_f_for_a_stats_file():
+def test_smollm2s_preset_has_a_variant_on_a_stack_and_a_z_without_f_for_a_stats_file(monkeypatch):
     """The measured SmolLM2 preset (docs/hyperparameters.md, "Session 19"): one batch gets the contained
     setting, a patch made --on a stack or in --chunk the quieter lineage setting; with --stats FILE (no
     corpus for F) the preset's steepest_fisher steps as steepest, while a user's own choice is kept (and
-    refused later, with the fix). A model without a preset has one setting."""
+    refused later, with the fix). A model without a preset has one setting. (On a machine with bf16
+    hardware: the next test covers one without.)"""
     from memit_vllm.editor.memit import EditConfig, _hparams
 
+    monkeypatch.setattr(memit, "runs_natively", lambda name, device: True)
     smollm2 = ("llama", 30, 1536)
     one, source = _hparams(smollm2, EditConfig(), has_corpus=True)
     assert source == "measured, SmolLM2-135M" and one.v_optimizer == "steepest_fisher" and one.neighbour_subjects
@@ -243,6 +245,26 @@ def test_smollm2s_preset_has_a_variant_on_a_stack_and_a_z_without_f_for_a_stats_
     assert mine.v_optimizer == "steepest_fisher"
     derived = [_hparams(("llama", 16, 4096), c, has_corpus=True)[0] for c in (EditConfig(), EditConfig(chunk=9))]
     assert derived[0] == derived[1] and derived[0].v_optimizer == "adam" and derived[0].neighbour_subjects is None
+
+
+def test_a_presets_bf16_z_runs_in_fp32_where_bf16_is_emulated_and_a_users_own_is_warned_of(
+        monkeypatch, tiny_models, data_dir, tmp_path):
+    """On a CPU without bf16 hardware (AVX2: torch's reference path, 60x slower than fp32), SmolLM2's
+    preset z runs in the model's dtype and says so; where bf16 is native it stays. A user's own bf16 is
+    kept, and the run warns of it with the fix."""
+    from memit_vllm.editor.memit import EditConfig, _hparams
+
+    smollm2 = ("llama", 30, 1536)
+    for native in (True, False):
+        monkeypatch.setattr(memit, "runs_natively", lambda name, device, native=native: native or name is None)
+        hp, source = _hparams(smollm2, EditConfig(device="cpu"), has_corpus=True)
+        assert hp.z_dtype == ("bfloat16" if native else None)
+        assert ("z in the model's dtype (bfloat16 is emulated on this cpu)" in source) != native, source
+        mine, _ = _hparams(smollm2, EditConfig(device="cpu", z_dtype="bfloat16"), has_corpus=True)
+        assert mine.z_dtype == "bfloat16"
+    warned = tiny_edit(tiny_models["llama"], data_dir, tmp_path, n=1, z_dtype="bfloat16", device="cpu").report.warnings
+    assert any("z_dtype (--z-dtype) bfloat16 is emulated on this cpu" in w and "set z_dtype (--z-dtype) to float32" in w
+               for w in warned), warned
 
 
 FAST = {"v_num_grad_steps": 4, "context_template_seeds": ["The", "I"], "context_template_length": 5}

@@ -35,7 +35,7 @@ from .hparams import HParams, default_hparams, load_hparams_file
 from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
 from .lineage_keys import LineageKeys
 from .memory import peak_memory, reset_gpu_peaks
-from .precision import computing_in, forward_dtype
+from .precision import computing_in, forward_dtype, runs_natively
 from .preserve import (NO_NEIGHBOURS, Preserved, PreservedKeys, generated_names, generated_subjects,
                        neighbour_prompts, preserved_keys, read_preserve_file)
 from .prompts import context_templates, encode
@@ -161,15 +161,20 @@ def _as_requests(requests, zsre_target: str) -> list[EditRequest]:
 
 def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool) -> tuple[HParams, str]:
     """The preset (its on-stack variant with --on or --chunk), the user's hparams over it, the flags over
-    those. Without a corpus (--stats FILE) a preset's steepest_fisher z, which reads F over the corpus,
-    steps as "steepest" (the same descent in the plain metric), and a preset's corpus pull is left out, as
-    it is with a method other than memit (no lambda C term to pull on); the source says so. A user's own
-    choice of either is kept, and refused later with the fix."""
+    those. A preset's half-precision z runs in the model's dtype where the editing device would emulate it
+    (precision.runs_natively). Without a corpus (--stats FILE) a preset's steepest_fisher z, which reads F
+    over the corpus, steps as "steepest" (the same descent in the plain metric), and a preset's corpus pull
+    is left out, as it is with a method other than memit (no lambda C term to pull on); the source says so.
+    A user's own choice of any of these is kept (and warned of or refused later, with the fix)."""
     overrides = {"layers": config.layers, "mom2_update_weight": config.mom2_update_weight, "method": config.method,
                  "z_dtype": config.z_dtype, "mom2_n_tokens": config.stats_tokens, "mom2_dtype": config.stats_dtype,
                  "mom2_model_dtype": config.stats_model_dtype}
     hparams = config.hparams
     hp, source = default_hparams(*dims, on_stack=bool(config.on) or config.chunk is not None)
+    device = _device_type(config)
+    if not runs_natively(hp.z_dtype, device):
+        why = f"{hp.z_dtype} is emulated on this {device}"
+        hp, source = replace(hp, z_dtype=None), f"{source}, z in the model's dtype ({why})"
     if not has_corpus and hp.v_optimizer == "steepest_fisher":
         hp, source = hp.replace(v_optimizer="steepest"), f"{source}, steepest z (no corpus to read F over)"
     values = {}
@@ -185,6 +190,14 @@ def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool) -
         hp, source = hp.replace(corpus_restore_tokens=0), f"{source}, no corpus pull ({why})"
     given = sorted(k for k, v in overrides.items() if v is not None)
     return hp, source + (f", with {', '.join(given)} given" if given else "")
+
+
+def _device_type(config: EditConfig) -> str:
+    """Where the edit computes: a device map's GPUs, the --device, else cuda when there is one."""
+    cuda = torch.cuda.is_available()
+    if config.device_map is not None:
+        return "cuda" if cuda else "cpu"
+    return torch.device(config.device or ("cuda" if cuda else "cpu")).type
 
 
 @torch.no_grad()
@@ -337,7 +350,7 @@ def delivered_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets
     how much of each delta reaches the last edited layer at the edit's prompt; the edited layers go back
     to their weights before it, and the update kept is made with each delta scaled to reach the target
     (targets.scaled_to_reach). The readers start again from the bottom (trace.UpwardReads), and restored
-    texts' anchors were read before either update."""
+    texts' anchors are those the first update's first read found (restore.AnchoredTexts)."""
     if not hp.v_delivery_target:
         return layer_updates(em, reader, hp, targets, stats, preserved, progress, keep_keys), targets
     before = {layer: em.weight(layer).clone() for layer in hp.layers}
@@ -441,6 +454,12 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     # Every warning of the run goes into the report too (the CLI prints the report's).
     with default_device, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        for what, name in (("the model's dtype (--dtype)", str(em.model.dtype).removeprefix("torch.")),
+                           ("z_dtype (--z-dtype)", hp.z_dtype), ("keys_dtype", hp.keys_dtype),
+                           ("mom2_model_dtype (--stats-model-dtype)", hp.mom2_model_dtype)):
+            if not runs_natively(name, device.type):
+                warnings.warn(f"{what} {name} is emulated on this {device.type}, which has no hardware for it (on an "
+                              f"AVX2 CPU 60x slower than float32): set {what} to float32", stacklevel=1)
         seconds = {}
         with _timed(seconds, "stats"):  # of the base weights (the cache key), before the stack is merged
             stats = statistics(em, tok, ckpt, hp, config, cache, given)

@@ -1,7 +1,8 @@
 """Running a model's forward in another floating dtype for a while, exactly restored afterwards.
 
 The z optimisation may run the layers above L in bfloat16 (`HParams.z_dtype`): on CPUs with AVX-512
-BF16/AMX and on GPUs its matmuls run at 2-4x the fp32 rate. Casting a parameter is lossy, so the
+BF16/AMX and on GPUs its matmuls run at 2-4x the fp32 rate; on a CPU without them (AVX2 only) torch
+takes a reference path, measured 60x slower than fp32 (`runs_natively`). Casting a parameter is lossy, so the
 original tensors are kept and put back bit for bit; buffers (rotary frequencies) keep their dtype,
 since the models upcast them where they need precision. While the block runs, the parameters that
 change dtype exist twice (the original and the cast); a model already in `dtype` is not copied. A
@@ -40,3 +41,16 @@ def computing_in(model: torch.nn.Module, dtype: torch.dtype):
 def forward_dtype(name: str | None, model: torch.nn.Module) -> torch.dtype:
     """The dtype an hparams forward option names (z_dtype, mom2_model_dtype, keys_dtype), else the model's own."""
     return getattr(torch, name) if name else model.dtype
+
+
+def runs_natively(name: str | None, device_type: str) -> bool:
+    """Whether matmuls in the dtype `name` (FORWARD_DTYPES; None: the model's, taken as native) run in
+    hardware on `device_type`: half precision on a CPU needs oneDNN's support (AVX-512 BF16/FP16, AMX),
+    bfloat16 on CUDA a GPU that has it."""
+    if name in (None, "float32", "float64"):
+        return True
+    if device_type == "cuda":
+        return name != "bfloat16" or torch.cuda.is_bf16_supported()
+    supported = {"bfloat16": torch.ops.mkldnn._is_mkldnn_bf16_supported,
+                 "float16": torch.ops.mkldnn._is_mkldnn_fp16_supported}[name]
+    return device_type == "cpu" and supported()

@@ -27,7 +27,6 @@ from ..errors import MemitError
 from .covariance import Corpus, token_batches
 from .hparams import HParams
 from .lineage_keys import LineageKeys
-from .precision import forward_dtype
 from .restore import AnchoredTexts
 
 
@@ -203,8 +202,7 @@ class PreservedKeys:
     def __init__(self, em, tok, requests: list[EditRequest], groups: list[list[str]],
                  prompts: list[PreservePrompt], batch_prompts: int, prompt_weight: float = 1.0,
                  recorded: LineageKeys | None = None, z_layer: int | None = None, restore_prompts: bool = False,
-                 corpus: list[tuple[torch.Tensor, torch.Tensor]] = (), corpus_weight: float = 0.0,
-                 reading: torch.dtype | None = None):
+                 corpus: list[tuple[torch.Tensor, torch.Tensor]] = (), corpus_weight: float = 0.0):
         from .memit import KeyReader  # the same reader as the edit keys
 
         self.em, self.prompt_weight = em, prompt_weight
@@ -213,8 +211,8 @@ class PreservedKeys:
         seqs = [tok(p.prompt)["input_ids"] + (target_ids(tok, p.answer)[:-1] if p.answer else []) for p in prompts]
         self.prompts = AnchoredTexts(em, [pad_right(seqs[i:i + batch_prompts], pad_id(tok))
                                           for i in range(0, len(seqs), batch_prompts)],
-                                     z_layer if restore_prompts else None, reading)
-        self.corpus = AnchoredTexts(em, list(corpus), z_layer, reading) if corpus else None
+                                     z_layer if restore_prompts else None)
+        self.corpus = AnchoredTexts(em, list(corpus), z_layer) if corpus else None
         self.corpus_weight = corpus_weight / self.corpus.tokens if self.corpus else 0.0  # per token
         self.count = len(requests) + (self.recorded.count if self.recorded else 0) + self.prompts.tokens
 
@@ -254,4 +252,4 @@ def preserved_keys(em, tok, hp: HParams, facts: list[EditRequest], groups: list[
         if hp.corpus_restore_tokens else []
     return PreservedKeys(em, tok, facts, groups, prompts, batch_prompts, hp.preserve_weight, recorded,
                          z_layer=hp.layers[-1], restore_prompts=hp.preserve_restore, corpus=batches,
-                         corpus_weight=hp.mom2_update_weight, reading=forward_dtype(hp.keys_dtype, em.model))
+                         corpus_weight=hp.mom2_update_weight)

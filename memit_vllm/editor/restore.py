@@ -15,25 +15,20 @@ from collections.abc import Iterator
 
 import torch
 
-from .precision import computing_in
-from .trace import UpwardReads, capture
+from .trace import UpwardReads
 
 
 class AnchoredTexts:
     """Fixed token batches (ids, mask), read one layer at a time upwards (trace.UpwardReads); with
-    `z_layer`, their outputs there are read at construction, which must be on the model as the update finds
-    it (a stack merged, no layer updated yet), in `reading` (the dtype the update's reads run in)."""
+    `z_layer`, their outputs there as the first read finds them are the anchor: that read must be on the
+    model as the update finds it (a stack merged, no layer updated yet), as the update loop's first is.
+    It runs up to z_layer anyway, so the anchor costs no pass of its own."""
 
-    def __init__(self, em, batches: list[tuple[torch.Tensor, torch.Tensor]], z_layer: int | None = None,
-                 reading: torch.dtype | None = None):
+    def __init__(self, em, batches: list[tuple[torch.Tensor, torch.Tensor]], z_layer: int | None = None):
         self.em, self.z_layer = em, z_layer
         self.reads = UpwardReads(em, batches)
         self.tokens = sum(int(mask.sum()) for _, mask in batches)
-        self.anchor = []
-        if z_layer is not None:
-            with torch.no_grad(), computing_in(em.model, reading or em.model.dtype):
-                self.anchor = [capture(em, ids, mask, outputs=[z_layer]).outputs[z_layer][mask.bool()]
-                               for ids, mask in batches]
+        self.anchor: list[torch.Tensor] = []
 
     def read(self, layer: int, share: float) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Per batch, on the model as it is: the keys at `layer` of every token [tokens, d_ff] and, with
@@ -47,6 +42,9 @@ class AnchoredTexts:
             if self.z_layer is None:
                 yield k, None
                 continue
-            now = got.outputs[self.z_layer][mask.to(got.outputs[self.z_layer].device)].to(device, torch.float64)
+            now = got.outputs[self.z_layer][mask.to(got.outputs[self.z_layer].device)]
+            if len(self.anchor) == b:
+                self.anchor.append(now)
+            now = now.to(device, torch.float64)
             r = (self.anchor[b].to(device, torch.float64) - now) * share
             yield k, self.em.to_output_space(layer, self.z_layer, k.T, r.T)
