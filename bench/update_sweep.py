@@ -43,7 +43,7 @@ from memit_vllm.core.records import load_requests, read_dataset, read_subjects, 
 from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editable
 from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.covariance import file_corpus
-from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, delivered_updates, statistics
+from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, delivered_updates, native_z, statistics
 from memit_vllm.editor.preserve import (NO_NEIGHBOURS, PreservePrompt, preserved_keys, generated_names,
                                         generated_subjects, neighbour_prompts, read_preserve_file)
 from memit_vllm.editor.precision import forward_dtype
@@ -131,7 +131,7 @@ def main():
 
     ckpt = Checkpoint(args.model)
     tok, em = load_editable(ckpt)
-    base_hp, source = default_hparams(*checkpoint_dims(ckpt))
+    base_hp, source = native_z(*default_hparams(*checkpoint_dims(ckpt)), "cpu")
     base_hp = base_hp.replace(**json.loads(args.z_hparams))
     requests = load_requests(args.data, limit=args.edits)
     fmt, records = read_dataset(args.data, args.edits)  # full CounterFact or the shortened counterfact_edit_10k

@@ -171,10 +171,7 @@ def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool) -
                  "mom2_model_dtype": config.stats_model_dtype}
     hparams = config.hparams
     hp, source = default_hparams(*dims, on_stack=bool(config.on) or config.chunk is not None)
-    device = _device_type(config)
-    if not runs_natively(hp.z_dtype, device):
-        why = f"{hp.z_dtype} is emulated on this {device}"
-        hp, source = replace(hp, z_dtype=None), f"{source}, z in the model's dtype ({why})"
+    hp, source = native_z(hp, source, _device_type(config))
     if not has_corpus and hp.v_optimizer == "steepest_fisher":
         hp, source = hp.replace(v_optimizer="steepest"), f"{source}, steepest z (no corpus to read F over)"
     values = {}
@@ -190,6 +187,14 @@ def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool) -
         hp, source = hp.replace(corpus_restore_tokens=0), f"{source}, no corpus pull ({why})"
     given = sorted(k for k, v in overrides.items() if v is not None)
     return hp, source + (f", with {', '.join(given)} given" if given else "")
+
+
+def native_z(hp: HParams, source: str, device_type: str) -> tuple[HParams, str]:
+    """A preset's half-precision z in the model's dtype where `device_type` would emulate it, said in the source."""
+    if runs_natively(hp.z_dtype, device_type):
+        return hp, source
+    why = f"{hp.z_dtype} is emulated on this {device_type}"
+    return replace(hp, z_dtype=None), f"{source}, z in the model's dtype ({why})"
 
 
 def _device_type(config: EditConfig) -> str:
