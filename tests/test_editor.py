@@ -465,8 +465,10 @@ def test_key_reader_resuming_above_updated_layers_equals_reading_each_prompt_alo
     for layer in (1, 2):  # read, then update that layer, as the layer loop does
         k, h = reader.read(layer, 3)
         k_fresh, h_fresh = read_by_hand(em, tok, reqs, groups, layer, 3)
-        torch.testing.assert_close(k, k_fresh, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(h, h_fresh, rtol=1e-5, atol=1e-6)
+        # fp32 rounding follows the batch's shape through the BLAS kernels (an AVX2 CPU: 1.4e-6 off at 0.02);
+        # a wrong position or mask is off by the values themselves
+        torch.testing.assert_close(k, k_fresh, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(h, h_fresh, rtol=1e-4, atol=1e-5)
         if h_before is not None:
             assert (h - h_before).norm() > 1e-3 * h.norm(), "the update of layer 1 must reach layer 3"
         h_before = h
