@@ -6,7 +6,8 @@ Teacher-forced on the unedited completion, the edited model keeps the whole comp
 argmax is the unedited token at every position (greedy decoding of both would agree), so one forward per
 prompt answers it and says where it first parts. The prompts and the held-out texts are
 `eval --generate`'s (the rewrite prompts of the records after the edited ones; the last texts of the
-covariance corpus), and the KL is its exact one: KL(unedited || edited), mean over next-token positions.
+covariance corpus), and the KL is its exact one (TransformersScorer.heldout_kl), the unedited weights
+swapped into the one model loaded.
 
 Perturbations, each with its held-out KL: the patch times each of --scales, and two updates of no
 particular direction scaled to the patch's held-out KL: "gaussian" (per patched layer a Gaussian matrix)
@@ -24,33 +25,17 @@ import json
 import math
 
 import torch
-import torch.nn.functional as F
 
 from memit_vllm.checkpoint import Checkpoint, resolve_model_path
 from memit_vllm.core.records import read_dataset
-from memit_vllm.core.tokens import pad_id, pad_right
-from memit_vllm.evaluate.generation import (HELDOUT_DEFAULT, HELDOUT_MAX_TOKENS, NEW_TOKENS, heldout_texts,
-                                            unrelated_prompts)
+from memit_vllm.evaluate.generation import NEW_TOKENS, generation_task, unrelated_prompts
 from memit_vllm.evaluate.metrics import CONFIDENT_MARGIN
-from memit_vllm.evaluate.patching import load_model, merge_into_model
+from memit_vllm.evaluate.patching import load_model, merge_into_model, swapped
 from memit_vllm.evaluate.scoring import TransformersScorer
 from memit_vllm.patch import load_patch
 
 PARTS = ((1, 1), (2, 2), (3, 4), (5, 8))  # first-divergence positions reported together (1-based, inclusive)
 CALIBRATION_STEPS = 2  # rescalings towards the patch's KL; the last one is the row reported, with its own KL
-
-
-@torch.no_grad()
-def heldout_kl(base, model, texts: list[list[int]], pad: int, batch: int = 4) -> float:
-    total, positions = 0.0, 0
-    for start in range(0, len(texts), batch):
-        ids, mask = pad_right(texts[start:start + batch], pad)
-        p = F.log_softmax(base(input_ids=ids, attention_mask=mask).logits[:, :-1].double(), -1)
-        q = F.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].double(), -1)
-        keep = mask[:, 1:].bool()
-        total += float((p.exp() * (p - q)).sum(-1)[keep].sum())
-        positions += int(keep.sum())
-    return total / positions
 
 
 @torch.no_grad()
@@ -91,7 +76,7 @@ class Perturbed:
     """The evaluated model: the unedited weights plus a chosen update of the patched down-projections."""
 
     def __init__(self, ckpt: Checkpoint, patches):
-        self.model, _ = load_model(ckpt)
+        self.model, self.tok = load_model(ckpt)
         self.original = merge_into_model(self.model, ckpt, patches)
         self.delta = {n: self.model.get_parameter(n).detach() - w for n, w in self.original.items()}
 
@@ -122,21 +107,21 @@ def main():
     torch.manual_seed(args.seed)
     ckpt = Checkpoint(resolve_model_path(args.model))
     patches = [load_patch(p) for p in args.patches]
-    base, tok = load_model(ckpt)
-    _, records = read_dataset(args.data, args.n, "counterfact")
-    prompts, _ = unrelated_prompts(args.data, "counterfact", records, patches)
-    completions = [list(c.tokens) for c in TransformersScorer(base, tok, progress=False).greedy(prompts, NEW_TOKENS)]
-    prompt_ids = [tok(p)["input_ids"] for p in prompts]
-    margins = unedited_margins(base, prompt_ids, completions)
-    texts = [ids for ids in (tok(t, truncation=True, max_length=HELDOUT_MAX_TOKENS)["input_ids"]
-                             for t in heldout_texts(HELDOUT_DEFAULT)) if len(ids) > 1]
-    pad = pad_id(tok)
     work = Perturbed(ckpt, patches)
+    unedited = lambda: swapped(work.model, work.original)  # noqa: E731
+    _, records = read_dataset(args.data, args.n, "counterfact")
+    prompts, source = unrelated_prompts(args.data, "counterfact", records, patches)
+    texts = generation_task(work.tok, "counterfact", records, prompts, source, None, patches).heldout
+    scorer = TransformersScorer(work.model, work.tok, progress=False)
+    with unedited():
+        completions = [list(c.tokens) for c in scorer.greedy(prompts, NEW_TOKENS)]
+        prompt_ids = [work.tok(p)["input_ids"] for p in prompts]
+        margins = unedited_margins(work.model, prompt_ids, completions)
     rows = {}
 
     def measure(name: str, update, scale: float) -> float:
         work.set(update, scale)
-        kl = heldout_kl(base, work.model, texts, pad)
+        kl, _ = scorer.heldout_kl(texts, unedited)  # eval --generate's exact KL
         rows[name] = {"scale": scale, "kl": kl, **summary(parting(work.model, prompt_ids, completions), margins)}
         print(name, json.dumps(rows[name]), flush=True)
         return kl

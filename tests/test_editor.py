@@ -249,7 +249,7 @@ def test_smollm2s_preset_has_a_variant_on_a_stack_and_a_z_without_f_for_a_stats_
 
 def test_a_presets_bf16_z_runs_in_fp32_where_bf16_is_emulated_and_a_users_own_is_warned_of(
         monkeypatch, tiny_models, data_dir, tmp_path):
-    """On a CPU without bf16 hardware (AVX2: torch's reference path, 60x slower than fp32), SmolLM2's
+    """On a CPU without bf16 hardware (AVX2: torch's reference path, 9-32x slower than fp32), SmolLM2's
     preset z runs in the model's dtype and says so; where bf16 is native it stays. A user's own bf16 is
     kept, and the run warns of it with the fix."""
     from memit_vllm.editor.memit import EditConfig, _hparams

@@ -197,12 +197,16 @@ def native_z(hp: HParams, source: str, device_type: str) -> tuple[HParams, str]:
     return replace(hp, z_dtype=None), f"{source}, z in the model's dtype ({why})"
 
 
+def _device(config: EditConfig) -> torch.device:
+    """Where the edit computes without a device map: the --device, else cuda when there is one."""
+    return torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _device_type(config: EditConfig) -> str:
-    """Where the edit computes: a device map's GPUs, the --device, else cuda when there is one."""
-    cuda = torch.cuda.is_available()
+    """Where the edit computes: a device map's GPUs (when there are any), else _device."""
     if config.device_map is not None:
-        return "cuda" if cuda else "cpu"
-    return torch.device(config.device or ("cuda" if cuda else "cpu")).type
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return _device(config).type
 
 
 @torch.no_grad()
@@ -450,7 +454,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     if placement:  # the layers stay where the map put them; what is not a layer's works beside the head
         device, where = em.output_device, describe(em.model)
     else:
-        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = _device(config)
         em.model.to(device)
         where = str(device)
     # New tensors on the editing device; on the CPU that is the default already, and the device mode would
@@ -464,7 +468,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
                            ("mom2_model_dtype (--stats-model-dtype)", hp.mom2_model_dtype)):
             if not runs_natively(name, device.type):
                 warnings.warn(f"{what} {name} is emulated on this {device.type}, which has no hardware for it (on an "
-                              f"AVX2 CPU 60x slower than float32): set {what} to float32", stacklevel=1)
+                              f"AVX2 CPU 9-32x slower than float32): set {what} to float32", stacklevel=1)
         seconds = {}
         with _timed(seconds, "stats"):  # of the base weights (the cache key), before the stack is merged
             stats = statistics(em, tok, ckpt, hp, config, cache, given)

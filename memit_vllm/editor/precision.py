@@ -2,7 +2,8 @@
 
 The z optimisation may run the layers above L in bfloat16 (`HParams.z_dtype`): on CPUs with AVX-512
 BF16/AMX and on GPUs its matmuls run at 2-4x the fp32 rate; on a CPU without them (AVX2 only) torch
-takes a reference path, measured 60x slower than fp32 (`runs_natively`). Casting a parameter is lossy, so the
+takes a reference path, 9x (forward) to 32x (backward) slower than fp32 (`runs_natively`;
+bench/matmul_dtypes.py). Casting a parameter is lossy, so the
 original tensors are kept and put back bit for bit; buffers (rotary frequencies) keep their dtype,
 since the models upcast them where they need precision. While the block runs, the parameters that
 change dtype exist twice (the original and the cast); a model already in `dtype` is not copied. A
