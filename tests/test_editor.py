@@ -379,7 +379,8 @@ def test_target_already_predicted_is_warned(smollm2, tmp_path, data_dir):
     reqs = [{"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower",
              "target_new": "Paris"}]
     with pytest.warns(UserWarning, match="already continues with ' Paris'"):
-        edit(smollm2, reqs, hparams={**FAST, "v_num_grad_steps": 1}, stats_corpus=str(data_dir / CORPUS),
+        edit(smollm2, reqs, hparams={**FAST, "v_num_grad_steps": 1, "neighbour_subjects": "none"},
+             stats_corpus=str(data_dir / CORPUS),
              stats_tokens=2000, cache_dir=tmp_path, layers=[3], progress=False)
 
 
