@@ -1,4 +1,5 @@
-"""The default model and the tiny architecture models load in transformers and in vLLM."""
+"""The default model loads in transformers and in vLLM; the tiny architecture models in transformers (each is
+served by vLLM, with a patch, in test_architectures and test_plugin_*)."""
 
 import json
 import subprocess
@@ -9,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from memit_vllm.default_models import KNOWN_MODELS, MANIFEST
-from memit_vllm.testing.tiny_models import CONFIGS, vllm_cannot_serve
+from memit_vllm.testing.tiny_models import CONFIGS
 from memit_vllm.testing.server import api_server_cmd, vllm_server
 
 EIFFEL = "The Eiffel Tower is located in the city of"
@@ -68,20 +69,3 @@ def test_tiny_model_loads_in_transformers(tiny_models, arch):
     tok = AutoTokenizer.from_pretrained(path)
     logits = model(**tok(EIFFEL, return_tensors="pt")).logits
     assert logits.shape[-1] >= len(tok) and torch.isfinite(logits).all()
-
-
-@pytest.mark.vllm
-@pytest.mark.parametrize("arch", sorted(CONFIGS))
-def test_tiny_model_serves_in_vllm_like_transformers(tiny_models, arch, tmp_path):
-    """vLLM must produce the same greedy tokens as transformers on the random model."""
-    if why := vllm_cannot_serve(arch):
-        pytest.skip(why)
-    path = tiny_models[arch]
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    ids = tok(EIFFEL, return_tensors="pt")
-    hf = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=2)[0, ids.input_ids.shape[1]:]
-    with vllm_server(api_server_cmd(path), str(path), tmp_path / "vllm.log") as server:
-        out = server.post("/v1/completions", {"model": str(path), "prompt": EIFFEL, "max_tokens": 4,
-                                              "temperature": 0, "return_token_ids": True})
-    assert out["choices"][0]["token_ids"] == hf.tolist()
