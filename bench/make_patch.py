@@ -45,9 +45,23 @@ DATA = ROOT.parent / "shared" / "data"
 CORPUS = DATA / "corpus" / "smollm2_self_2k.jsonl"
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what platform knows: timings differ by CPU kind (bf16 above all)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
+    from memit_vllm.editor.precision import runs_natively
+
     gpu = f", GPU {torch.cuda.get_device_name()} (the editor's default device)" if torch.cuda.is_available() else ""
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    bf16 = "native" if runs_natively("bfloat16", "cpu") else "emulated"
+    return (f"{cpu_name()} (bf16 {bf16}), {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads{gpu}")
 
 
