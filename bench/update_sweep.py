@@ -24,6 +24,11 @@ or {"vocabulary": COUNT, "per_edit": N}: COUNT made-up names from the tokenizer 
 {"model": COUNT, "per_edit": N}: COUNT names the model lists (model_subjects, cached as make-patch does).
 A configuration with none of these takes the hparams' neighbour_subjects (the SmolLM2 preset's model:2000),
 10 per edit, as make-patch does.
+
+Update rules the editor does not offer (measured here before any becomes an option; `variant_solver`):
+"layer_lambda": [one lambda multiplier per edited layer]; "layer_share": [one multiplier per edited layer of
+the residual share the layer is asked to deliver]; "fisher_metric": P, the memory term measured in the
+layer's output Fisher F_l^P (solve_metric_update; F_l over the first 8,192 corpus tokens, kept in --out).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -43,12 +49,14 @@ from memit_vllm.core.records import load_requests, read_dataset, read_subjects, 
 from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editable
 from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.covariance import file_corpus
+from memit_vllm.editor import memit
 from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, delivered_updates, native_z, statistics
 from memit_vllm.editor.preserve import (NO_NEIGHBOURS, PreservePrompt, preserved_keys, generated_names,
                                         generated_subjects, neighbour_prompts, read_preserve_file)
 from memit_vllm.editor.precision import forward_dtype
 from memit_vllm.editor.prompts import context_templates
 from memit_vllm.editor.sensitivity import output_fisher
+from memit_vllm.editor.solve import solve_layer_update
 from memit_vllm.editor.target_store import TargetStore, z_identity
 from memit_vllm.editor.targets import compute_targets
 from memit_vllm.evaluate.generation import covariance_budget, generation_task, unrelated_prompts
@@ -59,6 +67,7 @@ from memit_vllm.evaluate.scoring import TransformersScorer
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 CORPUS = DATA / "corpus" / "smollm2_self_2k.jsonl"
+VARIANTS = ("layer_lambda", "layer_share", "fisher_metric")  # update rules of variant_solver
 SHOWN = ["ES", "PS", "NS", "rewrite_hit", "paraphrase_hit", "neighbour_word_kept", "unrelated_word_kept",
          "unrelated_word_kept_confident", "unrelated_kept", "heldout_kl"]
 
@@ -77,6 +86,27 @@ def targets_for(out: Path, model_sha: str, em, tok, requests, templates, hp: HPa
     return result, bool(result.resumed.all())
 
 
+def layer_fisher(out: Path, em, tok, seed: int, layer: int) -> torch.Tensor:
+    """F_l of one layer (sensitivity.output_fisher over the first 8,192 corpus tokens), kept in `out`."""
+    path = out / f"fisher-layer{layer}.pt"
+    if not path.is_file():
+        torch.save(output_fisher(em, tok, file_corpus(CORPUS), [layer], 8192, torch.float32, seed), path)
+    return torch.load(path)
+
+
+def layer_leak(fisher: torch.Tensor, cov: torch.Tensor, delta: torch.Tensor) -> dict:
+    """The update D's leak on corpus keys (covariance C) seen through the output Fisher F: its energy
+    tr(D C D^T), its second-order KL 1/2 tr(F D C D^T), and the leak's mean F-eigenvalue over F's mean (1:
+    as loud as a random direction; F's extremes given in the same unit)."""
+    F, D = fisher.double(), delta.double().to(cov.device)
+    f = torch.linalg.eigvalsh(F)
+    leak = D @ cov.double() @ D.T
+    energy = float(torch.trace(leak))
+    kl2 = float(0.5 * (F * leak).sum())
+    return {"leak": energy, "kl2": kl2, "rayleigh": 2 * kl2 / energy / float(f.mean()),
+            "f_min": float(f[0] / f.mean()), "f_max": float(f[-1] / f.mean())}
+
+
 def z_summary(out: Path, em, tok, targets, hp: HParams, seed: int) -> dict:
     """What the z deltas are like: mean |delta| / |h|, the share at the clamp, and their mean loudness on
     ordinary text d^T F d / 2 (F of sensitivity.output_fisher over the first z_fisher_tokens corpus tokens at
@@ -93,6 +123,63 @@ def z_summary(out: Path, em, tok, targets, hp: HParams, seed: int) -> dict:
     at_clamp = (ratio > 0.99 * hp.clamp_norm_factor).float()
     return {"delta_over_h": float(ratio.mean()), "at_clamp": float(at_clamp.mean()),
             "loudness": float(0.5 * ((d @ fisher.double()) * d).sum(1).mean())}
+
+
+def solve_metric_update(keys: torch.Tensor, residuals: torch.Tensor, cov: torch.Tensor, mom2_update_weight: float,
+                        metric: torch.Tensor, preserved: torch.Tensor | None = None,
+                        pull: torch.Tensor | None = None) -> torch.Tensor:
+    """solve_layer_update with the memory term measured in an output metric M (symmetric positive definite;
+    the identity gives MEMIT's update), in float64:
+
+        min ||D K - R||^2 + tr(M D (lambda C + K_p K_p^T) D^T) - 2 tr(D^T R_p K_p^T)
+
+    With M the layer's output Fisher on ordinary text (mean eigenvalue 1) the corpus keys' penalty is the
+    KL their changed outputs cause, to second order, rather than their Euclidean size. The stationarity
+    condition D K K^T + M D P = B (P = lambda C + K_p K_p^T, B = R K^T + R_p K_p^T) decouples in M's
+    eigenbasis (M = U diag(f) U^T) once P = L L^T and L^-1 K K^T L^-T = V diag(m) V^T: row j of U^T D is
+    (U^T B Q)_j diag(1 / (m + f_j)) Q^T with Q = L^-T V."""
+    K, R = keys.double(), residuals.double()
+    P = cov.to(K.device, torch.float64) * mom2_update_weight
+    if preserved is not None:
+        P = P + preserved.to(K.device, torch.float64)
+    B = R @ K.T if pull is None else R @ K.T + pull.to(K.device, torch.float64)
+    f, U = torch.linalg.eigh(metric.to(K.device, torch.float64))
+    L = torch.linalg.cholesky(P)
+    LK = torch.linalg.solve_triangular(L, K, upper=False)  # L^-1 K K^T L^-T = LK LK^T
+    m, V = torch.linalg.eigh(LK @ LK.T)
+    Q = torch.linalg.solve_triangular(L.T, V, upper=True)
+    return U @ (((U.T @ B @ Q) / (m[None, :] + f[:, None])) @ Q.T)
+
+
+@contextmanager
+def variant_solver(cfg: dict, layers: list[int], covs: dict[int, torch.Tensor], fishers):
+    """The editor's layer solve replaced, for one configuration, by the rule its "layer_lambda",
+    "layer_share" or "fisher_metric" asks for (the layer is found by its covariance: layer_updates passes
+    stats.covs[layer]). `fishers(layer)`: F_l."""
+    keys = [k for k in ("layer_lambda", "layer_share", "fisher_metric") if k in cfg]
+    if not keys:
+        yield
+        return
+    layer_of = {id(c): layer for layer, c in covs.items()}
+    lam, share = cfg.get("layer_lambda", [1.0] * len(layers)), cfg.get("layer_share", [1.0] * len(layers))
+    if len(lam) != len(layers) or len(share) != len(layers):
+        raise SystemExit(f"{cfg['name']}: layer_lambda and layer_share take one number per edited layer {layers}")
+
+    def solve(K, R, cov, weight, preserved=None, pull=None):
+        layer = layer_of[id(cov)]
+        i = layers.index(layer)
+        if "fisher_metric" not in cfg:
+            return solve_layer_update(K, R * share[i], cov, weight * lam[i], preserved, pull)
+        f, U = torch.linalg.eigh(fishers(layer).double())
+        f = f.clamp(min=0) ** cfg["fisher_metric"]
+        return solve_metric_update(K, R * share[i], cov, weight * lam[i], (U * (f / f.mean())) @ U.T, preserved, pull)
+
+    original = memit.solve_layer_update
+    memit.solve_layer_update = solve
+    try:
+        yield
+    finally:
+        memit.solve_layer_update = original
 
 
 def statistics_of(hp: HParams) -> tuple:
@@ -122,6 +209,9 @@ def main():
     ap.add_argument("--score-paraphrases-from", type=int, default=0, metavar="K",
                     help="score only paraphrase prompts K.. (the held-out set of a --train-paraphrases K run, "
                          "for the baseline without training)")
+    ap.add_argument("--layer-kl", action="store_true",
+                    help="per edited layer, the update's second-order KL on corpus keys, 1/2 tr(F_l D C_l D^T), and "
+                         "where its leak lies in F_l (layer_leak)")
     ap.add_argument("--z-hparams", default="{}", help='JSON overrides of the z settings for every configuration '
                     '(e.g. {"v_early_stop": "most_probable"}): one z computation per distinct value')
     args = ap.parse_args()
@@ -178,8 +268,8 @@ def main():
         if result_file.is_file():
             rows.append(json.loads(result_file.read_text()))
             continue
-        overrides = {k: v for k, v in cfg.items()
-                     if k not in ("name", "preserve_records", "preserve_data", "preserve_file", "neighbours")}
+        overrides = {k: v for k, v in cfg.items() if k not in ("name", "preserve_records", "preserve_data",
+                                                               "preserve_file", "neighbours", *VARIANTS)}
         hp = base_hp.replace(**overrides)
         if hp.layers[-1] != base_hp.layers[-1]:
             raise SystemExit(f"{name}: the last layer must stay {base_hp.layers[-1]} (z is computed there)")
@@ -210,8 +300,9 @@ def main():
         start = time.monotonic()
         preserved = preserved_keys(em, tok, hp, [], groups, prompts, KEY_BATCH_PROMPTS,
                                    corpus=file_corpus(CORPUS))  # its first tokens: never the held-out slice
-        updates, used = delivered_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, preserved,
-                                          progress=False)
+        with variant_solver(cfg, hp.layers, stats.covs, partial(layer_fisher, out, em, tok, args.seed)):
+            updates, used = delivered_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats,
+                                              preserved, progress=False)
         # per-edit scales (v_delivery_target: target / the share rho_i the first update delivered), 5/50/95%
         scales = used.delta.norm(dim=1) / targets.delta.norm(dim=1).clamp(min=1e-12)
         quantiles = [round(float(q), 3) for q in scales.quantile(torch.tensor([0.05, 0.5, 0.95]))]
@@ -220,7 +311,13 @@ def main():
         generated = task.metrics(task.complete(scorer), generated_before)
         kl, _ = scorer.heldout_kl(task.heldout, lambda: swapped(em.model, original))
         generated |= {"heldout_kl": kl}
-        row = {"name": name, "overrides": overrides, "preserve_records": cfg.get("preserve_records"),
+        if args.layer_kl:
+            generated |= {"layers": {layer: layer_leak(layer_fisher(out, em, tok, args.seed, layer), stats.covs[layer],
+                                                       em.to_checkpoint_layout(  # its own inverse: [d_model, d_ff]
+                                                           em.weight(layer) - original[em.arch.weight_name(layer)]))
+                                     for layer in hp.layers}}
+        row = {"name": name, "overrides": overrides, **{k: cfg[k] for k in VARIANTS if k in cfg},
+               "preserve_records": cfg.get("preserve_records"),
                "preserve_file": cfg.get("preserve_file"),
                "neighbours": cfg.get("neighbours"),
                "update_seconds": round(seconds, 1), "delivered": updates.delivered, "delivery_scales": quantiles,
