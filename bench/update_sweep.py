@@ -46,10 +46,9 @@ import torch
 from memit_vllm.cache import cache_dir
 from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.core.records import load_requests, read_dataset, read_subjects, template_prompt
-from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editable
+from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editable, memit
 from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.covariance import file_corpus
-from memit_vllm.editor import memit
 from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, delivered_updates, native_z, statistics
 from memit_vllm.editor.preserve import (NO_NEIGHBOURS, PreservePrompt, preserved_keys, generated_names,
                                         generated_subjects, neighbour_prompts, read_preserve_file)
@@ -156,8 +155,7 @@ def variant_solver(cfg: dict, layers: list[int], covs: dict[int, torch.Tensor], 
     """The editor's layer solve replaced, for one configuration, by the rule its "layer_lambda",
     "layer_share" or "fisher_metric" asks for (the layer is found by its covariance: layer_updates passes
     stats.covs[layer]). `fishers(layer)`: F_l."""
-    keys = [k for k in ("layer_lambda", "layer_share", "fisher_metric") if k in cfg]
-    if not keys:
+    if not any(k in cfg for k in VARIANTS):
         yield
         return
     layer_of = {id(c): layer for layer, c in covs.items()}
