@@ -39,24 +39,26 @@ CALIBRATION_STEPS = 2  # rescalings towards the patch's KL; the last one is the 
 
 
 @torch.no_grad()
+def completion_logits(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """The model's logits at each completion token, teacher forced on the prompt and the tokens before it."""
+    return model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1]
+
+
 def parting(model, prompts: list[list[int]], completions: list[list[int]]) -> list[int | None]:
     """Per prompt, the 1-based position of the first completion token that is not the model's argmax
     after the prompt and the completion's tokens before it; None where the model keeps it all."""
     out = []
     for prompt, completion in zip(prompts, completions):
-        ids = torch.tensor([prompt + completion])
-        argmax = model(input_ids=ids).logits[0, len(prompt) - 1:-1].argmax(-1).tolist()
+        argmax = completion_logits(model, prompt, completion).argmax(-1).tolist()
         out.append(next((i + 1 for i, (a, b) in enumerate(zip(argmax, completion)) if a != b), None))
     return out
 
 
-@torch.no_grad()
 def unedited_margins(model, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
     """Top-1 minus top-2 probability of the unedited model at each completion token."""
     out = []
     for prompt, completion in zip(prompts, completions):
-        probs = torch.softmax(model(input_ids=torch.tensor([prompt + completion])).logits[0].float(), -1)
-        top2 = probs[len(prompt) - 1:-1].topk(2, -1).values
+        top2 = torch.softmax(completion_logits(model, prompt, completion).float(), -1).topk(2, -1).values
         out.append((top2[:, 0] - top2[:, 1]).tolist())
     return out
 

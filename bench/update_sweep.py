@@ -38,7 +38,7 @@ import json
 import time
 from contextlib import contextmanager
 from dataclasses import replace
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 
 import torch
@@ -85,20 +85,22 @@ def targets_for(out: Path, model_sha: str, em, tok, requests, templates, hp: HPa
     return result, bool(result.resumed.all())
 
 
-def layer_fisher(out: Path, em, tok, seed: int, layer: int) -> torch.Tensor:
-    """F_l of one layer (sensitivity.output_fisher over the first 8,192 corpus tokens), kept in `out`."""
+@cache
+def layer_fisher(out: Path, em, tok, seed: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """F_l of one layer (sensitivity.output_fisher over the first 8,192 corpus tokens; kept in `out`) as its
+    eigendecomposition (f, U), float64: read and decomposed once per run."""
     path = out / f"fisher-layer{layer}.pt"
     if not path.is_file():
         torch.save(output_fisher(em, tok, file_corpus(CORPUS), [layer], 8192, torch.float32, seed), path)
-    return torch.load(path)
+    return torch.linalg.eigh(torch.load(path).double())
 
 
-def layer_leak(fisher: torch.Tensor, cov: torch.Tensor, delta: torch.Tensor) -> dict:
-    """The update D's leak on corpus keys (covariance C) seen through the output Fisher F: its energy
-    tr(D C D^T), its second-order KL 1/2 tr(F D C D^T), and the leak's mean F-eigenvalue over F's mean (1:
-    as loud as a random direction; F's extremes given in the same unit)."""
-    F, D = fisher.double(), delta.double().to(cov.device)
-    f = torch.linalg.eigvalsh(F)
+def layer_leak(fisher: tuple[torch.Tensor, torch.Tensor], cov: torch.Tensor, delta: torch.Tensor) -> dict:
+    """The update D's leak on corpus keys (covariance C) seen through the output Fisher F = U diag(f) U^T:
+    its energy tr(D C D^T), its second-order KL 1/2 tr(F D C D^T), and the leak's mean F-eigenvalue over F's
+    mean (1: as loud as a random direction; F's extremes given in the same unit)."""
+    f, U = fisher
+    F, D = (U * f) @ U.T, delta.double().to(cov.device)
     leak = D @ cov.double() @ D.T
     energy = float(torch.trace(leak))
     kl2 = float(0.5 * (F * leak).sum())
@@ -154,7 +156,7 @@ def solve_metric_update(keys: torch.Tensor, residuals: torch.Tensor, cov: torch.
 def variant_solver(cfg: dict, layers: list[int], covs: dict[int, torch.Tensor], fishers):
     """The editor's layer solve replaced, for one configuration, by the rule its "layer_lambda",
     "layer_share" or "fisher_metric" asks for (the layer is found by its covariance: layer_updates passes
-    stats.covs[layer]). `fishers(layer)`: F_l."""
+    stats.covs[layer]). `fishers(layer)`: F_l's eigendecomposition (layer_fisher)."""
     if not any(k in cfg for k in VARIANTS):
         yield
         return
@@ -168,7 +170,7 @@ def variant_solver(cfg: dict, layers: list[int], covs: dict[int, torch.Tensor], 
         i = layers.index(layer)
         if "fisher_metric" not in cfg:
             return solve_layer_update(K, R * share[i], cov, weight * lam[i], preserved, pull)
-        f, U = torch.linalg.eigh(fishers(layer).double())
+        f, U = fishers(layer)
         f = f.clamp(min=0) ** cfg["fisher_metric"]
         return solve_metric_update(K, R * share[i], cov, weight * lam[i], (U * (f / f.mean())) @ U.T, preserved, pull)
 
