@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from memit_vllm.editor import load_requests
+from memit_vllm.editor import default_hparams, load_requests
+from memit_vllm.editor.memit import native_z
 from memit_vllm.editor.precision import runs_natively
 from memit_vllm.evaluate.run import evaluate
 from memit_vllm.patch import load_patch
@@ -34,10 +35,10 @@ def test_the_default_is_the_contained_setting_through_the_cli(smollm2, data_dir,
         capture_output=True, text=True)
     assert made.returncode == 0, made.stderr
     patch = load_patch(out)
-    native = runs_natively("bfloat16", "cpu")  # else the preset's bf16 z runs in the model's fp32, and says so
-    assert patch.hparams["source"] == "measured, SmolLM2-135M" + (
-        "" if native else ", z in the model's dtype (bfloat16 is emulated on this cpu)")
-    assert patch.hparams["z_dtype"] == ("bfloat16" if native else None)
+    # the preset as this CPU runs it: its bf16 z in the model's fp32 where bf16 is emulated, and said so
+    preset, source = native_z(*default_hparams("llama", 30, 1536), "cpu")
+    assert source.startswith("measured, SmolLM2-135M") and patch.hparams["source"] == source
+    assert patch.hparams["z_dtype"] == preset.z_dtype == ("bfloat16" if runs_natively("bfloat16", "cpu") else None)
     assert (patch.hparams["v_optimizer"], patch.hparams["neighbour_subjects"]) == ("steepest_fisher", "model:2000")
     assert "preserved keys per layer" in made.stdout
     assert_ten_edits_take(evaluate(str(smollm2), data, [out], n=10))
