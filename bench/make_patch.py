@@ -4,7 +4,7 @@
     .venv/bin/python bench/make_patch.py covariance [--tokens 50000]
     .venv/bin/python bench/make_patch.py spectrum [--thresholds 5e-3,1e-2,2e-2]
     .venv/bin/python bench/make_patch.py repeat   [--edits 16] [--hparams '{"z_dtype": "bfloat16"}']
-    .venv/bin/python bench/make_patch.py scaling  [--sizes 10,100] [--data FILE] [--eval]
+    .venv/bin/python bench/make_patch.py scaling  [--sizes 10,100] [--data FILE] [--eval] [--bucket-overhead 64]
                                                   [--dtype|--saved-in bfloat16] [--layers 3-9] [--lambda 768]
                                                   [--hparams '{"v_num_grad_steps": 40}']
 
@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from memit_vllm.default_models import prepare
+from memit_vllm.editor.targets import BUCKET_OVERHEAD_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -218,7 +219,8 @@ def scaling(args, model_dir):
     if args.drop_conflicts:
         args.data = str(without_conflicts(args.data, max(int(x) for x in args.sizes.split(","))))
     print(f"machine: {machine()}; layers {args.layers or 'preset'}, lambda {args.lam or 'preset'}, "
-          f"hparams {overrides or 'preset'}, model dtype {args.dtype or 'as stored'}")
+          f"hparams {overrides or 'preset'}, model dtype {args.dtype or 'as stored'}, "
+          f"bucket overhead {args.bucket_overhead} tokens")
     print("| edits | stats (s) | neighbour names (s) | z (s) | update (s) | total (s) | peak RSS (GiB) | ES | PS | NS "
           "| NS before |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -227,7 +229,7 @@ def scaling(args, model_dir):
         result = edit(model_dir, reqs, EditConfig(stats_corpus=str(CORPUS), hparams=overrides,
                                                   layers=parse_layers(args.layers), mom2_update_weight=args.lam,
                                                   progress=args.progress, resume_dir=args.resume_dir,
-                                                  dtype=args.dtype))
+                                                  dtype=args.dtype, bucket_overhead_tokens=args.bucket_overhead))
         s = result.report.seconds
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
         if torch.cuda.is_available():
@@ -291,6 +293,9 @@ def main():
                     help="skip records that ask an earlier record's prompt for another target")
     ap.add_argument("--save-dir", help="also keep each size's patch here as scaling-N.patch")
     ap.add_argument("--resume-dir", help="scaling: keep finished z batches here; a rerun resumes")
+    ap.add_argument("--bucket-overhead", type=float, default=BUCKET_OVERHEAD_TOKENS,
+                    help="scaling: make-patch's bucket_overhead_tokens (inf: z and key reads batched in request "
+                         "order, as before session 24's length batches of key reads)")
     ap.add_argument("--progress", action="store_true", help="progress bars on stderr (for long sizes)")
     ap.add_argument("--layers", help="override the preset's layers, e.g. 4-8")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],

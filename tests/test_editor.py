@@ -24,7 +24,8 @@ from memit_vllm.editor import memit
 from memit_vllm.editor.memit import KeyReader, Statistics, delivered_updates
 from memit_vllm.editor.prompts import encode
 from memit_vllm.editor.reference import plain_z_delta
-from memit_vllm.editor.targets import (DELIVERY_SCALES, TargetResult, compute_targets, length_buckets,
+from memit_vllm.core.tokens import length_buckets
+from memit_vllm.editor.targets import (DELIVERY_SCALES, TargetResult, compute_targets,
                                       scaled_for_delivery, scaled_to_reach)
 from memit_vllm.editor.trace import capture
 from memit_vllm.errors import MemitError
@@ -459,8 +460,11 @@ def test_key_reader_resuming_above_updated_layers_equals_reading_each_prompt_alo
     tok = AutoTokenizer.from_pretrained(tiny_models[arch])
     model = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
     em = EditableModel(model)
-    reqs, groups = requests_from(data_dir, 3), [["{}"], TEMPLATES[1:]]
-    reader = KeyReader(em, tok, reqs, groups, batch_prompts=2)  # several batches per template
+    # longest first, so that batches of one prompt length each read the rows out of request order
+    reqs = sorted(requests_from(data_dir, 3), key=lambda r: -len(tok(r.text())["input_ids"]))
+    groups = [["{}"], TEMPLATES[1:]]
+    reader = KeyReader(em, tok, reqs, groups, batch_prompts=2, overhead_tokens=0)
+    assert not torch.equal(reader.back, torch.arange(len(reader.back)))
     torch.manual_seed(0)
     h_before = None
     for layer in (1, 2):  # read, then update that layer, as the layer loop does

@@ -9,6 +9,12 @@
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where a function needs it
+    import torch
+
 
 def pad_id(tok) -> int:
     if tok.pad_token_id is not None:
@@ -40,3 +46,32 @@ def pad_right(seqs: list[list[int]], pad: int):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     return ids, mask
+
+
+def length_buckets(lengths: torch.Tensor, overhead: float) -> list[torch.Tensor]:
+    """Indices of `lengths` grouped into contiguous length ranges, each run as one batch padded to its
+    longest: the grouping that minimises padded tokens + `overhead` per group (exact, by dynamic
+    programming over the distinct lengths, which are few)."""
+    values, counts = (x.tolist() for x in lengths.unique(return_counts=True))
+    best, cut = [0.0] + [math.inf] * len(values), [0] * (len(values) + 1)
+    for j in range(1, len(values) + 1):
+        rows = 0
+        for i in range(j, 0, -1):  # group = distinct lengths i..j (1-based)
+            rows += counts[i - 1]
+            cost = best[i - 1] + rows * values[j - 1] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i - 1
+    groups, j = [], len(values)
+    while j:
+        lo, hi = values[cut[j]], values[j - 1]
+        groups.append(((lengths >= lo) & (lengths <= hi)).nonzero().squeeze(1))
+        j = cut[j]
+    return groups[::-1]
+
+
+def length_batches(lengths: torch.Tensor, max_rows: int, overhead: float) -> list[torch.Tensor]:
+    """Indices of `lengths` in batches of at most `max_rows` rows of similar length (`length_buckets`, each
+    bucket cut in order), so that a batch pads its rows to less: reading 1,000 SmolLM2 edit prompts in
+    batches of 256 in request order pads them to 1.8x their tokens."""
+    return [bucket[start:start + max_rows] for bucket in length_buckets(lengths, overhead)
+            for start in range(0, len(bucket), max_rows)]

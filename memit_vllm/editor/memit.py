@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..cache import cache_dir as default_cache_dir
 from ..checkpoint import Checkpoint, weights_sha256
 from ..core.records import EditRequest, load_requests, parse_record, read_subjects, validate_requests
-from ..core.tokens import pad_id, pad_right, target_ids
+from ..core.tokens import length_batches, pad_id, pad_right, target_ids
 from ..errors import MemitError
 from ..patch import BaseModel, Patch
 from ..patch.tools import stack_patches
@@ -89,9 +89,10 @@ class EditConfig:
     # left (their facts preserved, as --on), stacked into one patch (_edit_in_chunks). None: one batch. Given
     # (as with --on), a preset's on-stack variant applies.
     chunk: int | None = None
-    # Speed only: results do not depend on these.
+    # Speed only: results depend on these only as float rounding follows a batch's shape.
     key_batch_prompts: int = KEY_BATCH_PROMPTS
-    bucket_overhead_tokens: float = BUCKET_OVERHEAD_TOKENS  # see targets.length_buckets
+    # the cost of one more padded batch, in tokens: z steps and key reads group prompts by length (core.tokens)
+    bucket_overhead_tokens: float = BUCKET_OVERHEAD_TOKENS
 
     @classmethod
     def of(cls, config: EditConfig | None = None, **kwargs) -> EditConfig:
@@ -245,20 +246,25 @@ class KeyReader:
     Never recomputes what cannot change: the hidden states at the input of the layer just read are
     kept, and since updating that layer changes nothing below it, the next (higher) layer's read starts
     there instead of at the embeddings. Prompts are batched template by template, so only the bare
-    prompts' batches run on up to the output layer (the others stop at the key layer). The kept states
-    cost n x templates x tokens x d_model floats: ~0.35 GB per 1,000 SmolLM2 edits."""
+    prompts' batches run on up to the output layer (the others stop at the key layer), and within a
+    template by length (`length_batches`: less padding). The kept states cost n x templates x tokens x
+    d_model floats: ~0.35 GB per 1,000 SmolLM2 edits."""
 
     def __init__(self, em: EditableModel, tok, requests: list[EditRequest], groups: list[list[str]],
-                 batch_prompts: int = KEY_BATCH_PROMPTS):
+                 batch_prompts: int = KEY_BATCH_PROMPTS, overhead_tokens: float = BUCKET_OVERHEAD_TOKENS):
         self.n, self.groups = len(requests), groups
         batches, self.lookups, self.bare = [], [], []  # per batch: (ids, mask), subject positions, bare prompt?
+        rows = []  # per batch: the requests it reads
         for t, template in enumerate(t for g in groups for t in g):
             encs = [encode(tok, template, r) for r in requests]
-            for start in range(0, len(encs), batch_prompts):
-                part = encs[start : start + batch_prompts]
-                batches.append(pad_right([e.ids for e in part], pad_id(tok)))
-                self.lookups.append(torch.tensor([e.lookup for e in part]))
+            for part in length_batches(torch.tensor([len(e.ids) for e in encs]), batch_prompts, overhead_tokens):
+                batches.append(pad_right([encs[i].ids for i in part], pad_id(tok)))
+                self.lookups.append(torch.tensor([encs[i].lookup for i in part]))
                 self.bare.append(t == 0)
+                rows.append(part)
+        read = torch.cat(rows).view(-1, self.n) if rows else torch.zeros(0, 0, dtype=torch.long)
+        # where template t's row of request i is in the reads' order (the bare template is t = 0)
+        self.back = (read.argsort(1) + self.n * torch.arange(len(read))[:, None]).flatten()
         self.reads = UpwardReads(em, batches)
 
     @torch.no_grad()
@@ -272,10 +278,10 @@ class KeyReader:
             keys.append(_at_lookup(got.keys[layer], self.lookups[b]).float())  # averaged in fp32 whatever the dtype
             if wanted[b]:
                 outs.append(_at_lookup(got.outputs[out_layer], self.lookups[b]).float())
-        k = torch.cat(keys).view(-1, self.n, keys[0].shape[-1])  # [templates, n, d_ff]
+        k = torch.cat(keys)[self.back].view(-1, self.n, keys[0].shape[-1])  # [templates, n, d_ff]
         bounds = torch.tensor([len(g) for g in self.groups]).cumsum(0).tolist()
         k_avg = torch.stack([k[a:b].mean(0) for a, b in zip([0, *bounds], bounds)]).mean(0)
-        return k_avg, torch.cat(outs) if outs else None
+        return k_avg, torch.cat(outs)[self.back[:self.n]] if outs else None
 
 
 def _at_lookup(states: torch.Tensor, lookup: torch.Tensor) -> torch.Tensor:
@@ -373,15 +379,16 @@ def delivered_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets
 
 
 def _key_reader(em: EditableModel, tok, groups: list[list[str]], batch_prompts: int,
-                requests: list[EditRequest]) -> distributed.SplitReader:
+                requests: list[EditRequest], overhead_tokens: float) -> distributed.SplitReader:
     """The edit keys' reader (this rank's share of `requests`; reads return every request's rows)."""
-    return distributed.SplitReader(lambda part: KeyReader(em, tok, part, groups, batch_prompts), requests)
+    return distributed.SplitReader(lambda part: KeyReader(em, tok, part, groups, batch_prompts, overhead_tokens),
+                                   requests)
 
 
 def _all_keys(em: EditableModel, tok, groups: list[list[str]], hp: HParams, batch_prompts: int,
-              requests: list[EditRequest]) -> dict[int, torch.Tensor]:
+              overhead_tokens: float, requests: list[EditRequest]) -> dict[int, torch.Tensor]:
     """The keys of `requests` at every edited layer of the model as it is, read as layer_updates reads them."""
-    reader = _key_reader(em, tok, groups, batch_prompts, requests)
+    reader = _key_reader(em, tok, groups, batch_prompts, requests, overhead_tokens)
     with computing_in(em.model, forward_dtype(hp.keys_dtype, em.model)):
         return {layer: reader.read(layer, None)[0] for layer in hp.layers}
 
@@ -484,13 +491,13 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         if recorded and kept_facts and hp.lineage_keys == "as_made":
             with _timed(seconds, "lineage_keys"):
                 lineage_read = recorded.prepare(em, ckpt, stack, {f.fact for f in kept_facts}, partial(
-                    _all_keys, em, tok, groups, hp, config.key_batch_prompts))
+                    _all_keys, em, tok, groups, hp, config.key_batch_prompts, config.bucket_overhead_tokens))
             kept_facts = []  # their keys are the cached ones
         text_corpus = resolve_corpus(config.stats_corpus, em, tok, config.seed) if hp.reads_corpus else None
         merge_stack(em, ckpt, stack)
         # after the stack is merged: what is restored is restored to the outputs of the model being edited
         preserved = preserved_keys(em, tok, hp, kept_facts, groups, prompts, config.key_batch_prompts, recorded,
-                                   text_corpus)
+                                   text_corpus, config.bucket_overhead_tokens)
         for i in _already_predicted(em, tok, requests, config.key_batch_prompts):
             warnings.warn(f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}",
                           stacklevel=2)
@@ -507,7 +514,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
                 lambda part: compute_targets(em, tok, part, templates, hp.layers[-1], hp, config.progress,
                                              config.bucket_overhead_tokens, store, fisher), requests)
         with _timed(seconds, "update"):
-            reader = _key_reader(em, tok, groups, config.key_batch_prompts, requests)
+            reader = _key_reader(em, tok, groups, config.key_batch_prompts, requests, config.bucket_overhead_tokens)
             updates, targets = delivered_updates(em, reader, hp, targets, stats, preserved, config.progress,
                                                  bool(stack))
     seconds["total"] = time.monotonic() - t0

@@ -22,12 +22,13 @@ import torch
 
 from ..core.files import atomic_file
 from ..core.records import EditRequest, read_prompts, target_text
-from ..core.tokens import pad_id, pad_right, target_ids
+from ..core.tokens import length_batches, pad_id, pad_right, target_ids
 from ..errors import MemitError
 from .covariance import Corpus, token_batches
 from .hparams import HParams
 from .lineage_keys import LineageKeys
 from .restore import AnchoredTexts
+from .targets import BUCKET_OVERHEAD_TOKENS
 
 
 @dataclass(frozen=True)
@@ -202,15 +203,16 @@ class PreservedKeys:
     def __init__(self, em, tok, requests: list[EditRequest], groups: list[list[str]],
                  prompts: list[PreservePrompt], batch_prompts: int, prompt_weight: float = 1.0,
                  recorded: LineageKeys | None = None, z_layer: int | None = None, restore_prompts: bool = False,
-                 corpus: list[tuple[torch.Tensor, torch.Tensor]] = (), corpus_weight: float = 0.0):
+                 corpus: list[tuple[torch.Tensor, torch.Tensor]] = (), corpus_weight: float = 0.0,
+                 overhead_tokens: float = BUCKET_OVERHEAD_TOKENS):
         from .memit import KeyReader  # the same reader as the edit keys
 
         self.em, self.prompt_weight = em, prompt_weight
         self.recorded = recorded if recorded and recorded.count else None
-        self.facts = KeyReader(em, tok, requests, groups, batch_prompts) if requests else None
+        self.facts = KeyReader(em, tok, requests, groups, batch_prompts, overhead_tokens) if requests else None
         seqs = [tok(p.prompt)["input_ids"] + (target_ids(tok, p.answer)[:-1] if p.answer else []) for p in prompts]
-        self.prompts = AnchoredTexts(em, [pad_right(seqs[i:i + batch_prompts], pad_id(tok))
-                                          for i in range(0, len(seqs), batch_prompts)],
+        self.prompts = AnchoredTexts(em, [pad_right([seqs[i] for i in part], pad_id(tok)) for part in length_batches(
+            torch.tensor([len(s) for s in seqs], dtype=torch.long), batch_prompts, overhead_tokens)],
                                      z_layer if restore_prompts else None)
         self.corpus = AnchoredTexts(em, list(corpus), z_layer) if corpus else None
         self.corpus_weight = corpus_weight / self.corpus.tokens if self.corpus else 0.0  # per token
@@ -245,11 +247,11 @@ class PreservedKeys:
 
 def preserved_keys(em, tok, hp: HParams, facts: list[EditRequest], groups: list[list[str]],
                    prompts: list[PreservePrompt], batch_prompts: int, recorded: LineageKeys | None = None,
-                   corpus: Corpus | None = None) -> PreservedKeys:
+                   corpus: Corpus | None = None, overhead_tokens: float = BUCKET_OVERHEAD_TOKENS) -> PreservedKeys:
     """PreservedKeys as `hp` asks (weights, what is restored; the first hp.corpus_restore_tokens tokens of
     `corpus` pulled back at lambda). On the model being edited, before the update."""
     batches = [pad_right(b, pad_id(tok)) for b in token_batches(tok, corpus, hp.corpus_restore_tokens)] \
         if hp.corpus_restore_tokens else []
     return PreservedKeys(em, tok, facts, groups, prompts, batch_prompts, hp.preserve_weight, recorded,
                          z_layer=hp.layers[-1], restore_prompts=hp.preserve_restore, corpus=batches,
-                         corpus_weight=hp.mom2_update_weight)
+                         corpus_weight=hp.mom2_update_weight, overhead_tokens=overhead_tokens)

@@ -20,7 +20,6 @@ forward/backward above L in bf16 (`precision.computing_in`), the delta, Adam and
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..compat import PrefixCache, attention_implementation, resume_after
 from ..core.records import EditRequest
-from ..core.tokens import pad_id, pad_right, target_ids
+from ..core.tokens import length_buckets, pad_id, pad_right, target_ids
 from ..errors import MemitError
 from .arch import EditableModel
 from .hparams import HParams
@@ -177,27 +176,6 @@ def _suffix_len(tok, request: EditRequest) -> int:
     """Tokens from the subject's last one to the target's second-to-last: what each z step runs."""
     enc = encode(tok, "{}", request)
     return len(enc.ids) - enc.lookup + len(target_ids(tok, request.target_new)) - 1
-
-
-def length_buckets(lengths: torch.Tensor, overhead: float) -> list[torch.Tensor]:
-    """Indices of `lengths` grouped into contiguous length ranges, each run as one batch padded to its
-    longest: the grouping that minimises padded tokens + `overhead` per group (exact, by dynamic
-    programming over the distinct lengths, which are few)."""
-    values, counts = (x.tolist() for x in lengths.unique(return_counts=True))
-    best, cut = [0.0] + [math.inf] * len(values), [0] * (len(values) + 1)
-    for j in range(1, len(values) + 1):
-        rows = 0
-        for i in range(j, 0, -1):  # group = distinct lengths i..j (1-based)
-            rows += counts[i - 1]
-            cost = best[i - 1] + rows * values[j - 1] + overhead
-            if cost < best[j]:
-                best[j], cut[j] = cost, i - 1
-    groups, j = [], len(values)
-    while j:
-        lo, hi = values[cut[j]], values[j - 1]
-        groups.append(((lengths >= lo) & (lengths <= hi)).nonzero().squeeze(1))
-        j = cut[j]
-    return groups[::-1]
 
 
 class _PrefixSplit:
