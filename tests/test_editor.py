@@ -18,13 +18,13 @@ from memit_vllm.core.tokens import target_ids
 from memit_vllm.core.versions import ALLOW_UNTESTED_ENV
 from memit_vllm.core.architectures import ARCHITECTURES
 from memit_vllm.core.records import EditRequest
+from memit_vllm.core.tokens import length_buckets
 from memit_vllm.editor import EditableModel, HParams, edit, load_editable, load_requests, solve_layer_update
 from memit_vllm.editor.hparams import default_hparams, load_hparams_file
 from memit_vllm.editor import memit
 from memit_vllm.editor.memit import KeyReader, Statistics, delivered_updates
 from memit_vllm.editor.prompts import encode
 from memit_vllm.editor.reference import plain_z_delta
-from memit_vllm.core.tokens import length_buckets
 from memit_vllm.editor.targets import (DELIVERY_SCALES, TargetResult, compute_targets,
                                       scaled_for_delivery, scaled_to_reach)
 from memit_vllm.editor.trace import capture
