@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from memit_vllm.default_models import prepare
-from memit_vllm.editor.targets import BUCKET_OVERHEAD_TOKENS
+from memit_vllm.core.tokens import BUCKET_OVERHEAD_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

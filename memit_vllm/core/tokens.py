@@ -48,6 +48,14 @@ def pad_right(seqs: list[list[int]], pad: int):
     return ids, mask
 
 
+# The default of what one more padded call costs beyond its tokens, in row-tokens (each call streams the
+# weights of the layers it runs and adds Python/autograd work). Measured for the z loop's forward+backward:
+# batched z on 16 CounterFact edits, SmolLM2, 2 CPU cores (bench/make_patch.py z-speed --edits 16
+# --group-costs 64,0,32,128,1e9): 64 -> 55.0 s, 0 -> 67.9, 32 -> 59.1, 128 -> 57.0, one group -> 65.1.
+# The key reads (forward only) take the same value.
+BUCKET_OVERHEAD_TOKENS = 64
+
+
 def length_buckets(lengths: torch.Tensor, overhead: float) -> list[torch.Tensor]:
     """Indices of `lengths` grouped into contiguous length ranges, each run as one batch padded to its
     longest: the grouping that minimises padded tokens + `overhead` per group (exact, by dynamic

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..cache import cache_dir as default_cache_dir
 from ..checkpoint import Checkpoint, weights_sha256
 from ..core.records import EditRequest, load_requests, parse_record, read_subjects, validate_requests
-from ..core.tokens import length_batches, pad_id, pad_right, target_ids
+from ..core.tokens import BUCKET_OVERHEAD_TOKENS, length_batches, pad_id, pad_right, target_ids
 from ..errors import MemitError
 from ..patch import BaseModel, Patch
 from ..patch.tools import stack_patches
@@ -43,7 +43,7 @@ from .sensitivity import output_fisher
 from .solve import solve_alphaedit_update, solve_layer_update
 from .stats_file import StatsFile, stats_for_edit
 from .target_store import TargetStore, check_resume_dir, z_identity
-from .targets import BUCKET_OVERHEAD_TOKENS, TargetResult, compute_targets, scaled_to_reach
+from .targets import TargetResult, compute_targets, scaled_to_reach
 from .trace import UpwardReads
 
 KEY_BATCH_PROMPTS = 256  # prompts per forward when reading keys (memory/speed only)

@@ -22,13 +22,12 @@ import torch
 
 from ..core.files import atomic_file
 from ..core.records import EditRequest, read_prompts, target_text
-from ..core.tokens import length_batches, pad_id, pad_right, target_ids
+from ..core.tokens import BUCKET_OVERHEAD_TOKENS, length_batches, pad_id, pad_right, target_ids
 from ..errors import MemitError
 from .covariance import Corpus, token_batches
 from .hparams import HParams
 from .lineage_keys import LineageKeys
 from .restore import AnchoredTexts
-from .targets import BUCKET_OVERHEAD_TOKENS
 
 
 @dataclass(frozen=True)

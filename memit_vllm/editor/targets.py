@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..compat import PrefixCache, attention_implementation, resume_after
 from ..core.records import EditRequest
-from ..core.tokens import length_buckets, pad_id, pad_right, target_ids
+from ..core.tokens import BUCKET_OVERHEAD_TOKENS, length_buckets, pad_id, pad_right, target_ids
 from ..errors import MemitError
 from .arch import EditableModel
 from .hparams import HParams
@@ -89,13 +89,6 @@ def _build_rows(tok, requests: list[EditRequest], templates: list[str]) -> _Rows
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt)  # noqa: E731
     return _Rows(ids, mask, t(edit), t(lookup), t(is_kl, torch.bool), t(tgt_row), t(tgt_pos), t(tgt_id),
                  t(tgt_len), t(first_row), t(kl_row))
-
-
-# The default of what one more padded forward+backward costs beyond its tokens, in row-tokens (each call
-# streams the weights of the layers above L and adds Python/autograd work). Batched z on 16 CounterFact edits,
-# SmolLM2, 2 CPU cores (bench/make_patch.py z-speed --edits 16 --group-costs 64,0,32,128,1e9):
-# 64 -> 55.0 s, 0 -> 67.9, 32 -> 59.1, 128 -> 57.0, one group -> 65.1.
-BUCKET_OVERHEAD_TOKENS = 64
 
 
 @dataclass
