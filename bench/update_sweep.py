@@ -7,8 +7,9 @@ kept in --out: a rerun resumes), and each configuration re-runs only the layer u
 the evaluation (`memit-vllm eval --generate`'s definitions: ES/PS/NS teacher forced; rewrite and
 paraphrase completions that start with the new target; neighbour and unrelated completions kept from
 the unedited model, first word and all tokens; KL on the held-out slice, which the statistics here
-exclude). One JSON per configuration in --out (a rerun skips those it finds) and a Markdown table: give
-each z setting (--z-hparams, --train-paraphrases) its own --out.
+exclude). One JSON per configuration in --out (a rerun skips those it finds), the unedited model's scores
+and completions in --out's before-*.json (computed once), and a Markdown table: give each z setting
+(--z-hparams, --train-paraphrases) its own --out.
 
     .venv/bin/python bench/update_sweep.py --edits 100 --out /work/benchout/sweep \\
         --configs '[{"name": "preset"}, {"name": "lambda x4", "mom2_update_weight": 3072},
@@ -58,7 +59,8 @@ from memit_vllm.editor.sensitivity import output_fisher
 from memit_vllm.editor.solve import solve_layer_update
 from memit_vllm.editor.target_store import TargetStore, z_identity
 from memit_vllm.editor.targets import compute_targets
-from memit_vllm.evaluate.generation import covariance_budget, generation_task, unrelated_prompts
+from memit_vllm.evaluate.generation import Generated, covariance_budget, generation_task, unrelated_prompts
+from memit_vllm.evaluate.metrics import Completion
 from memit_vllm.evaluate.patching import swapped
 from memit_vllm.evaluate.run import measure_counterfact
 from memit_vllm.evaluate.scoring import TransformersScorer
@@ -254,12 +256,15 @@ def main():
     scorer = TransformersScorer(em.model, tok, progress=False)
     before_file = out / f"before-{args.edits}-p{held_out}.json"
     original = {em.arch.weight_name(l): em.down_proj(l).weight.detach().clone() for l in range(em.n_layers)}
-    if before_file.is_file():
-        before = json.loads(before_file.read_text())
-    else:
-        before = {"tf": measure_counterfact(scorer, records)}
+    before = json.loads(before_file.read_text()) if before_file.is_file() else {}
+    if "tf" not in before or "generated" not in before:  # the unedited scores and completions, once per --out
+        generated_before = task.complete(scorer)
+        before = {"tf": measure_counterfact(scorer, records),
+                  "generated": {k: [[list(c.tokens), c.text, c.margin] for c in getattr(generated_before, k)]
+                                for k in ("hits", "kept")}}
         before_file.write_text(json.dumps(before))
-    generated_before = task.complete(scorer)
+    generated_before = Generated(*([Completion(tuple(t), text, margin) for t, text, margin in before["generated"][k]]
+                                   for k in ("hits", "kept")))
 
     rows = []
     for cfg in configs:
