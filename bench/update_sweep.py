@@ -58,7 +58,7 @@ from memit_vllm.editor.prompts import context_templates
 from memit_vllm.editor.sensitivity import output_fisher
 from memit_vllm.editor.solve import solve_layer_update
 from memit_vllm.editor.target_store import TargetStore, z_identity
-from memit_vllm.editor.targets import compute_targets
+from memit_vllm.editor.targets import TargetResult, compute_targets
 from memit_vllm.evaluate.generation import Generated, covariance_budget, generation_task, unrelated_prompts
 from memit_vllm.evaluate.metrics import Completion
 from memit_vllm.evaluate.patching import swapped
@@ -211,6 +211,10 @@ def main():
     ap.add_argument("--score-paraphrases-from", type=int, default=0, metavar="K",
                     help="score only paraphrase prompts K.. (the held-out set of a --train-paraphrases K run, "
                          "for the baseline without training)")
+    ap.add_argument("--z-from", type=int, default=0, metavar="K",
+                    help="the z of the first --edits requests taken from the first K's (kept in --out): each edit's z "
+                         "is optimised on its own (z_batch_edits changes only float rounding), so a larger run's "
+                         "store serves a smaller one; not with --train-paraphrases")
     ap.add_argument("--layer-kl", action="store_true",
                     help="per edited layer, the update's second-order KL on corpus keys, 1/2 tr(F_l D C_l D^T), and "
                          "where its leak lies in F_l (layer_leak)")
@@ -241,8 +245,12 @@ def main():
     config = EditConfig(stats_corpus=str(CORPUS), stats_tokens=covariance_budget(tok, CORPUS), seed=args.seed)
     stats = statistics(em, tok, ckpt, base_hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
     t = time.monotonic()
-    targets, cached = targets_for(out, stats.identity["model"], em, tok, requests, [t for g in groups for t in g],
+    if args.z_from and (args.z_from < args.edits or args.train_paraphrases):
+        raise SystemExit("--z-from K takes K >= --edits, and not --train-paraphrases")
+    z_requests = load_requests(args.data, limit=args.z_from) if args.z_from else requests
+    targets, cached = targets_for(out, stats.identity["model"], em, tok, z_requests, [t for g in groups for t in g],
                                   base_hp, args.seed)
+    targets = TargetResult(*(getattr(targets, f)[:len(requests)] for f in TargetResult.__dataclass_fields__))
     print(f"z for {len(requests)} edits: {'cached' if cached else f'{time.monotonic() - t:.0f} s'}")
     z_info = z_summary(out, em, tok, targets, base_hp, args.seed)
     print("z: " + ", ".join(f"{k} {v:.3f}" for k, v in z_info.items()))
