@@ -24,7 +24,7 @@ same relation templates as the edits, kept disjoint from the evaluated and the u
 or {"vocabulary": COUNT, "per_edit": N}: COUNT made-up names from the tokenizer (vocabulary_subjects), or
 {"model": COUNT, "per_edit": N}: COUNT names the model lists (model_subjects, cached as make-patch does).
 A configuration with none of these takes the hparams' neighbour_subjects (the SmolLM2 preset's model:2000),
-10 per edit, as make-patch does.
+as many per edit as make-patch takes (hparams.default_neighbours_per_edit).
 
 Update rules the editor does not offer (measured here before any becomes an option; `variant_solver`):
 "layer_lambda": [one lambda multiplier per edited layer]; "layer_share": [one multiplier per edited layer of
@@ -48,6 +48,7 @@ from memit_vllm.cache import cache_dir
 from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.core.records import load_requests, read_dataset, read_subjects, template_prompt
 from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editable, memit
+from memit_vllm.editor.hparams import default_neighbours_per_edit
 from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.covariance import file_corpus
 from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, delivered_updates, native_z, statistics
@@ -307,7 +308,7 @@ def main():
             kind = generated_subjects(hp.neighbour_subjects)
             subjects = read_subjects(hp.neighbour_subjects, "neighbour_subjects") if kind is None else \
                 generated_names(*kind, em.model, tok, args.seed, cache_dir(), stats.identity["model"])
-            prompts = neighbour_prompts(requests, subjects, EditConfig.neighbours_per_edit, args.seed)
+            prompts = neighbour_prompts(requests, subjects, default_neighbours_per_edit(len(requests)), args.seed)
         else:
             prompts = []
         start = time.monotonic()

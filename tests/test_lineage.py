@@ -328,6 +328,27 @@ def test_neighbour_subjects_ask_each_edit_of_other_subjects(tiny_models, data_di
         tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="/dev/zero")
 
 
+def test_neighbours_per_edit_default_falls_with_the_batch(tiny_models, data_dir, tmp_path, monkeypatch):
+    """Without --neighbours-per-edit: 10 per edit up to 300 edits, then about 3,000 prompts in all (3 per edit
+    at 1,000, never under 1), as if given; the report says how many each edit's prompt was asked of."""
+    from memit_vllm.editor import hparams
+
+    per_edit = [hparams.default_neighbours_per_edit(n) for n in (1, 100, 300, 301, 1000, 3001, 10000)]
+    assert per_edit == [10, 10, 10, 9, 3, 1, 1]
+    model, requests = tiny_models["llama"], reqs(data_dir, 0, 3)
+    monkeypatch.setattr(hparams, "NEIGHBOUR_PROMPTS", 6)  # so that these 3 edits are a large batch: 2 per edit
+    auto = tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="vocab:50")
+    two = tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="vocab:50", neighbours_per_edit=2)
+    four = tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="vocab:50", neighbours_per_edit=4)
+    assert [r.report.neighbours_per_edit for r in (auto, two, four)] == [2, 2, 4]
+    assert auto.patch.patch_id == two.patch.patch_id != four.patch.patch_id
+    assert auto.report.preserved_keys == two.report.preserved_keys < four.report.preserved_keys
+    assert tiny_edit(model, requests, data_dir, tmp_path).report.neighbours_per_edit == 0  # no neighbours asked
+    for bad in (0, True, 2.5):
+        with pytest.raises(MemitError, match=f"neighbours_per_edit must be an integer >= 1 .*not {bad!r}"):
+            tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="vocab:50", neighbours_per_edit=bad)
+
+
 def test_vocabulary_neighbours_need_no_file_and_are_seeded(tiny_models, data_dir, tmp_path, monkeypatch):
     """--neighbour-subjects vocab:N: made-up names from the tokenizer's words stand in for a subjects file
     (the same seed gives the same patch); a malformed spec fails before the model loads."""

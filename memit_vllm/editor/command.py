@@ -12,7 +12,7 @@ import click
 
 from ..options import zsre_target_option
 from ..errors import MemitError
-from .hparams import FORWARD_DTYPES, METHODS, PRODUCT_DTYPES, parse_layers
+from .hparams import FORWARD_DTYPES, METHODS, NEIGHBOUR_PROMPTS, NEIGHBOURS_PER_EDIT, PRODUCT_DTYPES, parse_layers
 
 
 def check_out_file(out: str | os.PathLike) -> None:
@@ -76,8 +76,10 @@ def check_out_file(out: str | os.PathLike) -> None:
                    "for N made-up names from the tokenizer's words: each edit's prompt asked of some of them joins "
                    "the preserved prompts, so other subjects keep their answers to the edited relations. Default: "
                    "the hparams' neighbour_subjects (SmolLM2's preset: model:2000; other models: none); none: off.")
-@click.option("--neighbours-per-edit", type=click.IntRange(min=1), default=10, show_default=True,
-              help="How many --neighbour-subjects each edit's prompt is asked of (a seeded sample).")
+@click.option("--neighbours-per-edit", type=click.IntRange(min=1), default=None,
+              help=f"How many --neighbour-subjects each edit's prompt is asked of (a seeded sample). Default: "
+                   f"{NEIGHBOURS_PER_EDIT}, fewer in batches of over {NEIGHBOUR_PROMPTS // NEIGHBOURS_PER_EDIT} edits "
+                   f"(about {NEIGHBOUR_PROMPTS:,} prompts in all: at 1,000 edits 3).")
 @click.option("--z-dtype", type=click.Choice(FORWARD_DTYPES),
               help="dtype of the z optimisation's forward/backward (default: the model's; bfloat16 is ~2x faster on "
                    "CPUs with AVX-512 BF16 and on GPUs; the delta, its optimiser and the loss stay fp32).")
@@ -140,7 +142,8 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
                    f"keys of {r.lineage_keys_read} of its patches read, the rest cached); serve it after exactly "
                    "those patches")
     if r.preserved_keys and not r.made_on:
-        click.echo(f"{r.preserved_keys} preserved keys per layer (--preserve, --neighbour-subjects)")
+        click.echo(f"{r.preserved_keys} preserved keys per layer (--preserve, --neighbour-subjects"
+                   + (f": {r.neighbours_per_edit} per edit)" if r.neighbours_per_edit else ")"))
     for change in r.changed:
         click.echo(f"changes {change}")
     if r.z_resumed:

@@ -234,6 +234,21 @@ PRESETS = [
 ]
 
 
+# --neighbours-per-edit's default: 10 per edit (chosen at 100 edits), fewer in larger batches, so that about
+# NEIGHBOUR_PROMPTS are asked in all. The neighbour prompts of other edits (the same relation templates) hold an
+# edit's key too, so each layer's delivery falls with their total: on SmolLM2 1,000 prompts at 100 edits let it
+# deliver 72% of its residual, at 1,000 edits 2,000 / 3,000 / 5,000 / 10,000 prompts 60 / 54 / 48 / 37%
+# (rewrites 0.89 / 0.87 / 0.79 / 0.60, unrelated first words kept 0.74 / 0.75 / 0.77 / 0.82;
+# docs/hyperparameters.md, "Session 25").
+NEIGHBOURS_PER_EDIT = 10
+NEIGHBOUR_PROMPTS = 3000
+
+
+def default_neighbours_per_edit(n_edits: int) -> int:
+    """How many neighbour subjects each edit's prompt is asked of in a batch of `n_edits`, when not given."""
+    return max(1, min(NEIGHBOURS_PER_EDIT, NEIGHBOUR_PROMPTS // max(n_edits, 1)))
+
+
 def parse_layers(value: str | None) -> list[int] | None:
     """Layers as `--layers` takes them: a list like 4,5,6,7,8 or a range like 4-8."""
     if not value:

@@ -31,7 +31,8 @@ from .arch import EditableModel, check_layers, checkpoint_dims, load_editable, m
 from . import distributed
 from .devicemap import check_placement, describe
 from .covariance import layer_covariances, layer_projections, resolve_corpus, stats_identity
-from .hparams import HParams, default_hparams, load_hparams_file
+from .hparams import (NEIGHBOUR_PROMPTS, NEIGHBOURS_PER_EDIT, HParams, default_hparams, default_neighbours_per_edit,
+                      load_hparams_file)
 from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
 from .lineage_keys import LineageKeys
 from .memory import peak_memory, reset_gpu_peaks
@@ -80,9 +81,10 @@ class EditConfig:
     preserve: str | Path | None = None  # JSON/JSONL prompts whose outputs the update must leave alone
     # Subject names (a file, vocab:N made-up names or model:N names the model lists): each edit's prompt
     # asked of `neighbours_per_edit` of them joins the preserved prompts. None: the hparams' (default none);
-    # NO_NEIGHBOURS: none, whatever the hparams say.
+    # NO_NEIGHBOURS: none, whatever the hparams say. neighbours_per_edit None: fewer the larger the batch
+    # (hparams.default_neighbours_per_edit).
     neighbour_subjects: str | Path | None = None
-    neighbours_per_edit: int = 10
+    neighbours_per_edit: int | None = None
     # Finished z batches are kept here, and read back when a run with the same settings resumes (target_store.py).
     resume_dir: str | Path | None = None
     # More requests than this are made as a lineage of chunks of this many, each on the model the ones before
@@ -125,6 +127,7 @@ class EditReport:
     made_on: list[str] = field(default_factory=list)  # ids of the stack the patch was made on
     changed: list[str] = field(default_factory=list)  # facts of the lineage this patch changes
     preserved_keys: int = 0  # key vectors per layer the update was solved to leave alone
+    neighbours_per_edit: int = 0  # neighbour subjects each edit's prompt was asked of (0: no --neighbour-subjects)
     lineage_keys_read: int = 0  # patches of the stack whose facts' keys were read (not in the cache)
     memory: dict = field(default_factory=dict)  # peak RSS, checkpoint size, peak per GPU (editor/memory.py)
 
@@ -442,11 +445,14 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     spec = None if spec == NO_NEIGHBOURS else str(spec) if spec else None
     hp = replace(hp, neighbour_subjects=spec)  # recorded in the patch
     generated = generated_subjects(spec)  # vocab:N or model:N, checked here, made below
-    neighbours = partial(neighbour_prompts, requests, per_edit=config.neighbours_per_edit, seed=config.seed,
+    per_edit = default_neighbours_per_edit(len(requests)) if config.neighbours_per_edit is None else \
+        config.neighbours_per_edit
+    neighbours = partial(neighbour_prompts, requests, per_edit=per_edit, seed=config.seed,
                          source=f"--neighbour-subjects {spec}", edited={f.subject for f in lineage})
     if spec:
-        if not isinstance(config.neighbours_per_edit, int) or config.neighbours_per_edit < 1:
-            raise MemitError(f"neighbours_per_edit must be an integer >= 1, not {config.neighbours_per_edit!r}")
+        if isinstance(per_edit, bool) or not isinstance(per_edit, int) or per_edit < 1:
+            raise MemitError(f"neighbours_per_edit must be an integer >= 1 (or None: {NEIGHBOURS_PER_EDIT}, fewer in "
+                             f"batches of over {NEIGHBOUR_PROMPTS // NEIGHBOURS_PER_EDIT} edits), not {per_edit!r}")
         if generated is None:
             prompts += neighbours(read_subjects(spec, "--neighbour-subjects"))
 
@@ -527,7 +533,8 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         z_resumed=int(targets.resumed.sum()),
         delivered=updates.delivered, covariance=stats.info, warnings=warned, device=where, method=hp.method,
         made_on=[p.patch_id for p in stack], changed=changed_facts(requests, lineage),
-        preserved_keys=preserved.count, lineage_keys_read=lineage_read, memory=peak_memory(ckpt))
+        preserved_keys=preserved.count, neighbours_per_edit=per_edit if spec else 0, lineage_keys_read=lineage_read,
+        memory=peak_memory(ckpt))
 
     patch = Patch(
         deltas=updates.deltas,
