@@ -40,7 +40,7 @@ def test_the_default_is_the_contained_setting_through_the_cli(smollm2, data_dir,
     assert source.startswith("measured, SmolLM2-135M") and patch.hparams["source"] == source
     assert patch.hparams["z_dtype"] == preset.z_dtype == ("bfloat16" if runs_natively("bfloat16", "cpu") else None)
     assert (patch.hparams["v_optimizer"], patch.hparams["neighbour_subjects"]) == ("steepest_fisher", "model:2000")
-    assert "preserved keys per layer" in made.stdout
+    assert "preserved keys per layer (--preserve, --neighbour-subjects: 10 per edit)" in made.stdout  # 10 edits: 10
     assert_ten_edits_take(evaluate(str(smollm2), data, [out], n=10))
 
 
