@@ -341,9 +341,11 @@ def test_neighbours_per_edit_default_falls_with_the_batch(tiny_models, data_dir,
     two = tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="vocab:50", neighbours_per_edit=2)
     four = tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="vocab:50", neighbours_per_edit=4)
     assert [r.report.neighbours_per_edit for r in (auto, two, four)] == [2, 2, 4]
+    assert [r.patch.hparams["neighbours_per_edit"] for r in (auto, two, four)] == [2, 2, 4]  # the patch says so too
     assert auto.patch.patch_id == two.patch.patch_id != four.patch.patch_id
     assert auto.report.preserved_keys == two.report.preserved_keys < four.report.preserved_keys
-    assert tiny_edit(model, requests, data_dir, tmp_path).report.neighbours_per_edit == 0  # no neighbours asked
+    plain = tiny_edit(model, requests, data_dir, tmp_path)  # no neighbours asked
+    assert (plain.report.neighbours_per_edit, plain.patch.hparams["neighbours_per_edit"]) == (0, None)
     for bad in (0, True, 2.5):
         with pytest.raises(MemitError, match=f"neighbours_per_edit must be an integer >= 1 .*not {bad!r}"):
             tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="vocab:50", neighbours_per_edit=bad)

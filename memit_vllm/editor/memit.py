@@ -542,7 +542,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         base_weights={n: ckpt.fingerprint(n) for n in updates.deltas},
         requests=[r.to_dict() for r in requests],
         hparams={**hp.to_dict(), "seed": config.seed, "source": hp_source, "context_templates": groups,
-                 "dtype": dtype},
+                 "dtype": dtype, "neighbours_per_edit": per_edit if spec else None},
         covariance={"corpus": stats.identity["corpus"], "description": stats.description,
                     "tokens": {str(l): stats.info[l]["tokens"] for l in hp.layers}, "dtype": hp.mom2_dtype,
                     **({"provenance": stats.provenance} if stats.provenance else {})},
