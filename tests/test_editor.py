@@ -14,11 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.compat import check_transformers
-from memit_vllm.core.tokens import target_ids
+from memit_vllm.core.tokens import length_buckets, target_ids
 from memit_vllm.core.versions import ALLOW_UNTESTED_ENV
 from memit_vllm.core.architectures import ARCHITECTURES
 from memit_vllm.core.records import EditRequest
-from memit_vllm.core.tokens import length_buckets
 from memit_vllm.editor import EditableModel, HParams, edit, load_editable, load_requests, solve_layer_update
 from memit_vllm.editor.hparams import default_hparams, load_hparams_file
 from memit_vllm.editor import memit

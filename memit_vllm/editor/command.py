@@ -12,7 +12,7 @@ import click
 
 from ..options import zsre_target_option
 from ..errors import MemitError
-from .hparams import FORWARD_DTYPES, METHODS, NEIGHBOUR_PROMPTS, NEIGHBOURS_PER_EDIT, PRODUCT_DTYPES, parse_layers
+from .hparams import FORWARD_DTYPES, METHODS, PRODUCT_DTYPES, neighbours_default_text, parse_layers
 
 
 def check_out_file(out: str | os.PathLike) -> None:
@@ -78,8 +78,7 @@ def check_out_file(out: str | os.PathLike) -> None:
                    "the hparams' neighbour_subjects (SmolLM2's preset: model:2000; other models: none); none: off.")
 @click.option("--neighbours-per-edit", type=click.IntRange(min=1), default=None,
               help=f"How many --neighbour-subjects each edit's prompt is asked of (a seeded sample). Default: "
-                   f"{NEIGHBOURS_PER_EDIT}, fewer in batches of over {NEIGHBOUR_PROMPTS // NEIGHBOURS_PER_EDIT} edits "
-                   f"(about {NEIGHBOUR_PROMPTS:,} prompts in all: at 1,000 edits 3).")
+                   f"{neighbours_default_text()}.")
 @click.option("--z-dtype", type=click.Choice(FORWARD_DTYPES),
               help="dtype of the z optimisation's forward/backward (default: the model's; bfloat16 is ~2x faster on "
                    "CPUs with AVX-512 BF16 and on GPUs; the delta, its optimiser and the loss stay fp32).")

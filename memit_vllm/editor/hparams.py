@@ -249,6 +249,12 @@ def default_neighbours_per_edit(n_edits: int) -> int:
     return max(1, min(NEIGHBOURS_PER_EDIT, NEIGHBOUR_PROMPTS // max(n_edits, 1)))
 
 
+def neighbours_default_text() -> str:
+    """The default of --neighbours-per-edit in words, for its help and its error message."""
+    return (f"{NEIGHBOURS_PER_EDIT}, fewer in batches of over {NEIGHBOUR_PROMPTS // NEIGHBOURS_PER_EDIT} edits (about "
+            f"{NEIGHBOUR_PROMPTS:,} prompts in all: {default_neighbours_per_edit(1000)} per edit at 1,000)")
+
+
 def parse_layers(value: str | None) -> list[int] | None:
     """Layers as `--layers` takes them: a list like 4,5,6,7,8 or a range like 4-8."""
     if not value:

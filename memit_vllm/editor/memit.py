@@ -31,8 +31,8 @@ from .arch import EditableModel, check_layers, checkpoint_dims, load_editable, m
 from . import distributed
 from .devicemap import check_placement, describe
 from .covariance import layer_covariances, layer_projections, resolve_corpus, stats_identity
-from .hparams import (NEIGHBOUR_PROMPTS, NEIGHBOURS_PER_EDIT, HParams, default_hparams, default_neighbours_per_edit,
-                      load_hparams_file)
+from .hparams import (HParams, default_hparams, default_neighbours_per_edit, load_hparams_file,
+                      neighbours_default_text)
 from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
 from .lineage_keys import LineageKeys
 from .memory import peak_memory, reset_gpu_peaks
@@ -445,16 +445,17 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     spec = None if spec == NO_NEIGHBOURS else str(spec) if spec else None
     hp = replace(hp, neighbour_subjects=spec)  # recorded in the patch
     generated = generated_subjects(spec)  # vocab:N or model:N, checked here, made below
-    per_edit = default_neighbours_per_edit(len(requests)) if config.neighbours_per_edit is None else \
-        config.neighbours_per_edit
+    per_edit = None  # recorded: how many neighbours each edit's prompt is asked of
+    if spec:
+        per_edit = default_neighbours_per_edit(len(requests)) if config.neighbours_per_edit is None else \
+            config.neighbours_per_edit
+        if isinstance(per_edit, bool) or not isinstance(per_edit, int) or per_edit < 1:
+            raise MemitError(f"neighbours_per_edit must be an integer >= 1 (or None: {neighbours_default_text()}), "
+                             f"not {per_edit!r}")
     neighbours = partial(neighbour_prompts, requests, per_edit=per_edit, seed=config.seed,
                          source=f"--neighbour-subjects {spec}", edited={f.subject for f in lineage})
-    if spec:
-        if isinstance(per_edit, bool) or not isinstance(per_edit, int) or per_edit < 1:
-            raise MemitError(f"neighbours_per_edit must be an integer >= 1 (or None: {NEIGHBOURS_PER_EDIT}, fewer in "
-                             f"batches of over {NEIGHBOUR_PROMPTS // NEIGHBOURS_PER_EDIT} edits), not {per_edit!r}")
-        if generated is None:
-            prompts += neighbours(read_subjects(spec, "--neighbour-subjects"))
+    if spec and generated is None:
+        prompts += neighbours(read_subjects(spec, "--neighbour-subjects"))
 
     torch.manual_seed(config.seed)
     tok, em = load_editable(ckpt, dtype, **(placement.load_kwargs() if placement else {}))
@@ -533,7 +534,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         z_resumed=int(targets.resumed.sum()),
         delivered=updates.delivered, covariance=stats.info, warnings=warned, device=where, method=hp.method,
         made_on=[p.patch_id for p in stack], changed=changed_facts(requests, lineage),
-        preserved_keys=preserved.count, neighbours_per_edit=per_edit if spec else 0, lineage_keys_read=lineage_read,
+        preserved_keys=preserved.count, neighbours_per_edit=per_edit or 0, lineage_keys_read=lineage_read,
         memory=peak_memory(ckpt))
 
     patch = Patch(
@@ -542,7 +543,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         base_weights={n: ckpt.fingerprint(n) for n in updates.deltas},
         requests=[r.to_dict() for r in requests],
         hparams={**hp.to_dict(), "seed": config.seed, "source": hp_source, "context_templates": groups,
-                 "dtype": dtype, "neighbours_per_edit": per_edit if spec else None},
+                 "dtype": dtype, "neighbours_per_edit": per_edit},
         covariance={"corpus": stats.identity["corpus"], "description": stats.description,
                     "tokens": {str(l): stats.info[l]["tokens"] for l in hp.layers}, "dtype": hp.mom2_dtype,
                     **({"provenance": stats.provenance} if stats.provenance else {})},
