@@ -24,7 +24,7 @@ from memit_vllm.checkpoint import Checkpoint
 from memit_vllm.core.records import load_requests
 from memit_vllm.editor import EditConfig, default_hparams, load_editable
 from memit_vllm.editor.arch import checkpoint_dims
-from memit_vllm.editor.memit import KeyReader, delivered_updates, statistics
+from memit_vllm.editor.memit import KeyReader, delivered_updates, native_z, statistics
 from memit_vllm.editor.prompts import context_templates
 from memit_vllm.evaluate.generation import UNRELATED_PROMPTS, covariance_budget
 
@@ -38,6 +38,32 @@ POSITIONS = {  # which tokens of a prompt get the update's contribution
 }
 
 
+def subject_positions(tok, template: str, subject: str) -> tuple[list[int], list[int]]:
+    """Token ids of `template` ("{}" where the subject goes) with `subject` filled in, and the positions of
+    the subject's tokens."""
+    pre, post = template.split("{}")
+    enc = tok(pre + subject + post, return_offsets_mapping=True)
+    a, b = len(pre), len(pre) + len(subject)
+    return enc["input_ids"], [i for i, (x, y) in enumerate(enc["offset_mapping"]) if x < b and y > a]
+
+
+def masked_deltas(em, delta: dict[int, torch.Tensor]) -> dict:
+    """Forward hooks that add delta[l] k to layer l's down-projection output at the layers `where["layers"]`
+    names and the positions `where["mask"]` ([seq] of 0/1) marks; returns `where` (every layer, no mask yet)."""
+    where = {"layers": set(delta), "mask": None}
+
+    def hook(layer):
+        def add(module, inputs, out):
+            if layer not in where["layers"]:
+                return out
+            return out + torch.nn.functional.linear(inputs[0], delta[layer]) * where["mask"][None, :, None]
+        return add
+
+    for layer in delta:
+        em.down_proj(layer).register_forward_hook(hook(layer))
+    return where
+
+
 def unrelated(raw: list[dict], edits: int, tok) -> list[tuple[list[int], list[int], bool]]:
     """(token ids, subject token positions, relation edited?) of the unrelated prompts eval uses."""
     edited_subjects = {r["requested_rewrite"]["subject"] for r in raw[:edits]}
@@ -45,11 +71,7 @@ def unrelated(raw: list[dict], edits: int, tok) -> list[tuple[list[int], list[in
     out = []
     for r in [r for r in raw[edits:] if r["requested_rewrite"]["subject"] not in edited_subjects][:UNRELATED_PROMPTS]:
         rr = r["requested_rewrite"]
-        pre, post = rr["prompt"].split("{}")
-        enc = tok(pre + rr["subject"] + post, return_offsets_mapping=True)
-        a, b = len(pre), len(pre) + len(rr["subject"])
-        subject = [i for i, (x, y) in enumerate(enc["offset_mapping"]) if x < b and y > a]
-        out.append((enc["input_ids"], subject, rr["relation_id"] in edited_relations))
+        out.append((*subject_positions(tok, rr["prompt"], rr["subject"]), rr["relation_id"] in edited_relations))
     return out
 
 
@@ -62,33 +84,24 @@ def main():
     torch.set_grad_enabled(False)
     ckpt = Checkpoint("smollm2-135m")
     tok, em = load_editable(ckpt)
-    hp, _ = default_hparams(*checkpoint_dims(ckpt))
+    hp, _ = native_z(*default_hparams(*checkpoint_dims(ckpt)), "cpu")  # the z as update_sweep keeps it
     requests = load_requests(data, limit=args.edits)
     torch.manual_seed(0)
     groups = context_templates(em.model, tok, hp.context_template_seeds, hp.context_template_length, 0)
     config = EditConfig(stats_corpus=str(CORPUS), stats_tokens=covariance_budget(tok, CORPUS), seed=0)
     stats = statistics(em, tok, ckpt, hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
     targets, _ = targets_for(Path(args.sweep), stats.identity["model"], em, tok, requests,
-                             [t for g in groups for t in g], hp)
+                             [t for g in groups for t in g], hp, 0)
     base = {l: em.down_proj(l).weight.detach().clone() for l in hp.layers}
-    delivered_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, progress=False)  # as make-patch
+    delivered_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats, progress=False)  # no neighbours
     delta = {l: em.down_proj(l).weight.detach() - base[l] for l in hp.layers}
     for l in hp.layers:
         em.down_proj(l).weight.copy_(base[l])
         print(f"layer {l}: |dW| / |W| = {delta[l].norm() / base[l].norm():.3f}")
 
     prompts = unrelated(json.loads(data.read_text()), args.edits, tok)
-    where = {"layers": set(), "mask": None}
-
-    def hook(layer):
-        def add(module, inputs, out):
-            if layer not in where["layers"]:
-                return out
-            return out + torch.nn.functional.linear(inputs[0], delta[layer]) * where["mask"][None, :, None]
-        return add
-
-    for l in hp.layers:
-        em.down_proj(l).register_forward_hook(hook(l))
+    where = masked_deltas(em, delta)
+    where["layers"] = set()
     last = lambda ids: em.model(torch.tensor([ids])).logits[0, -1].float()  # noqa: E731
     before = [last(ids) for ids, _, _ in prompts]
     matched = torch.tensor([m for _, _, m in prompts])

@@ -1,8 +1,8 @@
 """At which token positions a patch's update makes, or breaks, its own edits (issue 18, at 1,000 edits).
 
-The patch's deltas added only at chosen positions of each rewrite prompt (forward hooks on the
-down-projections, drift_sources.POSITIONS; the weights stay the base's). Per choice: how often the
-next-token argmax is the new target's first token, its mean probability, and P(new) > P(true) on that token.
+The patch's deltas added only at chosen positions of each rewrite prompt (drift_sources.masked_deltas, at
+drift_sources.POSITIONS; the weights stay the base's). Per choice: how often the next-token argmax is the new
+target's first token, its mean probability, and P(new) > P(true) on that token.
 A gap between "subject tokens" and "all" is what the update's changes at the other positions (the relation's
 words, shared by every edit of that relation) cost the edits.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from drift_sources import POSITIONS
+from drift_sources import POSITIONS, masked_deltas, subject_positions
 from update_sweep import DATA
 
 from memit_vllm import load_patch
@@ -36,22 +36,9 @@ def main():
     tok, em = load_editable(Checkpoint(args.model))
     deltas = load_patch(args.patch).deltas
     delta = {l: deltas[em.arch.weight_name(l)].float() for l in range(em.n_layers) if em.arch.weight_name(l) in deltas}
-    prompts = []
-    for r in read_dataset(args.data, args.n)[1]:
-        enc = tok(r.prompt.replace("{}", r.subject), return_offsets_mapping=True)
-        a = r.prompt.index("{}")
-        subject = [i for i, (x, y) in enumerate(enc["offset_mapping"]) if x < a + len(r.subject) and y > a]
-        prompts.append((enc["input_ids"], subject, target_ids(tok, " " + r.target_new)[0],
-                        target_ids(tok, " " + r.target_true)[0]))
-    where = {"mask": None}
-
-    def hook(layer):
-        def add(module, inputs, out):
-            return out + torch.nn.functional.linear(inputs[0], delta[layer]) * where["mask"][None, :, None]
-        return add
-
-    for l in delta:
-        em.down_proj(l).register_forward_hook(hook(l))
+    prompts = [(*subject_positions(tok, r.prompt, r.subject), target_ids(tok, " " + r.target_new)[0],
+                target_ids(tok, " " + r.target_true)[0]) for r in read_dataset(args.data, args.n)[1]]
+    where = masked_deltas(em, delta)
     print(f"{args.patch}: {len(prompts)} rewrite prompts\n\n| positions | argmax = new | P(new) | P(new) > P(true) |\n"
           "|---|---|---|---|")
     for name, positions in {"none": lambda n, subj: [], **POSITIONS}.items():

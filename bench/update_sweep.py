@@ -251,7 +251,8 @@ def main():
     z_requests = load_requests(args.data, limit=args.z_from) if args.z_from else requests
     targets, cached = targets_for(out, stats.identity["model"], em, tok, z_requests, [t for g in groups for t in g],
                                   base_hp, args.seed)
-    targets = TargetResult(*(getattr(targets, f)[:len(requests)] for f in TargetResult.__dataclass_fields__))
+    if args.z_from:
+        targets = TargetResult(*(getattr(targets, f)[:len(requests)] for f in TargetResult.__dataclass_fields__))
     print(f"z for {len(requests)} edits: {'cached' if cached else f'{time.monotonic() - t:.0f} s'}")
     z_info = z_summary(out, em, tok, targets, base_hp, args.seed)
     print("z: " + ", ".join(f"{k} {v:.3f}" for k, v in z_info.items()))
