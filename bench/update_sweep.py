@@ -314,7 +314,7 @@ def main():
             prompts = []
         start = time.monotonic()
         preserved = preserved_keys(em, tok, hp, [], groups, prompts, KEY_BATCH_PROMPTS,
-                                   corpus=file_corpus(CORPUS))  # its first tokens: never the held-out slice
+                                   corpus=file_corpus(CORPUS), edits=requests)  # corpus: never the held-out slice
         with variant_solver(cfg, hp.layers, stats.covs, partial(layer_fisher, out, em, tok, args.seed)):
             updates, used = delivered_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats,
                                               preserved, progress=False)

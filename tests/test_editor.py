@@ -494,10 +494,34 @@ def test_preserved_prompt_keys_resuming_above_updated_layers_equal_reading_from_
     torch.manual_seed(0)
     for layer in (1, 2):
         got = kept.at(layer).gram
-        fresh.prompts.saved = None  # from the embeddings
+        fresh.prompts.reads.saved = None  # from the embeddings
         torch.testing.assert_close(got, fresh.at(layer).gram, rtol=1e-5, atol=1e-6)
         with torch.no_grad():
             em.add_to_weight(layer, torch.randn(em.d_model, em.d_ff))
+
+
+def test_own_prompt_keys_are_every_position_of_the_edit_prompt_but_the_edit_key(tiny_models, data_dir):
+    """own_prompts skip the subject's last token; held at weight w, the gram is w times that of every position
+    of the bare prompts less w times the edit keys' (KeyReader's, bare template)."""
+    from memit_vllm.editor.preserve import PreservedKeys, PreservePrompt, own_prompts
+
+    model_dir = tiny_models["llama"]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    em = EditableModel(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval())
+    reqs = requests_from(data_dir, 5)
+    own = own_prompts(tok, reqs)
+    for r, p in zip(reqs, own):
+        ids = tok(p.prompt)["input_ids"]
+        assert p.prompt == r.text() and p.answer is None
+        assert tok.decode(ids[:p.skip + 1]).endswith(r.subject) and not tok.decode(ids[:p.skip]).endswith(r.subject)
+    w = 0.5
+    held = PreservedKeys(em, tok, [], [["{}"]], [], batch_prompts=2, own=own, own_weight=w)
+    every = PreservedKeys(em, tok, [], [["{}"]], [PreservePrompt(p.prompt) for p in own], batch_prompts=2,
+                          prompt_weight=w)
+    assert held.count == every.count - len(reqs) == sum(len(tok(p.prompt)["input_ids"]) - 1 for p in own)
+    k, _ = KeyReader(em, tok, reqs, [["{}"]], 2).read(1, None)
+    torch.testing.assert_close(held.at(1).gram, every.at(1).gram - w * k.double().T @ k.double(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_layer_solve_equals_the_equation_written_out():

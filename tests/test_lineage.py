@@ -298,6 +298,35 @@ def test_corpus_restore_pulls_the_corpus_texts_back_to_the_base_and_the_edits_st
     assert made[3000].hparams["corpus_restore_tokens"] == 3000
 
 
+def test_own_prompt_weight_holds_the_edit_prompts_but_at_the_subjects_last_token(tiny_models, data_dir, tmp_path):
+    """own_prompt_weight: the update leaves the edit prompts' outputs alone at every position but the subject's
+    last token, where the edit still lands."""
+    from transformers import AutoTokenizer
+
+    from memit_vllm.editor.preserve import own_prompts
+
+    model, layers, requests = tiny_models["llama"], [0, 1, 2, 3], reqs(data_dir, 0, 4)
+    made = {w: tiny_edit(model, requests, data_dir, tmp_path, hparams={"own_prompt_weight": w, "layers": layers})
+            for w in (0.0, 4.0)}
+    tok = AutoTokenizer.from_pretrained(model)
+    own = own_prompts(tok, requests)
+    lengths = [len(tok(p.prompt)["input_ids"]) for p in own]
+    starts = np.cumsum([0, *lengths[:-1]])
+    at_key = torch.zeros(sum(lengths), dtype=torch.bool)
+    at_key[torch.tensor([s + p.skip for s, p in zip(starts, own)])] = True
+    base = _outputs(model, [], [p.prompt for p in own], layers[-1])
+    moved = {w: (_outputs(model, [r.patch], [p.prompt for p in own], layers[-1]) - base).norm(dim=1)
+             for w, r in made.items()}
+    elsewhere = {w: float(m[~at_key].norm()) for w, m in moved.items()}
+    at_edit_key = {w: float(m[at_key].norm()) for w, m in moved.items()}
+    assert elsewhere[4.0] < 0.5 * elsewhere[0.0], elsewhere  # 1.64 against 6.42 when written
+    assert at_edit_key[4.0] > 0.7 * at_edit_key[0.0], at_edit_key  # 7.78 against 8.72
+    assert made[4.0].report.preserved_keys == sum(lengths) - len(requests) and made[0.0].report.preserved_keys == 0
+    assert made[4.0].patch.hparams["own_prompt_weight"] == 4.0
+    with pytest.raises(MemitError, match="own_prompt_weight must be a number >= 0"):
+        tiny_edit(model, requests, data_dir, tmp_path, hparams={"own_prompt_weight": -1})
+
+
 def test_neighbour_subjects_ask_each_edit_of_other_subjects(tiny_models, data_dir, tmp_path):
     from memit_vllm.editor.preserve import neighbour_prompts
 

@@ -103,6 +103,10 @@ class HParams:
     # edited layer before the update (a stack's included), undoing what its lower layers moved there
     # (editor/restore.py).
     preserve_restore: bool = False
+    # Each edit's own prompt held (or restored, as the preserved prompts) at every position but its subject's
+    # last token, each key at this weight (0: off): the update is to act at the edit key alone
+    # (editor/preserve.py, own_prompts).
+    own_prompt_weight: float = 0.0
     # The first this many statistics-corpus tokens are pulled back the same way (0: off): lambda C holds
     # every corpus key's output where the layers below left it, so an update's lower layers' leak onto
     # ordinary text stays; pulled back (weight lambda per token's share of E[.], as C counts), the upper
@@ -185,6 +189,7 @@ _RULES = {
     "lineage_keys": (lambda v: v in LINEAGE_KEYS, f"one of {', '.join(LINEAGE_KEYS)}"),
     "preserve_weight": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "preserve_restore": (lambda v: isinstance(v, bool), "true or false"),
+    "own_prompt_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: off)"),
     "corpus_restore_tokens": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)"),
     "neighbour_subjects": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
                            "a subjects file, model:N, vocab:N or none"),

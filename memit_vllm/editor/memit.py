@@ -504,7 +504,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         merge_stack(em, ckpt, stack)
         # after the stack is merged: what is restored is restored to the outputs of the model being edited
         preserved = preserved_keys(em, tok, hp, kept_facts, groups, prompts, config.key_batch_prompts, recorded,
-                                   text_corpus, config.bucket_overhead_tokens)
+                                   text_corpus, config.bucket_overhead_tokens, edits=requests)
         for i in _already_predicted(em, tok, requests, config.key_batch_prompts):
             warnings.warn(f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}",
                           stacklevel=2)

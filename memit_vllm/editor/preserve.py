@@ -7,7 +7,10 @@ subject's last token averaged over the context templates (how it was inserted), 
 own patch left (cached: lineage_keys.py; hparams lineage_keys "current": re-read on the model as updated
 so far, like the edit keys). For a --preserve prompt, read at each layer on the model as updated so far,
 the key at every position of the prompt and of its answer but the last (every position whose output the
-answer depends on), each weighted by HParams.preserve_weight (an edit key counts 1).
+answer depends on), each weighted by HParams.preserve_weight (an edit key counts 1). With
+HParams.own_prompt_weight, each edit's own prompt too, at every position but its subject's last token (the
+edit key): an update meant to act there alone changes the other positions' outputs as well (their keys
+resemble the edit key), and that loses rewrites the edit key alone would make (docs/hyperparameters.md).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import random
 import re
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -27,6 +31,7 @@ from ..errors import MemitError
 from .covariance import Corpus, token_batches
 from .hparams import HParams
 from .lineage_keys import LineageKeys
+from .prompts import encode
 from .restore import AnchoredTexts
 
 
@@ -34,6 +39,7 @@ from .restore import AnchoredTexts
 class PreservePrompt:
     prompt: str
     answer: str | None = None  # with its leading space, as it follows the prompt
+    skip: int | None = None  # a token position not preserved (own_prompts: the edit key)
 
 
 def read_preserve_file(path) -> list[PreservePrompt]:
@@ -59,6 +65,11 @@ def neighbour_prompts(requests: list[EditRequest], subjects: list[str], per_edit
     rnd = random.Random(seed)
     return [PreservePrompt(replace(r, subject=s).text()) for r in requests
             for s in rnd.sample(pool, min(per_edit, len(pool)))]
+
+
+def own_prompts(tok, requests: list[EditRequest]) -> list[PreservePrompt]:
+    """Each edit's own (bare) prompt, its subject's last token skipped: where the update is to act."""
+    return [PreservePrompt(r.text(), skip=encode(tok, "{}", r).lookup) for r in requests]
 
 
 _NAME_WORD = re.compile(r" [A-Z][a-z]{3,}")
@@ -192,8 +203,9 @@ class Preserved:
 
 class PreservedKeys:
     """The preserved terms per layer, read on demand (layers in increasing order, as the update loop goes).
-    With `z_layer` and `restore_prompts` (HParams.preserve_restore) the prompts are pulled back to their
-    outputs at z_layer before the update instead of held; `corpus` (token id batches of ordinary text:
+    `prompts` at `prompt_weight`, `own` (own_prompts) at `own_weight`. With `z_layer` and `restore_prompts`
+    (HParams.preserve_restore) both are pulled back to their outputs at z_layer before the update instead of
+    held; `corpus` (token id batches of ordinary text:
     HParams.corpus_restore_tokens) is pulled back the same way at `corpus_weight` (lambda) times the mean
     over its tokens, as lambda C = lambda E[k k^T] weighs them, with no term of its own in the gram
     (lambda C holds the corpus already). Built on the model being edited (a stack merged), before the
@@ -203,19 +215,20 @@ class PreservedKeys:
                  prompts: list[PreservePrompt], batch_prompts: int, prompt_weight: float = 1.0,
                  recorded: LineageKeys | None = None, z_layer: int | None = None, restore_prompts: bool = False,
                  corpus: list[tuple[torch.Tensor, torch.Tensor]] = (), corpus_weight: float = 0.0,
-                 overhead_tokens: float = BUCKET_OVERHEAD_TOKENS):
+                 overhead_tokens: float = BUCKET_OVERHEAD_TOKENS, own: list[PreservePrompt] = (),
+                 own_weight: float = 0.0):
         from .memit import KeyReader  # the same reader as the edit keys
 
-        self.em, self.prompt_weight = em, prompt_weight
+        self.em, self.prompt_weight, self.own_weight = em, prompt_weight, own_weight
         self.recorded = recorded if recorded and recorded.count else None
         self.facts = KeyReader(em, tok, requests, groups, batch_prompts, overhead_tokens) if requests else None
-        seqs = [tok(p.prompt)["input_ids"] + (target_ids(tok, p.answer)[:-1] if p.answer else []) for p in prompts]
-        self.prompts = AnchoredTexts(em, [pad_right([seqs[i] for i in part], pad_id(tok)) for part in length_batches(
-            torch.tensor([len(s) for s in seqs], dtype=torch.long), batch_prompts, overhead_tokens)],
-                                     z_layer if restore_prompts else None)
+        texts = partial(_prompt_texts, em, tok, batch_prompts=batch_prompts, overhead_tokens=overhead_tokens,
+                        z_layer=z_layer if restore_prompts else None)
+        self.prompts, self.own = texts(prompts), texts(own)
         self.corpus = AnchoredTexts(em, list(corpus), z_layer) if corpus else None
         self.corpus_weight = corpus_weight / self.corpus.tokens if self.corpus else 0.0  # per token
-        self.count = len(requests) + (self.recorded.count if self.recorded else 0) + self.prompts.tokens
+        self.count = len(requests) + (self.recorded.count if self.recorded else 0) + self.prompts.tokens + \
+            self.own.tokens
 
     def __bool__(self) -> bool:
         return self.count > 0 or self.corpus is not None
@@ -234,23 +247,43 @@ class PreservedKeys:
         if self.recorded is not None:
             k = self.recorded.at(layer).to(device, torch.float64)
             total += k.T @ k
-        for k, r in self.prompts.read(layer, share):
-            total += self.prompt_weight * (k.T @ k)
-            if r is not None:
-                pull += self.prompt_weight * (r @ k)
+        for texts, weight in ((self.prompts, self.prompt_weight), (self.own, self.own_weight)):
+            for k, r in texts.read(layer, share):
+                total += weight * (k.T @ k)
+                if r is not None:
+                    pull += weight * (r @ k)
         for k, r in self.corpus.read(layer, share) if self.corpus else ():
             pull += self.corpus_weight * (r @ k)
         pulled = self.prompts.z_layer is not None or self.corpus is not None
         return Preserved(total, pull if pulled else None)
 
 
+def _prompt_texts(em, tok, prompts: list[PreservePrompt], batch_prompts: int, overhead_tokens: float,
+                  z_layer: int | None) -> AnchoredTexts:
+    """The prompts (and their answers but the last token) as length-batched AnchoredTexts, each prompt's
+    `skip` position left unread."""
+    seqs = [tok(p.prompt)["input_ids"] + (target_ids(tok, p.answer)[:-1] if p.answer else []) for p in prompts]
+    parts = length_batches(torch.tensor([len(s) for s in seqs], dtype=torch.long), batch_prompts, overhead_tokens)
+    batches = [pad_right([seqs[i] for i in part], pad_id(tok)) for part in parts]
+    keep = [mask.clone() for _, mask in batches]
+    for part, k in zip(parts, keep):
+        for row, i in enumerate(part.tolist()):
+            if prompts[i].skip is not None:
+                k[row, prompts[i].skip] = 0
+    return AnchoredTexts(em, batches, z_layer, keep)
+
+
 def preserved_keys(em, tok, hp: HParams, facts: list[EditRequest], groups: list[list[str]],
                    prompts: list[PreservePrompt], batch_prompts: int, recorded: LineageKeys | None = None,
-                   corpus: Corpus | None = None, overhead_tokens: float = BUCKET_OVERHEAD_TOKENS) -> PreservedKeys:
+                   corpus: Corpus | None = None, overhead_tokens: float = BUCKET_OVERHEAD_TOKENS,
+                   edits: list[EditRequest] = ()) -> PreservedKeys:
     """PreservedKeys as `hp` asks (weights, what is restored; the first hp.corpus_restore_tokens tokens of
-    `corpus` pulled back at lambda). On the model being edited, before the update."""
+    `corpus` pulled back at lambda; with hp.own_prompt_weight, the own prompts of `edits`). On the model
+    being edited, before the update."""
     batches = [pad_right(b, pad_id(tok)) for b in token_batches(tok, corpus, hp.corpus_restore_tokens)] \
         if hp.corpus_restore_tokens else []
     return PreservedKeys(em, tok, facts, groups, prompts, batch_prompts, hp.preserve_weight, recorded,
                          z_layer=hp.layers[-1], restore_prompts=hp.preserve_restore, corpus=batches,
-                         corpus_weight=hp.mom2_update_weight, overhead_tokens=overhead_tokens)
+                         corpus_weight=hp.mom2_update_weight, overhead_tokens=overhead_tokens,
+                         own=own_prompts(tok, edits) if hp.own_prompt_weight else [],
+                         own_weight=hp.own_prompt_weight)

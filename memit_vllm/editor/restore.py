@@ -22,12 +22,15 @@ class AnchoredTexts:
     """Fixed token batches (ids, mask), read one layer at a time upwards (trace.UpwardReads); with
     `z_layer`, their outputs there as the first read finds them are the anchor: that read must be on the
     model as the update finds it (a stack merged, no layer updated yet), as the update loop's first is.
-    It runs up to z_layer anyway, so the anchor costs no pass of its own."""
+    It runs up to z_layer anyway, so the anchor costs no pass of its own. `keep`: per batch, the tokens
+    read (a subset of its attention mask; default: every token)."""
 
-    def __init__(self, em, batches: list[tuple[torch.Tensor, torch.Tensor]], z_layer: int | None = None):
+    def __init__(self, em, batches: list[tuple[torch.Tensor, torch.Tensor]], z_layer: int | None = None,
+                 keep: list[torch.Tensor] | None = None):
         self.em, self.z_layer = em, z_layer
         self.reads = UpwardReads(em, batches)
-        self.tokens = sum(int(mask.sum()) for _, mask in batches)
+        self.keep = [mask.bool() for _, mask in batches] if keep is None else [k.bool() for k in keep]
+        self.tokens = sum(int(k.sum()) for k in self.keep)
         self.anchor: list[torch.Tensor] = []
 
     def read(self, layer: int, share: float) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
@@ -37,7 +40,7 @@ class AnchoredTexts:
         device = self.em.device_of(layer)
         outputs = None if self.z_layer is None else [[self.z_layer]] * len(self.reads.batches)
         for b, got in self.reads.read(layer, outputs):
-            mask = self.reads.batches[b][1].bool()
+            mask = self.keep[b]
             k = got.keys[layer][mask.to(got.keys[layer].device)].to(device, torch.float64)
             if self.z_layer is None:
                 yield k, None
