@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from transformers import AutoTokenizer
 
 from memit_vllm.editor import default_hparams, load_requests
 from memit_vllm.editor.memit import native_z
@@ -40,7 +41,11 @@ def test_the_default_is_the_contained_setting_through_the_cli(smollm2, data_dir,
     assert source.startswith("measured, SmolLM2-135M") and patch.hparams["source"] == source
     assert patch.hparams["z_dtype"] == preset.z_dtype == ("bfloat16" if runs_natively("bfloat16", "cpu") else None)
     assert (patch.hparams["v_optimizer"], patch.hparams["neighbour_subjects"]) == ("steepest_fisher", "model:2000")
-    assert "preserved keys per layer (--preserve, --neighbour-subjects: 10 per edit)" in made.stdout  # 10 edits: 10
+    assert patch.hparams["own_prompt_weight"] == 0.125  # "Session 26"
+    # 10 edits: 10 per edit; the own prompts' keys: every token of the 10 prompts but the subjects' last
+    own_keys = sum(len(AutoTokenizer.from_pretrained(smollm2)(r["prompt"].format(r["subject"]))["input_ids"]) - 1
+                   for r in patch.requests)
+    assert f"(--preserve, --neighbour-subjects: 10 per edit; {own_keys} of the edits' own prompts)" in made.stdout
     assert_ten_edits_take(evaluate(str(smollm2), data, [out], n=10))
 
 

@@ -321,7 +321,8 @@ def test_own_prompt_weight_holds_the_edit_prompts_but_at_the_subjects_last_token
     at_edit_key = {w: float(m[at_key].norm()) for w, m in moved.items()}
     assert elsewhere[4.0] < 0.5 * elsewhere[0.0], elsewhere  # 1.64 against 6.42 when written
     assert at_edit_key[4.0] > 0.7 * at_edit_key[0.0], at_edit_key  # 7.78 against 8.72
-    assert made[4.0].report.preserved_keys == sum(lengths) - len(requests) and made[0.0].report.preserved_keys == 0
+    assert made[4.0].report.preserved_keys == made[4.0].report.own_prompt_keys == sum(lengths) - len(requests)
+    assert made[0.0].report.preserved_keys == made[0.0].report.own_prompt_keys == 0
     assert made[4.0].patch.hparams["own_prompt_weight"] == 4.0
     with pytest.raises(MemitError, match="own_prompt_weight must be a number >= 0"):
         tiny_edit(model, requests, data_dir, tmp_path, hparams={"own_prompt_weight": -1})
@@ -358,12 +359,12 @@ def test_neighbour_subjects_ask_each_edit_of_other_subjects(tiny_models, data_di
 
 
 def test_neighbours_per_edit_default_falls_with_the_batch(tiny_models, data_dir, tmp_path, monkeypatch):
-    """Without --neighbours-per-edit: 10 per edit up to 300 edits, then about 3,000 prompts in all (3 per edit
+    """Without --neighbours-per-edit: 10 per edit up to 200 edits, then about 2,000 prompts in all (2 per edit
     at 1,000, never under 1), as if given; the report says how many each edit's prompt was asked of."""
     from memit_vllm.editor import hparams
 
-    per_edit = [hparams.default_neighbours_per_edit(n) for n in (1, 100, 300, 301, 1000, 3001, 10000)]
-    assert per_edit == [10, 10, 10, 9, 3, 1, 1]
+    per_edit = [hparams.default_neighbours_per_edit(n) for n in (1, 100, 200, 201, 300, 1000, 2001, 10000)]
+    assert per_edit == [10, 10, 10, 9, 6, 2, 1, 1]
     model, requests = tiny_models["llama"], reqs(data_dir, 0, 3)
     monkeypatch.setattr(hparams, "NEIGHBOUR_PROMPTS", 6)  # so that these 3 edits are a large batch: 2 per edit
     auto = tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="vocab:50")

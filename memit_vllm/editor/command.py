@@ -142,7 +142,8 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
                    "those patches")
     if r.preserved_keys and not r.made_on:
         click.echo(f"{r.preserved_keys} preserved keys per layer (--preserve, --neighbour-subjects"
-                   + (f": {r.neighbours_per_edit} per edit)" if r.neighbours_per_edit else ")"))
+                   + (f": {r.neighbours_per_edit} per edit" if r.neighbours_per_edit else "")
+                   + (f"; {r.own_prompt_keys} of the edits' own prompts)" if r.own_prompt_keys else ")"))
     for change in r.changed:
         click.echo(f"changes {change}")
     if r.z_resumed:

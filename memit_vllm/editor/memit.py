@@ -128,6 +128,7 @@ class EditReport:
     changed: list[str] = field(default_factory=list)  # facts of the lineage this patch changes
     preserved_keys: int = 0  # key vectors per layer the update was solved to leave alone
     neighbours_per_edit: int = 0  # neighbour subjects each edit's prompt was asked of (0: no --neighbour-subjects)
+    own_prompt_keys: int = 0  # of preserved_keys: the edits' own prompts' (hparams own_prompt_weight)
     lineage_keys_read: int = 0  # patches of the stack whose facts' keys were read (not in the cache)
     memory: dict = field(default_factory=dict)  # peak RSS, checkpoint size, peak per GPU (editor/memory.py)
 
@@ -534,7 +535,8 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         z_resumed=int(targets.resumed.sum()),
         delivered=updates.delivered, covariance=stats.info, warnings=warned, device=where, method=hp.method,
         made_on=[p.patch_id for p in stack], changed=changed_facts(requests, lineage),
-        preserved_keys=preserved.count, neighbours_per_edit=per_edit or 0, lineage_keys_read=lineage_read,
+        preserved_keys=preserved.count, neighbours_per_edit=per_edit or 0, own_prompt_keys=preserved.own.tokens,
+        lineage_keys_read=lineage_read,
         memory=peak_memory(ckpt))
 
     patch = Patch(
