@@ -359,14 +359,16 @@ def test_neighbour_subjects_ask_each_edit_of_other_subjects(tiny_models, data_di
 
 
 def test_neighbours_per_edit_default_falls_with_the_batch(tiny_models, data_dir, tmp_path, monkeypatch):
-    """Without --neighbours-per-edit: 10 per edit up to 200 edits, then about 2,000 prompts in all (2 per edit
-    at 1,000, never under 1), as if given; the report says how many each edit's prompt was asked of."""
+    """Without --neighbours-per-edit: 10 per edit up to 316 edits, then (1,000 / edits)^2 (4 at 500, 1 from 708,
+    never under 1), as if given; the report says how many each edit's prompt was asked of."""
     from memit_vllm.editor import hparams
 
-    per_edit = [hparams.default_neighbours_per_edit(n) for n in (1, 100, 200, 201, 300, 1000, 2001, 10000)]
-    assert per_edit == [10, 10, 10, 9, 6, 2, 1, 1]
+    per_edit = [hparams.default_neighbours_per_edit(n) for n in (1, 100, 316, 317, 500, 707, 708, 1000, 10000)]
+    assert per_edit == [10, 10, 10, 9, 4, 2, 1, 1, 1]
+    assert hparams.neighbours_default_text() == "10, fewer in batches of over 316 edits ((1,000 / edits)^2: 4 at " \
+        "500, 1 from 708)"
     model, requests = tiny_models["llama"], reqs(data_dir, 0, 3)
-    monkeypatch.setattr(hparams, "NEIGHBOUR_PROMPTS", 6)  # so that these 3 edits are a large batch: 2 per edit
+    monkeypatch.setattr(hparams, "NEIGHBOURS_SCALE", 5)  # so that these 3 edits are a large batch: 2 per edit
     auto = tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="vocab:50")
     two = tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="vocab:50", neighbours_per_edit=2)
     four = tiny_edit(model, requests, data_dir, tmp_path, neighbour_subjects="vocab:50", neighbours_per_edit=4)

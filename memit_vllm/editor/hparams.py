@@ -241,27 +241,29 @@ PRESETS = [
 ]
 
 
-# --neighbours-per-edit's default: 10 per edit (chosen at 100 edits), fewer in larger batches, so that about
-# NEIGHBOUR_PROMPTS are asked in all. The neighbour prompts of other edits (the same relation templates) hold an
-# edit's key too, so each layer's delivery falls with their total: on SmolLM2 1,000 prompts at 100 edits let it
-# deliver 72% of its residual, at 1,000 edits 2,000 / 3,000 / 5,000 / 10,000 prompts 60 / 54 / 48 / 37%
-# (rewrites 0.89 / 0.87 / 0.79 / 0.60, unrelated first words kept 0.74 / 0.75 / 0.77 / 0.82;
-# docs/hyperparameters.md, "Session 25"). With the edits' own prompts held (own_prompt_weight 1/8), 2,000
-# prompts at 1,000 edits beat 3,000 without them on every generated and teacher-forced score but whole
-# completions (rewrites 0.88, first words kept 0.79: "Session 26").
+# --neighbours-per-edit's default: 10 per edit (chosen at 100 edits), fewer in larger batches. The neighbour
+# prompts of other edits (the same relation templates) hold an edit's key too, so each layer's delivery falls
+# with their total: on SmolLM2 1,000 prompts at 100 edits let it deliver 72% of its residual, at 1,000 edits
+# 2,000 / 3,000 / 5,000 / 10,000 prompts 60 / 54 / 48 / 37% (rewrites 0.89 / 0.87 / 0.79 / 0.60, unrelated first
+# words kept 0.74 / 0.75 / 0.77 / 0.82; docs/hyperparameters.md, "Session 25"). The edits' own prompts held
+# (own_prompt_weight) grow with the batch too, so the neighbours fall faster than 1 / edits: (NEIGHBOURS_SCALE /
+# edits)^2 per edit, 10 up to 316 edits (at 300: rewrites 0.95, first words kept 0.79), 1 from 708 (at 1,000: 0.91,
+# 0.81, where 3,000 prompts without own prompts gave 0.87, 0.75): "Session 26". Fitted through those two sizes.
 NEIGHBOURS_PER_EDIT = 10
-NEIGHBOUR_PROMPTS = 2000
+NEIGHBOURS_SCALE = 1000
 
 
 def default_neighbours_per_edit(n_edits: int) -> int:
     """How many neighbour subjects each edit's prompt is asked of in a batch of `n_edits`, when not given."""
-    return max(1, min(NEIGHBOURS_PER_EDIT, NEIGHBOUR_PROMPTS // max(n_edits, 1)))
+    return max(1, min(NEIGHBOURS_PER_EDIT, NEIGHBOURS_SCALE ** 2 // max(n_edits, 1) ** 2))
 
 
 def neighbours_default_text() -> str:
     """The default of --neighbours-per-edit in words, for its help and its error message."""
-    return (f"{NEIGHBOURS_PER_EDIT}, fewer in batches of over {NEIGHBOUR_PROMPTS // NEIGHBOURS_PER_EDIT} edits (about "
-            f"{NEIGHBOUR_PROMPTS:,} prompts in all: {default_neighbours_per_edit(1000)} per edit at 1,000)")
+    most = max(n for n in range(1, NEIGHBOURS_SCALE + 1) if default_neighbours_per_edit(n) == NEIGHBOURS_PER_EDIT)
+    one = min(n for n in range(1, 2 * NEIGHBOURS_SCALE) if default_neighbours_per_edit(n) == 1)
+    return (f"{NEIGHBOURS_PER_EDIT}, fewer in batches of over {most} edits (({NEIGHBOURS_SCALE:,} / edits)^2: "
+            f"{default_neighbours_per_edit(500)} at 500, 1 from {one})")
 
 
 def parse_layers(value: str | None) -> list[int] | None:
