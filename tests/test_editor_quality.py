@@ -43,8 +43,8 @@ def test_the_default_is_the_contained_setting_through_the_cli(smollm2, data_dir,
     assert (patch.hparams["v_optimizer"], patch.hparams["neighbour_subjects"]) == ("steepest_fisher", "model:2000")
     assert patch.hparams["own_prompt_weight"] == 0.125  # "Session 26"
     # 10 edits: 10 per edit; the own prompts' keys: every token of the 10 prompts but the subjects' last
-    own_keys = sum(len(AutoTokenizer.from_pretrained(smollm2)(r["prompt"].format(r["subject"]))["input_ids"]) - 1
-                   for r in patch.requests)
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    own_keys = sum(len(tok(r["prompt"].format(r["subject"]))["input_ids"]) - 1 for r in patch.requests)
     assert f"(--preserve, --neighbour-subjects: 10 per edit; {own_keys} of the edits' own prompts)" in made.stdout
     assert_ten_edits_take(evaluate(str(smollm2), data, [out], n=10))
 

@@ -9,8 +9,9 @@ so far, like the edit keys). For a --preserve prompt, read at each layer on the 
 the key at every position of the prompt and of its answer but the last (every position whose output the
 answer depends on), each weighted by HParams.preserve_weight (an edit key counts 1). With
 HParams.own_prompt_weight, each edit's own prompt too, at every position but its subject's last token (the
-edit key): an update meant to act there alone changes the other positions' outputs as well (their keys
-resemble the edit key), and that loses rewrites the edit key alone would make (docs/hyperparameters.md).
+edit key): an update meant to act there alone also moves the other positions' outputs, where the other
+edits' changes cost rewrites. Their keys resemble the edit key, so holding them holds it a little too, but
+less than the neighbours that would protect those positions instead (docs/hyperparameters.md, "Session 26").
 """
 
 from __future__ import annotations
