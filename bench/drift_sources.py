@@ -21,11 +21,11 @@ from update_sweep import CORPUS, DATA, targets_for
 
 from memit_vllm.cache import cache_dir
 from memit_vllm.checkpoint import Checkpoint
-from memit_vllm.core.records import load_requests
+from memit_vllm.core.records import EditRequest, load_requests
 from memit_vllm.editor import EditConfig, default_hparams, load_editable
 from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.memit import KeyReader, delivered_updates, native_z, statistics
-from memit_vllm.editor.prompts import context_templates
+from memit_vllm.editor.prompts import context_templates, encode
 from memit_vllm.evaluate.generation import UNRELATED_PROMPTS, covariance_budget
 
 POSITIONS = {  # which tokens of a prompt get the update's contribution
@@ -40,11 +40,9 @@ POSITIONS = {  # which tokens of a prompt get the update's contribution
 
 def subject_positions(tok, template: str, subject: str) -> tuple[list[int], list[int]]:
     """Token ids of `template` ("{}" where the subject goes) with `subject` filled in, and the positions of
-    the subject's tokens."""
-    pre, post = template.split("{}")
-    enc = tok(pre + subject + post, return_offsets_mapping=True)
-    a, b = len(pre), len(pre) + len(subject)
-    return enc["input_ids"], [i for i, (x, y) in enumerate(enc["offset_mapping"]) if x < b and y > a]
+    the subject's tokens (prompts.encode, as the editor finds them)."""
+    enc = encode(tok, "{}", EditRequest(template, subject, ""))
+    return enc.ids, enc.subject
 
 
 def masked_deltas(em, delta: dict[int, torch.Tensor]) -> dict:

@@ -21,7 +21,12 @@ from ..errors import MemitError
 @dataclass(frozen=True)
 class Encoded:
     ids: list[int]
-    lookup: int  # index of the subject's last token
+    subject: list[int]  # the positions of the subject's tokens
+
+    @property
+    def lookup(self) -> int:
+        """The index of the subject's last token."""
+        return self.subject[-1]
 
 
 def split_prompt(prompt: str) -> tuple[str, str]:
@@ -42,7 +47,7 @@ def encode(tok, template: str, request: EditRequest) -> Encoded:
     if not hits:
         case = f" (case {request.case_id})" if request.case_id else ""
         raise MemitError(f"request {request.text()!r}{case}: subject {request.subject!r} maps to no token in {text!r}")
-    return Encoded(list(enc["input_ids"]), hits[-1])
+    return Encoded(list(enc["input_ids"]), hits)
 
 
 @torch.no_grad()
