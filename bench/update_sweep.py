@@ -219,6 +219,9 @@ def main():
     ap.add_argument("--layer-kl", action="store_true",
                     help="per edited layer, the update's second-order KL on corpus keys, 1/2 tr(F_l D C_l D^T), and "
                          "where its leak lies in F_l (layer_leak)")
+    ap.add_argument("--unrelated-count", type=int, default=None, metavar="N",
+                    help="score N unrelated prompts instead of eval's 100 (a share of 100 is known to about "
+                         "+-10 points, of 1,000 to +-3); the before and result files then end in -uN")
     ap.add_argument("--z-hparams", default="{}", help='JSON overrides of the z settings for every configuration '
                     '(e.g. {"v_early_stop": "most_probable"}): one z computation per distinct value')
     args = ap.parse_args()
@@ -257,14 +260,15 @@ def main():
     z_info = z_summary(out, em, tok, targets, base_hp, args.seed)
     print("z: " + ", ".join(f"{k} {v:.3f}" for k, v in z_info.items()))
 
-    unrelated, unrelated_source = unrelated_prompts(args.data, fmt, records)
+    unrelated, unrelated_source = unrelated_prompts(args.data, fmt, records, count=args.unrelated_count)
+    suffix = f"-u{args.unrelated_count}" if args.unrelated_count else ""
     _, everything = read_dataset(args.data)  # the subjects scored here (edited or unrelated): never preserved
     asked = set(unrelated)
     scored = {r.subject for r in everything[:len(records)]} | {r.subject for r in everything[len(records):]
                                                                 if r.rewrite_prompt in asked}
     task = generation_task(tok, fmt, records, unrelated, unrelated_source, CORPUS)
     scorer = TransformersScorer(em.model, tok, progress=False)
-    before_file = out / f"before-{args.edits}-p{held_out}.json"
+    before_file = out / f"before-{args.edits}-p{held_out}{suffix}.json"
     original = {em.arch.weight_name(l): em.down_proj(l).weight.detach().clone() for l in range(em.n_layers)}
     before = json.loads(before_file.read_text()) if before_file.is_file() else {}
     if "tf" not in before or "generated" not in before:  # the unedited scores and completions, once per --out
@@ -279,7 +283,7 @@ def main():
     rows = []
     for cfg in configs:
         name = cfg["name"]
-        result_file = out / f"{name.replace(' ', '_').replace('/', '-')}-{args.edits}.json"
+        result_file = out / f"{name.replace(' ', '_').replace('/', '-')}-{args.edits}{suffix}.json"
         if result_file.is_file():
             rows.append(json.loads(result_file.read_text()))
             continue

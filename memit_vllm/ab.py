@@ -22,7 +22,7 @@ from .core.records import read_dataset, read_prompts
 from .errors import MemitError
 from .evaluate.generation import NEW_TOKENS
 from .evaluate.metrics import COUNTERFACT_METRICS, GENERATION_METRICS, ZSRE_METRICS
-from .options import zsre_target_option
+from .options import unrelated_count_option, zsre_target_option
 
 GENERATE_TOKENS = 16
 LATENCY_CONCURRENCY = 4  # parallel single-prompt requests while latency is measured
@@ -112,7 +112,8 @@ def _agreement(answers: list[str], prompts: list[dict], control: list[str]) -> f
 
 def compare(a: Arm, b: Arm, edits: str, regression: str | None = None, n: int | None = None,
             tokenizer: str | None = None, batch_size: int = 16, new_tokens: int = NEW_TOKENS,
-            unrelated: str | None = None, heldout: str | None = None, zsre_target: str = "answers") -> dict:
+            unrelated: str | None = None, heldout: str | None = None, zsre_target: str = "answers",
+            unrelated_count: int | None = None) -> dict:
     """Both arms on the same data; regression answers are compared with each item's "answer", or with
     arm A's answer where an item has none (A is the control arm). The generated metrics are `eval
     --generate`'s with A as the unedited model: what B kept of A's completions, KL(A || B)."""
@@ -121,7 +122,7 @@ def compare(a: Arm, b: Arm, edits: str, regression: str | None = None, n: int | 
     fmt, records = read_dataset(edits, n, zsre_target=zsre_target)
     prompts = read_prompts(regression, "--regression") if regression else []
     # Only the later records' questions: read with the default target (the alt of some zsRE records is empty).
-    others, source = unrelated_prompts(edits, fmt, records, unrelated=unrelated)
+    others, source = unrelated_prompts(edits, fmt, records, unrelated=unrelated, count=unrelated_count)
     tok = _tokenizer_for(a, tokenizer)
     task = generation_task(tok, fmt, records, others, source, heldout, new_tokens=new_tokens)
     arms = [run_arm(arm, records, fmt, prompts, tok, batch_size, task) for arm in (a, b)]
@@ -146,7 +147,7 @@ def compare(a: Arm, b: Arm, edits: str, regression: str | None = None, n: int | 
 
 
 def format_table(result: dict) -> str:
-    from .evaluate.report import value_text
+    from .evaluate.report import generation_note, value_text
 
     a, b = result["A"], result["B"]
     width = max(map(len, [*result["metrics"], "latency p99 (ms)"]))
@@ -162,7 +163,7 @@ def format_table(result: dict) -> str:
         key = f"{q}_ms"
         lines.append(f"{f'latency {q} (ms)':<{width}}  {a['latency'][key]:>9.1f}  {b['latency'][key]:>9.1f}  "
                      f"{b['latency'][key] - a['latency'][key]:>+9.1f}")
-    return "\n".join(lines)
+    return "\n".join([*lines, generation_note(result["generation"])])
 
 
 def plot(result: dict, path: str | Path) -> Path:
@@ -197,13 +198,15 @@ def plot(result: dict, path: str | Path) -> Path:
               help="Greedy tokens per completion of the generated metrics (as `eval --generate`).")
 @click.option("--unrelated", default=None, metavar="FILE", help="Prompts no edit concerns (as `eval --unrelated`; "
               "default: the edit prompts of the records after the first N).")
+@unrelated_count_option
 @click.option("--heldout", default=None, metavar="FILE", help="Text for the KL between the arms (as `eval --heldout`).")
 def ab_command(arm_a, arm_b, edits, regression, n, zsre_target, tokenizer, json_out, plot_out, batch_size, new_tokens,
-               unrelated, heldout):
+               unrelated, unrelated_count, heldout):
     """Compare two served arms on edit success, regressions and latency (table, JSON, PNG)."""
     a, b = parse_arm("A", arm_a), parse_arm("B", arm_b)
     result = compare(a, b, edits, regression, n=n, tokenizer=tokenizer, batch_size=batch_size,
-                     new_tokens=new_tokens, unrelated=unrelated, heldout=heldout, zsre_target=zsre_target)
+                     new_tokens=new_tokens, unrelated=unrelated, heldout=heldout, zsre_target=zsre_target,
+                     unrelated_count=unrelated_count)
     if not result["regression_prompts"]:
         for arm in ("A", "B"):
             del result[arm]["regression_answers"]

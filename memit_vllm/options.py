@@ -5,7 +5,13 @@ from __future__ import annotations
 import click
 
 from .core.records import ZSRE_TARGETS
+from .evaluate.generation import UNRELATED_PROMPTS
 
 zsre_target_option = click.option(
     "--zsre-target", type=click.Choice(ZSRE_TARGETS), default="answers", show_default=True,
     help="zsRE: the target is answers[0] (as MEMIT's code) or alt (as the editing toolkits).")
+
+unrelated_count_option = click.option(
+    "--unrelated-count", type=click.IntRange(min=1), default=None, metavar="N",
+    help=f"How many unrelated prompts the records after the first N give (default {UNRELATED_PROMPTS}: a share "
+         "of 100 prompts is known to about +-10 points; 1,000 to +-3). Not with --unrelated.")

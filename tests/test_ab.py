@@ -150,3 +150,24 @@ def test_zsre_target_picks_what_both_arms_are_scored_on(stub, smollm2, data_dir,
     tok = AutoTokenizer.from_pretrained(smollm2)
     asked = [p if isinstance(p, str) else tok.decode(p) for p in _StubServer.prompts]
     assert any(new in p for p in asked) and not any(old in p for p in asked)
+
+
+def test_unrelated_count_asks_that_many_later_records(stub, smollm2, data_dir, tmp_path):
+    """`ab --unrelated-count` as `eval --unrelated-count`: the edit prompts of that many records after the
+    first --n are asked of both arms, and the table says how well a share of that many is known."""
+    from transformers import AutoTokenizer
+
+    from memit_vllm.cli import main
+
+    data = data_dir / "counterfact" / "counterfact_500.json"
+    records = json.loads(data.read_text())
+    result = CliRunner().invoke(main, ["ab", "--a", stub, "--b", stub, "--edits", str(data), "--n", "1",
+                                       "--unrelated-count", "3", "--tokenizer", str(smollm2),
+                                       "--json", str(tmp_path / "ab.json"), "--plot", str(tmp_path / "ab.png")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "ab.json").read_text())["generation"]["unrelated_prompts"] == 3
+    assert "3 unrelated prompts" in result.output and "+-57 points (95%)" in result.output
+    later = [r["requested_rewrite"]["prompt"].format(r["requested_rewrite"]["subject"]) for r in records[1:5]]
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    asked = [p if isinstance(p, str) else tok.decode(p) for p in _StubServer.prompts]
+    assert all(p in asked for p in later[:3]) and later[3] not in asked

@@ -231,6 +231,25 @@ def test_bad_generation_input_exits_2(tiny_models, data_dir, tmp_path):
     result = run_cli("--model", tiny_models["llama"], "--data", data, "--n", 1, "--generate", "--unrelated",
                      tmp_path / "u.json")
     assert result.exit_code == 2 and "holds no prompts" in result.stderr
+    result = run_cli("--model", tiny_models["llama"], "--data", data, "--n", 1, "--generate", "--unrelated",
+                     tmp_path / "u.json", "--unrelated-count", 5)
+    assert result.exit_code == 2 and "--unrelated-count 5 counts the default unrelated prompts" in result.stderr
+    result = run_cli("--model", tiny_models["llama"], "--data", data, "--n", 1, "--unrelated-count", 5)
+    assert result.exit_code == 2 and "--unrelated-count only apply to the generated metrics" in result.stderr
+
+
+def test_unrelated_count_takes_that_many_later_records(tiny_models, data_dir, tmp_path):
+    """`--unrelated-count N`: the edit prompts of the N records after the first --n, and the report says
+    how well a share of N prompts is known (a share of 100 to about +-10 points: eval's default)."""
+    heldout = tmp_path / "heldout.txt"
+    heldout.write_text("One text about the sea.\n\nAnother one, about the mountains.\n")
+    result = run_cli("--model", tiny_models["llama"], "--data", data_dir / "counterfact" / "counterfact_500.json",
+                     "--n", 2, "--generate", "--new-tokens", 2, "--unrelated-count", 7, "--heldout", heldout,
+                     "--json", tmp_path / "r.json")
+    assert result.exit_code == 0, result.output
+    info = json.loads((tmp_path / "r.json").read_text())["generation"]
+    assert info["unrelated_prompts"] == 7 and info["unrelated"].startswith("edit prompts of records 2..")
+    assert "7 unrelated prompts" in result.output and "+-37 points (95%)" in result.output
 
 
 def test_zsre_alt_targets_with_the_default_unrelated_prompts(tiny_models, data_dir, tmp_path):

@@ -6,9 +6,10 @@ import json
 import sys
 
 import click
+from click.core import ParameterSource
 
 from ..core.records import FORMATS
-from ..options import zsre_target_option
+from ..options import unrelated_count_option, zsre_target_option
 from .generation import HELDOUT_TEXTS, NEW_TOKENS
 
 
@@ -27,6 +28,7 @@ from .generation import HELDOUT_TEXTS, NEW_TOKENS
               help="--generate: greedy tokens per completion.")
 @click.option("--unrelated", default=None, metavar="FILE", help="--generate: prompts (JSON list / JSONL of strings "
               "or {prompt}) that no edit concerns (default: the edit prompts of the records after the first N).")
+@unrelated_count_option
 @click.option("--heldout", default=None, metavar="FILE", help="--generate: .txt/.jsonl text for the KL, of which "
               f"the last {HELDOUT_TEXTS} texts are used (default: ../shared/data/corpus/smollm2_self_2k.jsonl).")
 @click.option("--json", "json_out", is_flag=False, flag_value="-", default=None, metavar="[PATH]",
@@ -42,16 +44,22 @@ from .generation import HELDOUT_TEXTS, NEW_TOKENS
                    ":MODEL picks one of its models (a --memit-variant).")
 @click.option("--base-server", default=None, metavar="URL[:MODEL]",
               help="vllm backend: a server serving MODEL without patches, for the 'before' column.")
-def eval_command(model, patches, data, n, fmt, zsre_target, fluency, generate, new_tokens, unrelated, heldout,
-                 json_out, plot_out, batch_size, device, backend, server, base_server):
+def eval_command(model, patches, data, n, fmt, zsre_target, fluency, generate, new_tokens, unrelated,
+                 unrelated_count, heldout, json_out, plot_out, batch_size, device, backend, server, base_server):
     """Score a model on CounterFact or zsRE before and after its patches (metrics: README "Evaluation")."""
+    ctx = click.get_current_context()
+    unused = [f"--{p.replace('_', '-')}" for p in ("new_tokens", "unrelated", "unrelated_count", "heldout")
+              if ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE]
+    if unused and not generate:
+        raise click.UsageError(f"{', '.join(unused)} only apply to the generated metrics: add --generate, or drop them")
     from .report import format_table, plot, write_json
     from .run import evaluate
 
     result = evaluate(model, data, patches, n=n, fmt=fmt, zsre_target=zsre_target, fluency=fluency,
                       batch_size=batch_size, device=device, progress=sys.stderr.isatty(),
                       backend=backend, server=server, base_server=base_server, generate=generate,
-                      new_tokens=new_tokens, unrelated=unrelated, heldout=heldout)
+                      new_tokens=new_tokens, unrelated=unrelated, unrelated_count=unrelated_count,
+                      heldout=heldout)
     if plot_out:
         plot(result, plot_out)
     if json_out == "-":

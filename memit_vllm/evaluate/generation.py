@@ -31,20 +31,23 @@ def _edit_prompt(record) -> str:
     return record.rewrite_prompt if isinstance(record, CounterFactRecord) else record.src
 
 
-def unrelated_prompts(data, fmt: str, records: list, patches=(),
-                      unrelated: str | Path | None = None) -> tuple[list[str], str]:
+def unrelated_prompts(data, fmt: str, records: list, patches=(), unrelated: str | Path | None = None,
+                      count: int | None = None) -> tuple[list[str], str]:
     """The unrelated prompts and where they come from: `unrelated` (a prompts file), else the edit
-    prompts of the records after the evaluated ones in `data` (at most UNRELATED_PROMPTS), skipping
-    subjects that are evaluated or edited by a patch. May be empty (the metrics are then left out).
+    prompts of the records after the evaluated ones in `data` (at most `count`, default UNRELATED_PROMPTS),
+    skipping subjects that are evaluated or edited by a patch. May be empty (the metrics are then left out).
     Only their prompts are used, so zsRE records are read with the default target whatever the edits
     use (some zsRE records have an empty `alt`)."""
     if unrelated is not None:
+        if count is not None:
+            raise MemitError(f"--unrelated-count {count} counts the default unrelated prompts (the records after "
+                             f"the evaluated ones); --unrelated {unrelated} gives its own: drop one of the two")
         return [x["prompt"] for x in read_prompts(unrelated, "--unrelated")], str(Path(unrelated).resolve())
     _, everything = read_dataset(data, None, fmt)
     edited = {r.subject for r in records}
     for p in patches:
         edited |= {parse_record(r, "patch request").subject for r in p.requests}
-    rest = [_edit_prompt(r) for r in everything[len(records):] if r.subject not in edited][:UNRELATED_PROMPTS]
+    rest = [_edit_prompt(r) for r in everything[len(records):] if r.subject not in edited][:count or UNRELATED_PROMPTS]
     source = f"edit prompts of records {len(records)}.. of {Path(data).name}, other subjects"
     return rest, source
 

@@ -14,12 +14,18 @@ def _title(result: dict) -> str:
             f"{result['backend']}); patches: {patches}")
 
 
-def _generation_note(info: dict) -> str:
+def sampling_error(n: int) -> float:
+    """The widest 95% interval half-width, in points, of a share measured on n > 0 prompts (at p = 1/2)."""
+    return 100 * 1.96 * 0.5 / n ** 0.5
+
+
+def generation_note(info: dict) -> str:
     """Where the generated metrics' prompts and text came from, and whether the KL text is held out."""
-    heldout = info["heldout"]
-    lines = [f"generated: {info['new_tokens']} greedy tokens; {info['unrelated_prompts']} unrelated prompts "
-             f"({info['unrelated']}), {info.get('unrelated_confident', '?')} of them confident "
-             f"(unedited p1 - p2 >= {info['confident_margin']})"]
+    heldout, n = info["heldout"], info["unrelated_prompts"]
+    lines = [f"generated: {info['new_tokens']} greedy tokens; {n} unrelated prompts ({info['unrelated']}), "
+             f"{info.get('unrelated_confident', '?')} of them confident "
+             f"(unedited p1 - p2 >= {info['confident_margin']})"
+             + (f"; their shares are known to about +-{sampling_error(n):.0f} points (95%)" if n else "")]
     if heldout is None:
         lines.append("no held-out text (pass --heldout FILE): no KL")
     else:
@@ -44,7 +50,7 @@ def format_table(result: dict) -> str:
         values = [value_text(name, result[c][name], c == "delta") for c in columns]
         lines.append(f"{name:<{width}}  " + "  ".join(values) + f"   {meaning}")
     if result.get("generation"):
-        lines.append(_generation_note(result["generation"]))
+        lines.append(generation_note(result["generation"]))
     return "\n".join(lines)
 
 

@@ -66,7 +66,7 @@ def evaluate(model: str, data: str | Path, patches: Sequence[str | Path] = (), n
              fmt: str = "auto", zsre_target: str = "answers", fluency: bool = False, batch_size: int = 16,
              device: str | None = None, progress: bool = False, backend: str = "transformers",
              server: str | None = None, base_server: str | None = None, generate: bool = False,
-             new_tokens: int = NEW_TOKENS, unrelated: str | Path | None = None,
+             new_tokens: int = NEW_TOKENS, unrelated: str | Path | None = None, unrelated_count: int | None = None,
              heldout: str | Path | None = None) -> dict:
     """Metrics before and/or after the patches as one JSON-ready dict; see README "Evaluation".
 
@@ -77,7 +77,7 @@ def evaluate(model: str, data: str | Path, patches: Sequence[str | Path] = (), n
     `URL[:MODEL]` (MODEL: which of its models, e.g. a `--memit-variant`).
 
     `generate` adds the generated metrics (`generation` module): completions of `new_tokens`, the
-    `unrelated` prompts file (default: records after the first n), KL on `heldout` text.
+    `unrelated` prompts file (default: `unrelated_count` records after the first n), KL on `heldout` text.
     """
     from .patching import patch_info
 
@@ -91,7 +91,7 @@ def evaluate(model: str, data: str | Path, patches: Sequence[str | Path] = (), n
         PatchSet(loaded).validate(checkpoint)
 
     if generate:
-        prompts, source = unrelated_prompts(data, fmt, records, loaded, unrelated)
+        prompts, source = unrelated_prompts(data, fmt, records, loaded, unrelated, unrelated_count)
         if heldout is not None:
             heldout_texts(heldout)  # a bad file fails here, before the model loads
 
