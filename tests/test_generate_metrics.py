@@ -235,7 +235,7 @@ def test_bad_generation_input_exits_2(tiny_models, data_dir, tmp_path):
                      tmp_path / "u.json", "--unrelated-count", 5)
     assert result.exit_code == 2 and "--unrelated-count 5 counts the default unrelated prompts" in result.stderr
     result = run_cli("--model", tiny_models["llama"], "--data", data, "--n", 1, "--unrelated-count", 5)
-    assert result.exit_code == 2 and "--unrelated-count only apply to the generated metrics" in result.stderr
+    assert result.exit_code == 2 and "--unrelated-count only applies to the generated" in result.stderr
 
 
 def test_unrelated_count_takes_that_many_later_records(tiny_models, data_dir, tmp_path):

@@ -51,7 +51,9 @@ def eval_command(model, patches, data, n, fmt, zsre_target, fluency, generate, n
     unused = [f"--{p.replace('_', '-')}" for p in ("new_tokens", "unrelated", "unrelated_count", "heldout")
               if ctx.get_parameter_source(p) is ParameterSource.COMMANDLINE]
     if unused and not generate:
-        raise click.UsageError(f"{', '.join(unused)} only apply to the generated metrics: add --generate, or drop them")
+        verb = "applies" if len(unused) == 1 else "apply"
+        raise click.UsageError(f"{', '.join(unused)} only {verb} to the generated metrics: add --generate, or drop "
+                               f"{'it' if len(unused) == 1 else 'them'}")
     from .report import format_table, plot, write_json
     from .run import evaluate
 
