@@ -260,8 +260,9 @@ def default_neighbours_per_edit(n_edits: int) -> int:
 
 def neighbours_default_text() -> str:
     """The default of --neighbours-per-edit in words, for its help and its error message."""
-    most = max(n for n in range(1, NEIGHBOURS_SCALE + 1) if default_neighbours_per_edit(n) == NEIGHBOURS_PER_EDIT)
-    one = min(n for n in range(1, 2 * NEIGHBOURS_SCALE) if default_neighbours_per_edit(n) == 1)
+    # The rule's own bounds: (S / n)^2 >= 10 up to n = isqrt(S^2 // 10); (S / n)^2 < 2 from isqrt(S^2 // 2) + 1.
+    most = math.isqrt(NEIGHBOURS_SCALE ** 2 // NEIGHBOURS_PER_EDIT)
+    one = math.isqrt(NEIGHBOURS_SCALE ** 2 // 2) + 1
     return (f"{NEIGHBOURS_PER_EDIT}, fewer in batches of over {most} edits (({NEIGHBOURS_SCALE:,} / edits)^2: "
             f"{default_neighbours_per_edit(500)} at 500, 1 from {one})")
 
