@@ -24,7 +24,8 @@ same relation templates as the edits, kept disjoint from the evaluated and the u
 or {"vocabulary": COUNT, "per_edit": N}: COUNT made-up names from the tokenizer (vocabulary_subjects), or
 {"model": COUNT, "per_edit": N}: COUNT names the model lists (model_subjects, cached as make-patch does).
 A configuration with none of these takes the hparams' neighbour_subjects (the SmolLM2 preset's model:2000),
-as many per edit as make-patch takes (hparams.default_neighbours_per_edit).
+as many per edit as make-patch takes (hparams.default_neighbours_per_edit). Every configuration starts from
+make-patch's settings for one batch of --edits (the preset's lambda for that size: hparams.batch_lambda_factor).
 
 Update rules the editor does not offer (measured here before any becomes an option; `variant_solver`):
 "layer_lambda": [one lambda multiplier per edited layer]; "layer_share": [one multiplier per edited layer of
@@ -231,7 +232,7 @@ def main():
 
     ckpt = Checkpoint(args.model)
     tok, em = load_editable(ckpt)
-    base_hp, source = native_z(*default_hparams(*checkpoint_dims(ckpt)), "cpu")
+    base_hp, source = native_z(*default_hparams(*checkpoint_dims(ckpt), n_edits=args.edits), "cpu")
     base_hp = base_hp.replace(**json.loads(args.z_hparams))
     requests = load_requests(args.data, limit=args.edits)
     fmt, records = read_dataset(args.data, args.edits)  # full CounterFact or the shortened counterfact_edit_10k

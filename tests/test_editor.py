@@ -2,6 +2,7 @@
 reproducibility, and validation before any heavy work."""
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -19,7 +20,7 @@ from memit_vllm.core.versions import ALLOW_UNTESTED_ENV
 from memit_vllm.core.architectures import ARCHITECTURES
 from memit_vllm.core.records import EditRequest
 from memit_vllm.editor import EditableModel, HParams, edit, load_editable, load_requests, solve_layer_update
-from memit_vllm.editor.hparams import default_hparams, load_hparams_file
+from memit_vllm.editor.hparams import LAMBDA_PER_DFF, default_hparams, load_hparams_file
 from memit_vllm.editor import memit
 from memit_vllm.editor.memit import KeyReader, Statistics, delivered_updates
 from memit_vllm.editor.prompts import encode
@@ -222,10 +223,10 @@ def test_smollm2s_preset_has_a_variant_on_a_stack_and_a_z_without_f_for_a_stats_
 
     monkeypatch.setattr(memit, "runs_natively", lambda name, device: True)
     smollm2 = ("llama", 30, 1536)
-    one, source = _hparams(smollm2, EditConfig(), has_corpus=True)
+    one, source = _hparams(smollm2, EditConfig(), has_corpus=True, n_edits=1000)  # the preset's own lambda
     assert source == "measured, SmolLM2-135M" and one.v_optimizer == "steepest_fisher" and one.neighbour_subjects
     for config in (EditConfig(on=["a.patch"]), EditConfig(chunk=100)):
-        stacked, source = _hparams(smollm2, config, has_corpus=True)
+        stacked, source = _hparams(smollm2, config, has_corpus=True, n_edits=1000)
         assert source == "measured, SmolLM2-135M, on a stack"
         assert stacked.mom2_update_weight > one.mom2_update_weight and stacked.v_delivery_target < one.v_delivery_target
         assert (stacked.v_optimizer, stacked.neighbour_subjects) == (one.v_optimizer, one.neighbour_subjects)
@@ -234,17 +235,47 @@ def test_smollm2s_preset_has_a_variant_on_a_stack_and_a_z_without_f_for_a_stats_
     for config, corpus, why in ((EditConfig(on=["a.patch"]), False, "no corpus pull (no corpus to read)"),
                                 (EditConfig(on=["a.patch"], method="alphaedit"), True,
                                  "no corpus pull (method alphaedit)")):
-        hp, source = _hparams(smollm2, config, has_corpus=corpus)
+        hp, source = _hparams(smollm2, config, has_corpus=corpus, n_edits=1)
         assert hp.corpus_restore_tokens == 0 and why in source, source
     mine, _ = _hparams(smollm2, EditConfig(on=["a.patch"], method="alphaedit", hparams={"corpus_restore_tokens": 512}),
-                       has_corpus=True)
+                       has_corpus=True, n_edits=1)
     assert mine.corpus_restore_tokens == 512  # the user's own: refused with the fix when the edit starts (test_stats)
-    no_f, source = _hparams(smollm2, EditConfig(), has_corpus=False)
+    no_f, source = _hparams(smollm2, EditConfig(), has_corpus=False, n_edits=1)
     assert no_f.v_optimizer == "steepest" and "steepest z (no corpus to read F over)" in source
-    mine, _ = _hparams(smollm2, EditConfig(hparams={"v_optimizer": "steepest_fisher"}), has_corpus=False)
+    mine, _ = _hparams(smollm2, EditConfig(hparams={"v_optimizer": "steepest_fisher"}), has_corpus=False, n_edits=1)
     assert mine.v_optimizer == "steepest_fisher"
-    derived = [_hparams(("llama", 16, 4096), c, has_corpus=True)[0] for c in (EditConfig(), EditConfig(chunk=9))]
+    derived = [_hparams(("llama", 16, 4096), c, has_corpus=True, n_edits=1)[0]
+               for c in (EditConfig(), EditConfig(chunk=9))]
     assert derived[0] == derived[1] and derived[0].v_optimizer == "adam" and derived[0].neighbour_subjects is None
+
+
+def test_smollm2s_lambda_is_twice_the_presets_in_small_batches_and_the_presets_from_1000_edits():
+    """One batch's lambda by its size (hparams.batch_lambda_factor; docs/hyperparameters.md, "Session 27"): x2
+    up to 100 edits (the held-out KL under issue 18's target at the same rewrites), falling with log(edits) to
+    the preset's own at 1,000 (where x2 cost the rewrite target), and said in the source the patch records. A
+    stack keeps its own lambda, a user's lambda (flag or hparams) is kept, a model without a preset has one."""
+    from memit_vllm.editor.hparams import batch_lambda_factor
+    from memit_vllm.editor.memit import EditConfig, _hparams
+
+    sizes = (1, 100, 101, 300, 999, 1000, 10000)
+    factors = [batch_lambda_factor(2.0, n) for n in sizes]
+    assert factors[:2] == [2.0, 2.0] and factors[-2:] == [1.0, 1.0]
+    assert factors == sorted(factors, reverse=True) and 2.0 > factors[2] > factors[3] > factors[4] > 1.0
+    assert factors[3] == pytest.approx(2 ** (1 - math.log10(3)))  # geometric in log(edits): x1.44 at 300
+    smollm2 = ("llama", 30, 1536)
+    lam = {n: _hparams(smollm2, EditConfig(), has_corpus=True, n_edits=n) for n in (10, 100, 300, 1000)}
+    assert {n: hp.mom2_update_weight for n, (hp, _) in lam.items()} == {10: 768, 100: 768, 300: 552, 1000: 384}
+    assert lam[100][1] == "measured, SmolLM2-135M, lambda x2.00 for 100 edits"
+    assert lam[300][1] == "measured, SmolLM2-135M, lambda x1.44 for 300 edits"
+    assert lam[1000][1] == "measured, SmolLM2-135M"
+    stacked = [_hparams(smollm2, c, has_corpus=True, n_edits=n)[0].mom2_update_weight
+               for c in (EditConfig(on=["a.patch"]), EditConfig(chunk=50)) for n in (10, 1000)]
+    assert stacked == [768] * 4  # the on-stack preset's own, whatever the size
+    for config in (EditConfig(mom2_update_weight=500), EditConfig(hparams={"mom2_update_weight": 500})):
+        assert _hparams(smollm2, config, has_corpus=True, n_edits=10)[0].mom2_update_weight == 500
+    derived = {_hparams(("llama", 16, 4096), EditConfig(), has_corpus=True, n_edits=n)[0].mom2_update_weight
+               for n in (10, 1000)}
+    assert derived == {LAMBDA_PER_DFF * 4096}
 
 
 def test_a_presets_bf16_z_runs_in_fp32_where_bf16_is_emulated_and_a_users_own_is_warned_of(
@@ -257,10 +288,10 @@ def test_a_presets_bf16_z_runs_in_fp32_where_bf16_is_emulated_and_a_users_own_is
     smollm2 = ("llama", 30, 1536)
     for native in (True, False):
         monkeypatch.setattr(memit, "runs_natively", lambda name, device, native=native: native or name is None)
-        hp, source = _hparams(smollm2, EditConfig(device="cpu"), has_corpus=True)
+        hp, source = _hparams(smollm2, EditConfig(device="cpu"), has_corpus=True, n_edits=1)
         assert hp.z_dtype == ("bfloat16" if native else None)
         assert ("z in the model's dtype (bfloat16 is emulated on this cpu)" in source) != native, source
-        mine, _ = _hparams(smollm2, EditConfig(device="cpu", z_dtype="bfloat16"), has_corpus=True)
+        mine, _ = _hparams(smollm2, EditConfig(device="cpu", z_dtype="bfloat16"), has_corpus=True, n_edits=1)
         assert mine.z_dtype == "bfloat16"
     warned = tiny_edit(tiny_models["llama"], data_dir, tmp_path, n=1, z_dtype="bfloat16", device="cpu").report.warnings
     assert any("z_dtype (--z-dtype) bfloat16 is emulated on this cpu" in w and "set z_dtype (--z-dtype) to float32" in w

@@ -216,6 +216,7 @@ class Preset:
     source: str = ""
     recipe: dict = field(default_factory=dict)  # further settings measured for this model (HParams names)
     on_stack: dict = field(default_factory=dict)  # over `recipe`, for a patch made on a stack (--on, --chunk)
+    small_batch_lambda: float = 1.0  # lambda's factor in small batches (batch_lambda_factor), one batch only
 
 
 # lambda / d_ff for models without a preset: see the module docstring and docs/hyperparameters.md.
@@ -237,8 +238,23 @@ PRESETS = [
                    "z_dtype": "bfloat16", "preserve_weight": 0.125, "neighbour_subjects": "model:2000",
                    "own_prompt_weight": 0.125},
            on_stack={"v_delivery_target": 0.0, "mom2_update_weight": 768, "preserve_weight": 0.0625,
-                     "corpus_restore_tokens": 32768, "own_prompt_weight": 0.0}),
+                     "corpus_restore_tokens": 32768, "own_prompt_weight": 0.0},
+           small_batch_lambda=2.0),
 ]
+
+# Lambda by batch size. With the delivery target each delta is scaled to the same delivery whatever lambda,
+# so a larger lambda buys the same edits with less of the corpus's keys spent: on SmolLM2 at 100 edits lambda x2
+# (768) kept the rewrites (0.98) and cut the held-out KL 13% (0.0234 -> 0.0203, under issue 18's 0.0215). In
+# large batches the per-edit scales meet their cap instead: at 1,000 edits x2 lost 2 points of rewrites (0.911
+# -> 0.891, under the 0.90 target), at 300 3 points (docs/hyperparameters.md, "Session 27"). So a preset's
+# small-batch factor holds up to SMALL_BATCH edits and falls geometrically in log(edits) to 1 at LARGE_BATCH.
+SMALL_BATCH, LARGE_BATCH = 100, 1000
+
+
+def batch_lambda_factor(small_batch_lambda: float, n_edits: int) -> float:
+    """The factor on a preset's lambda for one batch of `n_edits` (see SMALL_BATCH)."""
+    position = math.log(max(n_edits, SMALL_BATCH) / SMALL_BATCH) / math.log(LARGE_BATCH / SMALL_BATCH)
+    return small_batch_lambda ** max(0.0, 1.0 - position)
 
 
 # --neighbours-per-edit's default: 10 per edit (chosen at 100 edits), fewer in larger batches. The neighbour
@@ -287,16 +303,21 @@ def derived_layers(n_layers: int) -> list[int]:
     return list(range(start, start + count))
 
 
-def default_hparams(model_type: str, n_layers: int, d_ff: int, on_stack: bool = False) -> tuple[HParams, str]:
-    """Preset for a known model size (its variant for a patch made on a stack when `on_stack`), else
-    derived defaults; also says where they came from."""
+def default_hparams(model_type: str, n_layers: int, d_ff: int, on_stack: bool = False,
+                    n_edits: int | None = None) -> tuple[HParams, str]:
+    """Preset for a known model size (its variant for a patch made on a stack when `on_stack`; its lambda for
+    one batch of `n_edits` when given), else derived defaults; also says where they came from."""
     for p in PRESETS:
         if (p.model_type, p.n_layers, p.d_ff) == (model_type, n_layers, d_ff):
             hp = HParams(layers=list(p.layers), mom2_update_weight=p.mom2_update_weight, v_lr=p.v_lr,
                          v_num_grad_steps=p.v_num_grad_steps).replace(**p.recipe)
             if on_stack and p.on_stack:
                 return hp.replace(**p.on_stack), f"{p.source}, on a stack"
-            return hp, p.source
+            factor = batch_lambda_factor(p.small_batch_lambda, n_edits) if n_edits is not None else 1.0
+            if factor == 1.0:
+                return hp, p.source
+            lam = round(p.mom2_update_weight * factor)
+            return hp.replace(mom2_update_weight=lam), f"{p.source}, lambda x{factor:.2f} for {n_edits:,} edits"
     hp = HParams(layers=derived_layers(n_layers), mom2_update_weight=LAMBDA_PER_DFF * d_ff)
     return hp, f"derived: layers at 13% of depth, lambda = {LAMBDA_PER_DFF} x d_ff ({d_ff})"
 

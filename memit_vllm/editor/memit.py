@@ -164,18 +164,20 @@ def _as_requests(requests, zsre_target: str) -> list[EditRequest]:
     return validate_requests(out)
 
 
-def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool) -> tuple[HParams, str]:
-    """The preset (its on-stack variant with --on or --chunk), the user's hparams over it, the flags over
-    those. A preset's half-precision z runs in the model's dtype where the editing device would emulate it
-    (precision.runs_natively). Without a corpus (--stats FILE) a preset's steepest_fisher z, which reads F
-    over the corpus, steps as "steepest" (the same descent in the plain metric), and a preset's corpus pull
-    is left out, as it is with a method other than memit (no lambda C term to pull on); the source says so.
+def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool, n_edits: int
+             ) -> tuple[HParams, str]:
+    """The preset (its on-stack variant with --on or --chunk, else its lambda for a batch of `n_edits`), the
+    user's hparams over it, the flags over those. A preset's half-precision z runs in the model's dtype where
+    the editing device would emulate it (precision.runs_natively). Without a corpus (--stats FILE) a preset's
+    steepest_fisher z, which reads F over the corpus, steps as "steepest" (the same descent in the plain
+    metric), and a preset's corpus pull is left out, as it is with a method other than memit (no lambda C
+    term to pull on); the source says so.
     A user's own choice of any of these is kept (and warned of or refused later, with the fix)."""
     overrides = {"layers": config.layers, "mom2_update_weight": config.mom2_update_weight, "method": config.method,
                  "z_dtype": config.z_dtype, "mom2_n_tokens": config.stats_tokens, "mom2_dtype": config.stats_dtype,
                  "mom2_model_dtype": config.stats_model_dtype}
     hparams = config.hparams
-    hp, source = default_hparams(*dims, on_stack=bool(config.on) or config.chunk is not None)
+    hp, source = default_hparams(*dims, on_stack=bool(config.on) or config.chunk is not None, n_edits=n_edits)
     hp, source = native_z(hp, source, _device_type(config))
     if not has_corpus and hp.v_optimizer == "steepest_fisher":
         hp, source = hp.replace(v_optimizer="steepest"), f"{source}, steepest z (no corpus to read F over)"
@@ -418,7 +420,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
             return _edit_in_chunks(model, requests, config)
     ckpt = Checkpoint(model)
     dims = checkpoint_dims(ckpt)  # unsupported architectures and bad settings fail before loading
-    hp, hp_source = _hparams(dims, config, has_corpus=config.stats is None)
+    hp, hp_source = _hparams(dims, config, has_corpus=config.stats is None, n_edits=len(requests))
     check_layers(hp.layers, dims[1], ckpt.config)
     placement = check_placement(config.device_map, config.offload_folder, config.device, ckpt)
     dtype = model_dtype(ckpt, config.dtype)
