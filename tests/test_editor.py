@@ -272,7 +272,8 @@ def test_smollm2s_lambda_is_twice_the_presets_in_small_batches_and_the_presets_f
                for c in (EditConfig(on=["a.patch"]), EditConfig(chunk=50)) for n in (10, 1000)]
     assert stacked == [768] * 4  # the on-stack preset's own, whatever the size
     for config in (EditConfig(mom2_update_weight=500), EditConfig(hparams={"mom2_update_weight": 500})):
-        assert _hparams(smollm2, config, has_corpus=True, n_edits=10)[0].mom2_update_weight == 500
+        mine, source = _hparams(smollm2, config, has_corpus=True, n_edits=10)
+        assert mine.mom2_update_weight == 500 and "lambda x" not in source, source
     derived = {_hparams(("llama", 16, 4096), EditConfig(), has_corpus=True, n_edits=n)[0].mom2_update_weight
                for n in (10, 1000)}
     assert derived == {LAMBDA_PER_DFF * 4096}

@@ -35,7 +35,9 @@ def check_out_file(out: str | os.PathLike) -> None:
 @click.option("--out", required=True, type=click.Path(), help="Patch file to write.")
 @click.option("--hparams", type=click.Path(), help="Hyperparameters (JSON/YAML, reference key names).")
 @click.option("--layers", help="Layers to edit, e.g. 4,5,6,7,8 or 4-8.")
-@click.option("--lambda", "mom2_update_weight", type=float, help="mom2_update_weight (lambda).")
+@click.option("--lambda", "mom2_update_weight", type=float,
+              help="mom2_update_weight (lambda). Default: the model's preset; SmolLM2's doubles it in one batch of up "
+                   "to 100 edits, less in larger ones, not from 1,000 (docs/hyperparameters.md).")
 @click.option("--stats-corpus", help="Covariance corpus: a .txt/.jsonl file, self:N, or an HF dataset name.")
 @click.option("--stats-tokens", type=int, help="Token budget for the covariance (default: the whole corpus).")
 @click.option("--stats-dtype", type=click.Choice(PRODUCT_DTYPES),

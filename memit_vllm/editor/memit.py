@@ -177,15 +177,18 @@ def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool, n
                  "z_dtype": config.z_dtype, "mom2_n_tokens": config.stats_tokens, "mom2_dtype": config.stats_dtype,
                  "mom2_model_dtype": config.stats_model_dtype}
     hparams = config.hparams
-    hp, source = default_hparams(*dims, on_stack=bool(config.on) or config.chunk is not None, n_edits=n_edits)
+    values = {}
+    if hparams is not None and not isinstance(hparams, HParams):
+        values = hparams if isinstance(hparams, dict) else load_hparams_file(hparams)
+    own_lambda = config.mom2_update_weight is not None or "mom2_update_weight" in values
+    hp, source = default_hparams(*dims, on_stack=bool(config.on) or config.chunk is not None,
+                                 n_edits=None if own_lambda else n_edits)
     hp, source = native_z(hp, source, _device_type(config))
     if not has_corpus and hp.v_optimizer == "steepest_fisher":
         hp, source = hp.replace(v_optimizer="steepest"), f"{source}, steepest z (no corpus to read F over)"
-    values = {}
     if isinstance(hparams, HParams):
         hp, source = hparams, "given"
     elif hparams is not None:
-        values = hparams if isinstance(hparams, dict) else load_hparams_file(hparams)
         hp, source = hp.replace(**values), f"{hparams if not isinstance(hparams, dict) else 'dict'} over {source}"
     hp = hp.replace(**overrides)
     preset_pull = not isinstance(hparams, HParams) and "corpus_restore_tokens" not in values
