@@ -271,7 +271,8 @@ def test_smollm2s_lambda_is_twice_the_presets_in_small_batches_and_the_presets_f
     stacked = [_hparams(smollm2, c, has_corpus=True, n_edits=n)[0].mom2_update_weight
                for c in (EditConfig(on=["a.patch"]), EditConfig(chunk=50)) for n in (10, 1000)]
     assert stacked == [768] * 4  # the on-stack preset's own, whatever the size
-    for config in (EditConfig(mom2_update_weight=500), EditConfig(hparams={"mom2_update_weight": 500})):
+    for config in (EditConfig(mom2_update_weight=500), EditConfig(hparams={"mom2_update_weight": 500}),
+                   EditConfig(hparams='{"mom2_update_weight": 500}')):  # --hparams given the JSON itself
         mine, source = _hparams(smollm2, config, has_corpus=True, n_edits=10)
         assert mine.mom2_update_weight == 500 and "lambda x" not in source, source
     derived = {_hparams(("llama", 16, 4096), EditConfig(), has_corpus=True, n_edits=n)[0].mom2_update_weight
@@ -390,6 +391,38 @@ def test_bad_requests_fail_before_loading_the_model(records, message, tmp_path, 
                          str(write_jsonl(tmp_path / "r.jsonl", records)), "--out", str(tmp_path / "p.patch"))
     assert out.returncode == 2 and message in out.stderr, out.stderr
     assert "record" in out.stderr or not records
+    assert not (tmp_path / "p.patch").exists()
+
+
+@pytest.mark.parametrize("value, message", [
+    ("missing.json", "hparams file {tmp}/missing.json does not exist: give a JSON or YAML file, or the JSON mapping"),
+    ("{tmp}", "hparams file {tmp} is not a regular file"),
+    ("/dev/zero", "hparams file /dev/zero is not a regular file"),
+    ("big.json", "hparams file {tmp}/big.json is over 1,048,576 bytes"),
+    ("bad.json", "hparams file {tmp}/bad.json cannot be parsed"),
+    ("latin1.json", "hparams file {tmp}/latin1.json cannot be parsed"),
+    ("list.yaml", "hparams file {tmp}/list.yaml must hold a mapping of names to values"),
+    ('{"nope": 1}', "unknown hyperparameters ['nope']"),
+    ('{"mom2_update_weight": ', "--hparams JSON cannot be parsed"),
+])
+def test_bad_hparams_are_refused_by_name_before_the_model_loads(value, message, tmp_path, tiny_models, data_dir):
+    """--hparams, a file or the JSON mapping itself: what is not a readable, small mapping of known names is
+    refused with its name and the fix (exit 2), no patch written. /dev/zero and a huge file are not read."""
+    from click.testing import CliRunner
+
+    from memit_vllm.cli import main
+
+    with open(tmp_path / "big.json", "wb") as f:
+        f.truncate(2 << 20)  # sparse: 2 MiB
+    (tmp_path / "bad.json").write_text('{"mom2_update_weight": 384,}')
+    (tmp_path / "latin1.json").write_bytes(b'{"source": "caf\xe9"}')
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    value = value.replace("{tmp}", str(tmp_path)) if value.startswith(("{tmp}", "/")) else \
+        value if value.startswith("{") else str(tmp_path / value)
+    out = CliRunner().invoke(main, ["make-patch", "--model", str(tiny_models["llama"]), "--requests",
+                                    str(data_dir / "counterfact" / "counterfact_500.json"), "--limit", "1",
+                                    "--hparams", value, "--out", str(tmp_path / "p.patch")])
+    assert out.exit_code == 2 and message.replace("{tmp}", str(tmp_path)) in out.stderr, out.stderr
     assert not (tmp_path / "p.patch").exists()
 
 

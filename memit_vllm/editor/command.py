@@ -33,7 +33,8 @@ def check_out_file(out: str | os.PathLike) -> None:
 @click.option("--requests", "requests_path", type=click.Path(),
               help="Edit requests: CounterFact/EasyEdit/zsRE JSON, or our JSON/JSONL/CSV records.")
 @click.option("--out", required=True, type=click.Path(), help="Patch file to write.")
-@click.option("--hparams", type=click.Path(), help="Hyperparameters (JSON/YAML, reference key names).")
+@click.option("--hparams", help="Hyperparameters (reference key names): a JSON/YAML file, or the JSON mapping "
+                                 "itself, e.g. '{\"mom2_update_weight\": 768}'.")
 @click.option("--layers", help="Layers to edit, e.g. 4,5,6,7,8 or 4-8.")
 @click.option("--lambda", "mom2_update_weight", type=float,
               help="mom2_update_weight (lambda). Default: the model's preset; SmolLM2's doubles it in one batch of up "

@@ -322,21 +322,42 @@ def default_hparams(model_type: str, n_layers: int, d_ff: int, on_stack: bool = 
     return hp, f"derived: layers at 13% of depth, lambda = {LAMBDA_PER_DFF} x d_ff ({d_ff})"
 
 
-def load_hparams_file(path: str | Path) -> dict:
-    """A JSON or YAML file in the reference's format (module-template keys are ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MemitError(f"hparams file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+# An hparams file is a few dozen names: anything larger is not one (and is not read whole into memory).
+HPARAMS_MAX_BYTES = 1 << 20
 
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
+
+def load_hparams_file(path: str | Path) -> dict:
+    """A JSON or YAML file in the reference's format (module-template keys are ignored), or the same mapping
+    given inline as JSON ('{"mom2_update_weight": 768}': a value that starts with "{" and names no file)."""
+    text = str(path)
+    if text.lstrip().startswith("{") and not Path(text).exists():
+        return _hparams_mapping(text, "--hparams JSON", json.loads)
+    path = Path(path)
+    if not path.exists():
+        raise MemitError(f"hparams file {path} does not exist: give a JSON or YAML file, or the JSON mapping "
+                         "itself ('{\"mom2_update_weight\": 768}')")
+    if not path.is_file():
+        raise MemitError(f"hparams file {path} is not a regular file: give a JSON or YAML file")
+    try:
+        with path.open("rb") as f:  # read no more than the limit, whatever the file grows to meanwhile
+            raw = f.read(HPARAMS_MAX_BYTES + 1)
+    except OSError as e:
+        raise MemitError(f"hparams file {path} cannot be read: {e.strerror}") from e
+    if len(raw) > HPARAMS_MAX_BYTES:
+        raise MemitError(f"hparams file {path} is over {HPARAMS_MAX_BYTES:,} bytes, more than an hparams file can "
+                         "be: give a JSON or YAML mapping of names to values")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return _hparams_mapping(raw, f"hparams file {path}", yaml.safe_load)
+    return _hparams_mapping(raw, f"hparams file {path}", json.loads)
+
+
+def _hparams_mapping(raw: str | bytes, what: str, parse) -> dict:
+    try:
+        data = parse(raw.decode() if isinstance(raw, bytes) else raw)
     except Exception as e:
-        raise MemitError(f"hparams file {path} cannot be parsed: {e}") from e
+        raise MemitError(f"{what} cannot be parsed: {e}") from e
     if not isinstance(data, dict):
-        raise MemitError(f"hparams file {path} must hold a mapping of names to values")
+        raise MemitError(f"{what} must hold a mapping of names to values")
     return {k: v for k, v in data.items() if k not in _REFERENCE_ONLY_KEYS}
