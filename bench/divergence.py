@@ -15,7 +15,7 @@ and "shuffled keys" (the patch's delta with its key-side columns permuted: the s
 output directions, read off random key directions).
 
     .venv/bin/python bench/divergence.py PATCH --data ../shared/data/counterfact/counterfact_500.json \
-        --n 100 [--model smollm2-135m] [--scales 0.25 0.5 1] [--json out.json]
+        --n 100 [--model smollm2-135m] [--scales 0.25 0.5 1] [--unrelated-count 400] [--json out.json]
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def main():
     parser.add_argument("--n", type=int, default=100, help="records edited (eval --n)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1.0])
+    parser.add_argument("--unrelated-count", type=int, metavar="N",
+                        help="score N unrelated prompts instead of eval's 100 (as eval --unrelated-count)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -112,7 +114,7 @@ def main():
     work = Perturbed(ckpt, patches)
     unedited = lambda: swapped(work.model, work.original)  # noqa: E731
     _, records = read_dataset(args.data, args.n, "counterfact")
-    prompts, source = unrelated_prompts(args.data, "counterfact", records, patches)
+    prompts, source = unrelated_prompts(args.data, "counterfact", records, patches, count=args.unrelated_count)
     texts = generation_task(work.tok, "counterfact", records, prompts, source, None, patches).heldout
     scorer = TransformersScorer(work.model, work.tok, progress=False)
     with unedited():
