@@ -250,7 +250,7 @@ def test_smollm2s_preset_has_a_variant_on_a_stack_and_a_z_without_f_for_a_stats_
 
 
 def test_smollm2s_lambda_is_twice_the_presets_in_small_batches_and_the_presets_from_1000_edits():
-    """One batch's lambda by its size (hparams.batch_lambda_factor; docs/hyperparameters.md, "Session 27"): x2
+    """One batch's lambda by its size (hparams.batch_lambda_factor; docs/hyperparameters.md, "Session 28"): x2
     up to 100 edits (the held-out KL under issue 18's target at the same rewrites), falling with log(edits) to
     the preset's own at 1,000 (where x2 cost the rewrite target), and said in the source the patch records. A
     stack keeps its own lambda, a user's lambda (flag or hparams) is kept, a model without a preset has one."""
@@ -404,6 +404,8 @@ def test_bad_requests_fail_before_loading_the_model(records, message, tmp_path, 
     ("list.yaml", "hparams file {tmp}/list.yaml must hold a mapping of names to values"),
     ('{"nope": 1}', "unknown hyperparameters ['nope']"),
     ('{"mom2_update_weight": ', "--hparams JSON cannot be parsed"),
+    ('{"' + "x" * 300 + '": 1}', "unknown hyperparameters ['" + "x" * 300 + "']"),  # too long for a file name
+    ("y" * 300, "hparams file {tmp}/" + "y" * 300 + " does not exist"),
 ])
 def test_bad_hparams_are_refused_by_name_before_the_model_loads(value, message, tmp_path, tiny_models, data_dir):
     """--hparams, a file or the JSON mapping itself: what is not a readable, small mapping of known names is

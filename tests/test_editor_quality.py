@@ -39,7 +39,7 @@ def test_the_default_is_the_contained_setting_through_the_cli(smollm2, data_dir,
     # the preset as this CPU runs it: its bf16 z in the model's fp32 where bf16 is emulated, and said so
     preset, source = native_z(*default_hparams("llama", 30, 1536, n_edits=10), "cpu")
     assert source.startswith("measured, SmolLM2-135M, lambda x2.00 for 10 edits") and patch.hparams["source"] == source
-    assert patch.hparams["mom2_update_weight"] == preset.mom2_update_weight == 768  # a small batch's ("Session 27")
+    assert patch.hparams["mom2_update_weight"] == preset.mom2_update_weight == 768  # a small batch's ("Session 28")
     assert patch.hparams["z_dtype"] == preset.z_dtype == ("bfloat16" if runs_natively("bfloat16", "cpu") else None)
     assert (patch.hparams["v_optimizer"], patch.hparams["neighbour_subjects"]) == ("steepest_fisher", "model:2000")
     assert patch.hparams["own_prompt_weight"] == 0.125  # "Session 26"

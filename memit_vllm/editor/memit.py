@@ -171,8 +171,8 @@ def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool, n
     the editing device would emulate it (precision.runs_natively). Without a corpus (--stats FILE) a preset's
     steepest_fisher z, which reads F over the corpus, steps as "steepest" (the same descent in the plain
     metric), and a preset's corpus pull is left out, as it is with a method other than memit (no lambda C
-    term to pull on); the source says so.
-    A user's own choice of any of these is kept (and warned of or refused later, with the fix)."""
+    term to pull on); the source says so. A user's own choice of any of these is kept (and warned of or
+    refused later, with the fix); a user's own lambda leaves the batch's factor out of the source too."""
     overrides = {"layers": config.layers, "mom2_update_weight": config.mom2_update_weight, "method": config.method,
                  "z_dtype": config.z_dtype, "mom2_n_tokens": config.stats_tokens, "mom2_dtype": config.stats_dtype,
                  "mom2_model_dtype": config.stats_model_dtype}
