@@ -10,15 +10,17 @@ from .errors import MemitError
 
 
 class _Group(click.Group):
-    """Turns MemitError into a one-line message and exit code 2 (traceback only with --debug)."""
+    """Turns MemitError, and an OSError on a path the user gave (a name too long, a loop of links, a
+    permission), into a one-line message and exit code 2 (traceback only with --debug)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except MemitError as e:
-            if ctx.find_root().params.get("debug"):
+        except (MemitError, OSError) as e:
+            if ctx.find_root().params.get("debug") or (isinstance(e, OSError) and e.filename is None):
                 raise
-            click.echo(f"error: {e}", err=True)
+            message = e if isinstance(e, MemitError) else f"{e.filename}: {e.strerror}: check the path given"
+            click.echo(f"error: {message}", err=True)
             sys.exit(2)
 
 

@@ -136,6 +136,20 @@ def test_real_process_exit_code_and_debug_traceback(tmp_path):
     assert "Traceback" in out.stderr and "CorruptPatchError" in out.stderr
 
 
+@pytest.mark.parametrize("command", [["inspect"], ["make-patch", "--model", "smollm2-135m", "--out", "p.patch",
+                                                   "--requests"], ["eval", "--model", "smollm2-135m", "--data"]])
+def test_a_path_too_long_for_a_file_name_is_one_line_at_every_entry_point(command, tmp_path):
+    """The operating system's refusal of a path (here ENAMETOOLONG, raised by the first look at it, wherever
+    that is) is one line naming the path, exit 2, at every command; --debug shows the traceback."""
+    too_long = str(tmp_path / ("z" * 300))
+    run = [sys.executable, "-m", "memit_vllm"]
+    out = subprocess.run([*run, *command, too_long], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == f"error: {too_long}: File name too long: check the path given"
+    out = subprocess.run([*run, "--debug", *command, too_long], capture_output=True, text=True, cwd=tmp_path)
+    assert "Traceback" in out.stderr and "OSError" in out.stderr
+
+
 @pytest.fixture(scope="module")
 def fuzz_seed(llama):
     with tempfile.TemporaryDirectory() as d:
