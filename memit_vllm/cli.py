@@ -10,8 +10,8 @@ from .errors import MemitError
 
 
 class _Group(click.Group):
-    """Turns MemitError, and an OSError on a path the user gave (a name too long, a loop of links, a
-    permission), into a one-line message and exit code 2 (traceback only with --debug)."""
+    """Turns MemitError, and an OSError that names its path (a name too long, a loop of links, a
+    permission, a full disk), into a one-line message and exit code 2 (traceback only with --debug)."""
 
     def invoke(self, ctx):
         try:
@@ -19,7 +19,7 @@ class _Group(click.Group):
         except (MemitError, OSError) as e:
             if ctx.find_root().params.get("debug") or (isinstance(e, OSError) and e.filename is None):
                 raise
-            message = e if isinstance(e, MemitError) else f"{e.filename}: {e.strerror}: check the path given"
+            message = e if isinstance(e, MemitError) else f"cannot use {e.filename}: {e.strerror}"
             click.echo(f"error: {message}", err=True)
             sys.exit(2)
 

@@ -145,7 +145,7 @@ def test_a_path_too_long_for_a_file_name_is_one_line_at_every_entry_point(comman
     run = [sys.executable, "-m", "memit_vllm"]
     out = subprocess.run([*run, *command, too_long], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert out.stderr.strip() == f"error: {too_long}: File name too long: check the path given"
+    assert out.stderr.strip() == f"error: cannot use {too_long}: File name too long"
     out = subprocess.run([*run, "--debug", *command, too_long], capture_output=True, text=True, cwd=tmp_path)
     assert "Traceback" in out.stderr and "OSError" in out.stderr
 
