@@ -396,11 +396,11 @@ def test_bad_requests_fail_before_loading_the_model(records, message, tmp_path, 
 
 @pytest.mark.parametrize("value, message", [
     ("missing.json", "hparams file {tmp}/missing.json does not exist: give a JSON or YAML file, or the JSON mapping"),
-    ("{tmp}", "hparams file {tmp} is not a regular file"),
-    ("/dev/zero", "hparams file /dev/zero is not a regular file"),
-    ("big.json", "hparams file {tmp}/big.json is over 1,048,576 bytes"),
+    ("{tmp}", "hparams file {tmp} does not exist (or is not a regular file)"),
+    ("/dev/zero", "hparams file /dev/zero does not exist (or is not a regular file)"),
+    ("big.json", "hparams file {tmp}/big.json is larger than 1 MiB; an hparams file is a mapping"),
     ("bad.json", "hparams file {tmp}/bad.json cannot be parsed"),
-    ("latin1.json", "hparams file {tmp}/latin1.json cannot be parsed"),
+    ("latin1.json", "hparams file {tmp}/latin1.json is not UTF-8 text (byte 15)"),
     ("list.yaml", "hparams file {tmp}/list.yaml must hold a mapping of names to values"),
     ('{"nope": 1}', "unknown hyperparameters ['nope']"),
     ('{"mom2_update_weight": ', "--hparams JSON cannot be parsed"),
@@ -409,7 +409,8 @@ def test_bad_requests_fail_before_loading_the_model(records, message, tmp_path, 
 ])
 def test_bad_hparams_are_refused_by_name_before_the_model_loads(value, message, tmp_path, tiny_models, data_dir):
     """--hparams, a file or the JSON mapping itself: what is not a readable, small mapping of known names is
-    refused with its name and the fix (exit 2), no patch written. /dev/zero and a huge file are not read."""
+    refused with its name and the fix (exit 2), no patch written; a file is read as records files are
+    (core.records.read_text_file: /dev/zero and a huge file are not read)."""
     from click.testing import CliRunner
 
     from memit_vllm.cli import main

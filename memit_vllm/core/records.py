@@ -187,26 +187,30 @@ def parse_record(rec, where: str, zsre_target: str = "answers") -> EditRequest:
         paraphrases=tuple(template_prompt(p, subject, f"{where} paraphrase {i}") for i, p in enumerate(paraphrases)))
 
 
-def _read_text(path: Path, label: str) -> str:
-    """A records or prompts file, read whole: a regular file (not /dev/zero, a FIFO or a directory) of
-    bounded size, UTF-8. `label` names it in errors."""
+def read_text_file(path: Path, label: str, max_bytes: int = MAX_RECORDS_FILE_BYTES, fix: str = "split it") -> str:
+    """A small input file (records, prompts, hparams), read whole: a regular file (not /dev/zero, a FIFO or
+    a directory) of at most `max_bytes` (no more is read, whatever it grows to meanwhile), UTF-8. `label`
+    names it in errors, `fix` says what to do with one too large."""
     if not path.is_file():
         raise MemitError(f"{label} does not exist (or is not a regular file)")
-    if path.stat().st_size > MAX_RECORDS_FILE_BYTES:
-        raise MemitError(f"{label} is larger than {MAX_RECORDS_FILE_BYTES >> 20} MiB; split it")
     try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise MemitError(f"{label} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+        with path.open("rb") as f:
+            raw = f.read(max_bytes + 1)
     except OSError as e:
         raise MemitError(f"{label}: cannot read it ({e.strerror or e})") from e
+    if len(raw) > max_bytes:
+        raise MemitError(f"{label} is larger than {max_bytes >> 20} MiB; {fix}")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MemitError(f"{label} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
 
 
 def read_records(path: str | Path) -> list[tuple[str, object]]:
     """(where, record) of every record in a JSON (a list or one object), JSONL or CSV file; `where`
     names the file and the record (its line, for JSONL) for error messages."""
     path = Path(path)
-    text = _read_text(path, str(path))
+    text = read_text_file(path, str(path))
     if path.suffix == ".csv":
         return [(f"{path} row {i + 2}", dict(r)) for i, r in enumerate(csv.DictReader(io.StringIO(text)))]
     if path.suffix == ".jsonl":
@@ -289,7 +293,7 @@ def read_prompts(path: str | Path, flag: str) -> list[dict]:
     --regression, make-patch --preserve). The content decides which, whatever the file's suffix (unlike
     edit records, read_records)."""
     try:
-        items = _json_or_jsonl(_read_text(Path(path), f"{flag} {path}"))
+        items = _json_or_jsonl(read_text_file(Path(path), f"{flag} {path}"))
     except json.JSONDecodeError as e:
         raise MemitError(f"{flag} {path}: neither JSON nor JSONL ({e})") from e
     out = []
@@ -306,7 +310,7 @@ def read_prompts(path: str | Path, flag: str) -> list[dict]:
 def read_subjects(path: str | Path, flag: str) -> list[str]:
     """Subject names: a JSON list or JSONL of strings, or plain text with one name per line
     (make-patch --neighbour-subjects)."""
-    text = _read_text(Path(path), f"{flag} {path}")
+    text = read_text_file(Path(path), f"{flag} {path}")
     try:
         items = _json_or_jsonl(text)
     except json.JSONDecodeError:

@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from ..core.records import read_text_file
 from ..errors import MemitError
 
 # Keys of the reference implementations' hparams files that name modules; we derive those from the
@@ -324,38 +325,28 @@ def default_hparams(model_type: str, n_layers: int, d_ff: int, on_stack: bool = 
     return hp, f"derived: layers at 13% of depth, lambda = {LAMBDA_PER_DFF} x d_ff ({d_ff})"
 
 
-# An hparams file is a few dozen names: anything larger is not one (and is not read whole into memory).
-HPARAMS_MAX_BYTES = 1 << 20
+HPARAMS_MAX_BYTES = 1 << 20  # an hparams file is a few dozen names: anything larger is not one
 
 
 def load_hparams_file(path: str | Path) -> dict:
     """A JSON or YAML file in the reference's format (module-template keys are ignored), or the same mapping
     given inline as JSON ('{"mom2_update_weight": 768}': a value that starts with "{" and names no file)."""
     text = str(path)
-    if text.lstrip().startswith("{") and not _names_a_file(text):
-        return _hparams_mapping(text, "--hparams JSON", json.loads)
-    path = Path(path)
-    if not _names_a_file(path):
+    if not _names_a_file(text):
+        if text.lstrip().startswith("{"):
+            return _hparams_mapping(text, "--hparams JSON", json.loads)
         raise MemitError(f"hparams file {path} does not exist: give a JSON or YAML file, or the JSON mapping "
                          "itself ('{\"mom2_update_weight\": 768}')")
-    if not path.is_file():
-        raise MemitError(f"hparams file {path} is not a regular file: give a JSON or YAML file")
-    try:
-        with path.open("rb") as f:  # read no more than the limit, whatever the file grows to meanwhile
-            raw = f.read(HPARAMS_MAX_BYTES + 1)
-    except OSError as e:
-        raise MemitError(f"hparams file {path} cannot be read: {e.strerror}") from e
-    if len(raw) > HPARAMS_MAX_BYTES:
-        raise MemitError(f"hparams file {path} is over {HPARAMS_MAX_BYTES:,} bytes, more than an hparams file can "
-                         "be: give a JSON or YAML mapping of names to values")
-    if path.suffix in (".yaml", ".yml"):
+    label = f"hparams file {path}"
+    raw = read_text_file(Path(text), label, HPARAMS_MAX_BYTES, fix="an hparams file is a mapping of names to values")
+    if Path(text).suffix in (".yaml", ".yml"):
         import yaml
 
-        return _hparams_mapping(raw, f"hparams file {path}", yaml.safe_load)
-    return _hparams_mapping(raw, f"hparams file {path}", json.loads)
+        return _hparams_mapping(raw, label, yaml.safe_load)
+    return _hparams_mapping(raw, label, json.loads)
 
 
-def _names_a_file(path: str | Path) -> bool:
+def _names_a_file(path: str) -> bool:
     """Whether anything is at `path`; a value too long to be a file name names none (not an OSError)."""
     try:
         return Path(path).exists()
@@ -363,9 +354,9 @@ def _names_a_file(path: str | Path) -> bool:
         return False
 
 
-def _hparams_mapping(raw: str | bytes, what: str, parse) -> dict:
+def _hparams_mapping(text: str, what: str, parse) -> dict:
     try:
-        data = parse(raw.decode() if isinstance(raw, bytes) else raw)
+        data = parse(text)
     except Exception as e:
         raise MemitError(f"{what} cannot be parsed: {e}") from e
     if not isinstance(data, dict):
