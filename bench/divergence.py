@@ -14,8 +14,12 @@ particular direction scaled to the patch's held-out KL: "gaussian" (per patched 
 and "shuffled keys" (the patch's delta with its key-side columns permuted: the same singular values and
 output directions, read off random key directions).
 
+`--by-relation`: the patch's first-token flips grouped by how many of the --n edited records change the
+prompt's relation (CounterFact `relation_id`), and how many flip to a word some edit's new target starts
+with (the edited association reaching other subjects).
+
     .venv/bin/python bench/divergence.py PATCH --data ../shared/data/counterfact/counterfact_500.json \
-        --n 100 [--model smollm2-135m] [--scales 0.25 0.5 1] [--unrelated-count 400] [--json out.json]
+        --n 100 [--model smollm2-135m] [--scales 0.25 0.5 1] [--unrelated-count 400] [--by-relation] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -35,6 +41,7 @@ from memit_vllm.evaluate.scoring import TransformersScorer
 from memit_vllm.patch import load_patch
 
 PARTS = ((1, 1), (2, 2), (3, 4), (5, 8))  # first-divergence positions reported together (1-based, inclusive)
+RELATION_EDITS = ((0, 0), (1, 2), (3, 5), (6, None))  # --by-relation's groups: edits of the prompt's relation
 CALIBRATION_STEPS = 2  # rescalings towards the patch's KL; the last one is the row reported, with its own KL
 
 
@@ -61,6 +68,25 @@ def unedited_margins(model, prompts: list[list[int]], completions: list[list[int
         top2 = torch.softmax(completion_logits(model, prompt, completion).float(), -1).topk(2, -1).values
         out.append((top2[:, 0] - top2[:, 1]).tolist())
     return out
+
+
+def flips_by_relation(data: str, n: int, prompts: list[str], flipped: list[bool], firsts: list[str]) -> list[dict]:
+    """Per group of RELATION_EDITS, the unrelated prompts whose relation that many of the first `n` records
+    edit, how many flipped their first token, and how many of those to a word an edit's new target starts with."""
+    raw = json.loads(Path(data).read_text())
+    rewrite = [r["requested_rewrite"] for r in raw]
+    edits = Counter(q["relation_id"] for q in rewrite[:n])
+    relation = {q["prompt"].format(q["subject"]): q["relation_id"] for q in rewrite[n:]}
+    targets = [q["target_new"]["str"].strip() for q in rewrite[:n]]
+    rows = []
+    for lo, hi in RELATION_EDITS:
+        group = [i for i, p in enumerate(prompts) if lo <= edits[relation[p]] <= (hi if hi is not None else n)]
+        flips = [i for i in group if flipped[i]]
+        label = f"{lo}+" if hi is None else f"{lo}-{hi}" if hi != lo else str(lo)
+        rows.append({"edits_of_relation": label, "prompts": len(group), "flipped": len(flips),
+                     "to_a_new_target": sum(bool(firsts[i]) and any(t.startswith(firsts[i]) for t in targets)
+                                            for i in flips)})
+    return rows
 
 
 def summary(parts: list[int | None], margins: list[list[float]]) -> dict:
@@ -105,6 +131,8 @@ def main():
     parser.add_argument("--scales", type=float, nargs="+", default=[0.25, 0.5, 1.0])
     parser.add_argument("--unrelated-count", type=int, metavar="N",
                         help="score N unrelated prompts instead of eval's 100 (as eval --unrelated-count)")
+    parser.add_argument("--by-relation", action="store_true",
+                        help="the patch's first-token flips by how often the batch edits the prompt's relation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -136,6 +164,18 @@ def main():
         kl = measure(f"patch x {s:g}", work.delta, s)
         target = kl if s == 1 else target
     target = target if target is not None else measure("patch x 1", work.delta, 1.0)
+    if args.by_relation:  # the model holds the patch x the last scale: set it to the patch itself
+        work.set(work.delta, 1.0)
+        with torch.no_grad():
+            firsts = [work.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax().item() for ids in prompt_ids]
+        flipped = [f != c[0] for f, c in zip(firsts, completions)]
+        rows_by_relation = flips_by_relation(args.data, args.n, prompts, flipped,
+                                             [work.tok.decode([f]).strip() for f in firsts])
+        print(f"first tokens flipped by the patch: {sum(flipped)} of {len(prompts)}")
+        print("| edits of the prompt's relation | prompts | flipped | to a word a new target starts with |\n"
+              "|---|---|---|---|")
+        for r in rows_by_relation:
+            print(f"| {r['edits_of_relation']} | {r['prompts']} | {r['flipped']} | {r['to_a_new_target']} |")
     for name, update in (("gaussian", work.gaussian(args.seed)), ("shuffled keys", work.shuffled_keys(args.seed))):
         scales, kls = [1.0], [measure(name, update, 1.0)]
         for _ in range(CALIBRATION_STEPS):  # KL ~ t^p, p from the last two points (2 at first)
@@ -154,7 +194,8 @@ def main():
                                                                 for c in cols) + " |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"prompts": len(prompts), "smallest_margins": fragile, "rows": rows}, f, indent=1)
+            json.dump({"prompts": len(prompts), "smallest_margins": fragile, "rows": rows,
+                       "by_relation": rows_by_relation if args.by_relation else None}, f, indent=1)
 
 
 if __name__ == "__main__":
