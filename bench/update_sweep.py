@@ -30,7 +30,9 @@ make-patch's settings for one batch of --edits (the preset's lambda for that siz
 Update rules the editor does not offer (measured here before any becomes an option; `variant_solver`):
 "layer_lambda": [one lambda multiplier per edited layer]; "layer_share": [one multiplier per edited layer of
 the residual share the layer is asked to deliver]; "fisher_metric": P, the memory term measured in the
-layer's output Fisher F_l^P (solve_metric_update; F_l over the first 8,192 corpus tokens, kept in --out).
+layer's output Fisher F_l^P (solve_metric_update; F_l over the first 8,192 corpus tokens, kept in --out);
+"hold_mean": W, the mean of the batch's edit keys held like a preserved key of weight W per edit (every key
+receives 1-2% of every residual, docs/hyperparameters.md "Session 7": is it their common part?).
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ from memit_vllm.evaluate.scoring import TransformersScorer
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 CORPUS = DATA / "corpus" / "smollm2_self_2k.jsonl"
-VARIANTS = ("layer_lambda", "layer_share", "fisher_metric")  # update rules of variant_solver
+VARIANTS = ("layer_lambda", "layer_share", "fisher_metric", "hold_mean")  # update rules of variant_solver
 SHOWN = ["ES", "PS", "NS", "rewrite_hit", "paraphrase_hit", "neighbour_word_kept", "unrelated_word_kept",
          "unrelated_word_kept_confident", "unrelated_kept", "heldout_kl"]
 
@@ -159,7 +161,7 @@ def solve_metric_update(keys: torch.Tensor, residuals: torch.Tensor, cov: torch.
 @contextmanager
 def variant_solver(cfg: dict, layers: list[int], covs: dict[int, torch.Tensor], fishers):
     """The editor's layer solve replaced, for one configuration, by the rule its "layer_lambda",
-    "layer_share" or "fisher_metric" asks for (the layer is found by its covariance: layer_updates passes
+    "layer_share", "fisher_metric" or "hold_mean" asks for (the layer is found by its covariance: layer_updates passes
     stats.covs[layer]). `fishers(layer)`: F_l's eigendecomposition (layer_fisher)."""
     if not any(k in cfg for k in VARIANTS):
         yield
@@ -172,6 +174,10 @@ def variant_solver(cfg: dict, layers: list[int], covs: dict[int, torch.Tensor], 
     def solve(K, R, cov, weight, preserved=None, pull=None):
         layer = layer_of[id(cov)]
         i = layers.index(layer)
+        if "hold_mean" in cfg:  # the edit keys' mean held at hold_mean per edit (an edit key counts 1)
+            mean = K.double().mean(1, keepdim=True)
+            held = (cfg["hold_mean"] * K.shape[1]) * (mean @ mean.T)
+            preserved = held if preserved is None else preserved.to(held.device, torch.float64) + held
         if "fisher_metric" not in cfg:
             return solve_layer_update(K, R * share[i], cov, weight * lam[i], preserved, pull)
         f, U = fishers(layer)

@@ -177,8 +177,10 @@ def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool, n
                  "z_dtype": config.z_dtype, "mom2_n_tokens": config.stats_tokens, "mom2_dtype": config.stats_dtype,
                  "mom2_model_dtype": config.stats_model_dtype}
     hparams = config.hparams
+    if isinstance(hparams, HParams):
+        return _over(hparams, "given", overrides)
     values = {}
-    if hparams is not None and not isinstance(hparams, HParams):
+    if hparams is not None:
         values = hparams if isinstance(hparams, dict) else load_hparams_file(hparams)
     own_lambda = config.mom2_update_weight is not None or "mom2_update_weight" in values
     hp, source = default_hparams(*dims, on_stack=bool(config.on) or config.chunk is not None,
@@ -186,17 +188,19 @@ def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool, n
     hp, source = native_z(hp, source, _device_type(config))
     if not has_corpus and hp.v_optimizer == "steepest_fisher":
         hp, source = hp.replace(v_optimizer="steepest"), f"{source}, steepest z (no corpus to read F over)"
-    if isinstance(hparams, HParams):
-        hp, source = hparams, "given"
-    elif hparams is not None:
+    if hparams is not None:
         hp, source = hp.replace(**values), f"{hparams if not isinstance(hparams, dict) else 'dict'} over {source}"
     hp = hp.replace(**overrides)
-    preset_pull = not isinstance(hparams, HParams) and "corpus_restore_tokens" not in values
-    if preset_pull and hp.corpus_restore_tokens and (not has_corpus or hp.method != "memit"):
+    if "corpus_restore_tokens" not in values and hp.corpus_restore_tokens and (not has_corpus or hp.method != "memit"):
         why = f"method {hp.method}" if has_corpus else "no corpus to read"
         hp, source = hp.replace(corpus_restore_tokens=0), f"{source}, no corpus pull ({why})"
-    given = sorted(k for k, v in overrides.items() if v is not None)
-    return hp, source + (f", with {', '.join(given)} given" if given else "")
+    return _over(hp, source, overrides)
+
+
+def _over(hp: HParams, source: str, flags: dict) -> tuple[HParams, str]:
+    """`hp` with the flags given (not None) over it, and the source saying which."""
+    given = sorted(k for k, v in flags.items() if v is not None)
+    return hp.replace(**flags), source + (f", with {', '.join(given)} given" if given else "")
 
 
 def native_z(hp: HParams, source: str, device_type: str) -> tuple[HParams, str]:
