@@ -32,7 +32,8 @@ Update rules the editor does not offer (measured here before any becomes an opti
 the residual share the layer is asked to deliver]; "fisher_metric": P, the memory term measured in the
 layer's output Fisher F_l^P (solve_metric_update; F_l over the first 8,192 corpus tokens, kept in --out);
 "hold_mean": W, the mean of the batch's edit keys held like a preserved key of weight W per edit (every key
-receives 1-2% of every residual, docs/hyperparameters.md "Session 7": is it their common part?).
+receives 1-2% of every residual, docs/hyperparameters.md "Session 7": is it their common part?);
+"residual_mean": c, that share of the mean residual taken off every residual before the layer's solve.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ from memit_vllm.evaluate.scoring import TransformersScorer
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 CORPUS = DATA / "corpus" / "smollm2_self_2k.jsonl"
-VARIANTS = ("layer_lambda", "layer_share", "fisher_metric", "hold_mean")  # update rules of variant_solver
+VARIANTS = ("layer_lambda", "layer_share", "fisher_metric", "hold_mean", "residual_mean")  # update rules of variant_solver
 SHOWN = ["ES", "PS", "NS", "rewrite_hit", "paraphrase_hit", "neighbour_word_kept", "unrelated_word_kept",
          "unrelated_word_kept_confident", "unrelated_kept", "heldout_kl"]
 
@@ -161,7 +162,7 @@ def solve_metric_update(keys: torch.Tensor, residuals: torch.Tensor, cov: torch.
 @contextmanager
 def variant_solver(cfg: dict, layers: list[int], covs: dict[int, torch.Tensor], fishers):
     """The editor's layer solve replaced, for one configuration, by the rule its "layer_lambda",
-    "layer_share", "fisher_metric" or "hold_mean" asks for (the layer is found by its covariance: layer_updates passes
+    "layer_share", "fisher_metric", "hold_mean" or "residual_mean" asks for (the layer is found by its covariance: layer_updates passes
     stats.covs[layer]). `fishers(layer)`: F_l's eigendecomposition (layer_fisher)."""
     if not any(k in cfg for k in VARIANTS):
         yield
@@ -178,6 +179,8 @@ def variant_solver(cfg: dict, layers: list[int], covs: dict[int, torch.Tensor], 
             mean = K.double().mean(1, keepdim=True)
             held = (cfg["hold_mean"] * K.shape[1]) * (mean @ mean.T)
             preserved = held if preserved is None else preserved.to(held.device, torch.float64) + held
+        if "residual_mean" in cfg:  # that share of the residuals' common part left unwritten
+            R = R - cfg["residual_mean"] * R.mean(1, keepdim=True)
         if "fisher_metric" not in cfg:
             return solve_layer_update(K, R * share[i], cov, weight * lam[i], preserved, pull)
         f, U = fishers(layer)
