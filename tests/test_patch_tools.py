@@ -1,6 +1,8 @@
 """inspect / verify / apply / stack / diff on synthetic patches of the tiny models (and SmolLM2)."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -177,14 +179,26 @@ def test_outputs_that_cannot_be_written_are_one_line_errors(tiny_models, tmp_pat
     model = tiny_models["llama"]
     patch = synthetic_patch(model).save(tmp_path / "p.patch")
     (tmp_path / "dir").mkdir()
+    fifo = tmp_path / "fifo"  # stands for /dev/null: renamed over, the device itself became a regular file
+    os.mkfifo(fifo)
     blocked = tmp_path / "p.patch" / "below-a-file"  # no directory can be made there (not even by root)
+    not_regular = "is not a regular file (a device, a FIFO...); give the path of a file to write"
+    data = tmp_path / "never-read.json"  # the outputs are refused before the data, model or servers are read
     for args, message in [
-        (["stack", patch, "-o", tmp_path / "dir"], "is a directory"),
-        (["stack", patch, "-o", blocked], "cannot write the patch to"),
+        (["stack", patch, "-o", tmp_path / "dir"], f"--output {tmp_path / 'dir'} is a directory"),
+        (["stack", patch, "-o", fifo], f"--output {fifo} {not_regular}"),
+        (["stack", patch, "-o", blocked], f"--output {blocked}: cannot write there"),
+        (["make-patch", "--model", model, "--requests", data, "--out", fifo], f"--out {fifo} {not_regular}"),
+        (["stats", "merge", patch, "--out", fifo], f"--out {fifo} {not_regular}"),
+        (["eval", "--model", model, "--data", data, "--json", tmp_path / "dir"], "--json "),
+        (["eval", "--model", model, "--data", data, "--plot", fifo], f"--plot {fifo} {not_regular}"),
+        (["ab", "--a", "http://127.0.0.1:1", "--b", "http://127.0.0.1:1", "--edits", data, "--json", fifo],
+         f"--json {fifo} {not_regular}"),
         (["apply", patch, "--model", model, "--out", blocked], "cannot write the merged checkpoint to"),
         (["export-lora", patch, "--out", blocked], "cannot write the adapter to"),
     ]:
         result = cli(*args)
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and message in lines[0], (args, result.output)
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["dir", "p.patch"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["dir", "fifo", "p.patch"]
+    assert stat.S_ISFIFO(fifo.stat().st_mode)

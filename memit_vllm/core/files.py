@@ -46,12 +46,33 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
+def _check_file_target(out: Path, name: str) -> None:
+    """A file is written by renaming over `out`: over a directory that fails, and over a device or a FIFO
+    it would replace the device itself (as root, /dev/null would become a regular file)."""
+    if out.is_dir():
+        raise MemitError(f"{name} is a directory; give the path of a file to write")
+    if out.exists() and not out.is_file():
+        raise MemitError(f"{name} is not a regular file (a device, a FIFO...); give the path of a file to write")
+
+
+def check_out_file(out: str | os.PathLike, flag: str) -> Path:
+    """Fail before the work, not after it: `out` (given as `flag`) must name a regular file, or nothing
+    yet, whose directory exists or can be made."""
+    out = Path(out)
+    _check_file_target(out, f"{flag} {out}")
+    parent = out.parent
+    while not parent.exists():  # the nearest existing ancestor is where the missing dirs get created
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise MemitError(f"{flag} {out}: cannot write there ({parent} is not a writable directory)")
+    return out
+
+
 @contextmanager
 def atomic_file(final: str | os.PathLike, suffix: str = ""):
     """Yield a temp path beside `final`; on success it is fsynced and renamed over `final`."""
     final = Path(final)
-    if final.is_dir():
-        raise MemitError(f"{final} is a directory; give a file path to write")
+    _check_file_target(final, str(final))
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
     os.close(fd)

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import asdict
-from pathlib import Path
 
 import click
 
+from ..core.files import check_out_file
 from ..options import zsre_target_option
 from ..errors import MemitError
 from .hparams import FORWARD_DTYPES, METHODS, PRODUCT_DTYPES, neighbours_default_text, parse_layers
-
-
-def check_out_file(out: str | os.PathLike) -> None:
-    """Fail before the edit, not after it: `out` must name a file whose directory exists or can be made."""
-    out = Path(out)
-    if out.is_dir():
-        raise MemitError(f"--out {out} is a directory; give the path of the patch file to write")
-    parent = out.parent
-    while not parent.exists():  # the nearest existing ancestor is where the missing dirs get created
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise MemitError(f"--out {out}: cannot write there ({parent} is not a writable directory)")
 
 
 @click.command("make-patch")
@@ -110,7 +97,7 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
     from .memit import EditConfig, edit
 
     distributed.init_from_env()
-    check_out_file(out)
+    check_out_file(out, "--out")
     if not requests_path and not withdraw:
         raise MemitError("give the facts to edit with --requests FILE (or --withdraw with --on)")
     requests = load_requests(requests_path, limit=limit, zsre_target=zsre_target) if requests_path else []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .command import check_out_file
+from ..core.files import check_out_file
 from .hparams import FORWARD_DTYPES, PRODUCT_DTYPES, parse_layers
 
 
@@ -78,7 +78,7 @@ def stats_compute(model, corpus, layers, tokens, dtype, model_dtype, shard, out,
     from .stats_file import StatsFile
 
     distributed.init_from_env()
-    check_out_file(out)
+    check_out_file(out, "--out")
     part = Shard.parse(shard)
     ckpt, _, chosen = _model_layers(model, layers)
     forward = resolved_dtype(ckpt, model_dtype)
@@ -105,7 +105,7 @@ def stats_merge(files, out, as_json):
     """Add shards of one pass (same model, corpus, budget, dtype, layers; each shard once)."""
     from .stats_file import merge_stats, read_stats
 
-    check_out_file(out)
+    check_out_file(out, "--out")
     stats = merge_stats([read_stats(f) for f in files])
     _report(stats, stats.save(out), as_json)
 
@@ -126,7 +126,7 @@ def stats_import(model, source, layers, precision, samples, out, cache_dir, as_j
     from ..core.architectures import by_config
     from .stats_import import import_reference
 
-    check_out_file(out)
+    check_out_file(out, "--out")
     ckpt, (_, _, d_ff), chosen = _model_layers(model, layers)
     stats = import_reference(Path(source), by_config(ckpt.config), chosen, d_ff,
                              weights_sha256(ckpt, _cache(cache_dir)), precision, samples)

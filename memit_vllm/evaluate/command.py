@@ -8,6 +8,7 @@ import sys
 import click
 from click.core import ParameterSource
 
+from ..core.files import check_out_file
 from ..core.records import FORMATS
 from ..options import unrelated_count_option, zsre_target_option
 from .generation import HELDOUT_TEXTS, NEW_TOKENS
@@ -56,6 +57,10 @@ def eval_command(model, patches, data, n, fmt, zsre_target, fluency, generate, n
                                f"{'it' if len(unused) == 1 else 'them'}")
     from .report import format_table, plot, write_json
     from .run import evaluate
+
+    for flag, out in (("--json", json_out), ("--plot", plot_out)):
+        if out and out != "-":  # checked before the evaluation, not after it
+            check_out_file(out, flag)
 
     result = evaluate(model, data, patches, n=n, fmt=fmt, zsre_target=zsre_target, fluency=fluency,
                       batch_size=batch_size, device=device, progress=sys.stderr.isatty(),

@@ -95,9 +95,11 @@ def apply_cmd(patches: tuple[str, ...], model: str, out: str) -> None:
 @click.option("--version", "version", default="", help="Version label of the new patch.")
 def stack_cmd(patches: tuple[str, ...], output: str, name: str, version: str) -> None:
     """Combine PATCHES into one patch equal to applying them in order (same base model required)."""
+    from ..core.files import check_out_file
     from .format import load_patch
     from .tools import stack_patches
 
+    check_out_file(output, "--output")
     stacked = stack_patches([load_patch(p, verify_content=True) for p in patches], name=name, version=version)
     stacked.save(output)
     click.echo(f"{stacked.patch_id}  {output}")
