@@ -394,6 +394,24 @@ def test_bad_requests_fail_before_loading_the_model(records, message, tmp_path, 
     assert not (tmp_path / "p.patch").exists()
 
 
+def test_a_csv_row_with_more_values_than_columns_is_one_line_naming_the_row(tmp_path, tiny_models):
+    """An unquoted comma shifts a row: DictReader keys the surplus None, which crashed the layout check."""
+    requests = tmp_path / "r.csv"
+    requests.write_text('prompt,subject\n"{} is",x,extra\n')
+    out = make_patch_cli("--model", str(tiny_models["llama"]), "--requests", str(requests), "--out",
+                         str(tmp_path / "p.patch"))
+    assert out.returncode == 2 and out.stderr == (f"error: {requests} row 2 has 3 values for 2 columns; quote a "
+                                                  'value that holds a comma ("a, b")\n'), out.stderr
+
+
+def test_request_files_saved_with_a_byte_order_mark_read_as_without(tmp_path):
+    """Excel's "CSV UTF-8" starts with a BOM: it hid the first column ("missing field 'prompt'")."""
+    csv_file, json_file = tmp_path / "r.csv", tmp_path / "r.json"
+    csv_file.write_bytes(b'\xef\xbb\xbfprompt,subject,target_new\n"{} is in",Rome,Italy\n')
+    json_file.write_bytes(b'\xef\xbb\xbf[{"prompt": "{} is in", "subject": "Rome", "target_new": "Italy"}]')
+    assert load_requests(csv_file) == load_requests(json_file) == [EditRequest("{} is in", "Rome", " Italy")]
+
+
 @pytest.mark.parametrize("value, message", [
     ("missing.json", "hparams file {tmp}/missing.json does not exist: give a JSON or YAML file, or the JSON mapping"),
     ("{tmp}", "hparams file {tmp} does not exist (or is not a regular file)"),

@@ -181,7 +181,9 @@ def test_bad_input_exits_2(tiny_models, data_dir, tmp_path):
     assert result.exit_code == 2 and "missing.json does not exist" in result.stderr
     (tmp_path / "odd.json").write_text(json.dumps([{"question": "q", "answer": "a"}]))
     result = run_cli("--model", tiny_models["llama"], "--data", tmp_path / "odd.json")
-    assert result.exit_code == 2 and "unknown data format" in result.stderr
+    assert result.exit_code == 2 and f"{tmp_path / 'odd.json'} record 0: unknown data format" in result.stderr
+    result = run_cli("--model", tiny_models["llama"], "--data", cf_path(data_dir), "--format", "zsre")  # was a KeyError
+    assert result.exit_code == 2 and result.stderr == f"error: {cf_path(data_dir)} record 0: missing field 'src'\n"
     result = run_cli("--model", tiny_models["llama"], "--data", data_dir / "zsre" / "zsre_mend_train_1k.json",
                      "--fluency")
     assert result.exit_code == 2 and "generation_prompts" in result.stderr

@@ -190,7 +190,8 @@ def parse_record(rec, where: str, zsre_target: str = "answers") -> EditRequest:
 def read_text_file(path: Path, label: str, max_bytes: int = MAX_RECORDS_FILE_BYTES, fix: str = "split it") -> str:
     """A small input file (records, prompts, hparams), read whole: a regular file (not /dev/zero, a FIFO or
     a directory) of at most `max_bytes` (no more is read, whatever it grows to meanwhile), UTF-8. `label`
-    names it in errors, `fix` says what to do with one too large."""
+    names it in errors, `fix` says what to do with one too large. A UTF-8 byte order mark (Excel's "CSV UTF-8",
+    Windows Notepad) is dropped: left in, it hid a CSV's first column name and broke JSON."""
     if not path.is_file():
         raise MemitError(f"{label} does not exist (or is not a regular file)")
     try:
@@ -201,7 +202,7 @@ def read_text_file(path: Path, label: str, max_bytes: int = MAX_RECORDS_FILE_BYT
     if len(raw) > max_bytes:
         raise MemitError(f"{label} is larger than {max_bytes >> 20} MiB; {fix}")
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise MemitError(f"{label} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
 
@@ -212,7 +213,13 @@ def read_records(path: str | Path) -> list[tuple[str, object]]:
     path = Path(path)
     text = read_text_file(path, str(path))
     if path.suffix == ".csv":
-        return [(f"{path} row {i + 2}", dict(r)) for i, r in enumerate(csv.DictReader(io.StringIO(text)))]
+        rows = csv.DictReader(io.StringIO(text))
+        out = [(f"{path} row {i + 2}", dict(r)) for i, r in enumerate(rows)]
+        for where, r in out:  # DictReader keys the surplus values None: an unquoted comma shifted the row
+            if None in r:
+                raise MemitError(f"{where} has {len(rows.fieldnames) + len(r[None])} values for "
+                                 f"{len(rows.fieldnames)} columns; quote a value that holds a comma (\"a, b\")")
+        return out
     if path.suffix == ".jsonl":
         out = []
         for i, line in enumerate(text.splitlines()):
@@ -343,7 +350,7 @@ def fact_text(request: dict) -> str:
 
 
 # -- evaluation records ------------------------------------------------------------------------------
-def detect_format(record) -> str:
+def detect_format(record, where: str) -> str:
     if isinstance(record, dict):
         if "requested_rewrite" in record:
             return "counterfact"
@@ -351,8 +358,8 @@ def detect_format(record) -> str:
             return "counterfact-edit"
         if {"src", "rephrase", "answers", "loc", "loc_ans"} <= record.keys():
             return "zsre"
-    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-    raise MemitError(f"unknown data format (first record: {keys}); expected one of: {', '.join(FORMATS)}")
+    what = f"keys {sorted(record)}" if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+    raise MemitError(f"{where}: unknown data format ({what}); expected one of: {', '.join(FORMATS)}")
 
 
 def _counterfact(r, where: str, i: int) -> CounterFactRecord:
@@ -380,7 +387,8 @@ def _counterfact_edit(r, where: str, i: int) -> CounterFactRecord:
 
 def _zsre(r, where: str, i: int, target: str) -> ZsreRecord:
     req = parse_record(r, where, target)
-    return ZsreRecord(case_id=r.get("case_id", i), subject=req.subject, src=r["src"],
+    return ZsreRecord(case_id=r.get("case_id", i), subject=req.subject,
+                      src=_text(_field(r, "src", where), "src", where),
                       rephrase=_text(_field(r, "rephrase", where), "rephrase", where),
                       target=req.target_new.lstrip(" "), loc=_text(_field(r, "loc", where), "loc", where),
                       loc_ans=_text(_field(r, "loc_ans", where), "loc_ans", where))
@@ -397,7 +405,7 @@ def read_dataset(path: str | Path, n: int | None = None, fmt: str = "auto",
         raise MemitError(f"data file {path} holds no records")
     raw = raw[:n] if n is not None else raw
     if fmt == "auto":
-        fmt = detect_format(raw[0][1])
+        fmt = detect_format(raw[0][1], raw[0][0])
     readers = {"counterfact": _counterfact, "counterfact-edit": _counterfact_edit,
                "zsre": lambda r, where, i: _zsre(r, where, i, zsre_target)}
     return fmt, [readers[fmt](r, where, i) for i, (where, r) in enumerate(raw)]
