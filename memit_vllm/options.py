@@ -11,6 +11,21 @@ zsre_target_option = click.option(
     "--zsre-target", type=click.Choice(ZSRE_TARGETS), default="answers", show_default=True,
     help="zsRE: the target is answers[0] (as MEMIT's code) or alt (as the editing toolkits).")
 
+
+class _Seed(click.ParamType):
+    """An integer torch takes as a seed (64 bits): a larger --seed raised OverflowError after the model loaded."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx):
+        seed = click.INT.convert(value, param, ctx)
+        if not -(1 << 63) <= seed < 1 << 64:
+            self.fail(f"{seed} does not fit in 64 bits; give one in -2**63..2**64-1", param, ctx)
+        return seed
+
+
+SEED = _Seed()
+
 unrelated_count_option = click.option(
     "--unrelated-count", type=click.IntRange(min=1), default=None, metavar="N",
     help=f"How many unrelated prompts the records after the first N give (default {UNRELATED_PROMPTS}: a share "

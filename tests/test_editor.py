@@ -461,6 +461,36 @@ def test_layers_out_of_range_and_unsupported_architecture(tmp_path, tiny_models,
     assert out.returncode == 2 and "'bert' is not supported" in out.stderr and "gpt_neox" in out.stderr
 
 
+@pytest.mark.parametrize("command, flags, message", [
+    ("make-patch", ["--layers", "1-99999999999999"],  # was a MemoryError, listing the range
+     "error: --layers '1-99999999999999': a range runs upward over at most 1024 layers, e.g. 4-8"),
+    ("make-patch", ["--layers", "5-3"], "error: --layers '5-3': a range runs upward"),
+    ("make-patch", ["--seed", str(10 ** 23)],  # was an OverflowError, after the model had loaded
+     f"Invalid value for '--seed': {10 ** 23} does not fit in 64 bits"),
+    ("stats", ["--seed", str(-10 ** 23)], "does not fit in 64 bits"),
+    ("make-patch", ["--stats-corpus", "self:0"],  # was refused only once the model had loaded
+     "error: --stats-corpus 'self:0': expected self:N with N an integer >= 1"),
+    ("stats", ["--corpus", "self:-3"], "error: --stats-corpus 'self:-3': expected self:N with N an integer >= 1"),
+])
+def test_bad_flags_fail_before_loading_the_model(command, flags, message, tiny_models, data_dir, tmp_path,
+                                                 monkeypatch):
+    from click.testing import CliRunner
+
+    from memit_vllm.cli import main
+    from memit_vllm.editor import arch
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(memit, "load_editable", loaded)
+    monkeypatch.setattr(arch, "load_editable", loaded)
+    args = ["make-patch", "--requests", str(data_dir / "counterfact" / "counterfact_500.json"), "--limit", "1"] \
+        if command == "make-patch" else ["stats", "compute"]
+    out = CliRunner().invoke(main, [*args, "--model", str(tiny_models["llama"]), "--out", str(tmp_path / "p"), *flags])
+    assert out.exit_code == 2 and message in out.stderr, out.output
+    assert not (tmp_path / "p").exists()
+
+
 def test_target_already_predicted_is_warned(smollm2, tmp_path, data_dir):
     reqs = [{"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower",
              "target_new": "Paris"}]

@@ -9,7 +9,7 @@ from dataclasses import asdict
 import click
 
 from ..core.files import check_out_file
-from ..options import zsre_target_option
+from ..options import SEED, zsre_target_option
 from ..errors import MemitError
 from .hparams import FORWARD_DTYPES, METHODS, PRODUCT_DTYPES, neighbours_default_text, parse_layers
 
@@ -38,7 +38,7 @@ from .hparams import FORWARD_DTYPES, METHODS, PRODUCT_DTYPES, neighbours_default
 @click.option("--stats", "stats_file", type=click.Path(dir_okay=False),
               help="Covariance statistics from this file (memit-vllm stats compute/merge/import) instead of a pass.")
 @click.option("--cache-dir", type=click.Path(), help="Cache dir (default $MEMIT_VLLM_CACHE or XDG cache).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--name", default="", help="Patch name label.")
 @click.option("--version", "version_", default="", help="Patch version label.")
 @click.option("--limit", type=int, help="Use only the first N requests of the file.")

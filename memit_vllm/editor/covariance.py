@@ -89,8 +89,9 @@ def _hf_corpus(spec: str) -> Corpus:
     return Corpus(f"hf:{name}:{config}", texts, f"HF dataset {name} ({config})")
 
 
-def resolve_corpus(source: str | None, em: EditableModel, tok, seed: int) -> Corpus:
-    """A local .txt/.jsonl file, `self:N` (text sampled from the model), or an HF dataset name."""
+def corpus_spec(source: str | None) -> tuple[str, int | Path | str]:
+    """("self", N), ("file", path) or ("hf", name) of a --stats-corpus (None: the default), checked without
+    the model: a bad one fails before the model loads, not after."""
     if source is None:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         try:
@@ -99,22 +100,29 @@ def resolve_corpus(source: str | None, em: EditableModel, tok, seed: int) -> Cor
         except ImportError:
             source = "self:1000"
     if source.startswith("self:"):
-        try:
-            n = int(source[5:])
-        except ValueError as e:
-            raise MemitError(f"--stats-corpus {source!r}: expected self:N with N an integer") from e
-        # Sampling follows the device's RNG: text sampled on a GPU is another corpus than on the CPU.
-        device = "" if em.output_device.type == "cpu" else f":{em.output_device.type}"
-        return Corpus(f"self:{n}:seed{seed}{device}", lambda: _sample_self(em, tok, n, seed),
-                      f"{n} sequences sampled from the model (seed {seed}{device})")
+        n = source[5:]
+        if not n.isdigit() or int(n) < 1:
+            raise MemitError(f"--stats-corpus {source!r}: expected self:N with N an integer >= 1")
+        return "self", int(n)
     path = Path(source)
     if path.exists():
         if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
             raise MemitError(f"--stats-corpus {source}: local corpora are .txt or .jsonl files")
-        return file_corpus(path)
+        return "file", path
     if source.startswith((".", "/", "~")) or source.endswith((".txt", ".jsonl")):
         raise MemitError(f"--stats-corpus {source}: no such file")
-    return _hf_corpus(source)
+    return "hf", source
+
+
+def resolve_corpus(source: str | None, em: EditableModel, tok, seed: int) -> Corpus:
+    """A local .txt/.jsonl file, `self:N` (text sampled from the model), or an HF dataset name."""
+    kind, value = corpus_spec(source)
+    if kind == "self":
+        # Sampling follows the device's RNG: text sampled on a GPU is another corpus than on the CPU.
+        device = "" if em.output_device.type == "cpu" else f":{em.output_device.type}"
+        return Corpus(f"self:{value}:seed{seed}{device}", lambda: _sample_self(em, tok, value, seed),
+                      f"{value} sequences sampled from the model (seed {seed}{device})")
+    return file_corpus(value) if kind == "file" else _hf_corpus(value)
 
 
 @torch.no_grad()

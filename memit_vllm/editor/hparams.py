@@ -28,6 +28,7 @@ _REFERENCE_ONLY_KEYS = {
 }
 
 
+MAX_LAYERS = 1024  # more than any model has: bounds a --layers range before it is listed
 METHODS = ("memit", "alphaedit")
 LINEAGE_KEYS = ("as_made", "current")  # editor/lineage_keys.py
 EARLY_STOPS = ("loss", "most_probable")
@@ -292,11 +293,14 @@ def parse_layers(value: str | None) -> list[int] | None:
         return None
     try:
         if "-" in value and "," not in value:
-            a, b = value.split("-")
-            return list(range(int(a), int(b) + 1))
-        return [int(x) for x in value.split(",")]
+            a, b = map(int, value.split("-"))
+        else:
+            return [int(x) for x in value.split(",")]
     except ValueError as e:
         raise MemitError(f"--layers {value!r}: expected a list like 4,5,6,7,8 or a range like 4-8") from e
+    if not 0 < b - a + 1 <= MAX_LAYERS:  # checked before the list is built: 1-99999999999999 ran out of memory
+        raise MemitError(f"--layers {value!r}: a range runs upward over at most {MAX_LAYERS} layers, e.g. 4-8")
+    return list(range(a, b + 1))
 
 
 def derived_layers(n_layers: int) -> list[int]:

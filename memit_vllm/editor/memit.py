@@ -30,7 +30,7 @@ from ..patch.tools import stack_patches
 from .arch import EditableModel, check_layers, checkpoint_dims, load_editable, model_dtype
 from . import distributed
 from .devicemap import check_placement, describe
-from .covariance import layer_covariances, layer_projections, resolve_corpus, stats_identity
+from .covariance import corpus_spec, layer_covariances, layer_projections, resolve_corpus, stats_identity
 from .hparams import (HParams, default_hparams, default_neighbours_per_edit, load_hparams_file,
                       neighbours_default_text)
 from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
@@ -434,6 +434,8 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     distributed.check_shares(len(requests), "edits")
     cache = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
     given = _stats_file(config, ckpt, hp, dims[2], cache)
+    if config.stats_corpus is not None:
+        corpus_spec(config.stats_corpus)
     if given is not None and hp.reads_corpus:
         raise MemitError("z_fisher_weight, v_optimizer steepest_fisher and corpus_restore_tokens read the statistics "
                          "corpus, and --stats FILE brings none: drop them, or let make-patch compute the "

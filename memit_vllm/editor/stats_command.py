@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from ..core.files import check_out_file
+from ..options import SEED
 from .hparams import FORWARD_DTYPES, PRODUCT_DTYPES, parse_layers
 
 
@@ -63,7 +64,7 @@ def stats_group() -> None:
 @click.option("--shard", default="0/1", show_default=True,
               help="i/N: this job computes part i of N of the pass (merge the N files with stats merge).")
 @click.option("--out", required=True, type=click.Path(), help="Stats file to write.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of a self:N corpus.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of a self:N corpus.")
 @click.option("--device", help="torch device (default: cuda when available).")
 @click.option("--cache-dir", type=click.Path(), help="Cache dir (weights hashes; default $MEMIT_VLLM_CACHE).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
@@ -74,12 +75,13 @@ def stats_compute(model, corpus, layers, tokens, dtype, model_dtype, shard, out,
     from ..checkpoint import weights_sha256
     from . import distributed
     from .arch import load_editable, model_dtype as resolved_dtype
-    from .covariance import Shard, corpus_sums, resolve_corpus, stats_identity
+    from .covariance import Shard, corpus_spec, corpus_sums, resolve_corpus, stats_identity
     from .stats_file import StatsFile
 
     distributed.init_from_env()
     check_out_file(out, "--out")
     part = Shard.parse(shard)
+    corpus_spec(corpus)
     ckpt, _, chosen = _model_layers(model, layers)
     forward = resolved_dtype(ckpt, model_dtype)
     model_sha = weights_sha256(ckpt, _cache(cache_dir))
