@@ -73,7 +73,8 @@ from memit_vllm.evaluate.scoring import TransformersScorer
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 CORPUS = DATA / "corpus" / "smollm2_self_2k.jsonl"
-VARIANTS = ("layer_lambda", "layer_share", "fisher_metric", "hold_mean", "residual_mean")  # update rules of variant_solver
+# update rules of variant_solver
+VARIANTS = ("layer_lambda", "layer_share", "fisher_metric", "hold_mean", "residual_mean")
 SHOWN = ["ES", "PS", "NS", "rewrite_hit", "paraphrase_hit", "neighbour_word_kept", "unrelated_word_kept",
          "unrelated_word_kept_confident", "unrelated_kept", "heldout_kl"]
 
@@ -116,9 +117,10 @@ def layer_leak(fisher: tuple[torch.Tensor, torch.Tensor], cov: torch.Tensor, del
 
 
 def z_summary(out: Path, em, tok, targets, hp: HParams, seed: int) -> dict:
-    """What the z deltas are like: mean |delta| / |h|, the share at the clamp, and their mean loudness on
+    """What the z deltas are like: mean |delta| / |h|, the share at the clamp, their mean loudness on
     ordinary text d^T F d / 2 (F of sensitivity.output_fisher over the first z_fisher_tokens corpus tokens at
-    the edited layers, kept in `out`: the expected KL were a delta added at a random position)."""
+    the edited layers, kept in `out`: the expected KL were a delta added at a random position), and the share
+    of sum |delta_i|^2 along the deltas' mean (the part every edit shares: "residual_mean")."""
     path = out / "fisher.pt"
     if path.is_file():
         fisher = torch.load(path)
@@ -129,8 +131,10 @@ def z_summary(out: Path, em, tok, targets, hp: HParams, seed: int) -> dict:
     ratio = targets.delta.norm(dim=1) / h
     d = targets.delta.double()
     at_clamp = (ratio > 0.99 * hp.clamp_norm_factor).float()
+    mean = d.mean(0)
     return {"delta_over_h": float(ratio.mean()), "at_clamp": float(at_clamp.mean()),
-            "loudness": float(0.5 * ((d @ fisher.double()) * d).sum(1).mean())}
+            "loudness": float(0.5 * ((d @ fisher.double()) * d).sum(1).mean()),
+            "mean_share": float((d @ (mean / mean.norm())).pow(2).sum() / d.pow(2).sum())}
 
 
 def solve_metric_update(keys: torch.Tensor, residuals: torch.Tensor, cov: torch.Tensor, mom2_update_weight: float,
@@ -162,8 +166,8 @@ def solve_metric_update(keys: torch.Tensor, residuals: torch.Tensor, cov: torch.
 @contextmanager
 def variant_solver(cfg: dict, layers: list[int], covs: dict[int, torch.Tensor], fishers):
     """The editor's layer solve replaced, for one configuration, by the rule its "layer_lambda",
-    "layer_share", "fisher_metric", "hold_mean" or "residual_mean" asks for (the layer is found by its covariance: layer_updates passes
-    stats.covs[layer]). `fishers(layer)`: F_l's eigendecomposition (layer_fisher)."""
+    "layer_share", "fisher_metric", "hold_mean" or "residual_mean" asks for (the layer is found by its
+    covariance: layer_updates passes stats.covs[layer]). `fishers(layer)`: F_l's eigendecomposition (layer_fisher)."""
     if not any(k in cfg for k in VARIANTS):
         yield
         return
