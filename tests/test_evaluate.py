@@ -192,6 +192,20 @@ def test_bad_input_exits_2(tiny_models, data_dir, tmp_path):
     assert result.exit_code == 2 and "was made for LlamaForCausalLM" in result.stderr
 
 
+def test_a_full_disk_is_one_line_naming_the_output(tiny_models, data_dir, tmp_path, monkeypatch):
+    """A write's ENOSPC names no file: the CLI showed it as a traceback (exit 1)."""
+    from matplotlib.figure import Figure
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    png = tmp_path / "chart.png"
+    result = run_cli("--model", tiny_models["llama"], "--data", cf_path(data_dir), "--n", 1, "--plot", png)
+    assert result.exit_code == 2 and result.stderr.endswith(f"\nerror: cannot use {png}: No space left on device\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- the default model -------------------------------------------------------------------------------
 def test_unedited_smollm2_on_counterfact(smollm2, data_dir, tmp_path):
     result = run_cli("--model", smollm2, "--data", cf_path(data_dir), "--n", 20, "--json", tmp_path / "r.json")

@@ -142,6 +142,20 @@ def test_architectures_without_vllm_mlp_lora_are_refused(arch, tiny_models, tmp_
     assert all(a in msg for a in lora_classes())
 
 
+def test_a_full_disk_is_one_line_naming_the_adapter(tiny_models, tmp_path, monkeypatch):
+    """safetensors reports ENOSPC as a SafetensorError, which no `except OSError` caught: a traceback."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    patch = synthetic_patch(tiny_models["llama"]).save(tmp_path / "p.patch")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert refused(patch, tmp_path / "out") == \
+        f"error: cannot write the adapter to {tmp_path / 'out'}: No space left on device\n"
+
+
 def test_existing_output_and_bad_max_rank_are_refused(llama_patch, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()

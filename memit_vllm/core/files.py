@@ -7,10 +7,13 @@ result gets the mode a plain open() would give under the current umask (mkstemp/
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from ..errors import MemitError
 
@@ -69,6 +72,24 @@ def check_out_file(out: str | os.PathLike, flag: str) -> Path:
 
 
 @contextmanager
+def _named(final: Path):
+    """A write's OSError (a full disk: ENOSPC from write or fsync) names no file, so the CLI could not say which
+    output failed and showed a traceback; it gets `final`'s name. safetensors' save_file reports one as a
+    SafetensorError ("I/O error: ... (os error 28)"), which becomes that OSError."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            e.filename = str(final)
+        raise
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(final)) from e
+
+
+@contextmanager
 def atomic_file(final: str | os.PathLike, suffix: str = ""):
     """Yield a temp path beside `final`; on success it is fsynced and renamed over `final`."""
     final = Path(final)
@@ -77,12 +98,13 @@ def atomic_file(final: str | os.PathLike, suffix: str = ""):
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
     os.close(fd)
     try:
-        yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode(0o666))
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        with _named(final):
+            yield Path(tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, _umask_mode(0o666))
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -106,13 +128,14 @@ def atomic_dir(final: str | os.PathLike, replace: bool = False):
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
-        yield tmp
-        _fsync_tree(tmp)
-        tmp.chmod(_umask_mode(0o777))
-        if replace and final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        with _named(final):
+            yield tmp
+            _fsync_tree(tmp)
+            tmp.chmod(_umask_mode(0o777))
+            if replace and final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
