@@ -150,6 +150,18 @@ def test_a_path_too_long_for_a_file_name_is_one_line_at_every_entry_point(comman
     assert "Traceback" in out.stderr and "OSError" in out.stderr
 
 
+def test_a_patch_whose_path_is_not_utf8_is_refused_for_its_name_not_its_bytes(llama, tmp_path):
+    """safetensors opens UTF-8 paths only: a valid patch under such a name read as "not a valid safetensors
+    file ... truncated or modified?"."""
+    import os
+
+    path = synthetic_patch(llama).save(tmp_path / os.fsdecode(b"\xff.patch"))
+    result = CliRunner().invoke(main, ["inspect", str(path)])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert lines[0].endswith(".patch: its path is not UTF-8 text, and safetensors opens no other: rename it")
+
+
 @pytest.fixture(scope="module")
 def fuzz_seed(llama):
     with tempfile.TemporaryDirectory() as d:

@@ -56,6 +56,10 @@ def read_header(path: Path, max_bytes: int, kind: str) -> tuple[dict[str, str], 
 def open_checked(path: Path, max_bytes: int, kind: str) -> Iterator[tuple[dict, dict, object]]:
     """read_header's (metadata, tensors), with the safe_open handle they were read from, for a reader
     that reads tensors too without opening the file again."""
+    try:
+        str(path).encode("utf-8")  # what safe_open takes: it refused a valid file as "not a valid safetensors file"
+    except UnicodeEncodeError as e:
+        raise HeaderError("its path is not UTF-8 text, and safetensors opens no other: rename it") from e
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
