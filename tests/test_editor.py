@@ -420,6 +420,8 @@ def test_request_files_saved_with_a_byte_order_mark_read_as_without(tmp_path):
     ("bad.json", "hparams file {tmp}/bad.json cannot be parsed"),
     ("latin1.json", "hparams file {tmp}/latin1.json is not UTF-8 text (byte 15)"),
     ("list.yaml", "hparams file {tmp}/list.yaml must hold a mapping of names to values"),
+    ("bad.yaml", "hparams file {tmp}/bad.yaml cannot be parsed: expected ',' or ']', but got '<stream end>' "
+                 "(line 2, column 1)"),  # was YAML's own message of six lines
     ('{"nope": 1}', "unknown hyperparameters ['nope']"),
     ('{"mom2_update_weight": ', "--hparams JSON cannot be parsed"),
     ('{"' + "x" * 300 + '": 1}', "unknown hyperparameters ['" + "x" * 300 + "']"),  # too long for a file name
@@ -438,12 +440,14 @@ def test_bad_hparams_are_refused_by_name_before_the_model_loads(value, message, 
     (tmp_path / "bad.json").write_text('{"mom2_update_weight": 384,}')
     (tmp_path / "latin1.json").write_bytes(b'{"source": "caf\xe9"}')
     (tmp_path / "list.yaml").write_text("- 1\n")
+    (tmp_path / "bad.yaml").write_text("layers: [1, 2\n")
     value = value.replace("{tmp}", str(tmp_path)) if value.startswith(("{tmp}", "/")) else \
         value if value.startswith("{") else str(tmp_path / value)
     out = CliRunner().invoke(main, ["make-patch", "--model", str(tiny_models["llama"]), "--requests",
                                     str(data_dir / "counterfact" / "counterfact_500.json"), "--limit", "1",
                                     "--hparams", value, "--out", str(tmp_path / "p.patch")])
-    assert out.exit_code == 2 and message.replace("{tmp}", str(tmp_path)) in out.stderr, out.stderr
+    assert out.exit_code == 2 and message.replace("{tmp}", str(tmp_path)) in out.stderr and \
+        len(out.stderr.splitlines()) == 1, out.stderr
     assert not (tmp_path / "p.patch").exists()
 
 

@@ -362,7 +362,9 @@ def _hparams_mapping(text: str, what: str, parse) -> dict:
     try:
         data = parse(text)
     except Exception as e:
-        raise MemitError(f"{what} cannot be parsed: {e}") from e
+        mark = getattr(e, "problem_mark", None)  # YAML's message runs over lines, quoting the text: one line here
+        reason = f"{e.problem} (line {mark.line + 1}, column {mark.column + 1})" if mark and e.problem else e
+        raise MemitError(f"{what} cannot be parsed: {reason}") from e
     if not isinstance(data, dict):
         raise MemitError(f"{what} must hold a mapping of names to values")
     return {k: v for k, v in data.items() if k not in _REFERENCE_ONLY_KEYS}
