@@ -150,6 +150,14 @@ def test_a_path_too_long_for_a_file_name_is_one_line_at_every_entry_point(comman
     assert "Traceback" in out.stderr and "OSError" in out.stderr
 
 
+def test_a_loop_of_links_is_named_as_one_not_as_missing(tmp_path):
+    (tmp_path / "a.patch").symlink_to(tmp_path / "b.patch")
+    (tmp_path / "b.patch").symlink_to(tmp_path / "a.patch")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "a.patch")])
+    assert result.exit_code == 2 and \
+        result.stderr == f"error: cannot use {tmp_path / 'a.patch'}: Too many levels of symbolic links\n"
+
+
 def test_a_patch_whose_path_is_not_utf8_is_refused_for_its_name_not_its_bytes(llama, tmp_path):
     """safetensors opens UTF-8 paths only: a valid patch under such a name read as "not a valid safetensors
     file ... truncated or modified?"."""

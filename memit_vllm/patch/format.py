@@ -256,8 +256,10 @@ def _read_header(path: Path) -> tuple[dict, dict[str, tuple[str, list[int]]]]:
 def load_patch(path: str | os.PathLike, verify_content: bool = False) -> Patch:
     """Open a patch: metadata now, tensors lazily. `verify_content` also re-hashes the id and checks values."""
     path = Path(path)
-    if not path.exists():
-        raise PatchError(f"patch file {path} does not exist")
+    try:
+        path.stat()  # the OS's own refusal otherwise: exists() called a loop of links missing
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise PatchError(f"patch file {path} does not exist") from e
     if not path.is_file():
         raise PatchError(f"{where(path)} is not a regular file")
     meta, tensors = _read_header(path)
