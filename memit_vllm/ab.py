@@ -206,7 +206,7 @@ def ab_command(arm_a, arm_b, edits, regression, n, zsre_target, tokenizer, json_
     a, b = parse_arm("A", arm_a), parse_arm("B", arm_b)
     for flag, out in (("--json", json_out), ("--plot", plot_out)):
         if out != "-":  # checked before the servers are asked, not after
-            check_out_file(out, flag)
+            check_out_file(out, flag, (edits, regression, unrelated, heldout))
     result = compare(a, b, edits, regression, n=n, tokenizer=tokenizer, batch_size=batch_size,
                      new_tokens=new_tokens, unrelated=unrelated, heldout=heldout, zsre_target=zsre_target,
                      unrelated_count=unrelated_count)

@@ -189,6 +189,9 @@ def test_outputs_that_cannot_be_written_are_one_line_errors(tiny_models, tmp_pat
         (["stack", patch, "-o", fifo], f"--output {fifo} {not_regular}"),
         (["stack", patch, "-o", blocked], f"--output {blocked}: cannot write there"),
         (["make-patch", "--model", model, "--requests", data, "--out", fifo], f"--out {fifo} {not_regular}"),
+        (["make-patch", "--model", model, "--requests", patch, "--out", patch],  # the patch replaced its input
+         f"--out {patch} is the input {patch}; writing there would replace it: pick another path"),
+        (["eval", "--model", model, "--data", data, "--patch", patch, "--json", patch], f"--json {patch} is the input"),
         (["stats", "merge", patch, "--out", fifo], f"--out {fifo} {not_regular}"),
         (["eval", "--model", model, "--data", data, "--json", tmp_path / "dir"], "--json "),
         (["eval", "--model", model, "--data", data, "--plot", fifo], f"--plot {fifo} {not_regular}"),

@@ -58,11 +58,15 @@ def _check_file_target(out: Path, name: str) -> None:
         raise MemitError(f"{name} is not a regular file (a device, a FIFO...); give the path of a file to write")
 
 
-def check_out_file(out: str | os.PathLike, flag: str) -> Path:
+def check_out_file(out: str | os.PathLike, flag: str, inputs=()) -> Path:
     """Fail before the work, not after it: `out` (given as `flag`) must name a regular file, or nothing
-    yet, whose directory exists or can be made."""
+    yet, whose directory exists or can be made, and none of the command's `inputs` (files; None: not given),
+    which the output would replace."""
     out = Path(out)
     _check_file_target(out, f"{flag} {out}")
+    for given in inputs:
+        if given is not None and out.exists() and Path(given).is_file() and out.samefile(given):
+            raise MemitError(f"{flag} {out} is the input {given}; writing there would replace it: pick another path")
     parent = out.parent
     while not parent.exists():  # the nearest existing ancestor is where the missing dirs get created
         parent = parent.parent

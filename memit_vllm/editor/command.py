@@ -97,7 +97,7 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
     from .memit import EditConfig, edit
 
     distributed.init_from_env()
-    check_out_file(out, "--out")
+    check_out_file(out, "--out", (requests_path, *on, preserve, stats_file))
     if not requests_path and not withdraw:
         raise MemitError("give the facts to edit with --requests FILE (or --withdraw with --on)")
     requests = load_requests(requests_path, limit=limit, zsre_target=zsre_target) if requests_path else []

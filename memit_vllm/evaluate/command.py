@@ -60,7 +60,7 @@ def eval_command(model, patches, data, n, fmt, zsre_target, fluency, generate, n
 
     for flag, out in (("--json", json_out), ("--plot", plot_out)):
         if out and out != "-":  # checked before the evaluation, not after it
-            check_out_file(out, flag)
+            check_out_file(out, flag, (data, *patches, unrelated, heldout))
 
     result = evaluate(model, data, patches, n=n, fmt=fmt, zsre_target=zsre_target, fluency=fluency,
                       batch_size=batch_size, device=device, progress=sys.stderr.isatty(),
