@@ -81,6 +81,8 @@ def cli(*args):
     (["--device-map", '{"": "disk"}'], "give --offload-folder DIR"),
     (["--device-map", "auto", "--device", "cpu"], "--device and --device-map both given"),
     (["--offload-folder", "OFF"], "--offload-folder without --device-map"),
+    (["--device", "bogus"], "--device 'bogus' is not a torch device; use cpu, cuda or cuda:N"),  # was a RuntimeError
+    (["--device", "cuda:99"], "--device cuda:99: this machine has"),  # without CUDA: was an AssertionError
 ])
 def test_bad_maps_are_refused_before_loading(flags, message, tiny_models, data_dir, tmp_path):
     flags = [str(tmp_path / "off") if f == "OFF" else f for f in flags]

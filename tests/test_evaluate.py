@@ -182,6 +182,9 @@ def test_bad_input_exits_2(tiny_models, data_dir, tmp_path):
     (tmp_path / "odd.json").write_text(json.dumps([{"question": "q", "answer": "a"}]))
     result = run_cli("--model", tiny_models["llama"], "--data", tmp_path / "odd.json")
     assert result.exit_code == 2 and f"{tmp_path / 'odd.json'} record 0: unknown data format" in result.stderr
+    result = run_cli("--model", tiny_models["llama"], "--data", cf_path(data_dir), "--device", "bogus")  # RuntimeError
+    assert result.exit_code == 2 and result.stderr == \
+        "error: --device 'bogus' is not a torch device; use cpu, cuda or cuda:N\n"
     result = run_cli("--model", tiny_models["llama"], "--data", cf_path(data_dir), "--format", "zsre")  # was a KeyError
     assert result.exit_code == 2 and result.stderr == f"error: {cf_path(data_dir)} record 0: missing field 'src'\n"
     result = run_cli("--model", tiny_models["llama"], "--data", data_dir / "zsre" / "zsre_mend_train_1k.json",

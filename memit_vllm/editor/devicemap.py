@@ -103,6 +103,22 @@ def _as_map(value: dict) -> dict:
     return dict(value)
 
 
+def resolve_device(name: str | None) -> torch.device:
+    """A --device (None: cuda when there is one, else the CPU) this machine has. Checked before the model
+    loads: torch refused a misspelt one with a RuntimeError, and a GPU on a machine without CUDA with an
+    AssertionError (tracebacks)."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise MemitError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from e
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= gpus:
+        raise MemitError(f"--device {name}: this machine has {gpus} GPU(s); use cpu or a GPU it has")
+    return device
+
+
 def _check_devices(device_map: dict) -> None:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for module, where in device_map.items():

@@ -29,7 +29,7 @@ from ..patch import BaseModel, Patch
 from ..patch.tools import stack_patches
 from .arch import EditableModel, check_layers, checkpoint_dims, load_editable, model_dtype
 from . import distributed
-from .devicemap import check_placement, describe
+from .devicemap import check_placement, describe, resolve_device
 from .covariance import corpus_spec, layer_covariances, layer_projections, resolve_corpus, stats_identity
 from .hparams import (HParams, default_hparams, default_neighbours_per_edit, load_hparams_file,
                       neighbours_default_text)
@@ -213,7 +213,7 @@ def native_z(hp: HParams, source: str, device_type: str) -> tuple[HParams, str]:
 
 def _device(config: EditConfig) -> torch.device:
     """Where the edit computes without a device map: the --device, else cuda when there is one."""
-    return torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return resolve_device(config.device)
 
 
 def _device_type(config: EditConfig) -> str:

@@ -75,6 +75,7 @@ def stats_compute(model, corpus, layers, tokens, dtype, model_dtype, shard, out,
     from ..checkpoint import weights_sha256
     from . import distributed
     from .arch import load_editable, model_dtype as resolved_dtype
+    from .devicemap import resolve_device
     from .covariance import Shard, corpus_spec, corpus_sums, resolve_corpus, stats_identity
     from .stats_file import StatsFile
 
@@ -82,10 +83,10 @@ def stats_compute(model, corpus, layers, tokens, dtype, model_dtype, shard, out,
     check_out_file(out, "--out")
     part = Shard.parse(shard)
     corpus_spec(corpus)
+    device = resolve_device(device)
     ckpt, _, chosen = _model_layers(model, layers)
     forward = resolved_dtype(ckpt, model_dtype)
     model_sha = weights_sha256(ckpt, _cache(cache_dir))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tok, em = load_editable(ckpt, forward)
     em.model.to(device)
     with torch.device(device):

@@ -113,12 +113,12 @@ def evaluate(model: str, data: str | Path, patches: Sequence[str | Path] = (), n
         **({"zsre_target": zsre_target} if fmt == "zsre" else {}),
     }
     if backend == "transformers":
-        import torch
-
+        from ..editor.devicemap import resolve_device
         from .patching import load_model, merge_into_model, swapped
         from .scoring import TransformersScorer
 
-        result["device"] = device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)
+        result["device"] = str(device)
         hf_model, tokenizer = load_model(checkpoint, device)
         task = plan(tokenizer) if generate else None
         scorer = TransformersScorer(hf_model, tokenizer, batch_size=batch_size, progress=progress)
