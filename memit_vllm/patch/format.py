@@ -247,6 +247,8 @@ def _read_header(path: Path) -> tuple[dict, dict[str, tuple[str, list[int]]]]:
         meta, tensors = read_header(path, MAX_HEADER_BYTES, "a patch")
     except HeaderError as e:
         raise CorruptPatchError(f"{where(path)}: {e}") from e
+    except OSError as e:  # no permission to read it: a PatchError, which every entry point reports
+        raise PatchError(f"cannot read patch file {where(path)}: {e.strerror or e}") from e
     for name, (dtype, _) in tensors.items():
         if dtype != "F32":
             raise CorruptPatchError(f"{where(path)}: delta {name!r} is {dtype}; patches hold F32 deltas")
@@ -257,9 +259,11 @@ def load_patch(path: str | os.PathLike, verify_content: bool = False) -> Patch:
     """Open a patch: metadata now, tensors lazily. `verify_content` also re-hashes the id and checks values."""
     path = Path(path)
     try:
-        path.stat()  # the OS's own refusal otherwise: exists() called a loop of links missing
+        path.stat()  # not exists(): it called a loop of links missing
     except (FileNotFoundError, NotADirectoryError) as e:
         raise PatchError(f"patch file {path} does not exist") from e
+    except OSError as e:  # a loop of links, a name too long: the OS's reason, a PatchError at every entry point
+        raise PatchError(f"cannot open patch file {where(path)}: {e.strerror or e}") from e
     if not path.is_file():
         raise PatchError(f"{where(path)} is not a regular file")
     meta, tensors = _read_header(path)
