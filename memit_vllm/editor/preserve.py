@@ -77,6 +77,9 @@ _NAME_WORD = re.compile(r" [A-Z][a-z]{3,}")
 # --neighbour-subjects vocab:N (made-up names from the tokenizer) or model:N (names the model lists itself)
 GENERATED = ("vocab", "model")
 NO_NEIGHBOURS = "none"  # --neighbour-subjects none: none, whatever the hparams say
+# vocab:N / model:N at most: a pool each edit's neighbours are sampled from (SmolLM2's preset: model:2000).
+# model:N lists ~5 names a second on one core; an unbounded N ran (or built its list) without end.
+MAX_GENERATED_NAMES = 100_000
 
 
 def generated_subjects(spec) -> tuple[str, int] | None:
@@ -85,9 +88,9 @@ def generated_subjects(spec) -> tuple[str, int] | None:
     kind, sep, n = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if not sep or kind not in GENERATED:
         return None
-    if not n.isdigit() or int(n) < 1:
-        raise MemitError(f"--neighbour-subjects {spec!r}: expected {kind}:N with N an integer >= 1 (e.g. "
-                         f"{kind}:2000), or a file of subject names")
+    if not n.isdigit() or not 1 <= int(n) <= MAX_GENERATED_NAMES:
+        raise MemitError(f"--neighbour-subjects {spec!r}: expected {kind}:N with N an integer from 1 to "
+                         f"{MAX_GENERATED_NAMES} (e.g. {kind}:2000), or a file of subject names")
     return kind, int(n)
 
 
