@@ -474,7 +474,7 @@ def test_layers_out_of_range_and_unsupported_architecture(tmp_path, tiny_models,
     ("stats", ["--seed", str(-10 ** 23)], "does not fit in 64 bits"),
     ("make-patch", ["--stats-corpus", "self:0"],  # was refused only once the model had loaded
      "error: --stats-corpus 'self:0': expected self:N with N an integer >= 1"),
-    ("stats", ["--corpus", "self:-3"], "error: --stats-corpus 'self:-3': expected self:N with N an integer >= 1"),
+    ("stats", ["--corpus", "self:-3"], "error: --corpus 'self:-3': expected self:N with N an integer >= 1"),
     ("make-patch", ["--neighbour-subjects", f"vocab:{10 ** 15}"],  # was a list of 10**15 names being built
      f"error: --neighbour-subjects 'vocab:{10 ** 15}': expected vocab:N with N an integer from 1 to 100000"),
     ("make-patch", ["--neighbour-subjects", "model:100001"], "expected model:N with N an integer from 1 to 100000"),

@@ -67,14 +67,14 @@ def file_corpus(path: Path) -> Corpus:
     return Corpus(f"file:{digest}", texts, f"{path} (sha256 {digest[:12]})")
 
 
-def _hf_corpus(spec: str) -> Corpus:
+def _hf_corpus(spec: str, flag: str) -> Corpus:
     name, _, config = spec.partition(":")
     if name in ("wikitext-103", "wikitext"):
         name, config = "wikitext", config or "wikitext-103-raw-v1"
     try:
         import datasets
     except ImportError as e:
-        raise MemitError(f"--stats-corpus {spec!r} needs the `datasets` package (pip install datasets), "
+        raise MemitError(f"{flag} {spec!r} needs the `datasets` package (pip install datasets), "
                          "or give a local .txt/.jsonl file or self:N") from e
 
     def texts():
@@ -89,9 +89,9 @@ def _hf_corpus(spec: str) -> Corpus:
     return Corpus(f"hf:{name}:{config}", texts, f"HF dataset {name} ({config})")
 
 
-def corpus_spec(source: str | None) -> tuple[str, int | Path | str]:
-    """("self", N), ("file", path) or ("hf", name) of a --stats-corpus (None: the default), checked without
-    the model: a bad one fails before the model loads, not after."""
+def corpus_spec(source: str | None, flag: str = "--stats-corpus") -> tuple[str, int | Path | str]:
+    """("self", N), ("file", path) or ("hf", name) of a corpus given as `flag` (None: the default), checked
+    without the model: a bad one fails before the model loads, not after."""
     if source is None:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         try:
@@ -102,27 +102,27 @@ def corpus_spec(source: str | None) -> tuple[str, int | Path | str]:
     if source.startswith("self:"):
         n = source[5:]
         if not n.isdigit() or int(n) < 1:
-            raise MemitError(f"--stats-corpus {source!r}: expected self:N with N an integer >= 1")
+            raise MemitError(f"{flag} {source!r}: expected self:N with N an integer >= 1")
         return "self", int(n)
     path = Path(source)
     if path.exists():
         if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
-            raise MemitError(f"--stats-corpus {source}: local corpora are .txt or .jsonl files")
+            raise MemitError(f"{flag} {source}: local corpora are .txt or .jsonl files")
         return "file", path
     if source.startswith((".", "/", "~")) or source.endswith((".txt", ".jsonl")):
-        raise MemitError(f"--stats-corpus {source}: no such file")
+        raise MemitError(f"{flag} {source}: no such file")
     return "hf", source
 
 
-def resolve_corpus(source: str | None, em: EditableModel, tok, seed: int) -> Corpus:
+def resolve_corpus(source: str | None, em: EditableModel, tok, seed: int, flag: str = "--stats-corpus") -> Corpus:
     """A local .txt/.jsonl file, `self:N` (text sampled from the model), or an HF dataset name."""
-    kind, value = corpus_spec(source)
+    kind, value = corpus_spec(source, flag)
     if kind == "self":
         # Sampling follows the device's RNG: text sampled on a GPU is another corpus than on the CPU.
         device = "" if em.output_device.type == "cpu" else f":{em.output_device.type}"
         return Corpus(f"self:{value}:seed{seed}{device}", lambda: _sample_self(em, tok, value, seed),
                       f"{value} sequences sampled from the model (seed {seed}{device})")
-    return file_corpus(value) if kind == "file" else _hf_corpus(value)
+    return file_corpus(value) if kind == "file" else _hf_corpus(value, flag)
 
 
 @torch.no_grad()

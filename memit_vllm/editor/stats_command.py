@@ -82,7 +82,7 @@ def stats_compute(model, corpus, layers, tokens, dtype, model_dtype, shard, out,
     distributed.init_from_env()
     check_out_file(out, "--out")
     part = Shard.parse(shard)
-    corpus_spec(corpus)
+    corpus_spec(corpus, "--corpus")
     device = resolve_device(device)
     ckpt, _, chosen = _model_layers(model, layers)
     forward = resolved_dtype(ckpt, model_dtype)
@@ -90,7 +90,7 @@ def stats_compute(model, corpus, layers, tokens, dtype, model_dtype, shard, out,
     tok, em = load_editable(ckpt, forward)
     em.model.to(device)
     with torch.device(device):
-        source = resolve_corpus(corpus, em, tok, seed)
+        source = resolve_corpus(corpus, em, tok, seed, "--corpus")
         sums, count = corpus_sums(em, tok, chosen, source, tokens, dtype, part,
                                   progress=not as_json and distributed.is_main())
     if not distributed.is_main():
