@@ -51,10 +51,12 @@ def _fsync_tree(root: Path) -> None:
 
 def _check_file_target(out: Path, name: str) -> None:
     """A file is written by renaming over `out`: over a directory that fails, and over a device or a FIFO
-    it would replace the device itself (as root, /dev/null would become a regular file)."""
+    it would replace the device itself (as root, /dev/null would become a regular file). A link is renamed
+    over, not written through: whatever it points to is left alone (a cache entry linked to /dev/zero is
+    replaced by a plain file)."""
     if out.is_dir():
         raise MemitError(f"{name} is a directory; give the path of a file to write")
-    if out.exists() and not out.is_file():
+    if not out.is_symlink() and out.exists() and not out.is_file():
         raise MemitError(f"{name} is not a regular file (a device, a FIFO...); give the path of a file to write")
 
 
