@@ -1,12 +1,12 @@
 """`--preserve` files built from make-patch's default neighbours, for `bench/update_sweep.py`'s
 "preserve_file" (issue 18, docs/hyperparameters.md "Session 28": what holds the unrelated prompts).
 
-The neighbour prompts are make-patch's (each edit's prompt asked of names the model lists, `model:2000`,
-hparams.default_neighbours_per_edit per edit, seed --seed: preserve.neighbour_prompts), so a file without
+The neighbour prompts are make-patch's (each edit's prompt asked of the preset's names, SmolLM2's
+`model:2000`, hparams.default_neighbours_per_edit per edit, seed --seed: preserve.neighbour_prompts), so a file without
 answers holds exactly the keys the default preserves.
 
 - `answers`: those prompts, and with each the model's own greedy answer of --answer-tokens tokens (the
-  answer's keys are preserved too, as --preserve does with an "answer").
+  answer's keys are preserved too, as --preserve does with an "answer"; eval's greedy completions).
 - `per-relation K`: each edit asked of max(per edit, ceil(K / the batch's edits of its relation)) names, so
   every relation the batch edits is held by at least K prompts; and the control: the same total spread
   evenly over the edits.
@@ -25,38 +25,23 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from memit_vllm.cache import cache_dir
 from memit_vllm.checkpoint import Checkpoint, weights_sha256
 from memit_vllm.core.files import atomic_file
 from memit_vllm.core.records import load_requests
-from memit_vllm.editor import load_editable
+from memit_vllm.editor import default_hparams, load_editable
+from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.hparams import default_neighbours_per_edit
-from memit_vllm.editor.preserve import generated_names, neighbour_prompts
+from memit_vllm.editor.preserve import generated_names, generated_subjects, neighbour_prompts
+from memit_vllm.evaluate.scoring import TransformersScorer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-NAMES = 2000  # the SmolLM2 preset's neighbour_subjects model:2000
 
 
 def write(path: Path, rows: list[dict]) -> None:
     with atomic_file(path) as tmp:
         Path(tmp).write_text(json.dumps(rows, indent=0))
     print(f"{path}: {len(rows)} prompts")
-
-
-@torch.no_grad()
-def greedy_answers(model, tok, prompts: list[str], new_tokens: int, batch: int = 50) -> list[str | None]:
-    """Each prompt's greedy continuation of `new_tokens` tokens (None where it decodes to blank)."""
-    tok.padding_side, out = "left", []
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    for i in range(0, len(prompts), batch):
-        enc = tok(prompts[i:i + batch], return_tensors="pt", padding=True)
-        gen = model.generate(**enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=pad)
-        for g in gen[:, enc["input_ids"].shape[1]:]:
-            text = tok.decode(g, skip_special_tokens=True)
-            out.append(text if text.strip() else None)
-    return out
 
 
 def main():
@@ -75,13 +60,18 @@ def main():
     ckpt = Checkpoint(args.model)
     tok, em = load_editable(ckpt)
     requests = load_requests(args.data, limit=args.edits)
-    names = generated_names("model", NAMES, em.model, tok, args.seed, cache_dir(), weights_sha256(ckpt, cache_dir()))
+    hp, _ = default_hparams(*checkpoint_dims(ckpt), n_edits=len(requests))
+    kind = generated_subjects(hp.neighbour_subjects)  # the preset's: model:2000 for SmolLM2
+    if kind is None:
+        raise SystemExit(f"{args.model}'s defaults list no names to ask (neighbour_subjects {hp.neighbour_subjects})")
+    names = generated_names(*kind, em.model, tok, args.seed, cache_dir(), weights_sha256(ckpt, cache_dir()))
     per_edit = default_neighbours_per_edit(len(requests))
     if args.kind == "answers":
         prompts = [p.prompt for p in neighbour_prompts(requests, names, per_edit, args.seed)]
         write(out / "names_only.json", [{"prompt": p} for p in prompts])
-        answers = greedy_answers(em.model, tok, prompts, args.answer_tokens)
-        write(out / "names_with_answers.json", [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)])
+        answers = TransformersScorer(em.model, tok, progress=False).greedy(prompts, args.answer_tokens)
+        write(out / "names_with_answers.json", [{"prompt": p, "answer": a.text if a.text.strip() else None}
+                                                for p, a in zip(prompts, answers)])
         return
     relation = [r["requested_rewrite"]["relation_id"] for r in json.loads(Path(args.data).read_text())[:len(requests)]]
     edits_of = Counter(relation)
