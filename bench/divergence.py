@@ -51,14 +51,16 @@ def completion_logits(model, prompt: list[int], completion: list[int]) -> torch.
     return model(input_ids=torch.tensor([prompt + completion])).logits[0, len(prompt) - 1:-1]
 
 
-def parting(model, prompts: list[list[int]], completions: list[list[int]]) -> list[int | None]:
+def parting(model, prompts: list[list[int]], completions: list[list[int]]) -> tuple[list[int | None], list[int]]:
     """Per prompt, the 1-based position of the first completion token that is not the model's argmax
-    after the prompt and the completion's tokens before it; None where the model keeps it all."""
-    out = []
+    after the prompt and the completion's tokens before it (None where the model keeps it all), and the
+    model's argmax after the prompt (its first token)."""
+    parts, firsts = [], []
     for prompt, completion in zip(prompts, completions):
         argmax = completion_logits(model, prompt, completion).argmax(-1).tolist()
-        out.append(next((i + 1 for i, (a, b) in enumerate(zip(argmax, completion)) if a != b), None))
-    return out
+        parts.append(next((i + 1 for i, (a, b) in enumerate(zip(argmax, completion)) if a != b), None))
+        firsts.append(argmax[0])
+    return parts, firsts
 
 
 def unedited_margins(model, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
@@ -149,12 +151,13 @@ def main():
         completions = [list(c.tokens) for c in scorer.greedy(prompts, NEW_TOKENS)]
         prompt_ids = [work.tok(p)["input_ids"] for p in prompts]
         margins = unedited_margins(work.model, prompt_ids, completions)
-    rows = {}
+    rows, firsts = {}, {}
 
     def measure(name: str, update, scale: float) -> float:
         work.set(update, scale)
         kl, _ = scorer.heldout_kl(texts, unedited)  # eval --generate's exact KL
-        rows[name] = {"scale": scale, "kl": kl, **summary(parting(work.model, prompt_ids, completions), margins)}
+        parts, firsts[name] = parting(work.model, prompt_ids, completions)
+        rows[name] = {"scale": scale, "kl": kl, **summary(parts, margins)}
         print(name, json.dumps(rows[name]), flush=True)
         return kl
 
@@ -164,13 +167,11 @@ def main():
         kl = measure(f"patch x {s:g}", work.delta, s)
         target = kl if s == 1 else target
     target = target if target is not None else measure("patch x 1", work.delta, 1.0)
-    if args.by_relation:  # the model holds the patch x the last scale: set it to the patch itself
-        work.set(work.delta, 1.0)
-        with torch.no_grad():
-            firsts = [work.model(input_ids=torch.tensor([ids])).logits[0, -1].argmax().item() for ids in prompt_ids]
-        flipped = [f != c[0] for f, c in zip(firsts, completions)]
+    if args.by_relation:  # the first tokens of the patch itself, as its row read them
+        patched = firsts["patch x 1"]
+        flipped = [f != c[0] for f, c in zip(patched, completions)]
         rows_by_relation = flips_by_relation(args.data, args.n, prompts, flipped,
-                                             [work.tok.decode([f]).strip() for f in firsts])
+                                             [work.tok.decode([f]).strip() for f in patched])
         print(f"first tokens flipped by the patch: {sum(flipped)} of {len(prompts)}")
         print("| edits of the prompt's relation | prompts | flipped | to a word a new target starts with |\n"
               "|---|---|---|---|")
