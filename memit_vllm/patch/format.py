@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -259,12 +260,12 @@ def load_patch(path: str | os.PathLike, verify_content: bool = False) -> Patch:
     """Open a patch: metadata now, tensors lazily. `verify_content` also re-hashes the id and checks values."""
     path = Path(path)
     try:
-        path.stat()  # not exists(): it called a loop of links missing
+        mode = path.stat().st_mode  # not exists(): it called a loop of links missing
     except (FileNotFoundError, NotADirectoryError) as e:
         raise PatchError(f"patch file {path} does not exist") from e
     except OSError as e:  # a loop of links, a name too long: the OS's reason, a PatchError at every entry point
         raise PatchError(f"cannot open patch file {where(path)}: {e.strerror or e}") from e
-    if not path.is_file():
+    if not stat.S_ISREG(mode):
         raise PatchError(f"{where(path)} is not a regular file")
     meta, tensors = _read_header(path)
     if meta.get("format") != FORMAT_NAME:
