@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from .core.files import atomic_file, check_out_file
+from .core.files import atomic_file, check_report_outputs
 from .core.records import read_dataset, read_prompts
 from .errors import MemitError
 from .evaluate.generation import NEW_TOKENS
@@ -204,9 +204,8 @@ def ab_command(arm_a, arm_b, edits, regression, n, zsre_target, tokenizer, json_
                unrelated, unrelated_count, heldout):
     """Compare two served arms on edit success, regressions and latency (table, JSON, PNG)."""
     a, b = parse_arm("A", arm_a), parse_arm("B", arm_b)
-    for flag, out in (("--json", json_out), ("--plot", plot_out)):
-        if out != "-":  # checked before the servers are asked, not after
-            check_out_file(out, flag, (edits, regression, unrelated, heldout))
+    # checked before the servers are asked, not after
+    check_report_outputs({"--json": json_out, "--plot": plot_out}, (edits, regression, unrelated, heldout))
     result = compare(a, b, edits, regression, n=n, tokenizer=tokenizer, batch_size=batch_size,
                      new_tokens=new_tokens, unrelated=unrelated, heldout=heldout, zsre_target=zsre_target,
                      unrelated_count=unrelated_count)

@@ -77,6 +77,13 @@ def check_out_file(out: str | os.PathLike, flag: str, inputs=()) -> Path:
     return out
 
 
+def check_report_outputs(outputs: dict[str, str | None], inputs=()) -> None:
+    """check_out_file for each report output given (flag -> path; None: not given, "-": standard output)."""
+    for flag, out in outputs.items():
+        if out is not None and out != "-":
+            check_out_file(out, flag, inputs)
+
+
 @contextmanager
 def _named(final: Path):
     """A write's OSError (a full disk: ENOSPC from write or fsync) names no file, so the CLI could not say which

@@ -8,7 +8,7 @@ import sys
 import click
 from click.core import ParameterSource
 
-from ..core.files import check_out_file
+from ..core.files import check_report_outputs
 from ..core.records import FORMATS
 from ..options import unrelated_count_option, zsre_target_option
 from .generation import HELDOUT_TEXTS, NEW_TOKENS
@@ -58,9 +58,8 @@ def eval_command(model, patches, data, n, fmt, zsre_target, fluency, generate, n
     from .report import format_table, plot, write_json
     from .run import evaluate
 
-    for flag, out in (("--json", json_out), ("--plot", plot_out)):
-        if out and out != "-":  # checked before the evaluation, not after it
-            check_out_file(out, flag, (data, *patches, unrelated, heldout))
+    # checked before the evaluation, not after it
+    check_report_outputs({"--json": json_out, "--plot": plot_out}, (data, *patches, unrelated, heldout))
 
     result = evaluate(model, data, patches, n=n, fmt=fmt, zsre_target=zsre_target, fluency=fluency,
                       batch_size=batch_size, device=device, progress=sys.stderr.isatty(),
