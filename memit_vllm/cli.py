@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .errors import MemitError
+from .errors import MemitError, one_line
 
 
 class _Group(click.Group):
@@ -19,7 +19,7 @@ class _Group(click.Group):
         except (MemitError, OSError) as e:
             if ctx.find_root().params.get("debug") or (isinstance(e, OSError) and e.filename is None):
                 raise
-            message = e if isinstance(e, MemitError) else f"cannot use {e.filename}: {e.strerror}"
+            message = e if isinstance(e, MemitError) else one_line(f"cannot use {e.filename}: {e.strerror}")
             click.echo(f"error: {message}", err=True)
             sys.exit(2)
 

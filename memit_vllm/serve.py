@@ -23,6 +23,7 @@ import click
 from .core.architectures import by_class, lora_classes
 from .core.contract import (LOAD_FORMAT, LORA_METADATA_FILE, PATCHES_KEY, PLUGIN, SERVER_MODULE, STATE_DIR_ENV,
                             WORKER_EXTENSION, refuse_quantized)
+from .core.records import parse_json
 from .errors import MemitError
 
 if TYPE_CHECKING:
@@ -42,9 +43,11 @@ def server_command(model: str, patches: list[str], vllm_args: list[str]) -> list
         if flag == "--model-loader-extra-config":
             value = value if eq else next(args, "{}")
             try:
-                extra = json.loads(value)
+                extra = parse_json(value, "--model-loader-extra-config")
             except json.JSONDecodeError as e:
                 raise MemitError(f"--model-loader-extra-config is not JSON: {value!r}") from e
+            if not isinstance(extra, dict):
+                raise MemitError(f"--model-loader-extra-config {value!r}: expected a JSON object of loader options")
             continue
         rest.append(arg)
     extra[PATCHES_KEY] = patches

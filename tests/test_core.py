@@ -151,6 +151,40 @@ def test_request_files_name_the_line_and_reject_what_is_not_text(tmp_path):
     assert read_records(csv)[0][0].endswith("r.csv row 2")
 
 
+def test_a_key_given_twice_is_refused_not_read_as_its_last_value(tmp_path):
+    """json and csv keep the last of two equal keys unseen: a second "target_new" would be edited silently."""
+    rec = '{"prompt": "{} is in", "subject": "Rome", "target_new": "Italy", "target_new": "Spain"}'
+    cases = {"r.json": f"[{rec}]", "r.jsonl": f'{{"prompt": "{{}} x", "subject": "s", "target_new": "t"}}\n{rec}\n',
+             "r.csv": 'prompt,subject,target_new,target_new\n"{} is in",Rome,Italy,Spain\n'}
+    messages = {"r.json": "r.json: key 'target_new' appears twice in one object; keep one",
+                "r.jsonl": r"r.jsonl record 1 \(line 2\): key 'target_new' appears twice in one object; keep one",
+                "r.csv": "r.csv: column 'target_new' appears twice in the header row; keep one"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(MemitError, match=messages[name]):
+            load_requests(tmp_path / name)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"prompt": "b", "prompt": "c"}\n')
+    with pytest.raises(MemitError, match=f"--unrelated {prompts} line 2: key 'prompt' appears twice"):
+        read_prompts(prompts, "--unrelated")
+    (tmp_path / "nested.json").write_text('[{"requested_rewrite": {"prompt": "{} x", "subject": "s", '
+                                          '"target_new": {"str": "a", "str": "b"}, "target_true": {"str": "c"}}}]')
+    with pytest.raises(MemitError, match="key 'str' appears twice"):
+        load_requests(tmp_path / "nested.json")
+
+
+@pytest.mark.parametrize("case_id, expected", [(7, "7"), ("cf-7", "cf-7"), ([1, 2], None), ({"a": 1}, None),
+                                               (True, None)])
+def test_case_id_is_a_number_or_a_string(case_id, expected):
+    """A list became its Python spelling "[1, 2]" in the patch header's requests."""
+    rec = {"prompt": "{} x", "subject": "s", "target_new": "t", "case_id": case_id}
+    if expected is None:
+        with pytest.raises(MemitError, match="r.json record 0: case_id must be a number or a string"):
+            parse_record(rec, "r.json record 0")
+    else:
+        assert parse_record(rec, "r.json record 0").case_id == expected
+
+
 @pytest.mark.parametrize("kind", ["/dev/zero", "fifo", "directory", "missing"])
 def test_prompt_files_that_are_not_regular_files_are_refused_unread(kind, tmp_path):
     """--preserve, eval --unrelated and ab --regression read prompts whole: /dev/zero or a FIFO would

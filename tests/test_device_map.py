@@ -99,6 +99,12 @@ def test_a_map_file_and_the_library_are_checked_alike(tiny_models, tmp_path):
         with pytest.raises(MemitError, match=f"--device-map: {bad} is not valid JSON"):
             make_patch(tiny_models["llama"], [{"prompt": "{} is in", "subject": "Paris", "target_new": "Rome"}],
                        device_map=device_map, progress=False)
+    for text, message in (('{"model.layers.0": "cpu", "model.layers.0": "disk"}', "key 'model.layers.0' appears twice"),
+                          (b'{"model.layers.0": "caf\xe9"}', "is not UTF-8 text")):  # was a UnicodeDecodeError
+        bad.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(MemitError, match=f"--device-map {bad}.*{message}"):
+            make_patch(tiny_models["llama"], [{"prompt": "{} is in", "subject": "Paris", "target_new": "Rome"}],
+                       device_map=bad, progress=False)
     with pytest.raises(MemitError, match="module names are strings"):
         make_patch(tiny_models["llama"], [{"prompt": "{} is in", "subject": "Paris", "target_new": "Rome"}],
                    device_map={0: "cpu"}, progress=False)

@@ -424,6 +424,10 @@ def test_request_files_saved_with_a_byte_order_mark_read_as_without(tmp_path):
                  "(line 2, column 1)"),  # was YAML's own message of six lines
     ('{"nope": 1}', "unknown hyperparameters ['nope']"),
     ('{"mom2_update_weight": ', "--hparams JSON cannot be parsed"),
+    ("dup.yaml", "hparams file {tmp}/dup.yaml cannot be parsed: key 'layers' appears twice; keep one (line 3, "
+                 "column 1)"),  # YAML and JSON keep the last one unseen
+    ("dup.json", "hparams file {tmp}/dup.json: key 'layers' appears twice in one object; keep one"),
+    ('{"layers": [3], "layers": [4]}', "--hparams JSON: key 'layers' appears twice in one object; keep one"),
     ('{"' + "x" * 300 + '": 1}', "unknown hyperparameters ['" + "x" * 300 + "']"),  # too long for a file name
     ("y" * 300, "hparams file {tmp}/" + "y" * 300 + " does not exist"),
 ])
@@ -441,6 +445,8 @@ def test_bad_hparams_are_refused_by_name_before_the_model_loads(value, message, 
     (tmp_path / "latin1.json").write_bytes(b'{"source": "caf\xe9"}')
     (tmp_path / "list.yaml").write_text("- 1\n")
     (tmp_path / "bad.yaml").write_text("layers: [1, 2\n")
+    (tmp_path / "dup.yaml").write_text("layers: [1, 2]\nv_lr: 0.5\nlayers: [3]\n")
+    (tmp_path / "dup.json").write_text('{"layers": [1, 2], "layers": [3]}')
     value = value.replace("{tmp}", str(tmp_path)) if value.startswith(("{tmp}", "/")) else \
         value if value.startswith("{") else str(tmp_path / value)
     out = CliRunner().invoke(main, ["make-patch", "--model", str(tiny_models["llama"]), "--requests",

@@ -151,6 +151,21 @@ def test_a_path_too_long_for_a_file_name_is_one_line_at_every_entry_point(comman
     assert "Traceback" in out.stderr and "OSError" in out.stderr
 
 
+@pytest.mark.parametrize("command", [["inspect"], ["make-patch", "--model", "smollm2-135m", "--out", "p.patch",
+                                                   "--requests"], ["eval", "--model", "smollm2-135m", "--data"]])
+def test_a_newline_in_a_file_name_is_escaped_to_keep_every_message_one_line(command, tmp_path):
+    """A message is one line wherever it is read (MemitError's text: the CLI, vLLM's log, an admin route);
+    a newline in a file name split it in two."""
+    path = tmp_path / "two\nlines.json"
+    path.write_text("x")
+    out = subprocess.run([sys.executable, "-m", "memit_vllm", *command, str(path)], capture_output=True, text=True,
+                         cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "two\\nlines.json" in out.stderr, out.stderr
+    with pytest.raises(PatchError) as refused:
+        load_patch(path)
+    assert "\n" not in str(refused.value) and "two\\nlines.json" in str(refused.value)
+
+
 def test_a_loop_of_links_is_named_as_one_not_as_missing(tmp_path):
     """The same PatchError from the CLI and from the server's loader (load_patch, which both call)."""
     (tmp_path / "a.patch").symlink_to(tmp_path / "b.patch")

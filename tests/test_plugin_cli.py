@@ -9,6 +9,7 @@ import os
 import shutil
 from types import SimpleNamespace
 
+import pytest
 from click.testing import CliRunner
 
 import memit_vllm_plugin
@@ -16,6 +17,7 @@ from memit_vllm.cli import main
 from memit_vllm.core.architectures import ARCHITECTURES
 from memit_vllm.core.contract import LOAD_FORMAT, PATCHES_KEY, PLUGIN, SERVER_MODULE
 from memit_vllm.core.versions import ALLOW_UNTESTED_ENV
+from memit_vllm.errors import MemitError
 from memit_vllm.patch import load_patch
 from memit_vllm.serve import default_model, server_command, server_env
 from memit_vllm.testing.synthetic import synthetic_patch
@@ -32,6 +34,9 @@ def test_server_command_sets_load_format_and_merges_loader_config():
     eq_form = server_command("M", ["a"], ['--model-loader-extra-config={"num_threads": 2}'])
     extra = json.loads(eq_form[eq_form.index("--model-loader-extra-config") + 1])
     assert extra == {"num_threads": 2, PATCHES_KEY: ["a"]}
+    for value, message in (("[1]", "expected a JSON object"), ('{"a": 1, "a": 2}', "key 'a' appears twice")):
+        with pytest.raises(MemitError, match=message):  # a list was a TypeError
+            server_command("M", ["a"], ["--model-loader-extra-config", value])
     # The worker side of the admin routes: the qualified name vLLM resolves must be our class.
     from vllm.utils.import_utils import resolve_obj_by_qualname
 

@@ -141,9 +141,14 @@ def _spaced(target: str) -> str:
     return target if target.startswith(" ") else " " + target
 
 
-def _case_id(rec: dict) -> str | None:
+def _case_id(rec: dict, where: str) -> str | None:
+    """A record's id as text; a list or an object would become its Python spelling (the header's id)."""
     value = rec.get("case_id")
-    return None if value is None else str(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise MemitError(f"{where}: case_id must be a number or a string, not {json.dumps(value)[:40]}")
+    return str(value)
 
 
 # -- edit requests -----------------------------------------------------------------------------------
@@ -183,7 +188,7 @@ def parse_record(rec, where: str, zsre_target: str = "answers") -> EditRequest:
         prompt=template_prompt(prompt, subject, where), subject=subject,
         target_new=_spaced(target_text(new, "target_new", where)),
         target_true=None if true in (None, "") else _spaced(target_text(true, "target_true", where)),
-        case_id=_case_id(rec),
+        case_id=_case_id(rec, where),
         paraphrases=tuple(template_prompt(p, subject, f"{where} paraphrase {i}") for i, p in enumerate(paraphrases)))
 
 
@@ -207,6 +212,21 @@ def read_text_file(path: Path, label: str, max_bytes: int = MAX_RECORDS_FILE_BYT
         raise MemitError(f"{label} is not UTF-8 text (byte {e.start}); save it as UTF-8") from e
 
 
+def parse_json(text: str, what: str):
+    """json.loads, refusing an object that names a key twice, which json reads as its last value unseen (a
+    record's second "target_new", an hparams file's second "layers"): a MemitError naming `what`. A syntax
+    error stays a json.JSONDecodeError for the caller to word."""
+    def unique(pairs: list[tuple[str, object]]) -> dict:
+        out = {}
+        for key, value in pairs:
+            if key in out:
+                raise MemitError(f"{what}: key {key!r} appears twice in one object; keep one")
+            out[key] = value
+        return out
+
+    return json.loads(text, object_pairs_hook=unique)
+
+
 def read_records(path: str | Path) -> list[tuple[str, object]]:
     """(where, record) of every record in a JSON (a list or one object), JSONL or CSV file; `where`
     names the file and the record (its line, for JSONL) for error messages."""
@@ -214,6 +234,9 @@ def read_records(path: str | Path) -> list[tuple[str, object]]:
     text = read_text_file(path, str(path))
     if path.suffix == ".csv":
         rows = csv.DictReader(io.StringIO(text))
+        twice = sorted({c for c in rows.fieldnames or () if rows.fieldnames.count(c) > 1})
+        if twice:  # DictReader keeps the last column of a name
+            raise MemitError(f"{path}: column {twice[0]!r} appears twice in the header row; keep one")
         out = [(f"{path} row {i + 2}", dict(r)) for i, r in enumerate(rows)]
         for where, r in out:  # DictReader keys the surplus values None: an unquoted comma shifted the row
             if None in r:
@@ -225,12 +248,13 @@ def read_records(path: str | Path) -> list[tuple[str, object]]:
         for i, line in enumerate(text.splitlines()):
             if line.strip():
                 try:
-                    out.append((f"{path} record {len(out)} (line {i + 1})", json.loads(line)))
+                    where = f"{path} record {len(out)} (line {i + 1})"
+                    out.append((where, parse_json(line, where)))
                 except json.JSONDecodeError as e:
                     raise MemitError(f"{path} line {i + 1} is not valid JSON ({e.msg})") from e
         return out
     try:
-        data = json.loads(text)
+        data = parse_json(text, str(path))
     except json.JSONDecodeError as e:
         raise MemitError(f"{path} is not valid JSON ({e}); use .jsonl for one record per line") from e
     return [(f"{path} record {i}", r) for i, r in enumerate(data if isinstance(data, list) else [data])]
@@ -287,12 +311,12 @@ def validate_requests(requests: list[EditRequest], source: str = "requests") -> 
     return requests
 
 
-def _json_or_jsonl(text: str):
+def _json_or_jsonl(text: str, what: str):
     """One JSON document, else one JSON value per non-empty line (json.JSONDecodeError if neither)."""
     try:
-        return json.loads(text)
+        return parse_json(text, what)
     except json.JSONDecodeError:
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [parse_json(line, f"{what} line {i + 1}") for i, line in enumerate(text.splitlines()) if line.strip()]
 
 
 def read_prompts(path: str | Path, flag: str) -> list[dict]:
@@ -300,7 +324,7 @@ def read_prompts(path: str | Path, flag: str) -> list[dict]:
     --regression, make-patch --preserve). The content decides which, whatever the file's suffix (unlike
     edit records, read_records)."""
     try:
-        items = _json_or_jsonl(read_text_file(Path(path), f"{flag} {path}"))
+        items = _json_or_jsonl(read_text_file(Path(path), f"{flag} {path}"), f"{flag} {path}")
     except json.JSONDecodeError as e:
         raise MemitError(f"{flag} {path}: neither JSON nor JSONL ({e})") from e
     out = []
@@ -319,7 +343,7 @@ def read_subjects(path: str | Path, flag: str) -> list[str]:
     (make-patch --neighbour-subjects)."""
     text = read_text_file(Path(path), f"{flag} {path}")
     try:
-        items = _json_or_jsonl(text)
+        items = _json_or_jsonl(text, f"{flag} {path}")
     except json.JSONDecodeError:
         items = [line.strip() for line in text.splitlines() if line.strip()]
     if not isinstance(items, list) or not all(isinstance(x, str) and x.strip() for x in items):

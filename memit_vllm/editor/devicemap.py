@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint
+from ..core.records import parse_json, read_text_file
 from ..errors import MemitError
 from . import distributed
 from .offload import check_accelerate
 
 NAMED = ("auto", "balanced", "balanced_low_0", "sequential")
 FLAG = "--device-map"
+MAX_MAP_FILE_BYTES = 1 << 20  # a map of module names to devices: anything larger is not one
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,10 @@ def parse_device_map(spec) -> str | dict:
         if not path.is_file():
             raise MemitError(f"{FLAG} {text!r}: expected one of {', '.join(NAMED)}, a JSON object of module -> "
                              "device, or a JSON file (no such file)")
-        text, source = path.read_text(encoding="utf-8"), str(path)
+        source = str(path)  # read as every small input file is (a non-UTF-8 file was a traceback)
+        text = read_text_file(path, f"{FLAG} {path}", MAX_MAP_FILE_BYTES, fix="a device map names modules")
     try:
-        value = json.loads(text)
+        value = parse_json(text, f"{FLAG} {source}")
     except json.JSONDecodeError as e:
         raise MemitError(f"{FLAG}: {source} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); give "
                          '{"module": "device", ...}') from e

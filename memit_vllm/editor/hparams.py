@@ -10,12 +10,12 @@ lambda = 15000 on SmolLM2 (d_ff 1536, ratio 9.8) most of each residual is never 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 
-from ..core.records import read_text_file
+from ..core.records import parse_json, read_text_file
 from ..errors import MemitError
 
 # Keys of the reference implementations' hparams files that name modules; we derive those from the
@@ -338,16 +338,33 @@ def load_hparams_file(path: str | Path) -> dict:
     text = str(path)
     if not _names_a_file(text):
         if text.lstrip().startswith("{"):
-            return _hparams_mapping(text, "--hparams JSON", json.loads)
+            return _hparams_mapping(text, "--hparams JSON", partial(parse_json, what="--hparams JSON"))
         raise MemitError(f"hparams file {path} does not exist: give a JSON or YAML file, or the JSON mapping "
                          "itself ('{\"mom2_update_weight\": 768}')")
     label = f"hparams file {path}"
     raw = read_text_file(Path(text), label, HPARAMS_MAX_BYTES, fix="an hparams file is a mapping of names to values")
     if Path(text).suffix in (".yaml", ".yml"):
-        import yaml
+        return _hparams_mapping(raw, label, _yaml_unique_keys)
+    return _hparams_mapping(raw, label, partial(parse_json, what=label))
 
-        return _hparams_mapping(raw, label, yaml.safe_load)
-    return _hparams_mapping(raw, label, json.loads)
+
+def _yaml_unique_keys(text: str):
+    """yaml.safe_load, refusing a mapping that names a key twice (YAML keeps the last one unseen)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = self.construct_object(key_node)
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice; keep one",
+                                                                key_node.start_mark)
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=Loader)  # a SafeLoader: no Python objects
 
 
 def _names_a_file(path: str) -> bool:
@@ -361,6 +378,8 @@ def _names_a_file(path: str) -> bool:
 def _hparams_mapping(text: str, what: str, parse) -> dict:
     try:
         data = parse(text)
+    except MemitError:
+        raise
     except Exception as e:
         mark = getattr(e, "problem_mark", None)  # YAML's message runs over lines, quoting the text: one line here
         reason = f"{e.problem} (line {mark.line + 1}, column {mark.column + 1})" if mark and e.problem else e
