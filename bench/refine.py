@@ -25,7 +25,6 @@ writes them.)
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -35,8 +34,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from memit_vllm.core.records import parse_record, read_prompts
-from memit_vllm.core.tokens import pad_id, target_ids
+from memit_vllm.core.tokens import pad_id, pad_right, target_ids
 from memit_vllm.default_models import prepare
+from memit_vllm.editor.covariance import file_corpus
 from memit_vllm.patch import load_patch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,14 +46,8 @@ CORPUS = ROOT.parent / "shared" / "data" / "corpus" / "smollm2_self_2k.jsonl"
 def batches(seqs: list[list[int]], size: int, pad: int):
     """(ids, attention mask, index of each row's last token) of right-padded batches of `size` rows."""
     for i in range(0, len(seqs), size):
-        part = seqs[i:i + size]
-        width = max(map(len, part))
-        ids = torch.full((len(part), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, s in enumerate(part):
-            ids[row, :len(s)] = torch.tensor(s)
-            mask[row, :len(s)] = 1
-        yield ids, mask, torch.tensor([len(s) - 1 for s in part])
+        ids, mask = pad_right(seqs[i:i + size], pad)
+        yield ids, mask, mask.sum(1) - 1
 
 
 def hidden(model, ids, mask):
@@ -114,13 +108,12 @@ def main() -> None:
     new_ids = [target_ids(tok, r.target_new) for r in edits]
     neighbours = [tok(p["prompt"])["input_ids"] for p in read_prompts(args.neighbours, "--neighbours")]
     texts = []
-    with open(CORPUS) as f:
-        for line in f:
-            ids = tok(json.loads(line)["text"])["input_ids"]
-            if len(ids) >= args.corpus_tokens:
-                texts.append(ids[:args.corpus_tokens])
-            if len(texts) == args.corpus_pool:
-                break
+    for text in file_corpus(CORPUS).texts():
+        ids = tok(text)["input_ids"]
+        if len(ids) >= args.corpus_tokens:
+            texts.append(ids[:args.corpus_tokens])
+        if len(texts) == args.corpus_pool:
+            break
     texts = torch.tensor(texts)
 
     deltas, edited = {}, [True]  # edited[0] False: the unedited model, for the reference distributions
@@ -144,8 +137,7 @@ def main() -> None:
         total, count = 0.0, 0
         for start in range(0, len(seqs), 50):
             part = seqs[start:start + 50]
-            ids, mask, _ = next(batches(part, len(part), pad))
-            h = hidden(model, ids, mask)
+            h = hidden(model, *pad_right(part, pad))
             for row, i in enumerate(range(start, start + len(part))):
                 n_p, n_t = len(prompt_ids[i]), len(new_ids[i])
                 logits = model.lm_head(h[row, n_p - 1:n_p - 1 + n_t])
