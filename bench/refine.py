@@ -130,6 +130,9 @@ def main() -> None:
                 return fn(*a)
         finally:
             edited[0] = True
+    # The unedited next-token distributions of the neighbour prompts, once (they cannot change); the corpus
+    # pool's would take 6 GiB at the defaults, so a step's drawn texts are read on the unedited model instead.
+    unedited_n = unedited(last_logprobs, model, neighbours, pad)
     opt = torch.optim.Adam(deltas.values(), lr=args.lr)
     seqs = [p + t for p, t in zip(prompt_ids, new_ids)]
 
@@ -147,10 +150,10 @@ def main() -> None:
 
     for step in range(args.steps + 1):
         start = time.perf_counter()
-        picked = [neighbours[i] for i in torch.randperm(len(neighbours))[:args.neighbour_batch].tolist()]
+        pick = torch.randperm(len(neighbours))[:args.neighbour_batch]
         chunk = texts[torch.randperm(len(texts))[:args.corpus_texts]]
         ce = edit_loss()
-        kl_n = kl(unedited(last_logprobs, model, picked, pad), last_logprobs(model, picked, pad))
+        kl_n = kl(unedited_n[pick], last_logprobs(model, [neighbours[i] for i in pick.tolist()], pad))
         kl_c = kl(unedited(corpus_logprobs, model, chunk), corpus_logprobs(model, chunk))
         loss = F.relu(ce - args.ce_floor) + args.w_neighbours * kl_n + args.w_corpus * kl_c
         print(f"step {step}: CE {ce.item():.4f}  KL neighbours {kl_n.item():.4f}  KL corpus {kl_c.item():.4f}  "
