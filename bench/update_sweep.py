@@ -55,7 +55,8 @@ from memit_vllm.editor import EditConfig, HParams, default_hparams, load_editabl
 from memit_vllm.editor.hparams import default_neighbours_per_edit
 from memit_vllm.editor.arch import checkpoint_dims
 from memit_vllm.editor.covariance import file_corpus
-from memit_vllm.editor.memit import KEY_BATCH_PROMPTS, KeyReader, delivered_updates, native_z, statistics
+from memit_vllm.editor.memit import (KEY_BATCH_PROMPTS, KeyReader, delivered_updates, native_z, refined_updates,
+                                    statistics)
 from memit_vllm.editor.preserve import (NO_NEIGHBOURS, PreservePrompt, preserved_keys, generated_names,
                                         generated_subjects, neighbour_prompts, read_preserve_file)
 from memit_vllm.editor.precision import forward_dtype
@@ -336,6 +337,11 @@ def main():
         with variant_solver(cfg, hp.layers, stats.covs, partial(layer_fisher, out, em, tok, args.seed)):
             updates, used = delivered_updates(em, KeyReader(em, tok, requests, groups), hp, targets, stats,
                                               preserved, progress=False)
+        if hp.refine_steps:  # as make-patch: the solved deltas refined together (editor/refine.py)
+            before_update = {l: original[em.arch.weight_name(l)] for l in hp.layers}
+            updates, refined = refined_updates(em, tok, hp.replace(mom2_n_tokens=config.stats_tokens), requests,
+                                               before_update, updates, prompts, file_corpus(CORPUS), config, groups)
+            print(f"{name}: refined {refined}", flush=True)
         # per-edit scales (v_delivery_target: target / the share rho_i the first update delivered), 5/50/95%
         scales = used.delta.norm(dim=1) / targets.delta.norm(dim=1).clamp(min=1e-12)
         quantiles = [round(float(q), 3) for q in scales.quantile(torch.tensor([0.05, 0.5, 0.95]))]

@@ -140,6 +140,12 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
         click.echo(f"z: {r.z_resumed} of {r.n_edits} edits read back from --resume-dir {resume_dir}")
     click.echo(f"z: mean P(target) {r.z_target_prob:.3f} after {r.z_steps:.1f} steps; residual delivered per "
                f"layer: " + ", ".join(f"{l}: {v:.2f}" for l, v in r.delivered.items()))
+    if r.refine:
+        a, b = r.refine["first_step"], r.refine["last_step"]
+        click.echo(f"refined over {r.refine['steps']} steps ({r.refine['prompts']} preserved prompts, "
+                   f"{r.refine['texts']} corpus texts): edit CE {a['edit_ce']:.3f} -> {b['edit_ce']:.3f}, KL "
+                   f"neighbours {a['kl_neighbours']:.4f} -> {b['kl_neighbours']:.4f}, corpus {a['kl_corpus']:.4f} -> "
+                   f"{b['kl_corpus']:.4f} (first and last step)")
     click.echo("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r.seconds.items()))
     click.echo(f"memory: peak RSS {r.memory['peak_rss_gb']:.2f} GB (weights on disk {r.memory['checkpoint_gb']:.2f} GB)"
                + "".join(f", {d} peak {gb:.2f} GB" for d, gb in r.memory.get("gpu_peak_gb", {}).items()))

@@ -117,6 +117,13 @@ class HParams:
     # Other subjects each edit's prompt is asked of, preserved (--neighbour-subjects, which overrides it): a
     # subjects file, "model:N" or "vocab:N" (editor/preserve.py); None or "none": none.
     neighbour_subjects: str | None = None
+    # After the solve, the edited layers' deltas take this many Adam steps together (0: off) on the edits'
+    # CE plus these weights times the next-token KL of the preserved prompts and of statistics-corpus text,
+    # unedited vs edited: the layers' compounding, which each layer's solve cannot see (editor/refine.py).
+    refine_steps: int = 0
+    refine_lr: float = 3e-4
+    refine_neighbour_weight: float = 100.0
+    refine_corpus_weight: float = 30.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -128,8 +135,9 @@ class HParams:
 
     @property
     def reads_corpus(self) -> bool:
-        """Whether the edit reads the statistics corpus itself (F, or texts to restore), not only C."""
-        return self.reads_fisher or self.corpus_restore_tokens > 0
+        """Whether the edit reads the statistics corpus itself (F, texts to restore or to refine on), not only C."""
+        return self.reads_fisher or self.corpus_restore_tokens > 0 or (self.refine_steps > 0
+                                                                        and self.refine_corpus_weight > 0)
 
     def replace(self, **overrides) -> "HParams":
         unknown = set(overrides) - {f.name for f in fields(self)}
@@ -193,6 +201,10 @@ _RULES = {
     "preserve_restore": (lambda v: isinstance(v, bool), "true or false"),
     "own_prompt_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0 (0: off)"),
     "corpus_restore_tokens": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)"),
+    "refine_steps": (lambda v: _is_int(v) and v >= 0, "an integer >= 0 (0: off)"),
+    "refine_lr": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "refine_neighbour_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+    "refine_corpus_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "neighbour_subjects": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
                            "a subjects file, model:N, vocab:N or none"),
 }

@@ -30,16 +30,17 @@ from ..patch.tools import stack_patches
 from .arch import EditableModel, check_layers, checkpoint_dims, load_editable, model_dtype
 from . import distributed
 from .devicemap import check_placement, describe, resolve_device
-from .covariance import corpus_spec, layer_covariances, layer_projections, resolve_corpus, stats_identity
+from .covariance import Corpus, corpus_spec, layer_covariances, layer_projections, resolve_corpus, stats_identity
 from .hparams import (HParams, default_hparams, default_neighbours_per_edit, load_hparams_file,
                       neighbours_default_text)
 from .lineage import changed_facts, lineage_facts, load_stack, merge_stack
 from .lineage_keys import LineageKeys
 from .memory import peak_memory, reset_gpu_peaks
 from .precision import computing_in, forward_dtype, runs_natively
-from .preserve import (NO_NEIGHBOURS, Preserved, PreservedKeys, generated_names, generated_subjects,
-                       neighbour_prompts, preserved_keys, read_preserve_file)
+from .preserve import (NO_NEIGHBOURS, Preserved, PreservedKeys, PreservePrompt, generated_names,
+                       generated_subjects, neighbour_prompts, preserved_keys, read_preserve_file)
 from .prompts import context_templates, encode
+from .refine import refine
 from .sensitivity import output_fisher
 from .solve import solve_alphaedit_update, solve_layer_update
 from .stats_file import StatsFile, stats_for_edit
@@ -131,6 +132,7 @@ class EditReport:
     own_prompt_keys: int = 0  # of preserved_keys: the edits' own prompts' (hparams own_prompt_weight)
     lineage_keys_read: int = 0  # patches of the stack whose facts' keys were read (not in the cache)
     memory: dict = field(default_factory=dict)  # peak RSS, checkpoint size, peak per GPU (editor/memory.py)
+    refine: dict = field(default_factory=dict)  # hparams refine_steps: the losses of its first and last step
 
 
 @dataclass
@@ -391,6 +393,25 @@ def delivered_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets
     return layer_updates(em, reader, hp, targets, stats, preserved, progress, keep_keys), targets
 
 
+def refined_updates(em: EditableModel, tok, hp: HParams, requests: list[EditRequest], before: dict[int, torch.Tensor],
+                    updates: LayerUpdates, prompts: list[PreservePrompt], corpus: Corpus | None, config: EditConfig,
+                    groups: list[list[str]]) -> tuple[LayerUpdates, dict]:
+    """`updates` refined together (editor/refine.py) from the weights `before` them, merged in their place;
+    the edit keys kept for the lineage re-read on the model as refined (a layer's keys depend only on the
+    layers below it, as layer_updates reads them)."""
+    for layer, weight in before.items():
+        em.set_weight(layer, weight)
+    solved = {layer: em.from_checkpoint_layout(updates.deltas[em.param_name(layer)]) for layer in hp.layers}
+    deltas, report = refine(em, tok, hp, requests, solved, [p.prompt for p in prompts], corpus, config.seed,
+                            config.progress)
+    for layer, delta in deltas.items():
+        em.add_to_weight(layer, delta)
+    keys = _all_keys(em, tok, groups, hp, config.key_batch_prompts, config.bucket_overhead_tokens, requests) \
+        if updates.keys else {}
+    return LayerUpdates({em.param_name(l): em.to_checkpoint_layout(d).contiguous().cpu() for l, d in deltas.items()},
+                        updates.delivered, {l: k.cpu() for l, k in keys.items()}), report
+
+
 def _key_reader(em: EditableModel, tok, groups: list[list[str]], batch_prompts: int,
                 requests: list[EditRequest], overhead_tokens: float) -> distributed.SplitReader:
     """The edit keys' reader (this rank's share of `requests`; reads return every request's rows)."""
@@ -437,9 +458,16 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     if config.stats_corpus is not None:
         corpus_spec(config.stats_corpus)
     if given is not None and hp.reads_corpus:
-        raise MemitError("z_fisher_weight, v_optimizer steepest_fisher and corpus_restore_tokens read the statistics "
-                         "corpus, and --stats FILE brings none: drop them, or let make-patch compute the "
-                         "statistics (--stats-corpus)")
+        raise MemitError("z_fisher_weight, v_optimizer steepest_fisher, corpus_restore_tokens and refine_steps (with "
+                         "refine_corpus_weight) read the statistics corpus, and --stats FILE brings none: drop them "
+                         "(or set refine_corpus_weight to 0), or let make-patch compute the statistics "
+                         "(--stats-corpus)")
+    if hp.refine_steps and placement is not None:
+        raise MemitError("refine_steps is not yet measured under --device-map: set refine_steps to 0, or edit on one "
+                         "device")
+    if hp.refine_steps and distributed.active():
+        raise MemitError("refine_steps runs in one process, not under torchrun: set refine_steps to 0, or run "
+                         "make-patch as one process")
     if hp.corpus_restore_tokens and hp.method != "memit":
         raise MemitError(f"corpus_restore_tokens pulls on MEMIT's lambda C term, which method {hp.method} has not: "
                          "set it to 0, or use method memit")
@@ -534,8 +562,14 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
                                              config.bucket_overhead_tokens, store, fisher), requests)
         with _timed(seconds, "update"):
             reader = _key_reader(em, tok, groups, config.key_batch_prompts, requests, config.bucket_overhead_tokens)
+            before = {layer: em.weight(layer).clone() for layer in hp.layers} if hp.refine_steps else {}
             updates, targets = delivered_updates(em, reader, hp, targets, stats, preserved, config.progress,
                                                  bool(stack))
+        refined = {}
+        if hp.refine_steps:
+            with _timed(seconds, "refine"):
+                updates, refined = refined_updates(em, tok, hp, requests, before, updates, prompts, text_corpus,
+                                                   config, groups)
     seconds["total"] = time.monotonic() - t0
     warned = [str(w.message) for w in caught]
     for message in warned:  # again, outside the recording block, for callers that watch warnings
@@ -547,7 +581,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         delivered=updates.delivered, covariance=stats.info, warnings=warned, device=where, method=hp.method,
         made_on=[p.patch_id for p in stack], changed=changed_facts(requests, lineage),
         preserved_keys=preserved.count, neighbours_per_edit=per_edit or 0, own_prompt_keys=preserved.own.tokens,
-        lineage_keys_read=lineage_read,
+        lineage_keys_read=lineage_read, refine=refined,
         memory=peak_memory(ckpt))
 
     patch = Patch(
