@@ -103,29 +103,3 @@ def test_refine_steps_are_refused_where_they_cannot_run_before_the_model_loads(t
         tiny_edit(tiny_models["llama"], data_dir, tmp_path, hparams={"refine_steps": -1})
     with pytest.raises(MemitError, match="refine_steps is not yet measured under --device-map: set refine_steps to 0"):
         tiny_edit(tiny_models["llama"], data_dir, tmp_path, hparams={"refine_steps": 2}, device_map="auto")
-
-
-def test_an_edit_floor_counts_only_the_ce_above_each_edits_own(tiny_models, data_dir):
-    """refine_edit_floor: an edit at or below the CE the solve left it pulls on nothing; one above it pulls as
-    the plain CE does; the value reported is the CE either way."""
-    from memit_vllm.editor.hparams import HParams
-    from memit_vllm.editor.refine import Refiner
-
-    tok, em = load_editable(Checkpoint(tiny_models["llama"]))
-    requests = load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=2)
-    gen = torch.Generator().manual_seed(0)
-    terms = DeltaTerms(em, {1: 0.05 * torch.randn(em.d_model, em.d_ff, generator=gen)})
-    hp = HParams(layers=[1], mom2_update_weight=1.0, refine_steps=1, refine_edit_floor=True)
-    refiner = Refiner(em, tok, hp, requests, [], None, seed=0)
-    refiner.prepare(terms)
-    grads = {}
-    for name, floors in (("above", refiner.floors - 1), ("below", refiner.floors + 1e-4), ("none", None)):
-        refiner.floors, refiner.hp = floors, hp if floors is not None else hp.replace(refine_edit_floor=False)
-        terms.params[1].grad = None
-        value = refiner._edit_loss([0, 1])
-        value.backward()
-        grads[name] = (float(value.detach()), terms.params[1].grad.clone())
-    terms.remove()
-    assert grads["above"][0] == pytest.approx(grads["none"][0]) == pytest.approx(grads["below"][0])
-    torch.testing.assert_close(grads["above"][1], grads["none"][1])
-    assert grads["below"][1].abs().max() == 0 < grads["none"][1].abs().max()

@@ -124,9 +124,6 @@ class HParams:
     refine_lr: float = 3e-4
     refine_neighbour_weight: float = 100.0
     refine_corpus_weight: float = 30.0
-    # Each edit's CE counts only above its value after the solve: no edit is pulled back weaker than the solve
-    # left it, where the KLs outweigh the edits (large batches).
-    refine_edit_floor: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -208,7 +205,6 @@ _RULES = {
     "refine_lr": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "refine_neighbour_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "refine_corpus_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "refine_edit_floor": (lambda v: isinstance(v, bool), "true or false"),
     "neighbour_subjects": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
                            "a subjects file, model:N, vocab:N or none"),
 }

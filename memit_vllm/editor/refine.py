@@ -5,7 +5,7 @@ keys); the layers' disturbances compound on the way up, and no per-layer term se
 most of the held-out KL of a patch (docs/hyperparameters.md, "Session 23"). Here the solved deltas take a
 few Adam steps together on
 
-    CE of each edit's new target after its prompt (refine_edit_floor: only above the CE the solve left it)
+    CE of each edit's new target after its prompt
     + refine_neighbour_weight * KL(unedited || edited) of the next token after the preserved prompts
       (--preserve and the neighbour subjects' prompts: other subjects asked the edits' relations)
     + refine_corpus_weight * KL(unedited || edited) at every position of statistics-corpus texts
@@ -105,7 +105,7 @@ class Refiner:
             self.prompts = [self.prompts[i] for i in keep]
         self.texts = _text_pool(tok, corpus, hp.mom2_n_tokens) if corpus is not None and hp.refine_corpus_weight \
             else []
-        self.unedited_prompts = self.floors = None
+        self.unedited_prompts = None
 
     def _draw(self, n: int, size: int) -> list[int]:
         return torch.randperm(n, generator=self.gen)[:size].tolist() if n > size else list(range(n))
@@ -126,24 +126,18 @@ class Refiner:
         return self._logprobs(self._hidden(texts)).flatten(0, 1)
 
     def prepare(self, terms: DeltaTerms) -> None:
-        """What cannot change, read once: the preserved prompts' next-token distributions without the deltas,
-        and with refine_edit_floor each edit's CE with the solved deltas (its floor)."""
+        """The preserved prompts' next-token distributions without the deltas, read once (they cannot change)."""
         with terms.off():
             self.unedited_prompts = torch.cat([self._last_logprobs(self.prompts[i:i + FORWARD_ROWS])
                                                for i in range(0, len(self.prompts), FORWARD_ROWS)]) \
                 if self.prompts else None
-        if self.hp.refine_edit_floor:
-            with torch.no_grad():
-                every = list(range(len(self.edits)))
-                self.floors = torch.cat([self._edit_ces(every[i:i + FORWARD_ROWS])
-                                         for i in range(0, len(every), FORWARD_ROWS)])
 
     def step(self, terms: DeltaTerms) -> Losses:
         """One step's gradients (added to the deltas' .grad), forward by forward so that memory holds one
         forward's graph; returns the step's losses (before it moves the deltas)."""
         hp = self.hp
         edits = self._draw(len(self.edits), STEP_EDITS)
-        ce = self._accumulate(edits, self._edit_loss, 1.0, len(edits))
+        ce = self._accumulate(edits, lambda picked: self._edit_ces(picked).sum(), 1.0, len(edits))
         prompts = self._draw(len(self.prompts), STEP_PROMPTS)
         kl_n = self._accumulate(prompts, self._prompt_kl, hp.refine_neighbour_weight, len(prompts))
         texts = self._draw(len(self.texts), STEP_TEXTS)
@@ -173,15 +167,6 @@ class Refiner:
         ce = F.cross_entropy(logits, wanted, reduction="none")
         row = torch.tensor(i, device=ce.device)
         return torch.zeros(len(rows), device=ce.device).index_add(0, row, ce) / torch.bincount(row, minlength=len(rows))
-
-    def _edit_loss(self, picked: list[int]) -> torch.Tensor:
-        """The summed CE of the edits `picked`; with refine_edit_floor only what each has above its floor
-        (its value is the CE itself either way, for the report)."""
-        ce = self._edit_ces(picked)
-        if not self.hp.refine_edit_floor:
-            return ce.sum()
-        excess = (ce - self.floors[torch.tensor(picked, device=self.floors.device)]).clamp(min=0).sum()
-        return excess + (ce.sum() - excess).detach()
 
     def _prompt_kl(self, picked: list[int]) -> torch.Tensor:
         base = self.unedited_prompts[torch.tensor(picked, device=self.unedited_prompts.device)]
