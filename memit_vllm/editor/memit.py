@@ -173,8 +173,9 @@ def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool, n
     the editing device would emulate it (precision.runs_natively). Without a corpus (--stats FILE) a preset's
     steepest_fisher z, which reads F over the corpus, steps as "steepest" (the same descent in the plain
     metric), and a preset's corpus pull is left out, as it is with a method other than memit (no lambda C
-    term to pull on); the source says so. A user's own choice of any of these is kept (and warned of or
-    refused later, with the fix); a user's own lambda leaves the batch's factor out of the source too."""
+    term to pull on); the preset's refinement is left out where it cannot run (no corpus, --device-map,
+    torchrun); the source says so. A user's own choice of any of these is kept (and warned of or refused later,
+    with the fix); a user's own lambda leaves the batch's factor out of the source too."""
     overrides = {"layers": config.layers, "mom2_update_weight": config.mom2_update_weight, "method": config.method,
                  "z_dtype": config.z_dtype, "mom2_n_tokens": config.stats_tokens, "mom2_dtype": config.stats_dtype,
                  "mom2_model_dtype": config.stats_model_dtype}
@@ -185,8 +186,8 @@ def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool, n
     if hparams is not None:
         values = hparams if isinstance(hparams, dict) else load_hparams_file(hparams)
     own_lambda = config.mom2_update_weight is not None or "mom2_update_weight" in values
-    hp, source = default_hparams(*dims, on_stack=bool(config.on) or config.chunk is not None,
-                                 n_edits=None if own_lambda else n_edits)
+    hp, source = default_hparams(*dims, on_stack=bool(config.on) or config.chunk is not None, n_edits=n_edits,
+                                 own_lambda=own_lambda)
     hp, source = native_z(hp, source, _device_type(config))
     if not has_corpus and hp.v_optimizer == "steepest_fisher":
         hp, source = hp.replace(v_optimizer="steepest"), f"{source}, steepest z (no corpus to read F over)"
@@ -196,6 +197,11 @@ def _hparams(dims: tuple[str, int, int], config: EditConfig, has_corpus: bool, n
     if "corpus_restore_tokens" not in values and hp.corpus_restore_tokens and (not has_corpus or hp.method != "memit"):
         why = f"method {hp.method}" if has_corpus else "no corpus to read"
         hp, source = hp.replace(corpus_restore_tokens=0), f"{source}, no corpus pull ({why})"
+    if "refine_steps" not in values and hp.refine_steps:
+        why = "no corpus to read" if not has_corpus else "--device-map" if config.device_map is not None else \
+            "torchrun" if distributed.active() else None
+        if why:
+            hp, source = hp.replace(refine_steps=0), f"{source}, not refined ({why})"
     return _over(hp, source, overrides)
 
 

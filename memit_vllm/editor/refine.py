@@ -6,9 +6,14 @@ most of the held-out KL of a patch (docs/hyperparameters.md, "Session 23"). Here
 few Adam steps together on
 
     CE of each edit's new target after its prompt
-    + refine_neighbour_weight * KL(unedited || edited) of the next token after the preserved prompts
+    + w_n * KL(unedited || edited) of the next token after the preserved prompts
       (--preserve and the neighbour subjects' prompts: other subjects asked the edits' relations)
-    + refine_corpus_weight * KL(unedited || edited) at every position of statistics-corpus texts
+    + w_c * KL(unedited || edited) at every position of statistics-corpus texts
+
+Each weight is relative to the batch: w_n makes the preserved prompts' KL weigh refine_neighbour_weight times
+the edits' CE before the first step, w_c the corpus KL refine_corpus_weight times. The balance the steps need
+does not move with the batch's size, the terms do (SmolLM2: at 1,000 edits both KLs are ~15x their 100-edit
+values and the CE 2.5x; absolute weights right at 100 edits undid a sixth of the rewrites at 1,000).
 
 "Unedited" is the model this patch is made on (its stack merged): the deltas switched off. Every step draws
 its rows afresh from seeded pools (a fixed set of texts is fitted, not kept: "Session 30"), and the corpus
@@ -106,6 +111,7 @@ class Refiner:
         self.texts = _text_pool(tok, corpus, hp.mom2_n_tokens) if corpus is not None and hp.refine_corpus_weight \
             else []
         self.unedited_prompts = None
+        self.weights = (0.0, 0.0)  # w_n, w_c (prepare)
 
     def _draw(self, n: int, size: int) -> list[int]:
         return torch.randperm(n, generator=self.gen)[:size].tolist() if n > size else list(range(n))
@@ -126,34 +132,45 @@ class Refiner:
         return self._logprobs(self._hidden(texts)).flatten(0, 1)
 
     def prepare(self, terms: DeltaTerms) -> None:
-        """The preserved prompts' next-token distributions without the deltas, read once (they cannot change)."""
+        """What cannot change, read once: the preserved prompts' next-token distributions without the deltas;
+        and the KLs' weights, from the three terms before the first step (on one draw of each)."""
         with terms.off():
             self.unedited_prompts = torch.cat([self._last_logprobs(self.prompts[i:i + FORWARD_ROWS])
                                                for i in range(0, len(self.prompts), FORWARD_ROWS)]) \
                 if self.prompts else None
+        with torch.no_grad():
+            ce, kl_n, kl_c = self._terms(terms, backward=False)
+        hp = self.hp
+        self.weights = (hp.refine_neighbour_weight * ce / kl_n if kl_n > 0 else 0.0,
+                        hp.refine_corpus_weight * ce / kl_c if kl_c > 0 else 0.0)
 
     def step(self, terms: DeltaTerms) -> Losses:
         """One step's gradients (added to the deltas' .grad), forward by forward so that memory holds one
         forward's graph; returns the step's losses (before it moves the deltas)."""
-        hp = self.hp
+        return Losses(*self._terms(terms, backward=True))
+
+    def _terms(self, terms: DeltaTerms, backward: bool) -> tuple[float, float, float]:
+        """The three terms on a fresh draw of rows (their weighted gradients accumulated when `backward`)."""
+        w_n, w_c = self.weights if backward else (1.0, 1.0)
         edits = self._draw(len(self.edits), STEP_EDITS)
-        ce = self._accumulate(edits, lambda picked: self._edit_ces(picked).sum(), 1.0, len(edits))
+        ce = self._accumulate(edits, lambda picked: self._edit_ces(picked).sum(), 1.0, len(edits), backward)
         prompts = self._draw(len(self.prompts), STEP_PROMPTS)
-        kl_n = self._accumulate(prompts, self._prompt_kl, hp.refine_neighbour_weight, len(prompts))
+        kl_n = self._accumulate(prompts, self._prompt_kl, w_n, len(prompts), backward)
         texts = self._draw(len(self.texts), STEP_TEXTS)
-        kl_c = self._accumulate(texts, partial(self._text_kl, terms), hp.refine_corpus_weight,
-                                len(texts) * TEXT_TOKENS)
-        return Losses(ce, kl_n, kl_c)
+        kl_c = self._accumulate(texts, partial(self._text_kl, terms), w_c, len(texts) * TEXT_TOKENS, backward)
+        return ce, kl_n, kl_c
 
     @staticmethod
-    def _accumulate(picked: list[int], summed_loss, weight: float, count: int) -> float:
-        """The mean of `summed_loss` over `count` rows of `picked`, its gradient times `weight` accumulated."""
+    def _accumulate(picked: list[int], summed_loss, weight: float, count: int, backward: bool) -> float:
+        """The mean of `summed_loss` over `count` rows of `picked`; with `backward` its gradient times `weight`
+        accumulated (nothing is read at weight 0)."""
         total = 0.0
         if not weight or not picked:
             return total
         for i in range(0, len(picked), FORWARD_ROWS):
             part = summed_loss(picked[i:i + FORWARD_ROWS]) / count
-            (weight * part).backward()
+            if backward:
+                (weight * part).backward()
             total += float(part.detach())
         return total
 
@@ -216,5 +233,6 @@ def refine(em: EditableModel, tok, hp: HParams, requests: list[EditRequest], del
     finally:
         terms.remove()
     report = {"steps": hp.refine_steps, "first_step": first.to_dict(), "last_step": last.to_dict(),
+              "weights": {"kl_neighbours": refiner.weights[0], "kl_corpus": refiner.weights[1]},
               "prompts": len(refiner.prompts), "texts": len(refiner.texts)}
     return {l: p.detach() for l, p in terms.params.items()}, report
