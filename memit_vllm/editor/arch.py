@@ -69,10 +69,6 @@ class EditableModel:
         """A (d_model, d_ff) update in the weight's own layout."""
         return delta.T.contiguous() if self.arch.conv1d else delta
 
-    def from_checkpoint_layout(self, delta: torch.Tensor) -> torch.Tensor:
-        """A delta in the weight's own layout as (d_model, d_ff)."""
-        return delta.T.contiguous() if self.arch.conv1d else delta
-
     @torch.no_grad()
     def to_output_space(self, layer: int, z_layer: int, K: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
         """R [d_model, n], changes wanted in layer `z_layer`'s output at the keys K [d_ff, n], as the changes of

@@ -380,16 +380,17 @@ def layer_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: Ta
 
 
 def delivered_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets: TargetResult, stats: Statistics,
-                      preserved: PreservedKeys | None = None, progress: bool = True, keep_keys: bool = False
-                      ) -> tuple[LayerUpdates, TargetResult]:
+                      preserved: PreservedKeys | None = None, progress: bool = True, keep_keys: bool = False,
+                      before: dict[int, torch.Tensor] | None = None) -> tuple[LayerUpdates, TargetResult]:
     """layer_updates, and the targets it was made for. With hp.v_delivery_target, a first update measures
     how much of each delta reaches the last edited layer at the edit's prompt; the edited layers go back
     to their weights before it, and the update kept is made with each delta scaled to reach the target
     (targets.scaled_to_reach). The readers start again from the bottom (trace.UpwardReads), and restored
-    texts' anchors are those the first update's first read found (restore.AnchoredTexts)."""
+    texts' anchors are those the first update's first read found (restore.AnchoredTexts). `before`: the
+    edited layers' weights as they are now, when the caller keeps a copy already (not copied again)."""
     if not hp.v_delivery_target:
         return layer_updates(em, reader, hp, targets, stats, preserved, progress, keep_keys), targets
-    before = {layer: em.weight(layer).clone() for layer in hp.layers}
+    before = before or {layer: em.weight(layer).clone() for layer in hp.layers}
     layer_updates(em, reader, hp, targets, stats, preserved, progress)
     with computing_in(em.model, forward_dtype(hp.keys_dtype, em.model)):
         _, reached = reader.read(hp.layers[-1], hp.layers[-1])
@@ -407,7 +408,8 @@ def refined_updates(em: EditableModel, tok, hp: HParams, requests: list[EditRequ
     layers below it, as layer_updates reads them)."""
     for layer, weight in before.items():
         em.set_weight(layer, weight)
-    solved = {layer: em.from_checkpoint_layout(updates.deltas[em.param_name(layer)]) for layer in hp.layers}
+    # to_checkpoint_layout is its own inverse: the checkpoint-layout deltas as [d_model, d_ff]
+    solved = {layer: em.to_checkpoint_layout(updates.deltas[em.param_name(layer)]) for layer in hp.layers}
     deltas, report = refine(em, tok, hp, requests, solved, [p.prompt for p in prompts], corpus, config.seed,
                             config.progress)
     for layer, delta in deltas.items():
@@ -570,7 +572,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
             reader = _key_reader(em, tok, groups, config.key_batch_prompts, requests, config.bucket_overhead_tokens)
             before = {layer: em.weight(layer).clone() for layer in hp.layers} if hp.refine_steps else {}
             updates, targets = delivered_updates(em, reader, hp, targets, stats, preserved, config.progress,
-                                                 bool(stack))
+                                                 bool(stack), before)
         refined = {}
         if hp.refine_steps:
             with _timed(seconds, "refine"):

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from ..core.records import EditRequest
 from ..core.tokens import pad_id, pad_right, target_ids
 from .arch import EditableModel
-from .covariance import Corpus
+from .covariance import Corpus, token_batches
 from .hparams import HParams
 from .prompts import encode
 
@@ -197,18 +197,13 @@ class Refiner:
 
 
 def _text_pool(tok, corpus: Corpus, budget: int | None) -> list[list[int]]:
-    """The first TEXT_TOKENS tokens of the corpus's first TEXT_POOL texts that hold as many, read no further
-    than the covariance's token budget: texts it read, never what follows them."""
-    pool, read = [], 0
-    for text in corpus.texts():
-        ids = tok(text)["input_ids"]
-        read += len(ids)
-        if budget is not None and read > budget:
+    """The first TEXT_TOKENS tokens of the first TEXT_POOL texts that hold as many, as the covariance read
+    them (covariance.token_batches: its truncation and token budget): never what follows them."""
+    pool = []
+    for batch in token_batches(tok, corpus, budget):
+        pool += [ids[:TEXT_TOKENS] for ids in batch if len(ids) >= TEXT_TOKENS][:TEXT_POOL - len(pool)]
+        if len(pool) == TEXT_POOL:
             break
-        if len(ids) >= TEXT_TOKENS:
-            pool.append(ids[:TEXT_TOKENS])
-            if len(pool) == TEXT_POOL:
-                break
     return pool
 
 
