@@ -4,6 +4,7 @@
     .venv/bin/python bench/make_patch.py covariance [--tokens 50000]
     .venv/bin/python bench/make_patch.py spectrum [--thresholds 5e-3,1e-2,2e-2]
     .venv/bin/python bench/make_patch.py repeat   [--edits 16] [--hparams '{"z_dtype": "bfloat16"}']
+    .venv/bin/python bench/make_patch.py refine-speed [--edits 100] [--steps 3] [--group-costs 64,inf]
     .venv/bin/python bench/make_patch.py scaling  [--sizes 10,100] [--data FILE] [--eval] [--bucket-overhead 64]
                                                   [--dtype|--saved-in bfloat16] [--layers 3-9] [--lambda 768]
                                                   [--hparams '{"v_num_grad_steps": 40}']
@@ -17,6 +18,11 @@
 - repeat: `memit-vllm make-patch` run twice in separate processes (same requests, seed and settings,
   this process's thread count, SOURCE_DATE_EPOCH set), and whether the two patch files are identical
   byte for byte (README "Reproducible"); if not, how far apart their deltas are. Exits 1 if they differ.
+- refine-speed: seconds per step of the refinement (editor/refine.py) for each per-group cost of its length
+  batches (inf: rows in drawn order, as before session 32), on the first --edits records, the rewrite prompts
+  of the next 2,048 as its preserved prompts (as make-patch's neighbour prompts: other subjects, the same
+  relations and lengths), the statistics corpus, and seeded random deltas at the preset's layers (a step's
+  cost does not depend on their values).
 - scaling: make-patch end to end for each size (time split stats / z / update, peak RSS) and, with
   --eval, CounterFact scores before/after. Stats are cached after the first size. The hyperparameter
   options override the preset (docs/hyperparameters.md's table is rows of this with --sizes 10).
@@ -123,6 +129,35 @@ def z_speed(args, model_dir):
     print(f"| plain: one edit at a time, full forward | {slow:.1f} | {len(reqs) / slow:.3f} |")
     print(f"| batched, layers <= L skipped, prefix KV cached | {fast:.1f} | {len(reqs) / fast:.3f} |")
     print(f"speed-up {slow / fast:.1f}x; max relative difference of the deltas {err:.1e}")
+
+
+def refine_speed(args, model_dir):
+    from memit_vllm.editor import default_hparams, load_requests
+    from memit_vllm.editor.covariance import file_corpus
+    from memit_vllm.editor.refine import PROMPT_POOL, DeltaTerms, Refiner
+
+    tok, model, em = load(model_dir)
+    hp, _ = default_hparams(model.config.model_type, em.n_layers, em.d_ff, n_edits=args.edits)
+    hp = hp.replace(refine_steps=args.steps)
+    records = load_requests(args.data, limit=args.edits + PROMPT_POOL)
+    reqs, prompts = records[:args.edits], [r.text() for r in records[args.edits:]]
+    gen = torch.Generator().manual_seed(0)
+    deltas = {l: 0.02 * torch.randn(em.d_model, em.d_ff, generator=gen) for l in hp.layers}
+    print(f"machine: {machine()}; {len(reqs)} edits, {len(prompts)} preserved prompts, layers {hp.layers}")
+    print("| group cost (row-tokens) | prepare (s) | s per step |\n|---|---|---|")
+    for cost in map(float, (args.group_costs or f"{BUCKET_OVERHEAD_TOKENS},inf").split(",")):
+        refiner = Refiner(em, tok, hp, reqs, prompts, file_corpus(CORPUS), seed=0, overhead_tokens=cost)
+        terms = DeltaTerms(em, deltas)
+        try:
+            t = time.perf_counter()
+            refiner.prepare(terms)
+            prepared = time.perf_counter() - t
+            for _ in range(args.steps):
+                refiner.step(terms)
+            per_step = (time.perf_counter() - t - prepared) / args.steps
+        finally:
+            terms.remove()
+        print(f"| {cost:g} | {prepared:.1f} | {per_step:.1f} |", flush=True)
 
 
 def covariance(args, model_dir):
@@ -276,16 +311,17 @@ def repeat(args, model_dir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["z-speed", "covariance", "scaling", "spectrum", "repeat"])
+    ap.add_argument("what", choices=["z-speed", "covariance", "scaling", "spectrum", "repeat", "refine-speed"])
     ap.add_argument("--thresholds", default="5e-3,1e-2,2e-2", help="spectrum: AlphaEdit thresholds to tabulate")
     ap.add_argument("--model", default=None, help="checkpoint dir (default: the prepared smollm2-135m)")
     ap.add_argument("--edits", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=3, help="refine-speed: steps timed per group cost")
     ap.add_argument("--tokens", type=int, default=50000)
     ap.add_argument("--sizes", default="10,100")
     ap.add_argument("--data", default=str(DATA / "counterfact" / "counterfact_500.json"))
     ap.add_argument("--eval", action="store_true")
-    ap.add_argument("--group-costs", help="z-speed: time the batched path alone for each of these per-group "
-                    "costs of the length grouping, e.g. 0,32,64,128,1e9 (1e9: one group)")
+    ap.add_argument("--group-costs", help="z-speed, refine-speed: time the batched path alone for each of these "
+                    "per-group costs of the length grouping, e.g. 0,32,64,128,1e9 (1e9: one group)")
     ap.add_argument("--z-variants", help="z-speed: the batched path alone (all edits in one batch unless "
                     "z_batch_edits is given) for each of "
                     "these JSON hparams overrides, e.g. '[{}, {\"z_dtype\": \"bfloat16\"}, {\"v_lr\": 2.0}]'")
@@ -307,7 +343,7 @@ def main():
     args = ap.parse_args()
     model_dir = Path(args.model) if args.model else prepare("smollm2-135m")
     {"z-speed": z_speed, "covariance": covariance, "scaling": scaling, "spectrum": spectrum,
-     "repeat": repeat}[args.what](args, model_dir)
+     "repeat": repeat, "refine-speed": refine_speed}[args.what](args, model_dir)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from memit_vllm.core.architectures import ARCHITECTURES
 from memit_vllm.core.records import load_requests, parse_record
 from memit_vllm.core.tokens import target_ids
 from memit_vllm.editor import edit, load_editable
-from memit_vllm.editor.refine import DeltaTerms
+from memit_vllm.editor.hparams import HParams
+from memit_vllm.editor.refine import DeltaTerms, Refiner
 from memit_vllm.errors import MemitError
 from memit_vllm.patch import load_patch
 from memit_vllm.patch.merge import PatchSet
@@ -46,6 +47,34 @@ def test_what_is_refined_is_what_the_merged_weights_serve(arch, tiny_models):
     assert torch.equal(off, plain)
     assert not torch.allclose(with_terms, plain, atol=1e-3)
     torch.testing.assert_close(with_terms, merged, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [1, 4])  # 1: the unedited distributions kept; 4: read beside each step's
+def test_preserved_prompts_of_any_length_are_compared_with_their_own_unedited_distributions(tokens, tiny_models,
+                                                                                            data_dir):
+    """The prompts are read in batches of similar length, not in the pool's order, and with
+    refine_neighbour_tokens > 1 continued by the unedited model's greedy tokens: each position must still be
+    compared with its own unedited distribution, so with the deltas at zero every KL is zero."""
+    tok, em = load_editable(Checkpoint(tiny_models["llama"]))
+    requests = load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=3)
+    prompts = [" ".join(["word"] * n) + " is located in" for n in (1, 30, 2, 17, 5, 30, 1, 9)]
+    hp = HParams(layers=[1, 2], mom2_update_weight=1.0, refine_steps=1, refine_neighbour_tokens=tokens)
+    refiner = Refiner(em, tok, hp, requests, prompts, corpus=None, seed=0)
+    terms = DeltaTerms(em, {l: torch.zeros(em.d_model, em.d_ff) for l in (1, 2)})
+    try:
+        refiner.prepare(terms)
+        with torch.no_grad():
+            kl = refiner._prompt_kl(terms, list(range(len(prompts))))
+            continued = [tok(p)["input_ids"] + [int(em.model(torch.tensor([tok(p)["input_ids"]])).logits[0, -1]
+                                                    .argmax())] for p in prompts]
+    finally:
+        terms.remove()
+    lengths = [len(p) for p in refiner.prompts]
+    assert lengths != sorted(lengths) and abs(float(kl)) < 1e-4
+    assert refiner.tails == [tokens] * len(prompts)
+    if tokens > 1:  # each prompt continued by the unedited model's own greedy tokens
+        assert [p[:len(c)] for p, c in zip(refiner.prompts, continued)] == continued
+        assert all(len(p) == len(tok(q)["input_ids"]) + tokens - 1 for p, q in zip(refiner.prompts, prompts))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

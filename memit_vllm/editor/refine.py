@@ -7,7 +7,8 @@ few Adam steps together on
 
     CE of each edit's new target after its prompt
     + w_n * KL(unedited || edited) of the next token after the preserved prompts
-      (--preserve and the neighbour subjects' prompts: other subjects asked the edits' relations)
+      (--preserve and the neighbour subjects' prompts: other subjects asked the edits' relations; with
+      refine_neighbour_tokens N > 1 also at each of the unedited model's first N - 1 greedy tokens after them)
     + w_c * KL(unedited || edited) at every position of statistics-corpus texts
 
 Each weight is relative to the batch: w_n makes the preserved prompts' KL weigh refine_neighbour_weight times
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..core.records import EditRequest
-from ..core.tokens import pad_id, pad_right, target_ids
+from ..core.tokens import BUCKET_OVERHEAD_TOKENS, length_batches, pad_id, pad_right, target_ids
 from .arch import EditableModel
 from .covariance import Corpus, token_batches
 from .hparams import HParams
@@ -53,7 +54,7 @@ FORWARD_ROWS = 64
 @dataclass
 class Losses:
     edits: float  # the edits' mean CE (each edit's: the mean over its new target's tokens)
-    neighbours: float  # mean KL of the preserved prompts' next token (0 without any)
+    neighbours: float  # mean KL per counted position of the preserved prompts (0 without any)
     corpus: float  # mean KL per corpus position
 
     def to_dict(self) -> dict:
@@ -94,11 +95,13 @@ def _kl(base: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
 
 
 class Refiner:
-    """The three terms' rows, tokenised once, and the unedited distributions that cannot change."""
+    """The three terms' rows, tokenised once, and the unedited distributions that cannot change. Rows are
+    read in batches of similar length (`overhead_tokens`: length_batches' cost of one more forward; inf reads
+    them in drawn order)."""
 
     def __init__(self, em: EditableModel, tok, hp: HParams, requests: list[EditRequest], prompts: list[str],
-                 corpus: Corpus | None, seed: int):
-        self.em, self.hp, self.pad = em, hp, pad_id(tok)
+                 corpus: Corpus | None, seed: int, overhead_tokens: float = BUCKET_OVERHEAD_TOKENS):
+        self.em, self.hp, self.pad, self.overhead = em, hp, pad_id(tok), overhead_tokens
         self.gen = torch.Generator(device="cpu").manual_seed(seed)
         self.edits = []  # (prompt + target ids, target ids)
         for r in requests:
@@ -110,7 +113,10 @@ class Refiner:
             self.prompts = [self.prompts[i] for i in keep]
         self.texts = _text_pool(tok, corpus, hp.mom2_n_tokens) if corpus is not None and hp.refine_corpus_weight \
             else []
-        self.unedited_prompts = None
+        eos = em.model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [tok.eos_token_id if eos is None else eos])
+        self.tails = [1] * len(self.prompts)  # per preserved row: its last positions whose next token counts
+        self.unedited_prompts = None  # their unedited distributions, when kept (one position per row)
         self.weights = (0.0, 0.0)  # w_n, w_c (prepare)
 
     def _draw(self, n: int, size: int) -> list[int]:
@@ -123,10 +129,11 @@ class Refiner:
     def _logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self.em.logits(hidden.to(self.em.output_device)).float(), -1)
 
-    def _last_logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
+    def _tail_logprobs(self, seqs: list[list[int]], tails: list[int]) -> torch.Tensor:
+        """Next-token log-probabilities at the last `tails[r]` positions of each row r, rows concatenated."""
         hidden = self._hidden(seqs)
-        last = torch.tensor([len(s) - 1 for s in seqs], device=hidden.device)
-        return self._logprobs(hidden[torch.arange(len(seqs), device=hidden.device), last])
+        rows, cols = zip(*[(r, len(s) - t + k) for r, (s, t) in enumerate(zip(seqs, tails)) for k in range(t)])
+        return self._logprobs(hidden[list(rows), list(cols)])
 
     def _text_logprobs(self, texts: list[list[int]]) -> torch.Tensor:
         return self._logprobs(self._hidden(texts)).flatten(0, 1)
@@ -134,15 +141,39 @@ class Refiner:
     def prepare(self, terms: DeltaTerms) -> None:
         """What cannot change, read once: the preserved prompts' next-token distributions without the deltas;
         and the KLs' weights, from the three terms before the first step (on one draw of each)."""
-        with terms.off():
-            self.unedited_prompts = torch.cat([self._last_logprobs(self.prompts[i:i + FORWARD_ROWS])
-                                               for i in range(0, len(self.prompts), FORWARD_ROWS)]) \
-                if self.prompts else None
+        if self.hp.refine_neighbour_tokens > 1:
+            self._continue(terms, self.hp.refine_neighbour_tokens - 1)
+        else:  # one position per row: kept (a vocabulary of floats each), not read again every step
+            lengths = torch.tensor([len(p) for p in self.prompts], dtype=torch.long)
+            with terms.off():
+                for part in length_batches(lengths, FORWARD_ROWS, self.overhead):
+                    read = self._tail_logprobs([self.prompts[i] for i in part.tolist()], [1] * len(part))
+                    if self.unedited_prompts is None:
+                        self.unedited_prompts = read.new_empty(len(self.prompts), read.shape[1])
+                    self.unedited_prompts[part.to(read.device)] = read
         with torch.no_grad():
             ce, kl_n, kl_c = self._terms(terms, backward=False)
         hp = self.hp
         self.weights = (hp.refine_neighbour_weight * ce / kl_n if kl_n > 0 else 0.0,
                         hp.refine_corpus_weight * ce / kl_c if kl_c > 0 else 0.0)
+
+    def _continue(self, terms: DeltaTerms, new_tokens: int) -> None:
+        """Each preserved prompt followed by the unedited model's greedy continuation (up to `new_tokens`,
+        ending before an end-of-sequence token): the positions a whole generated answer is read at."""
+        model, eos = self.em.model, self.eos
+        lengths = torch.tensor([len(p) for p in self.prompts], dtype=torch.long)
+        with terms.off():
+            for part in length_batches(lengths, FORWARD_ROWS, self.overhead):
+                seqs = [self.prompts[i] for i in part.tolist()]
+                width = max(map(len, seqs))
+                # left padding: generation appends at the right end of every row
+                ids = torch.tensor([[self.pad] * (width - len(s)) + s for s in seqs])
+                mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                                     temperature=None, top_p=None, top_k=None, pad_token_id=self.pad)
+                for i, s, new in zip(part.tolist(), seqs, out[:, width:].tolist()):
+                    new = new[:next((k for k, t in enumerate(new) if t in eos), len(new))]
+                    self.prompts[i], self.tails[i] = s + new, 1 + len(new)
 
     def step(self, terms: DeltaTerms) -> Losses:
         """One step's gradients (added to the deltas' .grad), forward by forward so that memory holds one
@@ -153,25 +184,30 @@ class Refiner:
         """The three terms on a fresh draw of rows (their weighted gradients accumulated when `backward`)."""
         w_n, w_c = self.weights if backward else (1.0, 1.0)
         edits = self._draw(len(self.edits), STEP_EDITS)
-        ce = self._accumulate(edits, lambda picked: self._edit_ces(picked).sum(), 1.0, len(edits), backward)
+        ce = self._accumulate(edits, [len(self.edits[i][0]) for i in edits],
+                              lambda picked: self._edit_ces(picked).sum(), 1.0, len(edits), backward)
         prompts = self._draw(len(self.prompts), STEP_PROMPTS)
-        kl_n = self._accumulate(prompts, self._prompt_kl, w_n, len(prompts), backward)
+        kl_n = self._accumulate(prompts, [len(self.prompts[i]) for i in prompts], partial(self._prompt_kl, terms),
+                                w_n, sum(self.tails[i] for i in prompts), backward)
         texts = self._draw(len(self.texts), STEP_TEXTS)
-        kl_c = self._accumulate(texts, partial(self._text_kl, terms), w_c, len(texts) * TEXT_TOKENS, backward)
+        kl_c = self._accumulate(texts, [TEXT_TOKENS] * len(texts), partial(self._text_kl, terms), w_c,
+                                len(texts) * TEXT_TOKENS, backward)
         return ce, kl_n, kl_c
 
-    @staticmethod
-    def _accumulate(picked: list[int], summed_loss, weight: float, count: int, backward: bool) -> float:
-        """The mean of `summed_loss` over `count` rows of `picked`; with `backward` its gradient times `weight`
-        accumulated (nothing is read at weight 0)."""
+    def _accumulate(self, picked: list[int], lengths: list[int], summed_loss, weight: float, count: int,
+                    backward: bool) -> float:
+        """The mean of `summed_loss` over `count` rows of `picked` (token `lengths`), forward by forward of
+        rows of similar length (`length_batches`: drawn order pads every row to the longest, ~2x the tokens
+        of CounterFact prompts); with `backward` its gradient times `weight` accumulated (nothing is read at
+        weight 0)."""
         total = 0.0
         if not weight or not picked:
             return total
-        for i in range(0, len(picked), FORWARD_ROWS):
-            part = summed_loss(picked[i:i + FORWARD_ROWS]) / count
+        for part in length_batches(torch.tensor(lengths), FORWARD_ROWS, self.overhead):
+            loss = summed_loss([picked[i] for i in part.tolist()]) / count
             if backward:
-                (weight * part).backward()
-            total += float(part.detach())
+                (weight * loss).backward()
+            total += float(loss.detach())
         return total
 
     def _edit_ces(self, picked: list[int]) -> torch.Tensor:
@@ -185,9 +221,14 @@ class Refiner:
         row = torch.tensor(i, device=ce.device)
         return torch.zeros(len(rows), device=ce.device).index_add(0, row, ce) / torch.bincount(row, minlength=len(rows))
 
-    def _prompt_kl(self, picked: list[int]) -> torch.Tensor:
-        base = self.unedited_prompts[torch.tensor(picked, device=self.unedited_prompts.device)]
-        return _kl(base, self._last_logprobs([self.prompts[i] for i in picked]))
+    def _prompt_kl(self, terms: DeltaTerms, picked: list[int]) -> torch.Tensor:
+        seqs, tails = [self.prompts[i] for i in picked], [self.tails[i] for i in picked]
+        if self.unedited_prompts is not None:
+            base = self.unedited_prompts[torch.tensor(picked, device=self.unedited_prompts.device)]
+        else:
+            with terms.off():
+                base = self._tail_logprobs(seqs, tails)
+        return _kl(base, self._tail_logprobs(seqs, tails))
 
     def _text_kl(self, terms: DeltaTerms, picked: list[int]) -> torch.Tensor:
         texts = [self.texts[i] for i in picked]
