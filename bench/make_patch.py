@@ -19,10 +19,9 @@
   this process's thread count, SOURCE_DATE_EPOCH set), and whether the two patch files are identical
   byte for byte (README "Reproducible"); if not, how far apart their deltas are. Exits 1 if they differ.
 - refine-speed: seconds per step of the refinement (editor/refine.py) for each per-group cost of its length
-  batches (inf: rows in drawn order, as before session 32), on the first --edits records, the rewrite prompts
-  of the next 2,048 as its preserved prompts (as make-patch's neighbour prompts: other subjects, the same
-  relations and lengths), the statistics corpus, and seeded random deltas at the preset's layers (a step's
-  cost does not depend on their values).
+  batches (inf: rows in drawn order, as before session 32), on the first --edits records, the subjects of
+  the next 2,000 as the neighbour subjects (make-patch's neighbour rows per edit), the statistics corpus,
+  and seeded random deltas at the preset's layers (a step's cost does not depend on their values).
 - scaling: make-patch end to end for each size (time split stats / z / update, peak RSS) and, with
   --eval, CounterFact scores before/after. Stats are cached after the first size. The hyperparameter
   options override the preset (docs/hyperparameters.md's table is rows of this with --sizes 10).
@@ -50,6 +49,7 @@ from memit_vllm.core.tokens import BUCKET_OVERHEAD_TOKENS
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 CORPUS = DATA / "corpus" / "smollm2_self_2k.jsonl"
+NEIGHBOUR_SUBJECTS = 2000  # refine-speed: a pool the size of SmolLM2's preset's (model:2000)
 
 
 def cpu_name() -> str:
@@ -132,21 +132,27 @@ def z_speed(args, model_dir):
 
 
 def refine_speed(args, model_dir):
+    from memit_vllm.core.records import parse_record, read_records
     from memit_vllm.editor import default_hparams, load_requests
     from memit_vllm.editor.covariance import file_corpus
-    from memit_vllm.editor.refine import PROMPT_POOL, DeltaTerms, Refiner
+    from memit_vllm.editor.hparams import default_neighbours_per_edit
+    from memit_vllm.editor.preserve import neighbour_pool
+    from memit_vllm.editor.refine import DeltaTerms, NeighbourDraws, Refiner
 
     tok, model, em = load(model_dir)
     hp, _ = default_hparams(model.config.model_type, em.n_layers, em.d_ff, n_edits=args.edits)
     hp = hp.replace(refine_steps=args.steps)
-    records = load_requests(args.data, limit=args.edits + PROMPT_POOL)
-    reqs, prompts = records[:args.edits], [r.text() for r in records[args.edits:]]
+    reqs = load_requests(args.data, limit=args.edits)
+    later = read_records(args.data)[args.edits:args.edits + NEIGHBOUR_SUBJECTS]  # only their subjects: never edited
+    draws = NeighbourDraws(neighbour_pool(reqs, [parse_record(r, where).subject for where, r in later]),
+                           rows=default_neighbours_per_edit(len(reqs)) * len(reqs))
     gen = torch.Generator().manual_seed(0)
     deltas = {l: 0.02 * torch.randn(em.d_model, em.d_ff, generator=gen) for l in hp.layers}
-    print(f"machine: {machine()}; {len(reqs)} edits, {len(prompts)} preserved prompts, layers {hp.layers}")
+    print(f"machine: {machine()}; {len(reqs)} edits, {draws.rows} neighbour rows over {len(draws.subjects)} "
+          f"subjects, layers {hp.layers}")
     print("| group cost (row-tokens) | prepare (s) | s per step |\n|---|---|---|")
     for cost in map(float, (args.group_costs or f"{BUCKET_OVERHEAD_TOKENS},inf").split(",")):
-        refiner = Refiner(em, tok, hp, reqs, prompts, file_corpus(CORPUS), seed=0, overhead_tokens=cost)
+        refiner = Refiner(em, tok, hp, reqs, [], draws, file_corpus(CORPUS), seed=0, overhead_tokens=cost)
         terms = DeltaTerms(em, deltas)
         try:
             t = time.perf_counter()

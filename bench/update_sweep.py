@@ -58,9 +58,10 @@ from memit_vllm.editor.covariance import file_corpus
 from memit_vllm.editor.memit import (KEY_BATCH_PROMPTS, KeyReader, delivered_updates, native_z, refined_updates,
                                     statistics)
 from memit_vllm.editor.preserve import (NO_NEIGHBOURS, PreservePrompt, preserved_keys, generated_names,
-                                        generated_subjects, neighbour_prompts, read_preserve_file)
+                                        generated_subjects, neighbour_pool, neighbour_prompts, read_preserve_file)
 from memit_vllm.editor.precision import forward_dtype
 from memit_vllm.editor.prompts import context_templates
+from memit_vllm.editor.refine import NeighbourDraws
 from memit_vllm.editor.sensitivity import output_fisher
 from memit_vllm.editor.solve import solve_layer_update
 from memit_vllm.editor.target_store import TargetStore, z_identity
@@ -309,6 +310,7 @@ def main():
             raise SystemExit(f"{name}: the last layer must stay {base_hp.layers[-1]} (z is computed there)")
         if hp.method == "alphaedit" or statistics_of(hp) != statistics_of(base_hp):  # a projection, other C_l
             stats = statistics(em, tok, ckpt, hp.replace(mom2_n_tokens=config.stats_tokens), config, cache_dir())
+        subjects = None  # the neighbour subjects' pool, which the refinement draws from afresh
         if "neighbours" in cfg:  # make-patch --neighbour-subjects, with the subjects of these records
             spec = cfg["neighbours"]
             # made-up names from the tokenizer, or names the model lists (preserve.generated_names)
@@ -339,8 +341,10 @@ def main():
                                               preserved, progress=False)
         if hp.refine_steps:  # as make-patch: the solved deltas refined together (editor/refine.py)
             before_update = {l: original[em.arch.weight_name(l)] for l in hp.layers}
+            draws = NeighbourDraws(neighbour_pool(requests, subjects), len(prompts)) if subjects else None
             updates, refined = refined_updates(em, tok, hp.replace(mom2_n_tokens=config.stats_tokens), requests,
-                                               before_update, updates, prompts, file_corpus(CORPUS), config, groups)
+                                               before_update, updates, [] if subjects else prompts, draws,
+                                               file_corpus(CORPUS), config, groups)
             print(f"{name}: refined {refined}", flush=True)
         # per-edit scales (v_delivery_target: target / the share rho_i the first update delivered), 5/50/95%
         scales = used.delta.norm(dim=1) / targets.delta.norm(dim=1).clamp(min=1e-12)

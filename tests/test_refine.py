@@ -1,6 +1,7 @@
 """The deltas refined together on the model's outputs (hparams refine_steps, editor/refine.py)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from memit_vllm.core.records import load_requests, parse_record
 from memit_vllm.core.tokens import target_ids
 from memit_vllm.editor import edit, load_editable
 from memit_vllm.editor.hparams import HParams
-from memit_vllm.editor.refine import DeltaTerms, Refiner
+from memit_vllm.editor.refine import DeltaTerms, NeighbourDraws, Refiner
 from memit_vllm.errors import MemitError
 from memit_vllm.patch import load_patch
 from memit_vllm.patch.merge import PatchSet
@@ -49,32 +50,22 @@ def test_what_is_refined_is_what_the_merged_weights_serve(arch, tiny_models):
     torch.testing.assert_close(with_terms, merged, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("tokens", [1, 4])  # 1: the unedited distributions kept; 4: read beside each step's
-def test_preserved_prompts_of_any_length_are_compared_with_their_own_unedited_distributions(tokens, tiny_models,
-                                                                                            data_dir):
-    """The prompts are read in batches of similar length, not in the pool's order, and with
-    refine_neighbour_tokens > 1 continued by the unedited model's greedy tokens: each position must still be
-    compared with its own unedited distribution, so with the deltas at zero every KL is zero."""
+def test_neighbour_rows_are_drawn_afresh_from_the_whole_subject_pool(tiny_models, data_dir):
+    """Each step's neighbour rows pair an edit's prompt with a subject drawn from the whole pool, so the steps
+    see many of the pairs, not the few the solve held (a pool drawn again and again is fitted, not kept); the
+    --preserve prompts are drawn beside them."""
     tok, em = load_editable(Checkpoint(tiny_models["llama"]))
     requests = load_requests(data_dir / "counterfact" / "counterfact_500.json", limit=3)
-    prompts = [" ".join(["word"] * n) + " is located in" for n in (1, 30, 2, 17, 5, 30, 1, 9)]
-    hp = HParams(layers=[1, 2], mom2_update_weight=1.0, refine_steps=1, refine_neighbour_tokens=tokens)
-    refiner = Refiner(em, tok, hp, requests, prompts, corpus=None, seed=0)
-    terms = DeltaTerms(em, {l: torch.zeros(em.d_model, em.d_ff) for l in (1, 2)})
-    try:
-        refiner.prepare(terms)
-        with torch.no_grad():
-            kl = refiner._prompt_kl(terms, list(range(len(prompts))))
-            continued = [tok(p)["input_ids"] + [int(em.model(torch.tensor([tok(p)["input_ids"]])).logits[0, -1]
-                                                    .argmax())] for p in prompts]
-    finally:
-        terms.remove()
-    lengths = [len(p) for p in refiner.prompts]
-    assert lengths != sorted(lengths) and abs(float(kl)) < 1e-4
-    assert refiner.tails == [tokens] * len(prompts)
-    if tokens > 1:  # each prompt continued by the unedited model's own greedy tokens
-        assert [p[:len(c)] for p, c in zip(refiner.prompts, continued)] == continued
-        assert all(len(p) == len(tok(q)["input_ids"]) + tokens - 1 for p, q in zip(refiner.prompts, prompts))
+    subjects = [f"Name{i}" for i in range(40)]
+    hp = HParams(layers=[1, 2], mom2_update_weight=1.0, refine_steps=1)
+    refiner = Refiner(em, tok, hp, requests, ["The weather today is"], NeighbourDraws(subjects, rows=3), corpus=None,
+                      seed=0)
+    fixed = tuple(tok("The weather today is")["input_ids"])
+    pairs = {tuple(tok(replace(r, subject=s).text())["input_ids"]) for r in requests for s in subjects}
+    draws = [[tuple(row) for row in refiner._preserved_rows()] for _ in range(20)]
+    assert all(len(rows) == 4 and rows.count(fixed) == 1 for rows in draws)  # 1 + 3 rows, all of them each step
+    drawn = [row for rows in draws for row in rows if row != fixed]
+    assert set(drawn) <= pairs and len(set(drawn)) > 30  # 60 draws of 120 pairs: the solve's 3 would be 3
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -89,7 +80,8 @@ def test_a_refined_patch_is_reproducible_and_other_than_the_solve(arch, tiny_mod
     again = tiny_edit(model, data_dir, tmp_path, hparams=steps, resume_dir=tmp_path / "z")
     assert first.report.z_resumed == 3 and first.patch.hparams["refine_steps"] == 3
     assert first.report.refine["steps"] == 3 and first.report.refine["texts"] > 16
-    assert first.report.refine["prompts"] == 3 * 10  # vocab:50 neighbours, 10 per edit at 3 edits
+    refined = first.report.refine  # vocab:50 neighbours, 10 per edit at 3 edits: drawn from all 50
+    assert (refined["prompts"], refined["neighbour_rows"], refined["neighbour_subjects"]) == (0, 3 * 10, 50)
     assert plain.report.refine == {} and plain.patch.hparams["refine_steps"] == 0
     assert first.patch.save(tmp_path / "a.patch").read_bytes() == again.patch.save(tmp_path / "b.patch").read_bytes()
     ckpt = Checkpoint(model)
@@ -106,8 +98,8 @@ def layered(deltas: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
 
 
 def test_refining_smollm2s_patch_lowers_its_kl_and_keeps_every_edit(smollm2, data_dir, tmp_path):
-    """The real model, 10 CounterFact edits with its preset and its neighbour prompts (all of them read every
-    step): the steps take the neighbours' next-token KL and the edits' CE down together, and
+    """The real model, 10 CounterFact edits with its preset and its neighbour subjects (100 rows drawn each step
+    from the model's names): the steps take the neighbours' next-token KL and the edits' CE down together, and
     every edit continues with its new target once the patch is saved and merged. (What this buys on unseen
     text and prompts is measured by `memit-vllm eval --generate`: docs/hyperparameters.md, "Session 31".)"""
     requests = tmp_path / "ten.json"
@@ -115,7 +107,7 @@ def test_refining_smollm2s_patch_lowers_its_kl_and_keeps_every_edit(smollm2, dat
     made = edit(smollm2, requests, hparams={"refine_steps": 8, "refine_lr": 1e-4},
                 stats_corpus=str(data_dir / CORPUS), stats_tokens=226350, progress=False)
     first, last = made.report.refine["first_step"], made.report.refine["last_step"]
-    assert made.report.refine["prompts"] == 100 and last["kl_neighbours"] < 0.95 * first["kl_neighbours"], first
+    assert made.report.refine["neighbour_rows"] == 100 and last["kl_neighbours"] < 0.95 * first["kl_neighbours"], first
     assert last["edit_ce"] < first["edit_ce"], (first, last)
     refined = load_patch(made.patch.save(tmp_path / "refined.patch"))
     tok, em = load_editable(Checkpoint(smollm2))

@@ -142,7 +142,8 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
                f"layer: " + ", ".join(f"{l}: {v:.2f}" for l, v in r.delivered.items()))
     if r.refine:
         a, b = r.refine["first_step"], r.refine["last_step"]
-        click.echo(f"refined over {r.refine['steps']} steps ({r.refine['prompts']} preserved prompts, "
+        click.echo(f"refined over {r.refine['steps']} steps ({r.refine['prompts']} --preserve prompts, "
+                   f"{r.refine['neighbour_rows']} neighbour rows over {r.refine['neighbour_subjects']} subjects, "
                    f"{r.refine['texts']} corpus texts): edit CE {a['edit_ce']:.3f} -> {b['edit_ce']:.3f}, KL "
                    f"neighbours {a['kl_neighbours']:.4f} -> {b['kl_neighbours']:.4f}, corpus {a['kl_corpus']:.4f} -> "
                    f"{b['kl_corpus']:.4f} (first and last step)")

@@ -125,9 +125,6 @@ class HParams:
     refine_lr: float = 3e-4
     refine_neighbour_weight: float = 3.5
     refine_corpus_weight: float = 1.5
-    # Positions of each preserved prompt whose next-token KL counts: its last token and, above 1, the unedited
-    # model's greedy continuation up to this many tokens (what a whole generated answer reads, not its first word).
-    refine_neighbour_tokens: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -209,7 +206,6 @@ _RULES = {
     "refine_lr": (lambda v: _is_number(v) and v > 0, "a positive number"),
     "refine_neighbour_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
     "refine_corpus_weight": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
-    "refine_neighbour_tokens": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "neighbour_subjects": (lambda v: v is None or (isinstance(v, str) and v.strip() != ""),
                            "a subjects file, model:N, vocab:N or none"),
 }

@@ -38,9 +38,10 @@ from .lineage_keys import LineageKeys
 from .memory import peak_memory, reset_gpu_peaks
 from .precision import computing_in, forward_dtype, runs_natively
 from .preserve import (NO_NEIGHBOURS, Preserved, PreservedKeys, PreservePrompt, generated_names,
-                       generated_subjects, neighbour_prompts, preserved_keys, read_preserve_file)
+                       generated_subjects, neighbour_pool, neighbour_prompts, preserved_keys,
+                       read_preserve_file)
 from .prompts import context_templates, encode
-from .refine import refine
+from .refine import NeighbourDraws, refine
 from .sensitivity import output_fisher
 from .solve import solve_alphaedit_update, solve_layer_update
 from .stats_file import StatsFile, stats_for_edit
@@ -401,17 +402,17 @@ def delivered_updates(em: EditableModel, reader: KeyReader, hp: HParams, targets
 
 
 def refined_updates(em: EditableModel, tok, hp: HParams, requests: list[EditRequest], before: dict[int, torch.Tensor],
-                    updates: LayerUpdates, prompts: list[PreservePrompt], corpus: Corpus | None, config: EditConfig,
-                    groups: list[list[str]]) -> tuple[LayerUpdates, dict]:
-    """`updates` refined together (editor/refine.py) from the weights `before` them, merged in their place;
-    the edit keys kept for the lineage re-read on the model as refined (a layer's keys depend only on the
-    layers below it, as layer_updates reads them)."""
+                    updates: LayerUpdates, prompts: list[PreservePrompt], neighbours: NeighbourDraws | None,
+                    corpus: Corpus | None, config: EditConfig, groups: list[list[str]]) -> tuple[LayerUpdates, dict]:
+    """`updates` refined together (editor/refine.py) from the weights `before` them, merged in their place,
+    preserving `prompts` (--preserve's) and `neighbours`; the edit keys kept for the lineage re-read on the
+    model as refined (a layer's keys depend only on the layers below it, as layer_updates reads them)."""
     for layer, weight in before.items():
         em.set_weight(layer, weight)
     # to_checkpoint_layout is its own inverse: the checkpoint-layout deltas as [d_model, d_ff]
     solved = {layer: em.to_checkpoint_layout(updates.deltas[em.param_name(layer)]) for layer in hp.layers}
-    deltas, report = refine(em, tok, hp, requests, solved, [p.prompt for p in prompts], corpus, config.seed,
-                            config.progress)
+    deltas, report = refine(em, tok, hp, requests, solved, [p.prompt for p in prompts], neighbours, corpus,
+                            config.seed, config.progress)
     for layer, delta in deltas.items():
         em.add_to_weight(layer, delta)
     keys = _all_keys(em, tok, groups, hp, config.key_batch_prompts, config.bucket_overhead_tokens, requests) \
@@ -488,6 +489,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     edited = {r.fact for r in requests}
     kept_facts = [f for f in lineage if f.fact not in edited]  # changed facts must move
     prompts = read_preserve_file(config.preserve) if config.preserve else []
+    fixed = len(prompts)  # --preserve's; the neighbour subjects' prompts follow
     # --neighbour-subjects over the hparams' (a recipe file may name them); "none" turns them off
     spec = config.neighbour_subjects or hp.neighbour_subjects
     spec = None if spec == NO_NEIGHBOURS else str(spec) if spec else None
@@ -500,10 +502,13 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         if isinstance(per_edit, bool) or not isinstance(per_edit, int) or per_edit < 1:
             raise MemitError(f"neighbours_per_edit must be an integer >= 1 (or None: {neighbours_default_text()}), "
                              f"not {per_edit!r}")
-    neighbours = partial(neighbour_prompts, requests, per_edit=per_edit, seed=config.seed,
-                         source=f"--neighbour-subjects {spec}", edited={f.subject for f in lineage})
+    source, lineage_subjects = f"--neighbour-subjects {spec}", {f.subject for f in lineage}
+    neighbours = partial(neighbour_prompts, requests, per_edit=per_edit, seed=config.seed, source=source,
+                         edited=lineage_subjects)
+    subjects = None
     if spec and generated is None:
-        prompts += neighbours(read_subjects(spec, "--neighbour-subjects"))
+        subjects = read_subjects(spec, "--neighbour-subjects")
+        prompts += neighbours(subjects)
 
     torch.manual_seed(config.seed)
     tok, em = load_editable(ckpt, dtype, **(placement.load_kwargs() if placement else {}))
@@ -536,8 +541,9 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
             stats = statistics(em, tok, ckpt, hp, config, cache, given)
         if generated:  # of the base model (before the stack is merged): its tokenizer's words or its own lists
             with _timed(seconds, "neighbour_names"):
-                prompts += neighbours(generated_names(*generated, em.model, tok, config.seed, cache,
-                                                      stats.identity["model"], config.progress))
+                subjects = generated_names(*generated, em.model, tok, config.seed, cache, stats.identity["model"],
+                                           config.progress)
+                prompts += neighbours(subjects)
         recorded = None
         if stack:
             recorded = LineageKeys(cache, stats.identity["model"], {
@@ -576,8 +582,10 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         refined = {}
         if hp.refine_steps:
             with _timed(seconds, "refine"):
-                updates, refined = refined_updates(em, tok, hp, requests, before, updates, prompts, text_corpus,
-                                                   config, groups)
+                draws = NeighbourDraws(neighbour_pool(requests, subjects, source, lineage_subjects),
+                                       len(prompts) - fixed) if subjects else None
+                updates, refined = refined_updates(em, tok, hp, requests, before, updates, prompts[:fixed], draws,
+                                                   text_corpus, config, groups)
     seconds["total"] = time.monotonic() - t0
     warned = [str(w.message) for w in caught]
     for message in warned:  # again, outside the recording block, for callers that watch warnings

@@ -52,17 +52,22 @@ def read_preserve_file(path) -> list[PreservePrompt]:
     return out
 
 
-def neighbour_prompts(requests: list[EditRequest], subjects: list[str], per_edit: int, seed: int,
-                      source: str = "--neighbour-subjects", edited: set[str] = frozenset()) -> list[PreservePrompt]:
-    """Each edit's prompt asked of `per_edit` other subjects (a seeded sample of `subjects`, never one
-    being edited, nor one of `edited`: the lineage's, whose facts are not the base's to keep). An update
-    learns "this relation -> the new object" for any subject whose key resembles the edited ones; in the
-    solve these keys say what it must leave alone (docs/hyperparameters.md, "Drift"). `source` names where
-    `subjects` came from, in messages."""
-    edited = {r.subject for r in requests} | set(edited)
-    pool = sorted(set(subjects) - edited)
+def neighbour_pool(requests: list[EditRequest], subjects: list[str], source: str = "--neighbour-subjects",
+                   edited: set[str] = frozenset()) -> list[str]:
+    """The subjects neighbours are drawn from: never one being edited, nor one of `edited` (the lineage's,
+    whose facts are not the base's to keep). `source` names where `subjects` came from, in messages."""
+    pool = sorted(set(subjects) - {r.subject for r in requests} - set(edited))
     if not pool:
         raise MemitError(f"{source}: every subject in it is being edited; give other subjects")
+    return pool
+
+
+def neighbour_prompts(requests: list[EditRequest], subjects: list[str], per_edit: int, seed: int,
+                      source: str = "--neighbour-subjects", edited: set[str] = frozenset()) -> list[PreservePrompt]:
+    """Each edit's prompt asked of `per_edit` other subjects (a seeded sample of `neighbour_pool`). An update
+    learns "this relation -> the new object" for any subject whose key resembles the edited ones; in the
+    solve these keys say what it must leave alone (docs/hyperparameters.md, "Drift")."""
+    pool = neighbour_pool(requests, subjects, source, edited)
     rnd = random.Random(seed)
     return [PreservePrompt(replace(r, subject=s).text()) for r in requests
             for s in rnd.sample(pool, min(per_edit, len(pool)))]
