@@ -256,8 +256,10 @@ PRESETS = [
            on_stack={"v_delivery_target": 0.0, "mom2_update_weight": 768, "preserve_weight": 0.0625,
                      "corpus_restore_tokens": 32768, "own_prompt_weight": 0.0},
            small_batch_lambda=2.0,
-           # the deltas refined together after the solve ("Session 31": at 1,000 edits rewrites 0.911 -> 0.944,
-           # unrelated first words kept 0.738 -> 0.782, held-out KL -18%; at 100 0.97 -> 0.99, 0.880 -> 0.890, -7%)
+           # the deltas refined together after the solve ("Session 31", "Session 32": at 1,000 edits rewrites
+           # 0.911 -> 0.937, unrelated first words kept 0.738 -> 0.773, held-out KL -20%; at 100 0.97 -> 1.00,
+           # 0.880 -> 0.907, whole answers kept 0.418 -> 0.480, KL -8%; 30 steps on a fixed pool of neighbour
+           # rows bought no first word)
            large_batch={"refine_steps": 10}),
 ]
 
