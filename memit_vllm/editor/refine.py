@@ -101,7 +101,7 @@ class NeighbourDraws:
 
 
 class Refiner:
-    """The three terms' rows: the edits and the preserved prompts tokenised once, the corpus pool read once.
+    """The three terms' rows: the edits and the --preserve prompts tokenised once, the corpus pool read once.
     Rows are read in batches of similar length (`overhead_tokens`: length_batches' cost of one more forward;
     inf reads them in drawn order)."""
 
