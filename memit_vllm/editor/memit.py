@@ -489,7 +489,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     edited = {r.fact for r in requests}
     kept_facts = [f for f in lineage if f.fact not in edited]  # changed facts must move
     prompts = read_preserve_file(config.preserve) if config.preserve else []
-    fixed = len(prompts)  # --preserve's; the neighbour subjects' prompts follow
+    neighbour_rows = []  # each edit's prompt asked of neighbour subjects (the solve's; the refinement draws afresh)
     # --neighbour-subjects over the hparams' (a recipe file may name them); "none" turns them off
     spec = config.neighbour_subjects or hp.neighbour_subjects
     spec = None if spec == NO_NEIGHBOURS else str(spec) if spec else None
@@ -508,7 +508,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     subjects = None
     if spec and generated is None:
         subjects = read_subjects(spec, "--neighbour-subjects")
-        prompts += neighbours(subjects)
+        neighbour_rows = neighbours(subjects)
 
     torch.manual_seed(config.seed)
     tok, em = load_editable(ckpt, dtype, **(placement.load_kwargs() if placement else {}))
@@ -543,7 +543,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
             with _timed(seconds, "neighbour_names"):
                 subjects = generated_names(*generated, em.model, tok, config.seed, cache, stats.identity["model"],
                                            config.progress)
-                prompts += neighbours(subjects)
+                neighbour_rows = neighbours(subjects)
         recorded = None
         if stack:
             recorded = LineageKeys(cache, stats.identity["model"], {
@@ -557,8 +557,9 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         text_corpus = resolve_corpus(config.stats_corpus, em, tok, config.seed) if hp.reads_corpus else None
         merge_stack(em, ckpt, stack)
         # after the stack is merged: what is restored is restored to the outputs of the model being edited
-        preserved = preserved_keys(em, tok, hp, kept_facts, groups, prompts, config.key_batch_prompts, recorded,
-                                   text_corpus, config.bucket_overhead_tokens, edits=requests)
+        preserved = preserved_keys(em, tok, hp, kept_facts, groups, prompts + neighbour_rows,
+                                   config.key_batch_prompts, recorded, text_corpus, config.bucket_overhead_tokens,
+                                   edits=requests)
         for i in _already_predicted(em, tok, requests, config.key_batch_prompts):
             warnings.warn(f"request {i}: {requests[i].text()!r} already continues with {requests[i].target_new!r}",
                           stacklevel=2)
@@ -583,8 +584,8 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         if hp.refine_steps:
             with _timed(seconds, "refine"):
                 draws = NeighbourDraws(neighbour_pool(requests, subjects, source, lineage_subjects),
-                                       len(prompts) - fixed) if subjects else None
-                updates, refined = refined_updates(em, tok, hp, requests, before, updates, prompts[:fixed], draws,
+                                       len(neighbour_rows)) if subjects else None
+                updates, refined = refined_updates(em, tok, hp, requests, before, updates, prompts, draws,
                                                    text_corpus, config, groups)
     seconds["total"] = time.monotonic() - t0
     warned = [str(w.message) for w in caught]
