@@ -92,6 +92,20 @@ def test_bad_maps_are_refused_before_loading(flags, message, tiny_models, data_d
     assert list(tmp_path.iterdir()) == [], "nothing written: no patch, no offload folder, no statistics"
 
 
+@pytest.mark.parametrize("flags", [["--out", "BLOCKED/p.patch"], ["--resume-dir", "BLOCKED/z"],
+                                   ["--device-map", '{"": "cpu"}', "--offload-folder", "BLOCKED/off"]])
+def test_every_folder_to_write_is_checked_alike_before_loading(flags, tiny_models, data_dir, tmp_path):
+    """--out, --resume-dir and --offload-folder under a regular file: the same error, before the model loads."""
+    (tmp_path / "file").write_text("")
+    flags = [f.replace("BLOCKED", str(tmp_path / "file")) for f in flags]
+    out_flag = [] if "--out" in flags else ["--out", tmp_path / "p.patch"]
+    out = cli("--model", tiny_models["llama"], "--requests", data_dir / "counterfact" / "counterfact_500.json",
+              "--limit", "1", "--cache-dir", tmp_path / "cache", *out_flag, *flags)
+    message = f"cannot write there ({tmp_path / 'file'} is not a writable directory)"
+    assert out.exit_code == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"], "nothing written"
+
+
 def test_a_map_file_and_the_library_are_checked_alike(tiny_models, tmp_path):
     bad = tmp_path / "map.json"
     bad.write_text('{"model.layers.0": "cpu",}')

@@ -69,12 +69,18 @@ def check_out_file(out: str | os.PathLike, flag: str, inputs=()) -> Path:
     for given in inputs:
         if given is not None and out.exists() and Path(given).is_file() and out.samefile(given):
             raise MemitError(f"{flag} {out} is the input {given}; writing there would replace it: pick another path")
-    parent = out.parent
-    while not parent.exists():  # the nearest existing ancestor is where the missing dirs get created
+    check_can_create(out.parent, f"{flag} {out}")
+    return out
+
+
+def check_can_create(folder: str | os.PathLike, what: str) -> None:
+    """`folder` is a writable directory, or can be made: its nearest existing ancestor (where the missing
+    directories get created) is one. `what` names the input in the error (`--flag path`)."""
+    parent = Path(folder)
+    while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise MemitError(f"{flag} {out}: cannot write there ({parent} is not a writable directory)")
-    return out
+        raise MemitError(f"{what}: cannot write there ({parent} is not a writable directory)")
 
 
 def check_report_outputs(outputs: dict[str, str | None], inputs=()) -> None:

@@ -11,7 +11,6 @@ modules it stands for (accelerate cannot dispatch "" beside other entries); "dis
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import Checkpoint
+from ..core.files import check_can_create
 from ..core.records import parse_json, read_text_file
 from ..errors import MemitError
 from . import distributed
@@ -189,8 +189,4 @@ def _model_names(ckpt: Checkpoint) -> tuple[set[str], list[str]]:
 def _check_folder(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise MemitError(f"--offload-folder {folder} is a file; give a directory (created if missing)")
-    parent = folder
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise MemitError(f"--offload-folder {folder}: cannot write there ({parent} is not writable)")
+    check_can_create(folder, f"--offload-folder {folder}")

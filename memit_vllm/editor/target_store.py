@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..core.files import atomic_file
+from ..core.files import atomic_file, check_can_create
 from ..core.records import EditRequest
 from ..errors import MemitError
 from .covariance import read_checked
@@ -39,11 +39,7 @@ def check_resume_dir(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise MemitError(f"--resume-dir {folder} is not a directory; give a directory for the finished z batches")
-    parent = folder
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise MemitError(f"--resume-dir {folder}: cannot write there ({parent} is not a writable directory)")
+    check_can_create(folder, f"--resume-dir {folder}")
     return folder
 
 
