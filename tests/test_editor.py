@@ -213,7 +213,8 @@ def test_the_example_hparams_files_are_valid_for_smollm2(path):
         assert generated_subjects(recipe["neighbour_subjects"]) is not None
 
 
-REFINED = ", refined over 10 steps (batches of 100+ edits)"  # one batch of 100+ edits on SmolLM2
+REFINED = ", refined over 10 steps (batches of 100+ edits)"  # one batch of 100-299 edits on SmolLM2
+REFINED_300 = ", refined over 30 steps (batches of 300+ edits)"  # 300+
 
 
 def test_smollm2s_preset_has_a_variant_on_a_stack_and_a_z_without_f_for_a_stats_file(monkeypatch):
@@ -227,7 +228,7 @@ def test_smollm2s_preset_has_a_variant_on_a_stack_and_a_z_without_f_for_a_stats_
     monkeypatch.setattr(memit, "runs_natively", lambda name, device: True)
     smollm2 = ("llama", 30, 1536)
     one, source = _hparams(smollm2, EditConfig(), has_corpus=True, n_edits=1000)  # the preset's own lambda
-    assert source == "measured, SmolLM2-135M" + REFINED and one.v_optimizer == "steepest_fisher"
+    assert source == "measured, SmolLM2-135M" + REFINED_300 and one.v_optimizer == "steepest_fisher"
     assert one.neighbour_subjects
     for config in (EditConfig(on=["a.patch"]), EditConfig(chunk=100)):
         stacked, source = _hparams(smollm2, config, has_corpus=True, n_edits=1000)
@@ -271,8 +272,8 @@ def test_smollm2s_lambda_is_twice_the_presets_in_small_batches_and_the_presets_f
     assert {n: hp.mom2_update_weight for n, (hp, _) in lam.items()} == {10: 768, 100: 768, 300: 552, 1000: 384}
     assert lam[10][1] == "measured, SmolLM2-135M, lambda x2.00 for 10 edits"
     assert lam[100][1] == "measured, SmolLM2-135M, lambda x2.00 for 100 edits" + REFINED
-    assert lam[300][1] == "measured, SmolLM2-135M, lambda x1.44 for 300 edits" + REFINED
-    assert lam[1000][1] == "measured, SmolLM2-135M" + REFINED
+    assert lam[300][1] == "measured, SmolLM2-135M, lambda x1.44 for 300 edits" + REFINED_300
+    assert lam[1000][1] == "measured, SmolLM2-135M" + REFINED_300
     stacked = [_hparams(smollm2, c, has_corpus=True, n_edits=n)[0].mom2_update_weight
                for c in (EditConfig(on=["a.patch"]), EditConfig(chunk=50)) for n in (10, 1000)]
     assert stacked == [768] * 4  # the on-stack preset's own, whatever the size
@@ -286,17 +287,18 @@ def test_smollm2s_lambda_is_twice_the_presets_in_small_batches_and_the_presets_f
 
 
 def test_smollm2s_batches_of_100_edits_or_more_are_refined_where_the_refinement_can_run():
-    """The preset refines one batch of 100+ edits (docs/hyperparameters.md, "Session 31"), not a smaller one
-    nor a patch on a stack, and says so in the source; without a corpus (--stats FILE) or under --device-map
-    it leaves the refinement out and says why; a user's own refine_steps is kept (refused later, with the fix)."""
+    """The preset refines one batch of 100+ edits over 10 steps, of 300+ over 30 (docs/hyperparameters.md,
+    "Session 31" to "Session 33"), not a smaller one nor a patch on a stack, and says so in the source;
+    without a corpus (--stats FILE) or under --device-map it leaves the refinement out and says why; a user's
+    own refine_steps is kept (refused later, with the fix)."""
     from memit_vllm.editor.memit import EditConfig, _hparams
 
     smollm2 = ("llama", 30, 1536)
     steps = {n: _hparams(smollm2, EditConfig(), has_corpus=True, n_edits=n)[0].refine_steps
-             for n in (10, 99, 100, 1000)}
-    assert steps == {10: 0, 99: 0, 100: 10, 1000: 10}
+             for n in (10, 99, 100, 299, 300, 1000)}
+    assert steps == {10: 0, 99: 0, 100: 10, 299: 10, 300: 30, 1000: 30}
     hp, source = _hparams(smollm2, EditConfig(), has_corpus=True, n_edits=1000)
-    assert source == "measured, SmolLM2-135M" + REFINED
+    assert source == "measured, SmolLM2-135M" + REFINED_300
     hp, source = _hparams(smollm2, EditConfig(mom2_update_weight=500), has_corpus=True, n_edits=100)
     assert hp.refine_steps == 10 and "lambda x" not in source  # a user's lambda keeps the batch's refinement
     for config in (EditConfig(on=["a.patch"]), EditConfig(chunk=500)):

@@ -232,11 +232,22 @@ class Preset:
     recipe: dict = field(default_factory=dict)  # further settings measured for this model (HParams names)
     on_stack: dict = field(default_factory=dict)  # over `recipe`, for a patch made on a stack (--on, --chunk)
     small_batch_lambda: float = 1.0  # lambda's factor in small batches (batch_lambda_factor), one batch only
-    large_batch: dict = field(default_factory=dict)  # over `recipe`, for one batch of SMALL_BATCH edits or more
+    # refine_steps for one batch by its size: (fewest edits, steps), ascending; the last that the batch reaches
+    refine_by_batch: tuple[tuple[int, int], ...] = ()
 
 
 # lambda / d_ff for models without a preset: see the module docstring and docs/hyperparameters.md.
 LAMBDA_PER_DFF = 0.5
+
+# Lambda by batch size. With the delivery target each delta is scaled to the same delivery whatever lambda,
+# so a larger lambda buys the same edits with less of the corpus's keys spent: on SmolLM2 at 100 edits lambda x2
+# (768) kept the rewrites (0.98) and cut the held-out KL 13% (0.0234 -> 0.0203, under issue 18's 0.0215). In
+# large batches the per-edit scales meet their cap instead: at 1,000 edits x2 lost 2 points of rewrites (0.911
+# -> 0.891, under the 0.90 target), at 300 3 points (docs/hyperparameters.md, "Session 27"). So a preset's
+# small-batch factor holds up to SMALL_BATCH edits and falls geometrically in log(edits) to 1 at LARGE_BATCH
+# (through the command line at 100 edits: KL 0.0229 -> 0.0198 for one rewrite; at 300 the rule's x1.44 took 7%
+# off the KL for one rewrite in 300: "Session 28").
+SMALL_BATCH, LARGE_BATCH = 100, 1000
 
 PRESETS = [
     Preset("gpt2", 48, 6400, [13, 14, 15, 16, 17], 20000, source="MEMIT paper, GPT-2 XL"),
@@ -256,22 +267,12 @@ PRESETS = [
            on_stack={"v_delivery_target": 0.0, "mom2_update_weight": 768, "preserve_weight": 0.0625,
                      "corpus_restore_tokens": 32768, "own_prompt_weight": 0.0},
            small_batch_lambda=2.0,
-           # the deltas refined together after the solve ("Session 31", "Session 32": at 1,000 edits rewrites
-           # 0.911 -> 0.937, unrelated first words kept 0.738 -> 0.773, held-out KL -20%; at 100 0.97 -> 1.00,
-           # 0.880 -> 0.907, whole answers kept 0.418 -> 0.480, KL -8%; 30 steps on a fixed pool of neighbour
-           # rows bought no first word)
-           large_batch={"refine_steps": 10}),
+           # the deltas refined together after the solve ("Session 31" to "Session 33": at 100 edits rewrites
+           # 0.97 -> 1.00, unrelated first words kept 0.880 -> 0.907, whole answers kept 0.418 -> 0.480, KL -8%;
+           # 30 steps there bought nothing. From 300 edits 30 steps bought every generated score over 10: at
+           # 1,000 rewrites 0.911 -> 0.961, first words 0.738 -> 0.793, KL -29%)
+           refine_by_batch=((SMALL_BATCH, 10), (300, 30))),
 ]
-
-# Lambda by batch size. With the delivery target each delta is scaled to the same delivery whatever lambda,
-# so a larger lambda buys the same edits with less of the corpus's keys spent: on SmolLM2 at 100 edits lambda x2
-# (768) kept the rewrites (0.98) and cut the held-out KL 13% (0.0234 -> 0.0203, under issue 18's 0.0215). In
-# large batches the per-edit scales meet their cap instead: at 1,000 edits x2 lost 2 points of rewrites (0.911
-# -> 0.891, under the 0.90 target), at 300 3 points (docs/hyperparameters.md, "Session 27"). So a preset's
-# small-batch factor holds up to SMALL_BATCH edits and falls geometrically in log(edits) to 1 at LARGE_BATCH
-# (through the command line at 100 edits: KL 0.0229 -> 0.0198 for one rewrite; at 300 the rule's x1.44 took 7%
-# off the KL for one rewrite in 300: "Session 28").
-SMALL_BATCH, LARGE_BATCH = 100, 1000
 
 
 def batch_lambda_factor(small_batch_lambda: float, n_edits: int) -> float:
@@ -332,7 +333,7 @@ def derived_layers(n_layers: int) -> list[int]:
 def default_hparams(model_type: str, n_layers: int, d_ff: int, on_stack: bool = False,
                     n_edits: int | None = None, own_lambda: bool = False) -> tuple[HParams, str]:
     """Preset for a known model size (its variant for a patch made on a stack when `on_stack`; for one batch
-    of `n_edits` when given: its lambda, unless the user brings their own, and its large-batch settings), else
+    of `n_edits` when given: its lambda, unless the user brings their own, and its refinement steps), else
     derived defaults; also says where they came from."""
     for p in PRESETS:
         if (p.model_type, p.n_layers, p.d_ff) == (model_type, n_layers, d_ff):
@@ -345,9 +346,11 @@ def default_hparams(model_type: str, n_layers: int, d_ff: int, on_stack: bool = 
             if factor != 1.0:
                 hp = hp.replace(mom2_update_weight=round(p.mom2_update_weight * factor))
                 source += f", lambda x{factor:.2f} for {n_edits:,} edits"
-            if p.large_batch and n_edits is not None and n_edits >= SMALL_BATCH:
-                hp = hp.replace(**p.large_batch)
-                source += f", refined over {hp.refine_steps} steps (batches of {SMALL_BATCH}+ edits)"
+            reached = [(n, steps) for n, steps in p.refine_by_batch if n_edits is not None and n_edits >= n]
+            if reached:
+                n, steps = reached[-1]
+                hp = hp.replace(refine_steps=steps)
+                source += f", refined over {steps} steps (batches of {n}+ edits)"
             return hp, source
     hp = HParams(layers=derived_layers(n_layers), mom2_update_weight=LAMBDA_PER_DFF * d_ff)
     return hp, f"derived: layers at 13% of depth, lambda = {LAMBDA_PER_DFF} x d_ff ({d_ff})"
