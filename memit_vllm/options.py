@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from .core.records import ZSRE_TARGETS
@@ -30,3 +32,9 @@ unrelated_count_option = click.option(
     "--unrelated-count", type=click.IntRange(min=1), default=None, metavar="N",
     help=f"How many unrelated prompts the records after the first N give (default {UNRELATED_PROMPTS}: a share "
          "of 100 prompts is known to about +-10 points; 1,000 to +-3). Not with --unrelated.")
+
+
+def progress_shown(as_json: bool) -> bool:
+    """Progress bars (on stderr) beside the text report, and beside --json's report on stdout where a person
+    watches stderr (a terminal): a long job piped into a reader still shows that it runs."""
+    return not as_json or sys.stderr.isatty()

@@ -1,9 +1,15 @@
 """The whole offline path a user takes: make-patch -> inspect -> verify -> apply -> the merged
 checkpoint answers the edited prompts with the new targets (SmolLM2, the CLI as users run it)."""
 
+import fcntl
 import json
+import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
+import threading
 from pathlib import Path
 
 from transformers import AutoTokenizer
@@ -19,11 +25,43 @@ def cli(*args):
     return out.stdout
 
 
+def cli_watched(*args) -> tuple[str, str]:
+    """stdout and stderr of a command whose stderr is a terminal (a pty), as a person running it sees them."""
+    main, side = pty.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    seen = []
+
+    def read():
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the command closed the terminal
+                return
+            if not chunk:
+                return
+            seen.append(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    with os.fdopen(side, "wb") as stderr:
+        out = subprocess.run([sys.executable, "-m", "memit_vllm", *args], stdout=subprocess.PIPE, stderr=stderr,
+                             text=True)
+    reader.join()
+    os.close(main)
+    err = b"".join(seen).decode(errors="replace")
+    assert out.returncode == 0, err[-2000:]
+    return out.stdout, err
+
+
 def test_make_patch_inspect_verify_apply(smollm2, data_dir, tmp_path):
     patch = tmp_path / "facts.patch"
-    # --model as a default model name: the CLI resolves it to the same checkpoint as the fixture's
-    made = json.loads(cli("make-patch", "--model", "smollm2-135m", "--requests", str(FACTS), "--out", str(patch),
-                          "--stats-corpus", str(data_dir / "corpus" / "smollm2_self_2k.jsonl"), "--json"))
+    # --model as a default model name: the CLI resolves it to the same checkpoint as the fixture's; stderr a
+    # terminal: --json's report on stdout stays one JSON document while the progress bars show on stderr
+    stdout, stderr = cli_watched("make-patch", "--model", "smollm2-135m", "--requests", str(FACTS), "--out",
+                                 str(patch), "--stats-corpus", str(data_dir / "corpus" / "smollm2_self_2k.jsonl"),
+                                 "--json")
+    made = json.loads(stdout)
+    assert "z vectors" in stderr and "layer updates" in stderr, stderr[-2000:]
     facts = json.loads(FACTS.read_text())
     assert made["n_edits"] == len(facts) and patch.is_file()
 

@@ -9,7 +9,7 @@ from dataclasses import asdict
 import click
 
 from ..core.files import check_out_file
-from ..options import SEED, zsre_target_option
+from ..options import SEED, progress_shown, zsre_target_option
 from ..errors import MemitError
 from .hparams import FORWARD_DTYPES, METHODS, PRODUCT_DTYPES, neighbours_default_text, parse_layers
 
@@ -109,7 +109,7 @@ def make_patch_command(model, requests_path, out, hparams, layers, mom2_update_w
                         stats_tokens=stats_tokens, stats_dtype=stats_dtype, stats_model_dtype=stats_model_dtype,
                         stats=stats_file, cache_dir=cache_dir, seed=seed, name=name, version=version_,
                         zsre_target=zsre_target, device=device, device_map=device_map, offload_folder=offload_folder,
-                        progress=not as_json, on=list(on), preserve=preserve,
+                        progress=progress_shown(as_json), on=list(on), preserve=preserve,
                         neighbour_subjects=neighbour_subjects, neighbours_per_edit=neighbours_per_edit,
                         resume_dir=resume_dir, chunk=chunk)
     with warnings.catch_warnings(record=True):  # they are in the report, printed below

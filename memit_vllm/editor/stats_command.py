@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from ..core.files import check_out_file
-from ..options import SEED
+from ..options import SEED, progress_shown
 from .hparams import FORWARD_DTYPES, PRODUCT_DTYPES, parse_layers
 
 
@@ -92,7 +92,7 @@ def stats_compute(model, corpus, layers, tokens, dtype, model_dtype, shard, out,
     with torch.device(device):
         source = resolve_corpus(corpus, em, tok, seed, "--corpus")
         sums, count = corpus_sums(em, tok, chosen, source, tokens, dtype, part,
-                                  progress=not as_json and distributed.is_main())
+                                  progress=progress_shown(as_json) and distributed.is_main())
     if not distributed.is_main():
         return
     identity = stats_identity(model_sha, source.identity, tokens, dtype, em.d_ff, em.model.dtype)
