@@ -489,7 +489,6 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
     edited = {r.fact for r in requests}
     kept_facts = [f for f in lineage if f.fact not in edited]  # changed facts must move
     prompts = read_preserve_file(config.preserve) if config.preserve else []
-    neighbour_rows = []  # each edit's prompt asked of neighbour subjects (the solve's; the refinement draws afresh)
     # --neighbour-subjects over the hparams' (a recipe file may name them); "none" turns them off
     spec = config.neighbour_subjects or hp.neighbour_subjects
     spec = None if spec == NO_NEIGHBOURS else str(spec) if spec else None
@@ -502,13 +501,10 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         if isinstance(per_edit, bool) or not isinstance(per_edit, int) or per_edit < 1:
             raise MemitError(f"neighbours_per_edit must be an integer >= 1 (or None: {neighbours_default_text()}), "
                              f"not {per_edit!r}")
-    source, lineage_subjects = f"--neighbour-subjects {spec}", {f.subject for f in lineage}
-    neighbours = partial(neighbour_prompts, requests, per_edit=per_edit, seed=config.seed, source=source,
-                         edited=lineage_subjects)
-    subjects = None
-    if spec and generated is None:
-        subjects = read_subjects(spec, "--neighbour-subjects")
-        neighbour_rows = neighbours(subjects)
+    # the neighbour subjects, read once: the solve's rows are sampled from them, the refinement's drawn afresh
+    pool_of = partial(neighbour_pool, requests, source=f"--neighbour-subjects {spec}",
+                      edited={f.subject for f in lineage})
+    pool = pool_of(read_subjects(spec, "--neighbour-subjects")) if spec and generated is None else []
 
     torch.manual_seed(config.seed)
     tok, em = load_editable(ckpt, dtype, **(placement.load_kwargs() if placement else {}))
@@ -541,9 +537,9 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
             stats = statistics(em, tok, ckpt, hp, config, cache, given)
         if generated:  # of the base model (before the stack is merged): its tokenizer's words or its own lists
             with _timed(seconds, "neighbour_names"):
-                subjects = generated_names(*generated, em.model, tok, config.seed, cache, stats.identity["model"],
-                                           config.progress)
-                neighbour_rows = neighbours(subjects)
+                pool = pool_of(generated_names(*generated, em.model, tok, config.seed, cache, stats.identity["model"],
+                                               config.progress))
+        neighbour_rows = neighbour_prompts(requests, pool, per_edit, config.seed) if pool else []
         recorded = None
         if stack:
             recorded = LineageKeys(cache, stats.identity["model"], {
@@ -583,8 +579,7 @@ def edit(model: str | Path, requests, config: EditConfig | None = None, **kwargs
         refined = {}
         if hp.refine_steps:
             with _timed(seconds, "refine"):
-                draws = NeighbourDraws(neighbour_pool(requests, subjects, source, lineage_subjects),
-                                       len(neighbour_rows)) if subjects else None
+                draws = NeighbourDraws(pool, len(neighbour_rows)) if pool else None
                 updates, refined = refined_updates(em, tok, hp, requests, before, updates, prompts, draws,
                                                    text_corpus, config, groups)
     seconds["total"] = time.monotonic() - t0
